@@ -1,0 +1,1 @@
+"""natvision pipelines: thin wiring from command-line flags to Beam graphs."""

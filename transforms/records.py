@@ -1,0 +1,80 @@
+"""Typed records that flow between the pipeline stages.
+
+Each stage takes one small record and hands on another; heavy arrays stay
+uint8 until a batch is built for a model.  Failures travel as ``ErrorRecord``
+on a tagged output so that every input is accounted for exactly once per
+model, in a table or in the errors table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+import numpy as np
+
+# Tag of the side output that carries ErrorRecord values.
+ERRORS_TAG = "errors"
+
+# Stage names used in the errors table.
+STAGE_READ = "read"
+STAGE_DECODE = "decode"
+STAGE_PREPARE = "prepare"
+STAGE_INFERENCE = "inference"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+  """One input photo: where it lives, its stable id and carried columns.
+
+  ``extra`` holds manifest columns (name, value) in manifest order; they are
+  copied into every output row for this photo.
+  """
+
+  image_id: str
+  uri: str
+  extra: Tuple[Tuple[str, Any], ...] = ()
+
+  def extra_dict(self) -> dict:
+    return dict(self.extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedImage:
+  """A decoded photo prepared for the models: one uint8 array per policy.
+
+  ``arrays`` maps a preparation name (for example ``center_crop``) to a
+  ``[size, size, 3]`` uint8 array.  Several models that share a preparation
+  share the array; the photo was decoded once.
+  """
+
+  ref: ImageRef
+  arrays: Mapping[str, np.ndarray]
+  width: int
+  height: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingResult:
+  ref: ImageRef
+  model: str
+  embedding: np.ndarray  # float32 [width]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionResult:
+  ref: ImageRef
+  model: str
+  label_ids: np.ndarray  # int32 [k], best first
+  scores: np.ndarray  # float32 [k], descending
+  labels: Tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorRecord:
+  """Why one photo produced no row (for one model, or for all of them)."""
+
+  ref: ImageRef
+  stage: str
+  error: str
+  model: Optional[str] = None
