@@ -1,0 +1,420 @@
+"""Registry of the known models, and the code that finds, checks and loads them.
+
+The three seed models (../shared/seeds) are registered by name.  A model is
+found at ``<model_root>/<name>/`` (a local folder or a bucket) or at an
+explicit handle given per model.  Loading goes through ``tensorflow_hub.load``,
+which understands both the legacy TF1 Hub format (a SavedModel with the empty
+tag set, a ``tfhub_module.pb`` marker and a ``default`` signature taking
+``images=``) and TF2 SavedModels.
+
+Nothing here runs at import time beyond building the registry; TensorFlow is
+imported lazily so that flag parsing and graph construction stay cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import os
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+EMBEDDER = "embedder"
+CLASSIFIER = "classifier"
+TF1_HUB = "tf1_hub"
+TF2_SAVED_MODEL = "tf2_saved_model"
+
+RESIZE_SQUASH = "squash"
+RESIZE_CENTER_CROP = "center_crop"
+RESIZE_POLICIES = (RESIZE_SQUASH, RESIZE_CENTER_CROP)
+
+TF1_MODULE_MARKER = "tfhub_module.pb"
+DEFAULT_LABELMAP = "labelmap.csv"
+
+
+class ModelError(ValueError):
+  """A model is missing, malformed, or does not match its registry entry."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the project knows about one model before loading it.
+
+  Attributes:
+    name: registry name, also the folder name under ``--model_root``.
+    kind: ``embedder`` (writes the embeddings table) or ``classifier``
+      (writes the predictions table).
+    model_format: ``tf1_hub`` or ``tf2_saved_model``.
+    signature: signature to call for TF1 Hub models; ``None`` for TF2
+      SavedModels, which are called directly (``obj(images)``).
+    input_key: name of the image input of the signature.
+    output_key: key of the output in the signature's result dict.
+    input_size: height and width of the square input, in pixels.
+    output_width: length of the embedding, or number of classes.
+    resize: default photo preparation (``squash`` or ``center_crop``).
+    licence: licence of the published weights.
+    source: where the model was published.
+    labelmap: file name of the classifier's labelmap inside its folder.
+  """
+
+  name: str
+  kind: str
+  model_format: str
+  signature: Optional[str]
+  input_key: str
+  output_key: str
+  input_size: int
+  output_width: int
+  resize: str
+  licence: str
+  source: str
+  labelmap: Optional[str] = None
+
+  def __post_init__(self):
+    if self.kind not in (EMBEDDER, CLASSIFIER):
+      raise ValueError(f"model {self.name}: kind must be embedder or classifier")
+    if self.model_format not in (TF1_HUB, TF2_SAVED_MODEL):
+      raise ValueError(f"model {self.name}: unknown format {self.model_format}")
+    if self.resize not in RESIZE_POLICIES:
+      raise ValueError(f"model {self.name}: unknown resize {self.resize}")
+    if self.kind == CLASSIFIER and not self.labelmap:
+      raise ValueError(f"model {self.name}: a classifier needs a labelmap")
+
+
+REGISTRY: Dict[str, ModelSpec] = {
+    spec.name: spec for spec in (
+        ModelSpec(
+            name="inaturalist_v2",
+            kind=EMBEDDER,
+            model_format=TF1_HUB,
+            signature="default",
+            input_key="images",
+            output_key="default",
+            input_size=299,
+            output_width=64,
+            # iNaturalist's own vision service resizes the short side to
+            # 299/0.875 and crops the centre.
+            resize=RESIZE_CENTER_CROP,
+            licence="CC BY-NC 4.0",
+            source="https://tfhub.dev/inaturalist/vision/embedder/inaturalist_V2/1",
+        ),
+        ModelSpec(
+            name="fungi_mobile_v1",
+            kind=CLASSIFIER,
+            model_format=TF1_HUB,
+            signature="default",
+            input_key="images",
+            output_key="default",
+            input_size=299,
+            output_width=4128,
+            resize=RESIZE_SQUASH,
+            licence="CC BY-NC 4.0",
+            source="https://tfhub.dev/svampeatlas/vision/classifier/fungi_mobile_V1/2",
+            labelmap=DEFAULT_LABELMAP,
+        ),
+        ModelSpec(
+            name="inception_resnet_v2",
+            kind=EMBEDDER,
+            model_format=TF2_SAVED_MODEL,
+            signature=None,
+            input_key="images",
+            output_key="default",
+            input_size=299,
+            output_width=1536,
+            resize=RESIZE_SQUASH,
+            licence="Apache 2.0",
+            source="https://tfhub.dev/google/imagenet/inception_resnet_v2/feature_vector/4",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+  try:
+    return REGISTRY[name]
+  except KeyError:
+    raise ModelError(
+        f"unknown model {name!r}; --models takes a comma-separated list of "
+        f"{', '.join(sorted(REGISTRY))}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+  """A registry entry bound to a concrete location and preparation.
+
+  This is what the pipeline carries to the workers: small, picklable, and
+  enough to load the model and label its outputs.
+  """
+
+  spec: ModelSpec
+  path: str
+  resize: str
+  labelmap_path: Optional[str] = None
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
+
+  def describe(self) -> dict:
+    """A JSON-friendly summary for run.json and Parquet metadata."""
+    return {
+        "name": self.spec.name,
+        "kind": self.spec.kind,
+        "format": self.spec.model_format,
+        "path": self.path,
+        "output_width": self.spec.output_width,
+        "input_size": self.spec.input_size,
+        "resize": self.resize,
+        "labelmap": self.labelmap_path,
+        "licence": self.spec.licence,
+        "source": self.spec.source,
+    }
+
+
+def _join(root: str, *parts: str) -> str:
+  return FileSystems.join(root.rstrip("/"), *parts)
+
+
+def resolve_models(
+    names: Sequence[str],
+    model_root: Optional[str],
+    handles: Optional[Mapping[str, str]] = None,
+    labelmaps: Optional[Mapping[str, str]] = None,
+    resize: Optional[str] = None,
+) -> List[ResolvedModel]:
+  """Binds registry names to locations; no I/O.
+
+  Args:
+    names: registry names, in the order the user gave them.
+    model_root: folder holding ``<name>/`` copies, or None when every model
+      has an explicit handle.
+    handles: explicit locations per model name; they win over model_root.
+    labelmaps: explicit labelmap files per classifier name.
+    resize: a preparation that overrides every model's default.
+
+  Returns:
+    One ResolvedModel per name.
+
+  Raises:
+    ModelError: unknown name, or no location for a model.
+  """
+  handles = dict(handles or {})
+  labelmaps = dict(labelmaps or {})
+  if resize is not None and resize not in RESIZE_POLICIES:
+    raise ModelError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}")
+  for mapping, flag in ((handles, "--model_handle"), (labelmaps, "--labelmap")):
+    for name in mapping:
+      if name not in names:
+        raise ModelError(
+            f"{flag} names {name!r}, which is not in --models ({','.join(names)})")
+  resolved = []
+  for name in names:
+    spec = get_spec(name)
+    path = handles.get(name)
+    if path is None:
+      if not model_root:
+        raise ModelError(
+            f"model {name}: no location; pass --model_root (a folder holding "
+            f"{name}/) or --model_handle {name}=PATH")
+      path = _join(model_root, name)
+    labelmap = None
+    if spec.kind == CLASSIFIER:
+      labelmap = labelmaps.get(name) or _join(path, spec.labelmap)
+    elif name in labelmaps:
+      raise ModelError(f"--labelmap names {name}, which is not a classifier")
+    resolved.append(
+        ResolvedModel(spec=spec, path=path, resize=resize or spec.resize,
+                      labelmap_path=labelmap))
+  return resolved
+
+
+def read_labelmap(path: str, expected: Optional[int] = None) -> List[str]:
+  """Reads an ``id,name`` CSV into a list indexed by id.
+
+  Raises:
+    ModelError: unreadable file, missing columns, ids that are not
+      0..n-1, or a count different from ``expected``.
+  """
+  try:
+    with FileSystems.open(path) as f:
+      text = f.read().decode("utf-8-sig")
+  except Exception as e:  # noqa: BLE001 - any storage failure is reported
+    raise ModelError(f"labelmap {path} cannot be read: {e}") from e
+  reader = csv.DictReader(io.StringIO(text))
+  if not reader.fieldnames or not {"id", "name"} <= set(reader.fieldnames):
+    raise ModelError(
+        f"labelmap {path} must be a CSV with columns id,name; found "
+        f"{reader.fieldnames}")
+  names: Dict[int, str] = {}
+  for row in reader:
+    try:
+      names[int(row["id"])] = row["name"]
+    except (TypeError, ValueError):
+      raise ModelError(f"labelmap {path}: id {row['id']!r} is not an integer")
+  if sorted(names) != list(range(len(names))):
+    raise ModelError(f"labelmap {path}: ids must run from 0 to {len(names) - 1}")
+  if expected is not None and len(names) != expected:
+    raise ModelError(
+        f"labelmap {path} has {len(names)} labels; the model has {expected} "
+        f"outputs")
+  return [names[i] for i in range(len(names))]
+
+
+class LoadedModel:
+  """A loaded model behind one call: uint8 or float batch in, numpy out.
+
+  ``predict`` takes a ``[n, size, size, 3]`` uint8 batch, scales it to
+  float32 in [0, 1] inside TensorFlow and returns a float32 ``[n, width]``
+  array.
+  """
+
+  def __init__(self, resolved: ResolvedModel, obj, fn: Callable):
+    self.resolved = resolved
+    self._obj = obj  # keeps the loaded variables alive
+    self._fn = fn
+
+  def predict(self, batch: np.ndarray) -> np.ndarray:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    images = tf.convert_to_tensor(batch)
+    if images.dtype == tf.uint8:
+      images = tf.cast(images, tf.float32) * (1.0 / 255.0)
+    return np.asarray(self._fn(images), dtype=np.float32)
+
+
+def _tf1_call(resolved: ResolvedModel, obj) -> Callable:
+  spec = resolved.spec
+  signatures = getattr(obj, "signatures", {})
+  if spec.signature not in signatures:
+    raise ModelError(
+        f"model {spec.name} at {resolved.path}: no signature "
+        f"{spec.signature!r} (found {sorted(signatures)}); is this the "
+        f"{spec.model_format} module {spec.source}?")
+  fn = signatures[spec.signature]
+  args, kwargs = fn.structured_input_signature
+  if args or set(kwargs) != {spec.input_key}:
+    raise ModelError(
+        f"model {spec.name} at {resolved.path}: signature {spec.signature!r} "
+        f"takes {sorted(kwargs)}, expected only {spec.input_key!r}")
+  if spec.output_key not in fn.structured_outputs:
+    raise ModelError(
+        f"model {spec.name} at {resolved.path}: signature {spec.signature!r} "
+        f"has outputs {sorted(fn.structured_outputs)}, expected "
+        f"{spec.output_key!r}")
+  key_in, key_out = spec.input_key, spec.output_key
+  return lambda images: fn(**{key_in: images})[key_out]
+
+
+def _tf2_call(resolved: ResolvedModel, obj) -> Callable:
+  if not callable(obj):
+    raise ModelError(
+        f"model {resolved.name} at {resolved.path}: the SavedModel is not "
+        f"callable; expected a TF2 SavedModel whose object takes images")
+  return lambda images: obj(images, training=False)
+
+
+def load_model(resolved: ResolvedModel, check: bool = True) -> LoadedModel:
+  """Loads a model with ``tensorflow_hub.load`` and checks it.
+
+  The check runs one zero image through the model and compares the output
+  width with the registry, so a wrong folder fails here, not in a worker.
+
+  Raises:
+    ModelError: the folder is missing, is not the expected format, or the
+      model's signature or output width differ from the registry.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow_hub as hub  # pylint: disable=import-outside-toplevel
+
+  spec = resolved.spec
+  path = resolved.path
+  if not FileSystems.exists(path):
+    raise ModelError(
+        f"model {spec.name}: {path} does not exist; put a copy of "
+        f"{spec.source} there or pass --model_handle {spec.name}=PATH")
+  is_tf1 = FileSystems.exists(_join(path, TF1_MODULE_MARKER))
+  if spec.model_format == TF1_HUB and not is_tf1:
+    raise ModelError(
+        f"model {spec.name} at {path}: no {TF1_MODULE_MARKER}; expected the "
+        f"TF1 Hub format module {spec.source}")
+  if spec.model_format == TF2_SAVED_MODEL and is_tf1:
+    raise ModelError(
+        f"model {spec.name} at {path}: found {TF1_MODULE_MARKER}, a TF1 Hub "
+        f"module; expected a TF2 SavedModel ({spec.source})")
+  local = stage_locally(path)
+  try:
+    obj = hub.load(local)
+  except Exception as e:  # noqa: BLE001 - TF raises many kinds
+    raise ModelError(f"model {spec.name} at {path} cannot be loaded: {e}") from e
+  if spec.model_format == TF1_HUB:
+    fn = _tf1_call(resolved, obj)
+  else:
+    fn = _tf2_call(resolved, obj)
+  model = LoadedModel(resolved, obj, fn)
+  if check:
+    size = spec.input_size
+    try:
+      out = model.predict(np.zeros((1, size, size, 3), np.uint8))
+    except Exception as e:  # noqa: BLE001
+      raise ModelError(
+          f"model {spec.name} at {path}: a probe batch of shape "
+          f"[1, {size}, {size}, 3] failed: {e}") from e
+    if out.shape != (1, spec.output_width):
+      raise ModelError(
+          f"model {spec.name} at {path}: output shape {list(out.shape)} for one "
+          f"image; the registry expects width {spec.output_width}")
+  logging.info("loaded model %s from %s", spec.name, path)
+  del tf
+  return model
+
+
+_LOCAL_CACHE_ENV = "NATVISION_MODEL_CACHE"
+
+
+def stage_locally(path: str) -> str:
+  """Returns a local folder holding the model at ``path``.
+
+  Local paths are returned as they are.  Remote folders (gs://, s3://) are
+  copied once per process into a cache folder (``$NATVISION_MODEL_CACHE`` or
+  the temp dir), keyed by the path, so that TensorFlow reads local files.
+  """
+  if "://" not in path:
+    return path
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  cache_root = os.environ.get(_LOCAL_CACHE_ENV) or os.path.join(
+      tempfile.gettempdir(), "natvision-models")
+  key = hashlib.sha256(path.encode()).hexdigest()[:16]
+  target = os.path.join(cache_root, key)
+  done = os.path.join(target, ".complete")
+  if os.path.exists(done):
+    return target
+  tmp = f"{target}.tmp{os.getpid()}"
+  prefix = path.rstrip("/") + "/"
+  matches = FileSystems.match([prefix + "**"])[0].metadata_list
+  if not matches:
+    raise ModelError(f"{path} holds no files")
+  for meta in matches:
+    rel = meta.path[len(prefix):]
+    if not rel or rel.endswith("/"):
+      continue
+    dest = os.path.join(tmp, rel)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with FileSystems.open(meta.path) as src, open(dest, "wb") as out:
+      while True:
+        chunk = src.read(1 << 22)
+        if not chunk:
+          break
+        out.write(chunk)
+  open(os.path.join(tmp, ".complete"), "w").close()
+  try:
+    os.rename(tmp, target)
+  except OSError:
+    # Another process of this worker finished first; use its copy.
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
