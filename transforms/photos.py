@@ -1,0 +1,231 @@
+"""The per-photo stage: read bytes, decode once, prepare for every model.
+
+One DoFn does the three steps so that the full-size decoded photo never
+leaves the worker: what travels on is a ``PreparedImage`` holding one small
+uint8 array per preparation policy the chosen models need.  A failure at any
+step becomes an ``ErrorRecord`` (stage ``read``, ``decode`` or ``prepare``) on
+the errors output; the job goes on.
+
+Reads that fail with a transient storage error are retried with exponential
+backoff a bounded number of times before they become an error row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Callable, Iterator, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from transforms import decode as decode_lib
+from transforms import preprocess
+from transforms import progress
+from transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
+                                STAGE_READ, ErrorRecord, ImageRef,
+                                PreparedImage)
+
+DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ReadError(Exception):
+  """A photo's bytes could not be read; the message is the readable reason."""
+
+  def __init__(self, message: str, transient: bool = False):
+    super().__init__(message)
+    self.transient = transient
+
+
+_TRANSIENT_NAMES = (
+    "ServiceUnavailable", "TooManyRequests", "InternalServerError",
+    "GatewayTimeout", "BadGateway", "DeadlineExceeded", "RetryError",
+    "ConnectionError", "ConnectionResetError", "TimeoutError",
+    "TransportError", "ChunkedEncodingError", "IncompleteRead",
+)
+
+
+def _chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def is_transient(e: BaseException) -> bool:
+  """Whether a storage exception is worth retrying (5xx, 429, timeouts)."""
+  for err in _chain(e):
+    if isinstance(err, ReadError):
+      return err.transient
+    if type(err).__name__ in _TRANSIENT_NAMES or isinstance(
+        err, (ConnectionError, TimeoutError)):
+      return True
+    code = getattr(err, "code", None)
+    if isinstance(code, int) and (code == 429 or 500 <= code < 600):
+      return True
+  return False
+
+
+def _is_not_found(e: BaseException) -> bool:
+  for err in _chain(e):
+    if isinstance(err, FileNotFoundError) or type(err).__name__ == "NotFound":
+      return True
+    if getattr(err, "code", None) == 404:
+      return True
+    if "No such file" in str(err) or "not found" in str(err).lower():
+      return True
+  return False
+
+
+def read_bytes(uri: str, max_bytes: int,
+               opener: Callable = FileSystems.open) -> bytes:
+  """Reads a whole file, refusing files larger than ``max_bytes``.
+
+  Raises:
+    ReadError: missing file, too large, or a storage failure (``transient``
+      set when a retry may help).
+  """
+  if not uri:
+    raise ReadError("empty uri")
+  try:
+    with opener(uri) as f:
+      data = f.read(max_bytes + 1)
+  except ReadError:
+    raise
+  except Exception as e:  # noqa: BLE001 - storage clients raise many kinds
+    if _is_not_found(e):
+      raise ReadError(f"file not found: {uri}") from e
+    raise ReadError(f"{type(e).__name__}: {e}", transient=is_transient(e)) from e
+  if len(data) > max_bytes:
+    raise ReadError(
+        f"file is larger than --max_file_bytes {max_bytes}; raise the flag to "
+        f"process it")
+  return data
+
+
+def read_with_retries(uri: str, max_bytes: int, attempts: int = 4,
+                      base_delay: float = 0.5,
+                      opener: Callable = FileSystems.open,
+                      sleep: Callable[[float], None] = time.sleep) -> bytes:
+  """``read_bytes`` with exponential backoff (and jitter) on transient errors.
+
+  Args:
+    attempts: total tries, at least 1.
+    base_delay: seconds before the first retry; doubled each time.
+    opener, sleep: injectable for tests.
+  """
+  for attempt in range(1, attempts + 1):
+    try:
+      return read_bytes(uri, max_bytes, opener=opener)
+    except ReadError as e:
+      if not e.transient or attempt == attempts:
+        if e.transient:
+          raise ReadError(f"{e} (gave up after {attempts} attempts)") from e
+        raise
+      beam.metrics.Metrics.counter("natvision", "read_retries").inc()
+      delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
+      logging.warning("transient read failure for %s (%s); retrying in %.1fs",
+                      uri, e, delay)
+      sleep(delay)
+  raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoConfig:
+  """How photos are read, decoded and prepared.
+
+  Attributes:
+    policies: preparation policies needed by the chosen models.
+    size: model input size in pixels.
+    max_file_bytes: files larger than this are refused (stage read).
+    max_pixels: photos declaring more pixels are refused before decoding.
+    read_attempts: tries per read on transient storage errors.
+    expected_total: number of inputs when known, for progress lines.
+  """
+
+  policies: Tuple[str, ...]
+  size: int = 299
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  read_attempts: int = 4
+  retry_base_delay: float = 0.5
+  expected_total: Optional[int] = None
+
+  def __post_init__(self):
+    if not self.policies:
+      raise ValueError("PhotoConfig needs at least one preparation policy")
+    if self.max_file_bytes <= 0:
+      raise ValueError("--max_file_bytes must be positive")
+    if self.max_pixels <= 0:
+      raise ValueError("--max_pixels must be positive")
+    if self.read_attempts < 1:
+      raise ValueError("--read_attempts must be at least 1")
+
+
+class ReadDecodePrepareFn(beam.DoFn):
+  """ImageRef -> PreparedImage, or ErrorRecord on the ``errors`` output."""
+
+  def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None):
+    self._config = config
+    self._opener = opener
+    self._min_side = decode_lib.decoded_size_needed(config.policies,
+                                                    config.size)
+    self._ok = beam.metrics.Metrics.counter("natvision", "photos_prepared")
+    self._failed = beam.metrics.Metrics.counter("natvision", "photos_failed")
+
+  def setup(self):
+    progress.set_expected_total(self._config.expected_total)
+
+  def process(self, ref: ImageRef) -> Iterator:
+    config = self._config
+    stage = STAGE_READ
+    try:
+      data = read_with_retries(
+          ref.uri, config.max_file_bytes, attempts=config.read_attempts,
+          base_delay=config.retry_base_delay,
+          opener=self._opener or FileSystems.open)
+      stage = STAGE_DECODE
+      image = decode_lib.decode_image(
+          data, min_side=self._min_side, max_pixels=config.max_pixels)
+      del data
+      stage = STAGE_PREPARE
+      arrays = preprocess.prepare_all(image, config.policies, config.size)
+      width, height = image.size
+    except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
+      self._failed.inc()
+      progress.tick()
+      yield beam.pvalue.TaggedOutput(
+          ERRORS_TAG, ErrorRecord(ref=ref, stage=stage, error=_reason(e)))
+      return
+    self._ok.inc()
+    progress.tick()
+    yield PreparedImage(ref=ref, arrays=arrays, width=width, height=height)
+
+
+def _reason(e: BaseException) -> str:
+  if isinstance(e, (ReadError, decode_lib.DecodeError)):
+    return str(e)
+  return f"{type(e).__name__}: {e}"
+
+
+class ReadAndPrepare(beam.PTransform):
+  """PCollection[ImageRef] -> (prepared, errors) tagged outputs."""
+
+  def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None):
+    super().__init__()
+    self._config = config
+    self._opener = opener
+
+  def expand(self, refs):
+    return refs | "ReadDecodePrepare" >> beam.ParDo(
+        ReadDecodePrepareFn(self._config, self._opener)).with_outputs(
+            ERRORS_TAG, main="prepared")
+
+
+def needed_policies(resize_policies: Sequence[str]) -> Tuple[str, ...]:
+  """The distinct policies, in a stable order."""
+  return tuple(sorted(set(resize_policies)))
