@@ -50,7 +50,8 @@ class Progress:
 
   def line(self, now: Optional[float] = None) -> str:
     now = self._clock() if now is None else now
-    elapsed = max(now - (self._start or now), 1e-9)
+    start = self._start if self._start is not None else now
+    elapsed = max(now - start, 1e-9)
     rate = self.done / elapsed
     if self.expected_total:
       share = 100.0 * self.done / self.expected_total

@@ -26,6 +26,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -269,7 +270,7 @@ class ReadImageRefs(beam.PTransform):
     else:
       refs = (pbegin
               | "Patterns" >> beam.Create(self._patterns)
-              | "MatchFiles" >> beam.io.fileio.MatchAll()
+              | "MatchFiles" >> fileio.MatchAll()
               | "ToImageRef" >> beam.Map(
                   lambda m: ImageRef(image_id=image_id_for_uri(m.path),
                                      uri=m.path)))
