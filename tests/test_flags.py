@@ -1,0 +1,79 @@
+"""Flag parsing: a pure function; bad values fail naming the flag."""
+
+import pytest
+
+from pipelines import embed_images
+from pipelines.embed_images import FlagError
+
+
+def _parse(*args):
+  return embed_images.parse_args(list(args))
+
+
+BASE = ("--input", "photos/*.jpg", "--output_dir", "out", "--model_root", "/m")
+
+
+def test_defaults_and_beam_flags_pass_through():
+  config, options = _parse(*BASE, "--runner", "DirectRunner",
+                           "--direct_num_workers", "2")
+  assert [m.name for m in config.models] == list(embed_images.DEFAULT_MODELS)
+  assert config.batch_size == 16 and config.top_k == 5
+  assert config.models[0].path == "/m/inaturalist_v2"
+  assert config.models[0].resize == "center_crop"
+  assert config.models[1].labelmap_path == "/m/fungi_mobile_v1/labelmap.csv"
+  assert options.get_all_options()["runner"] == "DirectRunner"
+
+
+def test_resize_override_handles_and_labelmap():
+  config, _ = _parse("--input", "x.csv", "--output_dir", "o",
+                     "--models", "fungi_mobile_v1,inception_resnet_v2",
+                     "--model_handle", "fungi_mobile_v1=gs://b/fungi",
+                     "--model_handle", "inception_resnet_v2=/irv2",
+                     "--labelmap", "fungi_mobile_v1=/l.csv",
+                     "--resize", "center_crop")
+  assert [m.path for m in config.models] == ["gs://b/fungi", "/irv2"]
+  assert config.models[0].labelmap_path == "/l.csv"
+  assert {m.resize for m in config.models} == {"center_crop"}
+  assert config.manifest_path == "x.csv"
+
+
+@pytest.mark.parametrize("args,flag", [
+    (("--output_dir", "o", "--model_root", "/m"), "--input"),
+    (("--input", "a", "--model_root", "/m"), "--output_dir"),
+    (BASE + ("--batch_size", "0"), "--batch_size"),
+    (BASE + ("--top_k", "0"), "--top_k"),
+    (BASE + ("--models", "fungi_mobile_v1", "--top_k", "9999"), "--top_k"),
+    (BASE + ("--models", "resnet50"), "--models"),
+    (BASE + ("--models", ""), "--models"),
+    (BASE + ("--models", "fungi_mobile_v1,fungi_mobile_v1"), "--models"),
+    (("--input", "a", "--output_dir", "o"), "--model_root"),
+    (BASE + ("--model_handle", "fungi_mobile_v1"), "--model_handle"),
+    (BASE + ("--model_handle", "nope=/x"), "--model_handle"),
+    (BASE + ("--labelmap", "inaturalist_v2=/l.csv"), "--labelmap"),
+    (BASE + ("--max_error_rate", "2"), "--max_error_rate"),
+    (BASE + ("--max_pixels", "-1"), "--max_pixels"),
+    (BASE + ("--output-dir", "x"), "--output-dir"),
+    (("--input", "m.csv", "--input", "b/*.jpg", "--output_dir", "o",
+      "--model_root", "/m"), "--input"),
+])
+def test_bad_flags_name_the_flag(args, flag):
+  with pytest.raises(FlagError) as e:
+    _parse(*args)
+  assert flag in str(e.value)
+
+
+def test_bad_choice_exits_with_usage():
+  with pytest.raises(SystemExit):
+    _parse(*BASE, "--resize", "stretch")
+
+
+def test_main_reports_flag_errors_without_traceback(capsys):
+  assert embed_images.main(["--output_dir", "o"]) == 2
+  assert "--input is required" in capsys.readouterr().err
+
+
+def test_demo_defaults():
+  config, _ = _parse("--demo")
+  assert config.output_dir == embed_images.DEFAULT_DEMO_OUTPUT
+  assert all(i.startswith(embed_images.SAMPLE_PHOTOS_DIR) for i in config.inputs)
+  assert config.models[0].path.endswith("_standin_models/inaturalist_v2")
