@@ -169,6 +169,10 @@ def parse_args(argv: Optional[Sequence[str]] = None
                         for ext in SAMPLE_PHOTO_EXTENSIONS]
     output_dir = output_dir or DEFAULT_DEMO_OUTPUT
     model_root = model_root or FileSystems.join(output_dir, "_standin_models")
+  if not inputs:
+    raise FlagError("--input is required (a glob pattern or a manifest)")
+  if not output_dir:
+    raise FlagError("--output_dir is required (a local folder or gs://...)")
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   if not names:
     raise FlagError("--models is empty; name at least one of "

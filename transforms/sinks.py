@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -260,6 +261,9 @@ def commit_tables(tables: Iterable[TableSpec], staging_root: str) -> None:
     logging.info("committed %s: %d file(s)", table.name, len(targets))
   if _exists(staging_root):
     FileSystems.delete([staging_root])
+  parent = staging_root.rstrip("/").rsplit("/", 1)[0]
+  if "://" not in parent and os.path.isdir(parent) and not os.listdir(parent):
+    os.rmdir(parent)  # the local _staging folder, once no run is using it
 
 
 def _exists(path: str) -> bool:

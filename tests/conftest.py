@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny stand-in models and real photos on disk."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def real_photo_paths():
+  """Photos shipped inside scikit-image and scikit-learn wheels."""
+  import skimage  # pylint: disable=import-outside-toplevel
+  import sklearn  # pylint: disable=import-outside-toplevel
+  sk = os.path.join(os.path.dirname(skimage.__file__), "data")
+  sl = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
+  return [os.path.join(sl, "flower.jpg"), os.path.join(sl, "china.jpg"),
+          os.path.join(sk, "chelsea.png"), os.path.join(sk, "coffee.png"),
+          os.path.join(sk, "rocket.jpg"), os.path.join(sk, "grass.png")]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+  """The three seed models as tiny stand-ins, in the seeds' formats."""
+  from pipelines import standin_models  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path_factory.mktemp("models"))
+  standin_models.write_standins(root, tiny=True)
+  return root
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory):
+  """Real photos in several formats and sizes, plus one broken file."""
+  root = tmp_path_factory.mktemp("photos")
+  paths = real_photo_paths()
+  for path in paths:
+    shutil.copy(path, root / os.path.basename(path))
+  flower = Image.open(paths[0])
+  flower.resize((2048, 1536)).save(root / "flower_big.jpg", quality=90)
+  flower.crop((0, 0, 300, 100)).save(root / "flower strip é.webp")
+  rng = np.random.default_rng(7)
+  Image.fromarray(rng.integers(0, 256, (50, 80, 3), np.uint8)).save(
+      root / "noise.bmp")
+  (root / "broken.jpg").write_bytes(b"<html><body>not a photo</body></html>")
+  return root

@@ -1,0 +1,167 @@
+"""The whole embed_images job on real photos and real (tiny) TF Hub models.
+
+Values are checked against a direct ``hub.load(...)`` call on the same
+prepared pixels, computed here without the pipeline.
+"""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+import tensorflow_hub as hub
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from pipelines import embed_images
+from transforms import decode, models, preprocess, sinks
+
+ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
+
+
+def _read(directory):
+  files = sorted(os.listdir(directory))
+  assert files, f"no files in {directory}"
+  tables = [pq.read_table(os.path.join(directory, f)) for f in files
+            if f.endswith(".parquet")]
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  return pa.concat_tables(tables)
+
+
+def _prepared(uri, policy):
+  with open(uri, "rb") as f:
+    image = decode.decode_image(
+        f.read(), min_side=decode.decoded_size_needed([policy], 299))
+  return preprocess.prepare(image, policy, 299)
+
+
+def _direct(model_dir, name, batch):
+  obj = hub.load(os.path.join(model_dir, name))
+  x = tf.constant(batch.astype(np.float32) / 255.0)
+  if name == "inception_resnet_v2":
+    return obj(x, training=False).numpy()
+  return obj.signatures["default"](images=x)["default"].numpy()
+
+
+@pytest.fixture(scope="module")
+def job(tiny_models, photo_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("out"))
+  report = embed_images.run([
+      "--input", str(photo_dir / "*"), "--output_dir", out,
+      "--models", ALL, "--model_root", tiny_models, "--batch_size", "4",
+      "--top_k", "3"])
+  return out, report
+
+
+def test_every_photo_once_per_model_or_in_errors(job, photo_dir):
+  out, report = job
+  inputs = {str(p) for p in photo_dir.iterdir()}
+  errors = _read(os.path.join(out, "errors")).to_pylist()
+  failed_all = {e["uri"] for e in errors if e["model"] is None}
+  assert {e["uri"] for e in errors} == {str(photo_dir / "broken.jpg")}
+  assert errors[0]["stage"] == "decode" and errors[0]["error"]
+  for table in ("embeddings/inaturalist_v2", "predictions/fungi_mobile_v1",
+                "embeddings/inception_resnet_v2"):
+    uris = _read(os.path.join(out, table)).column("uri").to_pylist()
+    assert len(uris) == len(set(uris)), table
+    failed_here = {e["uri"] for e in errors if e["model"] == table.split("/")[1]}
+    assert set(uris) | failed_all | failed_here == inputs, table
+    assert not set(uris) & (failed_all | failed_here), table
+  assert report["inputs"] == len(inputs)
+  assert report["rows"]["embeddings/inaturalist_v2"] == len(inputs) - 1
+  assert report["errors"]["by_stage"] == {"decode": 1}
+
+
+def test_embeddings_equal_direct_hub_call(job, tiny_models):
+  out, _ = job
+  for name, policy, width in (("inaturalist_v2", "center_crop", 64),
+                              ("inception_resnet_v2", "squash", 1536)):
+    table = _read(os.path.join(out, "embeddings", name))
+    assert table.schema.field("embedding").type.list_size == width
+    uris = table.column("uri").to_pylist()
+    got = np.array(table.column("embedding").to_pylist(), np.float32)
+    batch = np.stack([_prepared(u, policy) for u in uris])
+    want = _direct(tiny_models, name, batch)
+    assert got.shape == (len(uris), width)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want).max() > 0  # a zero model would pass trivially
+
+
+def test_predictions_sorted_match_direct_call_and_labelmap(job, tiny_models):
+  out, _ = job
+  table = _read(os.path.join(out, "predictions", "fungi_mobile_v1"))
+  labels = models.read_labelmap(
+      os.path.join(tiny_models, "fungi_mobile_v1", "labelmap.csv"))
+  uris = table.column("uri").to_pylist()
+  probs = _direct(tiny_models, "fungi_mobile_v1",
+                  np.stack([_prepared(u, "squash") for u in uris]))
+  for row, p in zip(table.to_pylist(), probs):
+    want_ids = np.argsort(-p, kind="stable")[:3].tolist()
+    assert row["top_k_label_ids"] == want_ids
+    np.testing.assert_allclose(row["top_k_scores"], p[want_ids], rtol=1e-4)
+    assert row["top_k_scores"] == sorted(row["top_k_scores"], reverse=True)
+    assert row["top_k_labels"] == [labels[i] for i in want_ids]
+    assert row["label_id"] == want_ids[0] and row["label"] == labels[want_ids[0]]
+    assert row["score"] == pytest.approx(row["top_k_scores"][0])
+
+
+def test_models_load_once_and_run_json(job):
+  out, report = job
+  assert report["model_loads"] == {"inaturalist_v2": 1, "fungi_mobile_v1": 1,
+                                   "inception_resnet_v2": 1}
+  with open(os.path.join(out, "run.json")) as f:
+    saved = json.load(f)
+  assert saved["rows"] == report["rows"]
+  assert [m["name"] for m in saved["models"]] == ALL.split(",")
+  assert saved["models"][2]["output_width"] == 1536
+  assert saved["images_per_second"] > 0
+  assert not os.path.exists(os.path.join(out, "_staging"))
+
+
+def test_parquet_metadata_names_the_model(job, tiny_models):
+  out, _ = job
+  schema = pq.read_schema(next(
+      os.path.join(out, "embeddings", "inception_resnet_v2", f)
+      for f in os.listdir(os.path.join(out, "embeddings", "inception_resnet_v2"))))
+  meta = json.loads(schema.metadata[sinks.METADATA_KEY])
+  assert meta["model"]["name"] == "inception_resnet_v2"
+  assert meta["model"]["path"] == os.path.join(tiny_models,
+                                               "inception_resnet_v2")
+  assert meta["model"]["output_width"] == 1536
+  assert meta["model"]["resize"] == "squash"
+  assert meta["version"]
+
+
+def test_manifest_columns_carried_and_rerun_replaces(tiny_models, photo_dir,
+                                                     tmp_path):
+  manifest = tmp_path / "photos.csv"
+  manifest.write_text(
+      "uri,image_id,site\n"
+      f"{photo_dir / 'flower.jpg'},f1,meadow\n"
+      f"{photo_dir / 'china.jpg'},c1,city\n"
+      f"{photo_dir / 'china.jpg'},c1,city\n"
+      f"{tmp_path / 'missing.jpg'},m1,nowhere\n")
+  out = str(tmp_path / "out")
+  argv = ["--input", str(manifest), "--output_dir", out,
+          "--models", "fungi_mobile_v1", "--model_root", tiny_models,
+          "--resize", "center_crop"]
+  for _ in range(2):
+    embed_images.run(argv, test_pipeline=TestPipeline())
+  rows = _read(os.path.join(out, "predictions", "fungi_mobile_v1")).to_pylist()
+  assert sorted((r["image_id"], r["site"]) for r in rows) == [
+      ("c1", "city"), ("f1", "meadow")]
+  errors = _read(os.path.join(out, "errors")).to_pylist()
+  assert [(e["image_id"], e["stage"], e["site"]) for e in errors] == [
+      ("m1", "read", "nowhere")]
+  assert "not found" in errors[0]["error"]
+
+
+def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
+  argv = ["--input", str(photo_dir / "*.jpg"), "--output_dir",
+          str(tmp_path / "o"), "--models", "inception_resnet_v2",
+          "--model_handle",
+          f"inception_resnet_v2={os.path.join(tiny_models, 'inaturalist_v2')}"]
+  with pytest.raises(embed_images.FlagError, match="inception_resnet_v2"):
+    embed_images.run(argv)
+  assert not os.path.exists(tmp_path / "o")
