@@ -17,7 +17,7 @@ def test_defaults_and_beam_flags_pass_through():
   config, options = _parse(*BASE, "--runner", "DirectRunner",
                            "--direct_num_workers", "2")
   assert [m.name for m in config.models] == list(embed_images.DEFAULT_MODELS)
-  assert config.batch_size == 16 and config.top_k == 5
+  assert config.flags.batch_size == 16 and config.flags.top_k == 5
   assert config.models[0].path == "/m/inaturalist_v2"
   assert config.models[0].resize == "center_crop"
   assert config.models[1].labelmap_path == "/m/fungi_mobile_v1/labelmap.csv"

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -96,8 +95,6 @@ class RunModelFn(beam.DoFn):
   One output element per input batch keeps the sink's work per batch, not
   per photo; failures go one ErrorRecord per photo to ``errors``.
   """
-
-  _load_lock = threading.Lock()
 
   def __init__(self, config: InferenceConfig, shared_handle: shared.Shared,
                loader: Callable = models_lib.load_model):
@@ -183,13 +180,12 @@ class RunModel(beam.PTransform):
 
   def expand(self, prepared):
     size = self._config.batch_size
+    name = self._config.model.name
     return (prepared
+            | "Route" >> beam.Filter(lambda p: p.ref.routed_to(name))
             | "Batch" >> beam.BatchElements(min_batch_size=size,
                                             max_batch_size=size)
             | "Infer" >> beam.ParDo(
                 RunModelFn(self._config, shared.Shared(), self._loader)
             ).with_outputs(ERRORS_TAG, main="results"))
 
-
-def flatten_results(batches: Iterable[list]) -> list:
-  return [r for batch in batches for r in batch]

@@ -28,12 +28,17 @@ class ImageRef:
   """One input photo: where it lives, its stable id and carried columns.
 
   ``extra`` holds manifest columns (name, value) in manifest order; they are
-  copied into every output row for this photo.
+  copied into every output row for this photo.  ``models`` routes the photo
+  to some of the job's models only (None: all of them).
   """
 
   image_id: str
   uri: str
   extra: Tuple[Tuple[str, Any], ...] = ()
+  models: Optional[Tuple[str, ...]] = None
+
+  def routed_to(self, model: str) -> bool:
+    return self.models is None or model in self.models
 
   def extra_dict(self) -> dict:
     return dict(self.extra)

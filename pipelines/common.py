@@ -1,0 +1,338 @@
+"""Pieces shared by the natvision jobs: model flags, table layout, the graph.
+
+``embed_images`` and ``ingest_observations`` differ in where photos come
+from and where tables land; both prepare photos once, run each model in
+batches and write one table per model plus errors, with what is here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms import inference
+from transforms import models as models_lib
+from transforms import photos
+from transforms import sinks
+
+DEFAULT_MODELS = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")
+
+
+class FlagError(ValueError):
+  """A flag value that cannot work; the message names the flag and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFlags:
+  """The model and photo flags every job takes, parsed and checked."""
+
+  models: Tuple[models_lib.ResolvedModel, ...]
+  batch_size: int = inference.DEFAULT_BATCH_SIZE
+  top_k: int = inference.DEFAULT_TOP_K
+  max_file_bytes: int = photos.DEFAULT_MAX_FILE_BYTES
+  max_pixels: int = photos.DEFAULT_MAX_PIXELS
+  read_attempts: int = 4
+
+  def __post_init__(self):
+    if self.max_file_bytes < 1:
+      raise FlagError("--max_file_bytes must be a positive number of bytes")
+    if self.max_pixels < 1:
+      raise FlagError("--max_pixels must be a positive number of pixels")
+    if self.read_attempts < 1:
+      raise FlagError("--read_attempts must be at least 1")
+    for model in self.models:
+      try:
+        inference.InferenceConfig(model, self.batch_size, self.top_k)
+      except ValueError as e:
+        raise FlagError(str(e)) from e
+
+  def photo_config(self, expected_total: Optional[int] = None
+                   ) -> photos.PhotoConfig:
+    return photos.PhotoConfig(
+        policies=photos.needed_policies([m.resize for m in self.models]),
+        size=self.models[0].spec.input_size,
+        max_file_bytes=self.max_file_bytes, max_pixels=self.max_pixels,
+        read_attempts=self.read_attempts, expected_total=expected_total)
+
+  def inference_config(self, model: models_lib.ResolvedModel
+                       ) -> inference.InferenceConfig:
+    return inference.InferenceConfig(model, self.batch_size, self.top_k)
+
+
+def key_values(values: Sequence[str], flag: str) -> Dict[str, str]:
+  """Parses repeated ``NAME=VALUE`` flags."""
+  pairs = {}
+  for value in values or ():
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+      raise FlagError(f"{flag} takes NAME=VALUE, got {value!r}")
+    pairs[name.strip()] = path.strip()
+  return pairs
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+  """Adds --models, --model_root and the other model and photo flags."""
+  p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                 help="comma-separated registry names (default: all three)")
+  p.add_argument("--model_root",
+                 help="folder (local or gs://) holding one folder per model")
+  p.add_argument("--model_handle", action="append", default=[],
+                 metavar="NAME=PATH",
+                 help="explicit location of one model (repeatable)")
+  p.add_argument("--labelmap", action="append", default=[],
+                 metavar="NAME=PATH",
+                 help="labelmap CSV (id,name) for a classifier, instead of "
+                 "labelmap.csv in its folder")
+  p.add_argument("--batch_size", type=int, default=inference.DEFAULT_BATCH_SIZE,
+                 help="photos per forward pass")
+  p.add_argument("--top_k", type=int, default=inference.DEFAULT_TOP_K,
+                 help="labels kept per photo by classifiers")
+  p.add_argument("--resize", choices=models_lib.RESIZE_POLICIES,
+                 help="override every model's default photo preparation")
+  p.add_argument("--max_file_bytes", type=int,
+                 default=photos.DEFAULT_MAX_FILE_BYTES,
+                 help="files larger than this become errors (stage read)")
+  p.add_argument("--max_pixels", type=int, default=photos.DEFAULT_MAX_PIXELS,
+                 help="photos declaring more pixels are refused before "
+                 "decoding (decompression bombs)")
+  p.add_argument("--read_attempts", type=int, default=4,
+                 help="tries per photo on transient storage errors")
+
+
+def model_flags_from_args(args: argparse.Namespace,
+                          model_root: Optional[str]) -> ModelFlags:
+  """Builds ModelFlags from parsed flags; no I/O.
+
+  Raises:
+    FlagError: naming the flag that is wrong.
+  """
+  names = [n.strip() for n in args.models.split(",") if n.strip()]
+  if not names:
+    raise FlagError("--models is empty; name at least one of "
+                    f"{', '.join(models_lib.REGISTRY)}")
+  if len(set(names)) != len(names):
+    raise FlagError(f"--models names a model twice: {args.models}")
+  try:
+    resolved = models_lib.resolve_models(
+        names, model_root,
+        handles=key_values(args.model_handle, "--model_handle"),
+        labelmaps=key_values(args.labelmap, "--labelmap"),
+        resize=args.resize)
+  except models_lib.ModelError as e:
+    raise FlagError(str(e)) from e
+  if args.batch_size < 1:
+    raise FlagError("--batch_size must be at least 1")
+  if args.top_k < 1:
+    raise FlagError("--top_k must be at least 1")
+  return ModelFlags(
+      models=tuple(resolved), batch_size=args.batch_size, top_k=args.top_k,
+      max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,
+      read_attempts=args.read_attempts)
+
+
+def split_beam_args(parser: argparse.ArgumentParser,
+                    argv: Optional[Sequence[str]]
+                    ) -> Tuple[argparse.Namespace, PipelineOptions]:
+  """Parses our flags; hands the rest to Beam, refusing flags nobody knows."""
+  args, beam_args = parser.parse_known_args(argv)
+  unknown = unknown_beam_flags(beam_args)
+  if unknown:
+    raise FlagError(
+        f"unknown flag {unknown[0]}: neither a natvision flag nor a Beam "
+        f"pipeline option; see --help")
+  return args, PipelineOptions(beam_args)
+
+
+def unknown_beam_flags(beam_args: Sequence[str]) -> List[str]:
+  """Flags that no Beam PipelineOptions class defines.
+
+  Beam only logs and drops such flags, so a typo such as ``--output-dir``
+  would otherwise be ignored silently.
+  """
+  parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  seen = set()
+  stack = list(PipelineOptions.__subclasses__())
+  while stack:
+    cls = stack.pop()
+    if cls in seen:
+      continue
+    seen.add(cls)
+    stack.extend(cls.__subclasses__())
+    try:
+      cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    except argparse.ArgumentError:
+      pass  # the same flag defined by two option classes
+  _, unknown = parser.parse_known_args(list(beam_args))
+  return [a for a in unknown if a.startswith("-")]
+
+
+def check_models(models: Sequence[models_lib.ResolvedModel]) -> None:
+  """Loads each model once, probes it and reads its labelmap.
+
+  Raises:
+    FlagError: a model that is missing or does not match the registry.
+  """
+  for model in models:
+    try:
+      loaded = models_lib.load_model(model)
+      if model.spec.kind == models_lib.CLASSIFIER:
+        models_lib.read_labelmap(model.labelmap_path,
+                                 expected=model.spec.output_width)
+      del loaded
+    except models_lib.ModelError as e:
+      raise FlagError(str(e)) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a run stages and commits its tables."""
+
+  output_dir: str
+  run_id: str
+  tables: Tuple[sinks.TableSpec, ...]
+
+  @property
+  def staging(self) -> str:
+    return sinks.staging_dir(self.output_dir, self.run_id)
+
+  def table(self, name: str) -> sinks.TableSpec:
+    return next(t for t in self.tables if t.name == name)
+
+  def model_table(self, model: models_lib.ResolvedModel) -> sinks.TableSpec:
+    return self.table(table_name(model))
+
+
+def table_name(model: models_lib.ResolvedModel) -> str:
+  kind = (sinks.EMBEDDINGS if model.spec.kind == models_lib.EMBEDDER
+          else sinks.PREDICTIONS)
+  return f"{kind}/{model.name}"
+
+
+def new_run_id() -> str:
+  import uuid  # pylint: disable=import-outside-toplevel
+  return datetime.datetime.now(datetime.timezone.utc).strftime(
+      "%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def plan_layout(output_dir: str, models: Sequence[models_lib.ResolvedModel],
+                carried: sinks.Carried, run_id: str,
+                partition: Optional[str] = None) -> Layout:
+  """Names every table's staging and final folder.
+
+  Args:
+    partition: a sub-folder under each table (``snapshot_date=...``), for
+      jobs that add one partition per run.
+  """
+  staging = sinks.staging_dir(output_dir, run_id)
+
+  def under(root, *parts):
+    path = sinks.table_dir(root, *parts)
+    return FileSystems.join(path, partition) if partition else path
+
+  tables = []
+  for model in models:
+    kind, name = table_name(model).split("/")
+    tables.append(sinks.TableSpec(
+        name=table_name(model), staged=under(staging, kind, name),
+        final=under(output_dir, kind, name),
+        schema=sinks.schema_for(model, carried)))
+  tables.append(sinks.TableSpec(
+      name=sinks.ERRORS, staged=under(staging, sinks.ERRORS),
+      final=under(output_dir, sinks.ERRORS),
+      schema=sinks.errors_schema(carried, models)))
+  return Layout(output_dir=output_dir, run_id=run_id, tables=tuple(tables))
+
+
+class EmbedAndWrite(beam.PTransform):
+  """PCollection[ImageRef] -> staged tables, one per model, plus errors.
+
+  Each photo is read, decoded and prepared once; each model then sees the
+  photos routed to it (``ImageRef.models``) in batches.
+  """
+
+  def __init__(self, flags: ModelFlags, layout: Layout,
+               carried: sinks.Carried = (),
+               expected_total: Optional[int] = None):
+    super().__init__()
+    self._flags = flags
+    self._layout = layout
+    self._carried = carried
+    self._expected_total = expected_total
+
+  def expand(self, refs):
+    flags, layout, carried = self._flags, self._layout, self._carried
+    prepped = refs | "ReadAndPrepare" >> photos.ReadAndPrepare(
+        flags.photo_config(self._expected_total))
+    error_streams = [prepped.errors]
+    for model in flags.models:
+      table = layout.model_table(model)
+      outputs = (prepped.prepared
+                 | f"RunModel[{model.name}]" >> inference.RunModel(
+                     flags.inference_config(model)))
+      _ = (outputs.results
+           | f"ToArrow[{model.name}]" >> beam.Map(
+               sinks.results_to_table, table.schema, carried)
+           | f"Write[{model.name}]" >> sinks.WriteTable(table.staged,
+                                                        table.schema))
+      error_streams.append(outputs.errors)
+    errors = layout.table(sinks.ERRORS)
+    return (tuple(error_streams)
+            | "AllErrors" >> beam.Flatten()
+            | "WriteErrors" >> sinks.WriteErrors(errors.staged, errors.schema,
+                                                 carried))
+
+
+def counter_values(result, prefix: str) -> Dict[str, int]:
+  values: Dict[str, int] = {}
+  try:
+    counters = result.metrics().query()["counters"]
+  except Exception:  # noqa: BLE001 - some runners report no metrics
+    return values
+  for c in counters:
+    name = c.key.metric.name
+    if name.startswith(prefix):
+      values[name[len(prefix):]] = values.get(name[len(prefix):], 0) + (
+          c.committed if c.committed is not None else c.attempted)
+  return values
+
+
+def error_breakdown(directory: str) -> dict:
+  """Errors per stage and per model, and photos with any error.
+
+  Read back from the committed errors table, so the figures are what readers
+  of the table will see.
+  """
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  by_stage: Dict[str, int] = {}
+  by_model: Dict[str, int] = {}
+  photo_ids = set()
+  for path in sinks.list_parquet(directory):
+    with FileSystems.open(path) as f:
+      table = pq.read_table(f, columns=["image_id", "stage", "model"])
+    for image_id, stage, model in zip(table.column("image_id").to_pylist(),
+                                      table.column("stage").to_pylist(),
+                                      table.column("model").to_pylist()):
+      by_stage[stage] = by_stage.get(stage, 0) + 1
+      key = model or "(before any model)"
+      by_model[key] = by_model.get(key, 0) + 1
+      photo_ids.add(image_id)
+  return {"by_stage": by_stage, "by_model": by_model,
+          "total": sum(by_stage.values()), "photos": len(photo_ids)}
+
+
+def write_json(path: str, payload: dict) -> None:
+  with FileSystems.create(path) as f:
+    f.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+
+def iso(ts: float) -> str:
+  return datetime.datetime.fromtimestamp(
+      ts, datetime.timezone.utc).isoformat(timespec="seconds")
