@@ -165,3 +165,20 @@ def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
   with pytest.raises(embed_images.FlagError, match="inception_resnet_v2"):
     embed_images.run(argv)
   assert not os.path.exists(tmp_path / "o")
+
+
+def test_demo_command_and_max_error_rate(tmp_path, capsys):
+  out = str(tmp_path / "demo")
+  assert embed_images.main(["--demo", "--output_dir", out]) == 0
+  printed = capsys.readouterr().out
+  assert "stand-in models were used" in printed
+  errors = _read(os.path.join(out, "errors")).to_pylist()
+  assert [os.path.basename(e["uri"]) for e in errors] == ["not_a_photo.jpg"]
+  rows = _read(os.path.join(out, "embeddings", "inaturalist_v2"))
+  assert sorted(os.path.basename(u) for u in rows.column("uri").to_pylist()) == [
+      "chelsea_cat.jpg", "coffee.webp", "flower.jpg", "grass_grayscale.png"]
+  # One photo in five failed: a 10% limit is exceeded, a 30% one is not.
+  assert embed_images.main(["--demo", "--output_dir", out,
+                            "--max_error_rate", "0.1"]) == 3
+  assert embed_images.main(["--demo", "--output_dir", out,
+                            "--max_error_rate", "0.3"]) == 0

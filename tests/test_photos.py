@@ -1,0 +1,88 @@
+"""The per-photo stage: reads with retries, and failures by stage."""
+
+import io
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms import photos
+from transforms.records import ImageRef
+
+
+class _Flaky:
+  """An opener that fails with a 503-like error a set number of times."""
+
+  class ServiceUnavailable(Exception):
+    code = 503
+
+  def __init__(self, failures, data=b"bytes"):
+    self.failures = failures
+    self.calls = 0
+    self.data = data
+
+  def __call__(self, uri):
+    self.calls += 1
+    if self.calls <= self.failures:
+      raise self.ServiceUnavailable(f"503 backend error for {uri}")
+    return io.BytesIO(self.data)
+
+
+def test_transient_errors_are_retried_with_backoff():
+  opener, sleeps = _Flaky(2), []
+  data = photos.read_with_retries("gs://b/x.jpg", 100, attempts=4,
+                                  base_delay=1.0, opener=opener,
+                                  sleep=sleeps.append)
+  assert data == b"bytes" and opener.calls == 3
+  assert len(sleeps) == 2 and 0.5 <= sleeps[0] <= 1.5 and 1 <= sleeps[1] <= 3
+
+
+def test_gives_up_after_bounded_attempts():
+  opener = _Flaky(10)
+  with pytest.raises(photos.ReadError, match="gave up after 3 attempts"):
+    photos.read_with_retries("gs://b/x.jpg", 100, attempts=3, opener=opener,
+                             sleep=lambda s: None)
+  assert opener.calls == 3
+
+
+def test_missing_and_oversized_files_are_not_retried(tmp_path):
+  calls = []
+
+  def opener(uri):
+    calls.append(uri)
+    raise FileNotFoundError(uri)
+
+  with pytest.raises(photos.ReadError, match="file not found"):
+    photos.read_with_retries("/nope.jpg", 100, opener=opener,
+                             sleep=lambda s: None)
+  assert len(calls) == 1
+  big = tmp_path / "big.jpg"
+  big.write_bytes(b"x" * 101)
+  with pytest.raises(photos.ReadError, match="--max_file_bytes 100"):
+    photos.read_bytes(str(big), 100)
+
+
+def test_stage_of_each_failure_in_a_pipeline(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  good = tmp_path / "good.png"
+  Image.new("RGB", (40, 30), (10, 200, 30)).save(good)
+  junk = tmp_path / "junk.jpg"
+  junk.write_bytes(b"\x00\x01 not an image")
+  big = tmp_path / "big.png"
+  Image.new("RGB", (2000, 1000)).save(big)
+  refs = [ImageRef(image_id=n, uri=str(tmp_path / f)) for n, f in (
+      ("good", "good.png"), ("junk", "junk.jpg"), ("gone", "gone.jpg"),
+      ("big", "big.png"))]
+  config = photos.PhotoConfig(policies=("center_crop", "squash"),
+                              max_pixels=1_000_000, retry_base_delay=0.0)
+  with TestPipeline() as p:
+    out = p | beam.Create(refs) | photos.ReadAndPrepare(config)
+    ok = out.prepared | beam.Map(lambda x: (x.ref.image_id, sorted(x.arrays),
+                                            x.arrays["squash"].shape,
+                                            x.arrays["squash"].dtype.name))
+    errs = out.errors | beam.Map(lambda e: (e.ref.image_id, e.stage))
+    assert_that(ok, equal_to([("good", ["center_crop", "squash"],
+                               (299, 299, 3), "uint8")]), label="ok")
+    assert_that(errs, equal_to([("junk", "decode"), ("gone", "read"),
+                                ("big", "decode")]), label="errors")
