@@ -1,0 +1,430 @@
+"""A corpus of odd and broken image files, written by code.
+
+``write_corpus(directory)`` writes about fifty files that exercise the
+decoder: every colour mode and container a photo collection turns up
+(progressive and CMYK JPEGs, EXIF rotations, 16-bit and palette PNGs, alpha
+WebP, animated GIF, multi-page TIFF, 1x1 and 12000x6 images, odd file names)
+and the ways files arrive broken (empty, truncated, corrupt, not an image at
+all, a decompression bomb).  Content comes from the real photos that ship
+with scikit-image and scikit-learn where that matters, from flat colours
+where a test checks exact pixels, and from a seeded generator otherwise, so
+the corpus is the same on every run.
+
+Each file is described by a ``CorpusItem``; tests iterate over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import struct
+import zlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+VALID = "valid"
+BROKEN = "broken"
+
+RED = (255, 0, 0)
+GREEN = (0, 255, 0)
+BLUE = (0, 0, 255)
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+
+# The upright quadrant test card: top-left red, top-right green, bottom-left
+# blue, bottom-right white.  EXIF items store it turned the other way.
+QUADRANT_SIZE = (400, 300)
+
+# Sample point -> colour; a decoded pixel must be within this many levels.
+PIXEL_TOLERANCE = 16
+
+Pixels = Tuple[Tuple[Tuple[int, int], Tuple[int, int, int]], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusItem:
+  """One file of the corpus.
+
+  Attributes:
+    filename: name inside the corpus directory.
+    kind: ``valid`` (must decode) or ``broken`` (must be refused).
+    expected_stage: for broken files, the stage that refuses them
+      (``read`` or ``decode``); None for valid ones.
+    description: what the file is and why it is here.
+    expected_size: upright (width, height) after a full decode, when known.
+    expected_pixels: ((x, y), (r, g, b)) sample points of the upright,
+      fully decoded RGB image.
+  """
+
+  filename: str
+  kind: str
+  expected_stage: Optional[str]
+  description: str
+  expected_size: Optional[Tuple[int, int]] = None
+  expected_pixels: Pixels = ()
+
+
+def _data_dirs() -> List[str]:
+  dirs = []
+  try:
+    import skimage  # pylint: disable=import-outside-toplevel
+    dirs.append(os.path.join(os.path.dirname(skimage.__file__), "data"))
+  except ImportError:
+    pass
+  try:
+    import sklearn  # pylint: disable=import-outside-toplevel
+    dirs.append(os.path.join(os.path.dirname(sklearn.__file__), "datasets",
+                             "images"))
+  except ImportError:
+    pass
+  return dirs
+
+
+def load_photo(name: str, seed: int = 0) -> Image.Image:
+  """A real RGB photo shipped with scikit-image or scikit-learn.
+
+  Args:
+    name: file name, e.g. ``coffee.png`` or ``china.jpg``.
+    seed: seeds the stand-in used when neither library is installed.
+
+  Returns:
+    The photo as an RGB image; a smooth seeded stand-in of 640x427 pixels
+    when the file is not available.
+  """
+  for folder in _data_dirs():
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      with Image.open(path) as img:
+        return img.convert("RGB")
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (12, 18, 3), dtype=np.uint8)
+  return Image.fromarray(coarse, "RGB").resize((640, 427),
+                                               Image.Resampling.BICUBIC)
+
+
+def quadrant_card(size: Tuple[int, int] = QUADRANT_SIZE) -> Image.Image:
+  """The upright test card: red, green / blue, white quadrants."""
+  w, h = size
+  arr = np.empty((h, w, 3), np.uint8)
+  arr[:h // 2, :w // 2] = RED
+  arr[:h // 2, w // 2:] = GREEN
+  arr[h // 2:, :w // 2] = BLUE
+  arr[h // 2:, w // 2:] = WHITE
+  return Image.fromarray(arr, "RGB")
+
+
+def quadrant_pixels(size: Tuple[int, int]) -> Pixels:
+  """Sample points at the centre of each quadrant of an upright card."""
+  w, h = size
+  return (((w // 4, h // 4), RED), ((3 * w // 4, h // 4), GREEN),
+          ((w // 4, 3 * h // 4), BLUE), ((3 * w // 4, 3 * h // 4), WHITE))
+
+
+# The transpose that stores an upright image under each EXIF orientation (the
+# inverse of what a viewer applies).
+_STORE_AS = {
+    3: Image.Transpose.ROTATE_180,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def _encode(img: Image.Image, fmt: str, **params) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, fmt, **params)
+  return buf.getvalue()
+
+
+def _exif_jpeg(upright: Image.Image, orientation: int, **params) -> bytes:
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  stored = upright.transpose(_STORE_AS[orientation])
+  return _encode(stored, "JPEG", quality=92, exif=exif.tobytes(), **params)
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+  crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+  return (struct.pack(">I", len(payload)) + kind + payload +
+          struct.pack(">I", crc))
+
+
+def png_bytes(width: int, height: int, bit_depth: int, color_type: int,
+              rows: Sequence[bytes] = (), row: Optional[bytes] = None) -> bytes:
+  """Writes a PNG by hand, for what Pillow will not write.
+
+  Args:
+    width, height: declared size.
+    bit_depth, color_type: as in the PNG IHDR chunk.
+    rows: raw scanlines (without the filter byte), one per row; or
+    row: one scanline repeated ``height`` times, compressed as a stream so
+      that huge images cost little memory.
+  """
+  ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+  compressor = zlib.compressobj(9)
+  parts = []
+  if row is not None:
+    line = b"\x00" + row
+    for _ in range(height):
+      parts.append(compressor.compress(line))
+  else:
+    for r in rows:
+      parts.append(compressor.compress(b"\x00" + r))
+  parts.append(compressor.flush())
+  return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) +
+          _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b""))
+
+
+def _png_chunks(data: bytes) -> List[Tuple[int, bytes, bytes]]:
+  """(offset, type, payload) of each chunk of a PNG."""
+  chunks, pos = [], 8
+  while pos < len(data):
+    (length,) = struct.unpack(">I", data[pos:pos + 4])
+    kind = data[pos + 4:pos + 8]
+    chunks.append((pos, kind, data[pos + 8:pos + 8 + length]))
+    pos += 12 + length
+  return chunks
+
+
+def _corrupt_idat(png: bytes) -> bytes:
+  """Flips bytes inside the first IDAT's deflate stream, with a valid CRC."""
+  out = bytearray()
+  out += png[:8]
+  done = False
+  for _, kind, payload in _png_chunks(png):
+    if kind == b"IDAT" and not done:
+      bad = bytearray(payload)
+      for i in range(len(bad) // 3, len(bad) // 3 + 32):
+        bad[i] ^= 0xFF
+      payload, done = bytes(bad), True
+    out += _chunk(kind, payload)
+  return bytes(out)
+
+
+def _corrupt_ihdr_crc(png: bytes) -> bytes:
+  bad = bytearray(png)
+  bad[29] ^= 0xFF  # last byte of the IHDR CRC
+  return bytes(bad)
+
+
+def _gif(frames: Sequence[Tuple[int, int, int]], size=(120, 80)) -> bytes:
+  images = [Image.new("RGB", size, c).convert("P") for c in frames]
+  return _encode(images[0], "GIF", save_all=True, append_images=images[1:],
+                 duration=100, loop=0)
+
+
+def _tiff_pages(pages: Sequence[Image.Image]) -> bytes:
+  return _encode(pages[0], "TIFF", save_all=True, append_images=list(pages[1:]))
+
+
+def strip_image(width: int, height: int, seed: int = 0) -> Image.Image:
+  """A seeded RGB image whose red channel ramps along the long side."""
+  rng = np.random.default_rng(seed)
+  ramp = np.linspace(0, 255, max(width, height))
+  arr = np.empty((height, width, 3), np.uint8)
+  along = ramp[:width][None, :] if width >= height else ramp[:height][:, None]
+  arr[..., 0] = along
+  arr[..., 1] = 255 - along
+  arr[..., 2] = rng.integers(0, 256, (height, width))
+  return Image.fromarray(arr, "RGB")
+
+
+def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
+  astronaut = load_photo("astronaut.png", 1)
+  coffee = load_photo("coffee.png", 2)
+  chelsea = load_photo("chelsea.png", 3)
+  rocket = load_photo("rocket.jpg", 4)
+  flower = load_photo("flower.jpg", 5)
+  china = load_photo("china.jpg", 6)
+  camera = load_photo("camera.png", 7).convert("L")
+  out: List[Tuple[CorpusItem, bytes]] = []
+
+  def valid(filename, data, description, size=None, pixels=()):
+    out.append((CorpusItem(filename, VALID, None, description, size,
+                           tuple(pixels)), data))
+
+  def broken(filename, data, description, stage="decode"):
+    out.append((CorpusItem(filename, BROKEN, stage, description), data))
+
+  # --- JPEG variants ------------------------------------------------------
+  valid("astronaut.jpg", _encode(astronaut, "JPEG", quality=90),
+        "baseline JPEG photo", astronaut.size)
+  progressive = _encode(coffee, "JPEG", quality=90, progressive=True)
+  valid("progressive.jpg", progressive, "progressive JPEG", coffee.size)
+  valid("cmyk.jpg", _encode(chelsea.convert("CMYK"), "JPEG", quality=95),
+        "CMYK JPEG with an Adobe marker (inverted CMYK)", chelsea.size)
+  valid("gray.jpg", _encode(camera, "JPEG", quality=90),
+        "greyscale (one channel) JPEG", camera.size)
+  card = quadrant_card()
+  for orientation in (3, 5, 6, 8):
+    upright = QUADRANT_SIZE
+    valid(f"exif_orientation_{orientation}.jpg",
+          _exif_jpeg(card, orientation),
+          f"quadrant card stored turned, EXIF orientation {orientation}",
+          upright, quadrant_pixels(upright))
+  big_card = quadrant_card((4032, 3024))
+  valid("exif_orientation_6_big.jpg", _exif_jpeg(big_card, 6),
+        "12 MP card stored as 3024x4032 with EXIF orientation 6: draft and "
+        "rotation together", (4032, 3024), quadrant_pixels((4032, 3024)))
+  big = china.resize((4032, 3024), Image.Resampling.BICUBIC)
+  valid("big_4032x3024.jpg", _encode(big, "JPEG", quality=90),
+        "12 MP JPEG (real photo upscaled), for DCT-domain drafting",
+        (4032, 3024))
+  medium = flower.resize((2048, 1536), Image.Resampling.BICUBIC)
+  valid("medium_2048x1536.jpg", _encode(medium, "JPEG", quality=90),
+        "3 MP JPEG (real photo upscaled)", (2048, 1536))
+  valid("fleur d'été 1.jpg", _encode(flower, "JPEG", quality=90),
+        "spaces, an apostrophe and accents in the name", flower.size)
+  valid("noextension", _encode(rocket, "JPEG", quality=90),
+        "JPEG without a file extension", rocket.size)
+
+  # --- PNG variants -------------------------------------------------------
+  valid("champignon ñ.png", _encode(coffee, "PNG"),
+        "non-ASCII name, RGB PNG", coffee.size)
+  valid("png_named.jpg", _encode(chelsea, "PNG"),
+        "a PNG saved with a .jpg extension", chelsea.size)
+  valid("gray.png", _encode(camera, "PNG"), "greyscale PNG", camera.size)
+  bands = np.zeros((32, 64), np.uint16)
+  for i, value in enumerate((0, 32768, 65535, 0x1234)):
+    bands[:, i * 16:(i + 1) * 16] = value
+  valid("gray16.png", _encode(Image.fromarray(bands), "PNG"),
+        "16-bit greyscale PNG, bands of 0, 32768, 65535 and 0x1234", (64, 32),
+        [((8, 16), (0,) * 3), ((24, 16), (128,) * 3), ((40, 16), (255,) * 3),
+         ((56, 16), (18,) * 3)])
+  rgb16 = [struct.pack(">" + "H" * 3 * 8,
+                       *([65535, 32768, 0] * 4 + [0, 65535, 32768] * 4))] * 8
+  valid("rgb16.png", png_bytes(8, 8, 16, 2, rgb16),
+        "16-bit RGB PNG written by hand", (8, 8),
+        [((1, 1), (255, 128, 0)), ((6, 6), (0, 255, 128))])
+  pal = Image.new("P", (64, 32), 0)
+  pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+  pal.paste(1, (0, 0, 32, 32))
+  valid("palette_transparent.png", _encode(pal, "PNG", transparency=0),
+        "palette PNG, left half red, right half transparent (black under it)",
+        (64, 32), [((8, 16), RED), ((56, 16), WHITE)])
+  la = np.zeros((32, 64, 2), np.uint8)
+  la[:, 32:, 1] = 255
+  valid("la.png", _encode(Image.fromarray(la, "LA"), "PNG"),
+        "grey + alpha PNG: black, transparent on the left half", (64, 32),
+        [((8, 16), WHITE), ((56, 16), BLACK)])
+  rgba = np.zeros((32, 64, 4), np.uint8)
+  rgba[..., 2] = 255
+  rgba[:, 32:, 3] = 255
+  rgba[:, 16:32, 3] = 128
+  valid("rgba.png", _encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "RGBA PNG: blue, transparent / half / opaque", (64, 32),
+        [((8, 16), WHITE), ((24, 16), (127, 127, 255)), ((56, 16), BLUE)])
+  bilevel = Image.fromarray(
+      (np.indices((40, 60)).sum(axis=0) // 10 % 2).astype(bool))
+  valid("bilevel.png", _encode(bilevel, "PNG"), "1-bit PNG", (60, 40),
+        [((0, 0), BLACK), ((15, 0), WHITE)])
+  valid("one_pixel.png", _encode(Image.new("RGB", (1, 1), (10, 200, 30)),
+                                 "PNG"),
+        "a 1x1 image", (1, 1), [((0, 0), (10, 200, 30))])
+  valid("wide_12000x6.png", _encode(strip_image(12000, 6, 8), "PNG"),
+        "extreme aspect ratio, 12000x6", (12000, 6))
+  valid("tall_6x12000.png", _encode(strip_image(6, 12000, 9), "PNG"),
+        "extreme aspect ratio, 6x12000", (6, 12000))
+
+  # --- other containers ---------------------------------------------------
+  webp = np.zeros((32, 64, 4), np.uint8)
+  webp[..., 0] = 255
+  webp[:, 32:, 3] = 255
+  valid("alpha.webp", _encode(Image.fromarray(webp, "RGBA"), "WEBP",
+                              lossless=True),
+        "lossless WebP with alpha: red, left half transparent", (64, 32),
+        [((8, 16), WHITE), ((56, 16), RED)])
+  valid("lossy.webp", _encode(rocket, "WEBP", quality=80), "lossy RGB WebP",
+        rocket.size)
+  valid("animated.gif", _gif([RED, GREEN, BLUE]),
+        "animated GIF (red, green, blue frames): the first frame counts",
+        (120, 80), [((60, 40), RED)])
+  valid("static.gif", _encode(chelsea.convert("P"), "GIF"),
+        "single-frame palette GIF", chelsea.size)
+  valid("multipage.tif", _tiff_pages([Image.new("RGB", (200, 100), RED),
+                                      Image.new("RGB", (300, 300), GREEN)]),
+        "two-page TIFF (red 200x100, green 300x300): the first page counts",
+        (200, 100), [((100, 50), RED)])
+  valid("lzw.tif", _encode(astronaut, "TIFF", compression="tiff_lzw"),
+        "LZW-compressed RGB TIFF", astronaut.size)
+  ramp = np.tile(np.array([0.0, 0.25, 0.5, 1.0], np.float32).repeat(8),
+                 (16, 1))
+  valid("float.tif", _encode(Image.fromarray(ramp, "F"), "TIFF"),
+        "32-bit float greyscale TIFF with values in [0, 1]", (32, 16),
+        [((4, 8), (0,) * 3), ((12, 8), (64,) * 3), ((20, 8), (128,) * 3),
+         ((28, 8), (255,) * 3)])
+  valid("photo.bmp", _encode(chelsea, "BMP"), "uncompressed BMP",
+        chelsea.size)
+
+  # --- broken -------------------------------------------------------------
+  broken("empty.jpg", b"", "zero bytes")
+  jpeg = _encode(rocket, "JPEG", quality=90)
+  broken("truncated.jpg", jpeg[:int(len(jpeg) * 0.6)],
+         "first 60% of a baseline JPEG")
+  broken("truncated_progressive.jpg", progressive[:int(len(progressive) * 0.6)],
+         "first 60% of a progressive JPEG")
+  broken("header_only.jpg", jpeg[:300], "a JPEG cut inside its headers")
+  png = _encode(coffee, "PNG")
+  broken("truncated.png", png[:int(len(png) * 0.6)], "first 60% of a PNG")
+  broken("corrupt_idat.png", _corrupt_idat(png),
+         "PNG whose compressed pixel data has flipped bytes (CRC recomputed)")
+  broken("corrupt_crc.png", _corrupt_ihdr_crc(png),
+         "PNG whose header chunk fails its CRC")
+  broken("random.jpg", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+         "random bytes named .jpg")
+  broken("page.jpg",
+         b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head>"
+         b"<body><h1>Forbidden</h1></body></html>\n",
+         "an HTML error page saved as .jpg")
+  broken("notes.png", "Photo removed at the observer's request.\n".encode(),
+         "plain text named .png")
+  broken("fake.heic",
+         b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" +
+         rng.integers(0, 256, 2048, dtype=np.uint8).tobytes(),
+         "an ISO BMFF 'ftypheic' header followed by junk (iPhone HEIC)")
+  broken("drawing.svg",
+         b'<?xml version="1.0" encoding="UTF-8"?>\n'
+         b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100">'
+         b'<circle cx="50" cy="50" r="40" fill="green"/></svg>\n',
+         "an SVG drawing")
+  broken("document.jpg",
+         b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
+         "the start of a PDF named .jpg")
+  broken("bomb_30000x30000.png", png_bytes(30000, 30000, 1, 0,
+                                           row=bytes(3750)),
+         "1-bit PNG declaring 30000x30000 (900 MP) in ~110 KB: a "
+         "decompression bomb beyond Pillow's own limit")
+  broken("bomb_15000x10000.png", png_bytes(15000, 10000, 1, 0,
+                                           row=bytes(1875)),
+         "1-bit PNG declaring 15000x10000 (150 MP): over the default "
+         "--max_pixels, under Pillow's own limit")
+  return out
+
+
+def write_corpus(directory: str) -> List[CorpusItem]:
+  """Writes the corpus into ``directory`` (created if needed).
+
+  Returns:
+    One CorpusItem per file written, valid ones first.
+  """
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(20240601)
+  items = []
+  for item, data in _items(rng):
+    with open(os.path.join(directory, item.filename), "wb") as f:
+      f.write(data)
+    items.append(item)
+  return items
+
+
+def by_name(items: Sequence[CorpusItem]) -> Dict[str, CorpusItem]:
+  return {item.filename: item for item in items}
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=import-outside-toplevel
+  for written in write_corpus(sys.argv[1] if len(sys.argv) > 1 else "corpus"):
+    print(f"{written.kind:6} {written.filename!r}: {written.description}")
