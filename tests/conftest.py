@@ -45,3 +45,4 @@ def photo_dir(tmp_path_factory):
       root / "noise.bmp")
   (root / "broken.jpg").write_bytes(b"<html><body>not a photo</body></html>")
   return root
+from tests.gcs_server import gcs_server  # noqa: F401,E402  (fixture)

@@ -194,7 +194,7 @@ class ReadDecodePrepareFn(beam.DoFn):
       del data
       stage = STAGE_PREPARE
       arrays = preprocess.prepare_all(image, config.policies, config.size)
-      width, height = image.size
+      width, height = image.info.get(decode_lib.ORIGINAL_SIZE_KEY, image.size)
     except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
       self._failed.inc()
       progress.tick()
