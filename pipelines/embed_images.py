@@ -237,7 +237,9 @@ def _ensure_demo_models(config: JobConfig) -> None:
   """Writes tiny stand-in models for --demo unless they are there already."""
   from pipelines import standin_models  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(config.models[0].path.rstrip("/"))
-  missing = [m.name for m in config.models if not FileSystems.exists(m.path)]
+  missing = [m.name for m in config.models
+             if not FileSystems.exists(FileSystems.join(m.path,
+                                                        "saved_model.pb"))]
   if missing:
     logging.info("writing tiny stand-in models to %s", root)
     standin_models.write_standins(root, tiny=True, models=missing)

@@ -331,10 +331,12 @@ def load_model(resolved: ResolvedModel, check: bool = True) -> LoadedModel:
 
   spec = resolved.spec
   path = resolved.path
-  if not FileSystems.exists(path):
+  if not (FileSystems.exists(_join(path, "saved_model.pb"))
+          or FileSystems.exists(_join(path, "saved_model.pbtxt"))):
     raise ModelError(
-        f"model {spec.name}: {path} does not exist; put a copy of "
-        f"{spec.source} there or pass --model_handle {spec.name}=PATH")
+        f"model {spec.name}: no SavedModel at {path} (no saved_model.pb); put "
+        f"a copy of {spec.source} there or pass --model_handle "
+        f"{spec.name}=PATH")
   is_tf1 = FileSystems.exists(_join(path, TF1_MODULE_MARKER))
   if spec.model_format == TF1_HUB and not is_tf1:
     raise ModelError(

@@ -252,18 +252,32 @@ def commit_tables(tables: Iterable[TableSpec], staging_root: str) -> None:
                                f"{FILE_SUFFIX}")
       write_empty(empty, table.schema)
       staged = [empty]
-    FileSystems.mkdirs(table.final) if not _exists(table.final) else None
+    if not _exists(table.final):
+      FileSystems.mkdirs(table.final)  # a no-op on object stores
     targets = [FileSystems.join(table.final, _basename(p)) for p in staged]
     FileSystems.rename(staged, targets)
     stale = sorted(set(old) - set(targets))
     if stale:
       FileSystems.delete(stale)
     logging.info("committed %s: %d file(s)", table.name, len(targets))
-  if _exists(staging_root):
-    FileSystems.delete([staging_root])
+  remove_tree(staging_root)
   parent = staging_root.rstrip("/").rsplit("/", 1)[0]
   if "://" not in parent and os.path.isdir(parent) and not os.listdir(parent):
     os.rmdir(parent)  # the local _staging folder, once no run is using it
+
+
+def remove_tree(path: str) -> None:
+  """Deletes a folder and everything under it, locally or in a bucket.
+
+  Object stores have no folders: there the objects under ``path/`` are
+  deleted (Beam's GCS filesystem deletes a prefix given with a trailing /).
+  """
+  if "://" in path:
+    prefix = path.rstrip("/") + "/"
+    if FileSystems.match([prefix + "**"])[0].metadata_list:
+      FileSystems.delete([prefix])
+  elif os.path.exists(path):
+    FileSystems.delete([path])
 
 
 def _exists(path: str) -> bool:
