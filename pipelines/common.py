@@ -39,6 +39,8 @@ class ModelFlags:
   max_file_bytes: int = photos.DEFAULT_MAX_FILE_BYTES
   max_pixels: int = photos.DEFAULT_MAX_PIXELS
   read_attempts: int = 4
+  decode_threads: int = photos.DEFAULT_DECODE_THREADS
+  prefetch: int = photos.DEFAULT_PREFETCH
 
   def __post_init__(self):
     if self.max_file_bytes < 1:
@@ -47,6 +49,10 @@ class ModelFlags:
       raise FlagError("--max_pixels must be a positive number of pixels")
     if self.read_attempts < 1:
       raise FlagError("--read_attempts must be at least 1")
+    if self.decode_threads < 0:
+      raise FlagError("--decode_threads must be 0 (decode inline) or more")
+    if self.prefetch < 1:
+      raise FlagError("--prefetch must be at least 1")
     for model in self.models:
       try:
         inference.InferenceConfig(model, self.batch_size, self.top_k)
@@ -59,7 +65,8 @@ class ModelFlags:
         policies=photos.needed_policies([m.resize for m in self.models]),
         size=self.models[0].spec.input_size,
         max_file_bytes=self.max_file_bytes, max_pixels=self.max_pixels,
-        read_attempts=self.read_attempts, expected_total=expected_total)
+        read_attempts=self.read_attempts, expected_total=expected_total,
+        decode_threads=self.decode_threads, prefetch=self.prefetch)
 
   def inference_config(self, model: models_lib.ResolvedModel
                        ) -> inference.InferenceConfig:
@@ -104,6 +111,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                  "decoding (decompression bombs)")
   p.add_argument("--read_attempts", type=int, default=4,
                  help="tries per photo on transient storage errors")
+  p.add_argument("--decode_threads", type=int,
+                 default=photos.DEFAULT_DECODE_THREADS,
+                 help="threads per worker process reading and decoding "
+                 "photos ahead of the models (0: decode inline)")
+  p.add_argument("--prefetch", type=int, default=photos.DEFAULT_PREFETCH,
+                 help="photos read and decoded ahead of the models, per "
+                 "bundle")
 
 
 def model_flags_from_args(args: argparse.Namespace,
@@ -134,7 +148,8 @@ def model_flags_from_args(args: argparse.Namespace,
   return ModelFlags(
       models=tuple(resolved), batch_size=args.batch_size, top_k=args.top_k,
       max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,
-      read_attempts=args.read_attempts)
+      read_attempts=args.read_attempts, decode_threads=args.decode_threads,
+      prefetch=args.prefetch)
 
 
 def split_beam_args(parser: argparse.ArgumentParser,

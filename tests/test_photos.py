@@ -86,3 +86,31 @@ def test_stage_of_each_failure_in_a_pipeline(tmp_path):
                                (299, 299, 3), "uint8")]), label="ok")
     assert_that(errs, equal_to([("junk", "decode"), ("gone", "read"),
                                 ("big", "decode")]), label="errors")
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_prefetching_pool_keeps_every_photo_and_counts(tmp_path, threads):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  refs = []
+  for i in range(23):
+    path = tmp_path / f"{i}.png"
+    if i % 5 == 0:
+      path.write_bytes(b"broken")
+    else:
+      Image.new("RGB", (20 + i, 30), (i, 2 * i, 3 * i)).save(path)
+    refs.append(ImageRef(image_id=str(i), uri=str(path)))
+  config = photos.PhotoConfig(policies=("squash",), decode_threads=threads,
+                              prefetch=4)
+  p = TestPipeline()
+  out = p | beam.Create(refs) | photos.ReadAndPrepare(config)
+  ok = out.prepared | beam.Map(lambda x: (x.ref.image_id,
+                                          int(x.arrays["squash"][0, 0, 1])))
+  errs = out.errors | beam.Map(lambda e: e.ref.image_id)
+  assert_that(ok, equal_to([(str(i), 2 * i) for i in range(23) if i % 5]),
+              label="ok")
+  assert_that(errs, equal_to([str(i) for i in range(0, 23, 5)]), label="err")
+  result = p.run()
+  result.wait_until_finish()
+  counters = {c.key.metric.name: c.committed
+              for c in result.metrics().query()["counters"]}
+  assert counters["photos_prepared"] == 18 and counters["photos_failed"] == 5

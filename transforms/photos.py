@@ -12,6 +12,8 @@ backoff a bounded number of times before they become an error row.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
 import random
@@ -20,6 +22,9 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import decode as decode_lib
 from transforms import preprocess
@@ -30,6 +35,8 @@ from transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
 
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_DECODE_THREADS = 2
+DEFAULT_PREFETCH = 32
 
 
 class ReadError(Exception):
@@ -144,7 +151,10 @@ class PhotoConfig:
     max_file_bytes: files larger than this are refused (stage read).
     max_pixels: photos declaring more pixels are refused before decoding.
     read_attempts: tries per read on transient storage errors.
+    retry_base_delay: seconds before the first retry, doubled each time.
     expected_total: number of inputs when known, for progress lines.
+    decode_threads: threads reading and decoding ahead; 0 decodes inline.
+    prefetch: photos in flight ahead of what has been emitted.
   """
 
   policies: Tuple[str, ...]
@@ -154,6 +164,8 @@ class PhotoConfig:
   read_attempts: int = 4
   retry_base_delay: float = 0.5
   expected_total: Optional[int] = None
+  decode_threads: int = DEFAULT_DECODE_THREADS
+  prefetch: int = DEFAULT_PREFETCH
 
   def __post_init__(self):
     if not self.policies:
@@ -164,10 +176,45 @@ class PhotoConfig:
       raise ValueError("--max_pixels must be positive")
     if self.read_attempts < 1:
       raise ValueError("--read_attempts must be at least 1")
+    if self.decode_threads < 0:
+      raise ValueError("--decode_threads must be 0 (no pool) or more")
+    if self.prefetch < 1:
+      raise ValueError("--prefetch must be at least 1")
+
+
+def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
+                        opener: Callable = FileSystems.open):
+  """One photo through read, decode and prepare; never raises.
+
+  Returns:
+    A PreparedImage, or an ErrorRecord naming the stage that failed.
+  """
+  stage = STAGE_READ
+  try:
+    data = read_with_retries(
+        ref.uri, config.max_file_bytes, attempts=config.read_attempts,
+        base_delay=config.retry_base_delay, opener=opener)
+    stage = STAGE_DECODE
+    image = decode_lib.decode_image(data, min_side=min_side,
+                                    max_pixels=config.max_pixels)
+    del data
+    stage = STAGE_PREPARE
+    arrays = preprocess.prepare_all(image, config.policies, config.size)
+    width, height = image.info.get(decode_lib.ORIGINAL_SIZE_KEY, image.size)
+  except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
+    return ErrorRecord(ref=ref, stage=stage, error=_reason(e))
+  return PreparedImage(ref=ref, arrays=arrays, width=width, height=height)
 
 
 class ReadDecodePrepareFn(beam.DoFn):
-  """ImageRef -> PreparedImage, or ErrorRecord on the ``errors`` output."""
+  """ImageRef -> PreparedImage, or ErrorRecord on the ``errors`` output.
+
+  Photos are read and decoded by a small thread pool, ``prefetch`` photos
+  ahead of what has been emitted, so that storage reads and JPEG decoding
+  (which release the GIL) overlap with the model's forward pass downstream
+  in the same bundle.  Results are emitted in input order; what is still in
+  flight at the end of a bundle is emitted in ``finish_bundle``.
+  """
 
   def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None):
     self._config = config
@@ -176,34 +223,49 @@ class ReadDecodePrepareFn(beam.DoFn):
                                                     config.size)
     self._ok = beam.metrics.Metrics.counter("natvision", "photos_prepared")
     self._failed = beam.metrics.Metrics.counter("natvision", "photos_failed")
+    self._pool = None
+    self._in_flight = None
 
   def setup(self):
     progress.set_expected_total(self._config.expected_total)
+    if self._config.decode_threads > 0:
+      self._pool = concurrent.futures.ThreadPoolExecutor(
+          self._config.decode_threads, thread_name_prefix="natvision-decode")
+
+  def teardown(self):
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+
+  def start_bundle(self):
+    self._in_flight = collections.deque()
+
+  def _work(self, ref: ImageRef):
+    return read_decode_prepare(ref, self._config, self._min_side,
+                               self._opener or FileSystems.open)
+
+  def _emit(self, result, windowed: bool = False):
+    # Counters are updated here, on the bundle's thread: Beam's metrics
+    # container is thread-local, so increments in pool threads would be lost.
+    progress.tick()
+    failed = isinstance(result, ErrorRecord)
+    (self._failed if failed else self._ok).inc()
+    value = result
+    if windowed:  # outputs of finish_bundle need an explicit window
+      value = WindowedValue(result, MIN_TIMESTAMP, [GlobalWindow()])
+    return beam.pvalue.TaggedOutput(ERRORS_TAG, value) if failed else value
 
   def process(self, ref: ImageRef) -> Iterator:
-    config = self._config
-    stage = STAGE_READ
-    try:
-      data = read_with_retries(
-          ref.uri, config.max_file_bytes, attempts=config.read_attempts,
-          base_delay=config.retry_base_delay,
-          opener=self._opener or FileSystems.open)
-      stage = STAGE_DECODE
-      image = decode_lib.decode_image(
-          data, min_side=self._min_side, max_pixels=config.max_pixels)
-      del data
-      stage = STAGE_PREPARE
-      arrays = preprocess.prepare_all(image, config.policies, config.size)
-      width, height = image.info.get(decode_lib.ORIGINAL_SIZE_KEY, image.size)
-    except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
-      self._failed.inc()
-      progress.tick()
-      yield beam.pvalue.TaggedOutput(
-          ERRORS_TAG, ErrorRecord(ref=ref, stage=stage, error=_reason(e)))
+    if self._pool is None:
+      yield self._emit(self._work(ref))
       return
-    self._ok.inc()
-    progress.tick()
-    yield PreparedImage(ref=ref, arrays=arrays, width=width, height=height)
+    self._in_flight.append(self._pool.submit(self._work, ref))
+    while self._in_flight and (len(self._in_flight) > self._config.prefetch
+                               or self._in_flight[0].done()):
+      yield self._emit(self._in_flight.popleft().result())
+
+  def finish_bundle(self) -> Iterator:
+    while self._in_flight:
+      yield self._emit(self._in_flight.popleft().result(), windowed=True)
 
 
 def _reason(e: BaseException) -> str:
