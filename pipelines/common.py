@@ -318,27 +318,32 @@ def counter_values(result, prefix: str) -> Dict[str, int]:
   return values
 
 
-def error_breakdown(directory: str) -> dict:
-  """Errors per stage and per model, and photos with any error.
+def error_breakdown(directory: str, top_reasons: int = 20) -> dict:
+  """Errors per stage, per model and per reason, and photos with any error.
 
   Read back from the committed errors table, so the figures are what readers
-  of the table will see.
+  of the table will see.  Reasons are counted with the photo's URI taken out
+  of the message, and only the ``top_reasons`` most frequent are kept.
   """
+  import collections  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  by_stage: Dict[str, int] = {}
-  by_model: Dict[str, int] = {}
+  by_stage = collections.Counter()
+  by_model = collections.Counter()
+  by_reason = collections.Counter()
   photo_ids = set()
   for path in sinks.list_parquet(directory):
     with FileSystems.open(path) as f:
-      table = pq.read_table(f, columns=["image_id", "stage", "model"])
-    for image_id, stage, model in zip(table.column("image_id").to_pylist(),
-                                      table.column("stage").to_pylist(),
-                                      table.column("model").to_pylist()):
-      by_stage[stage] = by_stage.get(stage, 0) + 1
-      key = model or "(before any model)"
-      by_model[key] = by_model.get(key, 0) + 1
-      photo_ids.add(image_id)
-  return {"by_stage": by_stage, "by_model": by_model,
+      table = pq.read_table(f, columns=["image_id", "uri", "stage", "model",
+                                        "error"])
+    for row in table.to_pylist():
+      by_stage[row["stage"]] += 1
+      by_model[row["model"] or "(before any model)"] += 1
+      reason = row["error"].replace(row["uri"], "<uri>") if row["uri"] else (
+          row["error"])
+      by_reason[f"{row['stage']}: {reason}"] += 1
+      photo_ids.add(row["image_id"])
+  return {"by_stage": dict(by_stage), "by_model": dict(by_model),
+          "by_reason": dict(by_reason.most_common(top_reasons)),
           "total": sum(by_stage.values()), "photos": len(photo_ids)}
 
 

@@ -114,3 +114,47 @@ def test_prefetching_pool_keeps_every_photo_and_counts(tmp_path, threads):
   counters = {c.key.metric.name: c.committed
               for c in result.metrics().query()["counters"]}
   assert counters["photos_prepared"] == 18 and counters["photos_failed"] == 5
+
+
+_FAILURES_LEFT = {}
+
+
+class _FlakyStorage:
+  """Fails the first two opens of every file with a retryable error."""
+
+  def __call__(self, uri):
+    left = _FAILURES_LEFT.setdefault(uri, 2)
+    if left:
+      _FAILURES_LEFT[uri] = left - 1
+      raise ConnectionResetError(f"connection reset reading {uri}")
+    return open(uri, "rb")
+
+
+def test_injected_transient_failures_cost_no_photo(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  refs = []
+  for i in range(6):
+    path = tmp_path / f"{i}.png"
+    Image.new("RGB", (30, 30), (i, 0, 0)).save(path)
+    refs.append(ImageRef(image_id=str(i), uri=str(path)))
+  _FAILURES_LEFT.clear()
+  config = photos.PhotoConfig(policies=("squash",), retry_base_delay=0.001,
+                              read_attempts=3)
+  p = TestPipeline()
+  out = p | beam.Create(refs) | photos.ReadAndPrepare(config, _FlakyStorage())
+  assert_that(out.prepared | beam.Map(lambda x: x.ref.image_id),
+              equal_to([str(i) for i in range(6)]), label="ok")
+  assert_that(out.errors, equal_to([]), label="errors")
+  result = p.run()
+  result.wait_until_finish()
+  retries = [c.committed for c in result.metrics().query()["counters"]
+             if c.key.metric.name == "read_retries"]
+  assert retries == [12]
+  # With one attempt fewer than needed, every photo is a read error.
+  _FAILURES_LEFT.clear()
+  config = photos.PhotoConfig(policies=("squash",), retry_base_delay=0.001,
+                              read_attempts=2)
+  with TestPipeline() as p:
+    out = p | beam.Create(refs) | photos.ReadAndPrepare(config, _FlakyStorage())
+    assert_that(out.errors | beam.Map(lambda e: (e.stage, "gave up" in e.error)),
+                equal_to([("read", True)] * 6))

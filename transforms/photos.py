@@ -117,13 +117,15 @@ def read_bytes(uri: str, max_bytes: int,
 def read_with_retries(uri: str, max_bytes: int, attempts: int = 4,
                       base_delay: float = 0.5,
                       opener: Callable = FileSystems.open,
-                      sleep: Callable[[float], None] = time.sleep) -> bytes:
+                      sleep: Callable[[float], None] = time.sleep,
+                      on_retry: Optional[Callable[[], None]] = None) -> bytes:
   """``read_bytes`` with exponential backoff (and jitter) on transient errors.
 
   Args:
     attempts: total tries, at least 1.
     base_delay: seconds before the first retry; doubled each time.
     opener, sleep: injectable for tests.
+    on_retry: called before each retry (to count them).
   """
   for attempt in range(1, attempts + 1):
     try:
@@ -133,7 +135,8 @@ def read_with_retries(uri: str, max_bytes: int, attempts: int = 4,
         if e.transient:
           raise ReadError(f"{e} (gave up after {attempts} attempts)") from e
         raise
-      beam.metrics.Metrics.counter("natvision", "read_retries").inc()
+      if on_retry is not None:
+        on_retry()
       delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
       logging.warning("transient read failure for %s (%s); retrying in %.1fs",
                       uri, e, delay)
@@ -187,13 +190,16 @@ def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
   """One photo through read, decode and prepare; never raises.
 
   Returns:
-    A PreparedImage, or an ErrorRecord naming the stage that failed.
+    (result, retries): a PreparedImage or an ErrorRecord naming the stage
+    that failed, and the number of read retries it took.
   """
+  retries = []
   stage = STAGE_READ
   try:
     data = read_with_retries(
         ref.uri, config.max_file_bytes, attempts=config.read_attempts,
-        base_delay=config.retry_base_delay, opener=opener)
+        base_delay=config.retry_base_delay, opener=opener,
+        on_retry=lambda: retries.append(1))
     stage = STAGE_DECODE
     image = decode_lib.decode_image(data, min_side=min_side,
                                     max_pixels=config.max_pixels)
@@ -202,8 +208,9 @@ def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
     arrays = preprocess.prepare_all(image, config.policies, config.size)
     width, height = image.info.get(decode_lib.ORIGINAL_SIZE_KEY, image.size)
   except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
-    return ErrorRecord(ref=ref, stage=stage, error=_reason(e))
-  return PreparedImage(ref=ref, arrays=arrays, width=width, height=height)
+    return ErrorRecord(ref=ref, stage=stage, error=_reason(e)), len(retries)
+  prepared = PreparedImage(ref=ref, arrays=arrays, width=width, height=height)
+  return prepared, len(retries)
 
 
 class ReadDecodePrepareFn(beam.DoFn):
@@ -223,6 +230,7 @@ class ReadDecodePrepareFn(beam.DoFn):
                                                     config.size)
     self._ok = beam.metrics.Metrics.counter("natvision", "photos_prepared")
     self._failed = beam.metrics.Metrics.counter("natvision", "photos_failed")
+    self._retries = beam.metrics.Metrics.counter("natvision", "read_retries")
     self._pool = None
     self._in_flight = None
 
@@ -243,9 +251,12 @@ class ReadDecodePrepareFn(beam.DoFn):
     return read_decode_prepare(ref, self._config, self._min_side,
                                self._opener or FileSystems.open)
 
-  def _emit(self, result, windowed: bool = False):
+  def _emit(self, outcome, windowed: bool = False):
     # Counters are updated here, on the bundle's thread: Beam's metrics
     # container is thread-local, so increments in pool threads would be lost.
+    result, retries = outcome
+    if retries:
+      self._retries.inc(retries)
     progress.tick()
     failed = isinstance(result, ErrorRecord)
     (self._failed if failed else self._ok).inc()
