@@ -61,6 +61,8 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "natvision-embed=pipelines.embed_images:main",
+            "natvision-ingest=pipelines.ingest_observations:main",
+            "natvision-ingest=pipelines.ingest_observations:main",
             "natvision-standins=pipelines.standin_models:main",
         ],
     },

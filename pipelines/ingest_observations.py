@@ -1,0 +1,490 @@
+"""ingest_observations: each iNaturalist snapshot's new photos, one partition.
+
+    python -m pipelines.ingest_observations \\
+        --snapshot_dir gs://my-bucket/inat/2024-05-27 \\
+        --photo_uri_template 'gs://my-mirror/photos/{photo_id}/medium.{extension}' \\
+        --snapshot_date 2024-05-27 --output_dir gs://my-bucket/natvision \\
+        --model_root gs://my-bucket/models --route fungi_mobile_v1=47170 \\
+        [Beam flags]
+
+iNaturalist publishes its open data as periodic snapshots.  Run on a
+schedule, this job keeps the tables current at the cost of the new photos
+only: it reads the snapshot's photos, observations and taxa inside the
+pipeline, keeps the observations that pass the filters, leaves out each
+photo that a model's table already holds (or that failed ``--max_attempts``
+times for it), and appends the rest as one Hive-style partition per run::
+
+    DIR/embeddings/<model>/snapshot_date=YYYY-MM-DD/part-*.parquet
+    DIR/predictions/<model>/snapshot_date=YYYY-MM-DD/part-*.parquet
+    DIR/errors/snapshot_date=YYYY-MM-DD/part-*.parquet
+
+Every row carries the observation's fields (photo_id, photo_uuid,
+observation_uuid, taxon_id, quality_grade, observed_on, latitude, longitude,
+license).  ``image_id`` is the photo_id as text.
+
+A run stages its files under ``DIR/_staging/`` and only after the pipeline
+succeeded: removes the date's ``_SUCCESS`` markers, moves the files into the
+date's partitions (replacing what an earlier run of the same date left
+there), writes ``DIR/runs/<date>.json`` and finally one ``_SUCCESS`` per
+partition.  "Already processed" ignores the partition of the date being
+run, so rerunning a date recomputes that partition: nothing is added twice
+and nothing is lost, and a run that died part-way is completed by its rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import transforms
+from pipelines import common
+from pipelines import embed_images
+from pipelines.common import FlagError
+from transforms import sinks
+from transforms import snapshots
+
+DEFAULT_MAX_ATTEMPTS = 3
+SUCCESS_MARKER = "_SUCCESS"
+RUNS_DIR = "runs"
+RUN_ID_PREFIX = "ingest"
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+  """Everything the job needs besides Beam's own options."""
+
+  snapshot_dir: str
+  template: snapshots.UriTemplate
+  snapshot_date: datetime.date
+  output_dir: str
+  flags: common.ModelFlags
+  filters: snapshots.Filters
+  max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+  def __post_init__(self):
+    if not self.snapshot_dir:
+      raise FlagError("--snapshot_dir is required (a folder holding the "
+                      "photos and observations tables)")
+    if not self.output_dir:
+      raise FlagError("--output_dir is required (a local folder or gs://...)")
+    if self.max_attempts < 1:
+      raise FlagError("--max_attempts must be at least 1")
+    names = self.model_names
+    unknown = [m for m, _ in self.filters.routes if m not in names]
+    if unknown:
+      raise FlagError(
+          f"--route names {', '.join(unknown)}, which is not in --models "
+          f"({', '.join(names)}); add it to --models or drop the route")
+
+  @property
+  def models(self):
+    return self.flags.models
+
+  @property
+  def model_names(self) -> Tuple[str, ...]:
+    return tuple(m.name for m in self.flags.models)
+
+  @property
+  def partition(self) -> str:
+    return snapshots.partition_name(self.snapshot_date)
+
+  @property
+  def date(self) -> str:
+    return self.snapshot_date.isoformat()
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="natvision-ingest",
+      description="Process the photos of an iNaturalist open-data snapshot "
+      "that earlier runs did not, appending one partition per run. Flags not "
+      "listed here go to Apache Beam (e.g. --runner).")
+  p.add_argument("--snapshot_dir",
+                 help="folder (local or gs://) holding photos, observations "
+                 "and optionally taxa tables: tab-separated .csv or .csv.gz "
+                 "as iNaturalist publishes them, or .parquet")
+  p.add_argument("--photo_uri_template",
+                 help="where a photo's bytes live, naming columns of photos "
+                 "or observations, e.g. "
+                 "'gs://my-mirror/photos/{photo_id}/medium.{extension}'")
+  p.add_argument("--snapshot_date",
+                 help="YYYY-MM-DD, the partition this run writes "
+                 "(default: today, UTC)")
+  p.add_argument("--output_dir", help="folder (local or gs://) for the tables")
+  common.add_model_flags(p)
+  p.add_argument("--quality_grade", default="research",
+                 help="comma-separated grades to keep (research, needs_id, "
+                 "casual), or 'any' (default: research)")
+  p.add_argument("--taxon_id",
+                 help="keep only observations inside the subtree of these "
+                 "taxa (comma-separated ids; needs a taxa table)")
+  p.add_argument("--route", action="append", default=[],
+                 metavar="MODEL=TAXON_ID[,TAXON_ID]",
+                 help="send a model only the observations inside these "
+                 "subtrees, e.g. fungi_mobile_v1=47170 (repeatable); other "
+                 "models see every kept observation")
+  p.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+                 help="a photo with this many error rows for a model in "
+                 "earlier partitions is not retried for it (default: 3)")
+  return p
+
+
+def _taxon_ids(text: str, flag: str) -> Tuple[int, ...]:
+  ids = []
+  for part in text.split(","):
+    part = part.strip()
+    if not part:
+      continue
+    try:
+      ids.append(int(part))
+    except ValueError:
+      raise FlagError(f"{flag} takes taxon ids (integers such as 47170), "
+                      f"got {part!r}") from None
+  if not ids:
+    raise FlagError(f"{flag} names no taxon id")
+  return tuple(dict.fromkeys(ids))
+
+
+def _filters(args: argparse.Namespace) -> snapshots.Filters:
+  grades = [g.strip() for g in args.quality_grade.split(",") if g.strip()]
+  if "any" in grades:
+    if len(grades) > 1:
+      raise FlagError("--quality_grade 'any' cannot be combined with grades")
+    quality = None
+  else:
+    quality = frozenset(grades)
+  taxon_ids = (_taxon_ids(args.taxon_id, "--taxon_id")
+               if args.taxon_id is not None else ())
+  routes = tuple(
+      (model, _taxon_ids(ids, f"--route {model}"))
+      for model, ids in common.key_values(args.route, "--route").items())
+  if len(routes) != len(args.route):
+    raise FlagError("--route names a model twice; give one --route per "
+                    "model with comma-separated taxon ids")
+  try:
+    return snapshots.Filters(quality_grades=quality, taxon_ids=taxon_ids,
+                             routes=routes)
+  except ValueError as e:
+    raise FlagError(str(e)) from e
+
+
+def _date(text: Optional[str]) -> datetime.date:
+  if text is None:
+    return datetime.datetime.now(datetime.timezone.utc).date()
+  try:
+    if len(text) != 10:
+      raise ValueError(text)
+    return datetime.date.fromisoformat(text)
+  except ValueError:
+    raise FlagError(f"--snapshot_date takes YYYY-MM-DD, e.g. 2024-05-27; got "
+                    f"{text!r}") from None
+
+
+def parse_args(argv: Optional[Sequence[str]] = None
+               ) -> Tuple[IngestConfig, PipelineOptions]:
+  """Parses application and Beam flags from one argv; no I/O.
+
+  Raises:
+    FlagError: a flag is missing or invalid; the message names it.
+  """
+  args, options = common.split_beam_args(_parser(), argv)
+  if not args.snapshot_dir:
+    raise FlagError("--snapshot_dir is required (a folder holding the photos "
+                    "and observations tables)")
+  if not args.photo_uri_template:
+    raise FlagError("--photo_uri_template is required, e.g. "
+                    "'gs://my-mirror/photos/{photo_id}/medium.{extension}'")
+  if not args.output_dir:
+    raise FlagError("--output_dir is required (a local folder or gs://...)")
+  try:
+    template = snapshots.UriTemplate(args.photo_uri_template)
+  except ValueError as e:
+    raise FlagError(str(e)) from e
+  date = _date(args.snapshot_date)
+  filters = _filters(args)
+  flags = common.model_flags_from_args(args, args.model_root)
+  config = IngestConfig(
+      snapshot_dir=args.snapshot_dir, template=template, snapshot_date=date,
+      output_dir=args.output_dir, flags=flags, filters=filters,
+      max_attempts=args.max_attempts)
+  return config, options
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What the launcher learned before building the graph."""
+
+  snapshot: snapshots.SnapshotConfig
+  history: snapshots.History
+
+
+def _table_root(output_dir: str, table_name: str) -> str:
+  return FileSystems.join(output_dir, *table_name.split("/"))
+
+
+def prepare(config: IngestConfig) -> Prepared:
+  """Checks the snapshot, the template and the models; lists earlier runs.
+
+  Reads only table headers and file listings, never table rows.
+
+  Raises:
+    FlagError: a missing table or column, a template naming an unknown
+      column, or a model that is missing or does not match the registry.
+  """
+  try:
+    snapshot = snapshots.open_snapshot(config.snapshot_dir,
+                                       need_taxa=config.filters.needs_taxa)
+  except snapshots.SnapshotError as e:
+    raise FlagError(f"--snapshot_dir: {e}") from e
+  try:
+    sources = snapshots.template_sources(config.template, snapshot)
+  except snapshots.SnapshotError as e:
+    raise FlagError(str(e)) from e
+  snapshot_config = snapshots.SnapshotConfig(
+      snapshot=snapshot, template=config.template, sources=sources,
+      filters=config.filters, models=config.model_names)
+  common.check_models(config.models)
+  roots = [(m.name, _table_root(config.output_dir, common.table_name(m)))
+           for m in config.models]
+  errors_root = FileSystems.join(config.output_dir, sinks.ERRORS)
+  for _, root in roots + [("", errors_root)]:
+    if snapshots.unpartitioned_files(root):
+      raise FlagError(
+          f"--output_dir {config.output_dir}: {root} holds Parquet files "
+          f"outside snapshot_date= partitions (an embed_images table?); "
+          f"give ingest_observations an --output_dir of its own")
+  history = snapshots.find_history(roots, errors_root, config.partition)
+  return Prepared(snapshot=snapshot_config, history=history)
+
+
+def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: Prepared,
+                   layout: common.Layout):
+  """Adds the job's transforms to ``p``; no side effects."""
+  work = p | "NewPhotos" >> snapshots.NewPhotos(
+      prepared.snapshot, prepared.history, config.max_attempts)
+  _ = work | "EmbedAndWrite" >> common.EmbedAndWrite(
+      config.flags, layout, snapshots.CARRIED)
+
+
+# --------------------------------------------------------------------------
+# Committing the partition.
+
+
+def _marker(table: sinks.TableSpec) -> str:
+  return FileSystems.join(table.final, SUCCESS_MARKER)
+
+
+def _exists(path: str) -> bool:
+  try:
+    return FileSystems.exists(path)
+  except Exception:  # noqa: BLE001
+    return False
+
+
+def commit_partition(layout: common.Layout) -> None:
+  """Unmarks the date's partitions, then moves the staged files into them."""
+  markers = [_marker(t) for t in layout.tables if _exists(_marker(t))]
+  if markers:
+    FileSystems.delete(markers)
+  sinks.commit_tables(layout.tables, layout.staging)
+
+
+def write_markers(layout: common.Layout, report: dict) -> None:
+  """Writes ``_SUCCESS`` (a small JSON manifest) into each partition, last."""
+  for table in layout.tables:
+    common.write_json(_marker(table), {
+        "run_id": layout.run_id,
+        "snapshot_date": report["snapshot_date"],
+        "table": table.name,
+        "rows": sinks.count_rows(table.final),
+        "files": [FileSystems.split(p)[1]
+                  for p in sinks.list_parquet(table.final)],
+        "committed": report["ended"],
+    })
+
+
+def remove_stale_staging(output_dir: str, date: str, keep: str) -> List[str]:
+  """Removes what dead runs of the same date left under DIR/_staging.
+
+  Returns:
+    The staging folders removed.
+  """
+  root = FileSystems.join(output_dir, "_staging")
+  prefix = f"{RUN_ID_PREFIX}-{date}-"
+  files = snapshots.match_paths(
+      FileSystems.join(root, prefix + "*", "**"))
+  runs: Dict[str, List[str]] = {}
+  for path in files:
+    run_id = path[len(root):].lstrip("/").split("/", 1)[0]
+    if run_id.startswith(prefix) and run_id != keep:
+      runs.setdefault(run_id, []).append(path)
+  for run_id, paths in sorted(runs.items()):
+    folder = FileSystems.join(root, run_id)
+    logging.info("removing %s, left by a run that did not finish", folder)
+    if "://" in folder:
+      FileSystems.delete(paths)
+    else:
+      shutil.rmtree(folder, ignore_errors=True)
+  if "://" not in root and os.path.isdir(root) and not os.listdir(root):
+    os.rmdir(root)
+  return [FileSystems.join(root, r) for r in sorted(runs)]
+
+
+# --------------------------------------------------------------------------
+# The report.
+
+
+def _model_report(config: IngestConfig, layout: common.Layout,
+                  counters: Dict[str, int]) -> Dict[str, dict]:
+  per_model = {}
+  routes = dict(config.filters.routes)
+  for model in config.models:
+    table = layout.model_table(model)
+    rows = sinks.count_rows(table.final)
+    new = counters.get(f"new_{model.name}", 0)
+    per_model[model.name] = {
+        "table": table.name,
+        "new": new,
+        "done_before": counters.get(f"done_before_{model.name}", 0),
+        "held_back": counters.get(f"held_back_{model.name}", 0),
+        "rows": rows,
+        "failed": max(new - rows, 0),
+        "route": list(routes[model.name]) if model.name in routes else None,
+    }
+  return per_model
+
+
+def _summary(report: dict) -> str:
+  snap = report["snapshot"]
+  lines = [
+      f"natvision ingest_observations: {report['partition']} in "
+      f"{report['elapsed_s']:.1f}s",
+      f"  snapshot: {snap['photos']} photo row(s), {snap['observations']} "
+      f"observation(s); {snap['photos_passed_filters']} photo(s) passed the "
+      f"filters ({_describe_filters(report['filters'])})",
+  ]
+  for name, m in report["models"].items():
+    lines.append(
+        f"  {name}: {m['new']} new, {m['done_before']} done in earlier runs, "
+        f"{m['rows']} row(s) added, {m['failed']} failed")
+  errs = report["errors"]
+  stages = ", ".join(f"{k} {v}" for k, v in sorted(errs["by_stage"].items()))
+  lines.append(f"  errors: {errs['total']} row(s) for {errs['photos']} "
+               f"photo(s)" + (f" ({stages})" if stages else ""))
+  for name, m in report["models"].items():
+    if m["held_back"]:
+      lines.append(
+          f"  not retried: {m['held_back']} photo(s) had failed "
+          f"--max_attempts {report['max_attempts']} times for {name} "
+          f"(their rows are in {report['output_dir']}/errors)")
+  bad = {k: v for k, v in snap["bad_rows"].items() if v}
+  if bad:
+    lines.append("  unusable snapshot rows skipped: " + ", ".join(
+        f"{k} {v}" for k, v in sorted(bad.items())))
+  lines.append(f"  partition {report['partition']} committed under "
+               f"{report['output_dir']} (summary: {report['summary_path']})")
+  return "\n".join(lines)
+
+
+def _describe_filters(filters: dict) -> str:
+  grade = filters["quality_grade"]
+  parts = ["quality_grade " + (grade if isinstance(grade, str)
+                               else ",".join(grade))]
+  if filters["taxon_id"]:
+    parts.append("taxon " + ",".join(str(t) for t in filters["taxon_id"]))
+  for model, ids in filters["routes"].items():
+    parts.append(f"{model} only in " + ",".join(str(t) for t in ids))
+  return "; ".join(parts)
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
+  """Runs the job; returns the run report (also DIR/runs/<date>.json).
+
+  Args:
+    argv: command-line flags (application and Beam flags together).
+    test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+
+  Raises:
+    FlagError: bad flags, snapshot or models, before the pipeline starts.
+  """
+  config, options = parse_args(argv)
+  prepared = prepare(config)
+  run_id = f"{RUN_ID_PREFIX}-{config.date}-{common.new_run_id()}"
+  layout = common.plan_layout(config.output_dir, config.models,
+                              snapshots.CARRIED, run_id,
+                              partition=config.partition)
+  started = time.time()
+  p = test_pipeline or beam.Pipeline(options=options)
+  build_pipeline(p, config, prepared, layout)
+  result = p.run()
+  result.wait_until_finish()
+  commit_partition(layout)
+  stale = remove_stale_staging(config.output_dir, config.date, keep=run_id)
+  ended = time.time()
+
+  counters = common.counter_values(result, snapshots.COUNTER_PREFIX)
+  summary_path = FileSystems.join(config.output_dir, RUNS_DIR,
+                                  f"{config.date}.json")
+  report = {
+      "package": {"name": "natvision", "version": transforms.__version__},
+      "run_id": run_id,
+      "snapshot_date": config.date,
+      "partition": config.partition,
+      "snapshot_dir": config.snapshot_dir,
+      "output_dir": config.output_dir,
+      "summary_path": summary_path,
+      "started": common.iso(started),
+      "ended": common.iso(ended),
+      "elapsed_s": round(max(ended - started, 1e-9), 3),
+      "filters": config.filters.describe(),
+      "max_attempts": config.max_attempts,
+      "earlier_partitions": list(prepared.history.partitions),
+      "snapshot": {
+          "photos": counters.get("snapshot_photos", 0),
+          "observations": counters.get("snapshot_observations", 0),
+          "taxa": counters.get("snapshot_taxa", 0),
+          "observations_passed_filters": counters.get("observations_passed", 0),
+          "photos_passed_filters": counters.get("photos_passed", 0),
+          "photos_filtered_out": counters.get("photos_filtered_out", 0),
+          "duplicate_photo_rows": counters.get("duplicate_photo_rows", 0),
+          "bad_rows": {t: counters.get(f"bad_rows_{t}", 0)
+                       for t in snapshots.TABLES},
+          "subtree_sizes": {str(r): counters.get(f"subtree_{r}", 0)
+                            for r in config.filters.roots},
+      },
+      "models": _model_report(config, layout, counters),
+      "model_details": [m.describe() for m in config.models],
+      "errors": common.error_breakdown(layout.table(sinks.ERRORS).final),
+      "metrics_reported": bool(counters),
+      "stale_staging_removed": stale,
+      "flags": list(argv) if argv is not None else sys.argv[1:],
+  }
+  common.write_json(summary_path, report)
+  write_markers(layout, report)
+  print(_summary(report), flush=True)
+  return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  embed_images.configure_logging()
+  try:
+    run(argv)
+  except FlagError as e:
+    print(f"natvision-ingest: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

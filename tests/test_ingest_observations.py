@@ -1,0 +1,475 @@
+"""The ingest_observations job over a sequence of synthetic snapshots.
+
+Real photo files, real (tiny) TF Hub models, real Parquet read back.  The
+sequence: a first snapshot; a second with new observations, an upgrade from
+needs_id to research, a photo shared by two observations and a deleted photo
+file, then a rerun of the same date; a third (Parquet) snapshot with a model
+added; a run killed before its commit and its rerun; a last run where the
+deleted photo has used up --max_attempts.  After each step every model's
+table holds exactly the photos it should, each at most once.
+"""
+
+import datetime
+import glob
+import json
+import os
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import ingest_observations as ingest
+from pipelines.common import FlagError
+from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
+from transforms import sinks
+
+EMB = "inaturalist_v2"
+FUN = "fungi_mobile_v1"
+IRV = "inception_resnet_v2"
+TABLES = {EMB: "embeddings/inaturalist_v2", FUN: "predictions/fungi_mobile_v1",
+          IRV: "embeddings/inception_resnet_v2"}
+D1, D2, D3, D4, D5 = ("2024-01-07", "2024-01-14", "2024-01-21", "2024-01-28",
+                      "2024-02-04")
+
+
+def _files(out, table):
+  return sorted(glob.glob(os.path.join(out, table, "snapshot_date=*",
+                                       "*.parquet")))
+
+
+def table_rows(out, table):
+  """Every row of a partitioned table, with its partition date."""
+  rows = []
+  for path in _files(out, table):
+    date = os.path.basename(os.path.dirname(path)).split("=", 1)[1]
+    for row in pq.read_table(path).to_pylist():
+      rows.append(dict(row, snapshot_date=date))
+  return rows
+
+
+def placed(out, model):
+  """{image_id: partition date} of a model's table; fails on a duplicate."""
+  ids = {}
+  for row in table_rows(out, TABLES[model]):
+    assert row["image_id"] not in ids, (model, row["image_id"])
+    ids[row["image_id"]] = row["snapshot_date"]
+  return ids
+
+
+def errors_by_date(out):
+  found = {}
+  for row in table_rows(out, "errors"):
+    found.setdefault(row["snapshot_date"], []).append(
+        (row["image_id"], row["model"], row["stage"]))
+  return {d: sorted(v, key=str) for d, v in found.items()}
+
+
+def state(out):
+  return ({m: placed(out, m) for m in TABLES}, errors_by_date(out))
+
+
+def _argv(world, snapshot, out, models, date, tiny_models, *extra):
+  return ["--snapshot_dir", snapshot, "--photo_uri_template", world.template,
+          "--snapshot_date", date, "--output_dir", out, "--models",
+          ",".join(models), "--model_root", tiny_models, "--route",
+          f"{FUN}={FUNGI}", "--batch_size", "2", "--top_k", "2", *extra]
+
+
+def _ids(*photos):
+  return {str(p.photo_id) for p in photos}
+
+
+class _Killed(RuntimeError):
+  pass
+
+
+@pytest.fixture(scope="module")
+def sequence(tiny_models, tmp_path_factory):
+  """Runs every step once; records the tables after each."""
+  root = tmp_path_factory.mktemp("ingest")
+  world = SyntheticINat(str(root / "world"), seed=3)
+  out = str(root / "out")
+  steps = {}
+
+  def run(name, snapshot, models, date, *extra):
+    report = ingest.run(_argv(world, snapshot, out, models, date,
+                              tiny_models, *extra))
+    steps[name] = {"report": report, "state": state(out)}
+    return report
+
+  # Snapshot 1: two research observations (one with two photos, one a
+  # fungus), one needs_id and one casual; one malformed photos line.
+  raven = world.observe(SPECIES["raven"], photos=2)
+  agaric = world.observe(SPECIES["fly_agaric"], extension="png")
+  daisy = world.observe(SPECIES["daisy"], quality_grade="needs_id")
+  bolete_casual = world.observe(SPECIES["bolete"], quality_grade="casual")
+  s1 = world.write_snapshot(D1, fmt="csv",
+                            extra_lines={"photos": ["999\tnot enough"]})
+  run("d1", s1, [EMB, FUN], D1)
+
+  # Snapshot 2 (gzipped): the daisy upgraded, a new fungus, a raven whose
+  # photo file was deleted, a photo shared by two fungus observations.
+  world.regrade(daisy, "research")
+  bolete = world.observe(SPECIES["bolete"])
+  gone = world.observe(SPECIES["raven"])
+  world.delete_photo_file(world.photos_of(gone)[0])
+  shared_a = world.observe(SPECIES["fly_agaric"])
+  shared_b = world.observe(SPECIES["fungi"], photos=0)
+  world.add_photo(shared_b, photo_id=world.photos_of(shared_a)[0].photo_id)
+  s2 = world.write_snapshot(D2, fmt="csv.gz")
+  run("d2", s2, [EMB, FUN], D2)
+  run("d2_rerun", s2, [EMB, FUN], D2)
+
+  # Snapshot 3 (Parquet): a new plant; a third model joins.
+  plant = world.observe(SPECIES["plant"])
+  s3 = world.write_snapshot(D3, fmt="parquet")
+  run("d3", s3, [EMB, FUN, IRV], D3)
+
+  # Snapshot 4: a new fungus; the first run dies after staging its files.
+  late = world.observe(SPECIES["fly_agaric"])
+  s4 = world.write_snapshot(D4, fmt="csv")
+
+  def die(*args, **kwargs):
+    raise _Killed("worker lost before commit")
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sinks, "commit_tables", die)
+    with pytest.raises(_Killed):
+      ingest.run(_argv(world, s4, out, [EMB, FUN, IRV], D4, tiny_models))
+  steps["d4_killed"] = {
+      "state": state(out),
+      "staged": glob.glob(os.path.join(out, "_staging", "*", "**",
+                                       "*.parquet"), recursive=True),
+      "partitions": glob.glob(os.path.join(out, "*", "*", f"*={D4}")) +
+                    glob.glob(os.path.join(out, "errors", f"*={D4}")),
+  }
+  run("d4", s4, [EMB, FUN, IRV], D4)
+
+  # Snapshot 5 = snapshot 4 again: nothing new; the deleted photo has now
+  # failed three times.
+  run("d5", s4, [EMB, FUN, IRV], D5)
+
+  photos = {
+      "raven": world.photos_of(raven), "agaric": world.photos_of(agaric),
+      "daisy": world.photos_of(daisy), "casual": world.photos_of(bolete_casual),
+      "bolete": world.photos_of(bolete), "gone": world.photos_of(gone),
+      "shared": world.photos_of(shared_a), "plant": world.photos_of(plant),
+      "late": world.photos_of(late),
+  }
+  obs = {"shared_a": shared_a, "shared_b": shared_b, "raven": raven}
+  return {"out": out, "steps": steps, "photos": photos, "obs": obs,
+          "world": world}
+
+
+def _expect(ids_by_date):
+  return {i: date for date, ids in ids_by_date.items() for i in ids}
+
+
+def test_first_run_takes_research_grade_and_routes_fungi(sequence):
+  p = sequence["photos"]
+  tables, errors = sequence["steps"]["d1"]["state"]
+  assert tables[EMB] == _expect({D1: _ids(*p["raven"], *p["agaric"])})
+  assert tables[FUN] == _expect({D1: _ids(*p["agaric"])})
+  assert tables[IRV] == {}
+  assert errors == {}
+  report = sequence["steps"]["d1"]["report"]
+  snap = report["snapshot"]
+  assert snap["photos"] == 5 and snap["observations"] == 4
+  assert snap["photos_passed_filters"] == 3
+  assert snap["bad_rows"]["photos"] == 1
+  assert report["models"][EMB]["new"] == 3
+  assert report["models"][FUN]["new"] == 1
+  assert report["models"][FUN]["route"] == [FUNGI]
+
+
+def test_second_run_adds_only_new_and_upgraded_photos(sequence):
+  p = sequence["photos"]
+  tables, errors = sequence["steps"]["d2"]["state"]
+  assert tables[EMB] == _expect({
+      D1: _ids(*p["raven"], *p["agaric"]),
+      D2: _ids(*p["daisy"], *p["bolete"], *p["shared"])})
+  assert tables[FUN] == _expect({D1: _ids(*p["agaric"]),
+                                 D2: _ids(*p["bolete"], *p["shared"])})
+  gone = str(p["gone"][0].photo_id)
+  assert errors == {D2: [(gone, None, "read")]}
+  report = sequence["steps"]["d2"]["report"]
+  assert report["models"][EMB] == dict(
+      report["models"][EMB], new=4, done_before=3, rows=3, failed=1)
+  assert report["models"][FUN]["new"] == 2
+  assert report["models"][FUN]["done_before"] == 1
+  assert report["snapshot"]["duplicate_photo_rows"] == 1
+  assert report["earlier_partitions"] == [D1]
+
+
+def test_photo_in_two_observations_is_processed_once(sequence):
+  shared = str(sequence["photos"]["shared"][0].photo_id)
+  rows = [r for r in table_rows(sequence["out"], TABLES[FUN])
+          if r["image_id"] == shared]
+  assert len(rows) == 1
+  want = min(sequence["obs"]["shared_a"].observation_uuid,
+             sequence["obs"]["shared_b"].observation_uuid)
+  assert rows[0]["observation_uuid"] == want
+
+
+def test_rerun_of_same_date_changes_nothing(sequence):
+  steps = sequence["steps"]
+  assert steps["d2_rerun"]["state"] == steps["d2"]["state"]
+  assert (steps["d2_rerun"]["report"]["models"] ==
+          steps["d2"]["report"]["models"])
+
+
+def test_added_model_gets_its_backlog(sequence):
+  p = sequence["photos"]
+  tables, errors = sequence["steps"]["d3"]["state"]
+  before, _ = sequence["steps"]["d2"]["state"]
+  assert tables[EMB] == dict(before[EMB], **_expect({D3: _ids(*p["plant"])}))
+  assert tables[FUN] == before[FUN]
+  assert tables[IRV] == _expect({D3: _ids(
+      *p["raven"], *p["agaric"], *p["daisy"], *p["bolete"], *p["shared"],
+      *p["plant"])})
+  gone = str(p["gone"][0].photo_id)
+  assert errors[D3] == [(gone, None, "read")]
+  report = sequence["steps"]["d3"]["report"]
+  assert report["models"][IRV]["new"] == 8  # 7 photos and the deleted one
+  assert report["models"][IRV]["rows"] == 7
+  assert report["models"][FUN]["new"] == 0
+  assert report["models"][FUN]["rows"] == 0
+
+
+def test_killed_run_leaves_nothing_and_rerun_completes_it(sequence):
+  steps = sequence["steps"]
+  killed = steps["d4_killed"]
+  assert killed["state"] == steps["d3"]["state"]
+  assert killed["staged"], "the killed run staged no files"
+  assert killed["partitions"] == []
+  p = sequence["photos"]
+  tables, errors = steps["d4"]["state"]
+  late = _ids(*p["late"])
+  for model in (EMB, FUN, IRV):
+    assert tables[model] == dict(steps["d3"]["state"][0][model],
+                                 **_expect({D4: late})), model
+  gone = str(p["gone"][0].photo_id)
+  assert errors[D4] == [(gone, None, "read")]
+  assert steps["d4"]["report"]["stale_staging_removed"]
+  assert not os.path.exists(os.path.join(sequence["out"], "_staging"))
+
+
+def test_max_attempts_stops_retries_and_summary_says_so(sequence, capsys):
+  steps = sequence["steps"]
+  tables, errors = steps["d5"]["state"]
+  assert tables == steps["d4"]["state"][0]
+  assert D5 not in errors
+  report = steps["d5"]["report"]
+  assert {m: report["models"][m]["held_back"] for m in TABLES} == {
+      EMB: 1, FUN: 0, IRV: 1}
+  assert all(report["models"][m]["new"] == 0 for m in TABLES)
+  summary = ingest._summary(report)  # pylint: disable=protected-access
+  assert "not retried: 1 photo(s) had failed --max_attempts 3 times for " \
+         "inaturalist_v2" in summary
+  del capsys
+
+
+def test_rows_carry_observation_fields_with_types(sequence):
+  out = sequence["out"]
+  world = sequence["world"]
+  raven = sequence["obs"]["raven"]
+  schema = pq.read_schema(_files(out, TABLES[EMB])[0])
+  assert schema.field("photo_id").type == pa.int64()
+  assert schema.field("taxon_id").type == pa.int64()
+  assert schema.field("latitude").type == pa.float64()
+  assert schema.field("observed_on").type == pa.date32()
+  assert schema.field("license").type == pa.string()
+  photo = sequence["photos"]["raven"][0]
+  row = next(r for r in table_rows(out, TABLES[EMB])
+             if r["image_id"] == str(photo.photo_id))
+  assert row["photo_id"] == photo.photo_id
+  assert row["photo_uuid"] == photo.photo_uuid
+  assert row["observation_uuid"] == raven.observation_uuid
+  assert row["taxon_id"] == SPECIES["raven"]
+  assert row["quality_grade"] == "research"
+  assert row["observed_on"] == datetime.date(2024, 1, 1)
+  assert row["latitude"] == pytest.approx(raven.latitude)
+  assert row["longitude"] == pytest.approx(raven.longitude)
+  assert row["license"] == "cc-by"
+  assert row["uri"] == world.photo_path(photo)
+  assert len(row["embedding"]) == 64
+
+
+def test_partitions_read_as_one_table(sequence):
+  out = sequence["out"]
+  expected, _ = sequence["steps"]["d5"]["state"]
+  con = duckdb.connect()
+  pattern = os.path.join(out, TABLES[IRV], "*", "*.parquet")
+  rows = con.execute(
+      "select snapshot_date, count(*), count(distinct image_id) from "
+      f"read_parquet('{pattern}', hive_partitioning=true) "
+      "group by 1 order by 1").fetchall()
+  assert [(str(d), n) for d, n, _ in rows] == [(D3, 7), (D4, 1)]
+  assert all(n == distinct for _, n, distinct in rows)
+  table = ds.dataset(os.path.join(out, TABLES[EMB]),
+                     partitioning="hive").to_table()
+  assert sorted(table.column("image_id").to_pylist()) == sorted(
+      expected[EMB])
+  for model, table_name in TABLES.items():
+    for folder in glob.glob(os.path.join(out, table_name, "snapshot_date=*")):
+      with open(os.path.join(folder, "_SUCCESS")) as f:
+        marker = json.load(f)
+      assert marker["table"] == table_name, model
+      assert marker["rows"] == sum(
+          pq.ParquetFile(p).metadata.num_rows
+          for p in glob.glob(os.path.join(folder, "*.parquet")))
+
+
+def test_run_summary_file(sequence):
+  out = sequence["out"]
+  with open(os.path.join(out, "runs", f"{D2}.json")) as f:
+    saved = json.load(f)
+  report = sequence["steps"]["d2_rerun"]["report"]
+  assert saved["run_id"] == report["run_id"]
+  assert saved["snapshot"]["photos_passed_filters"] == 7
+  assert saved["models"][EMB]["failed"] == 1
+  assert saved["errors"]["by_stage"] == {"read": 1}
+  assert saved["filters"]["routes"] == {FUN: [FUNGI]}
+
+
+# --------------------------------------------------------------------------
+# A run that dies while committing, followed by a run of a later date.
+
+
+def test_half_committed_partition_is_not_processed_twice(tiny_models,
+                                                         tmp_path):
+  world = SyntheticINat(str(tmp_path / "world"), seed=5)
+  out = str(tmp_path / "out")
+  world.observe(SPECIES["raven"])
+  s1 = world.write_snapshot("s1")
+
+  def argv(snapshot, date):
+    return ["--snapshot_dir", snapshot, "--photo_uri_template",
+            world.template, "--snapshot_date", date, "--output_dir", out,
+            "--models", EMB, "--model_root", tiny_models, "--batch_size", "2",
+            "--quality_grade", "any"]
+
+  ingest.run(argv(s1, D1))
+  second = world.observe(SPECIES["daisy"], quality_grade="casual")
+  s2 = world.write_snapshot("s2")
+  real_commit = sinks.commit_tables
+
+  def commit_first_then_die(tables, staging_root):
+    del staging_root
+    real_commit(list(tables)[:1], str(tmp_path / "nowhere" / "x"))
+    raise _Killed("died after the first table")
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sinks, "commit_tables", commit_first_then_die)
+    with pytest.raises(_Killed):
+      ingest.run(argv(s2, D2))
+  half = os.path.join(out, TABLES[EMB], f"snapshot_date={D2}")
+  assert glob.glob(os.path.join(half, "*.parquet"))
+  assert not os.path.exists(os.path.join(half, "_SUCCESS"))
+
+  # A later date counts the half-committed rows as done: no duplicates.
+  world.observe(SPECIES["bolete"])
+  s3 = world.write_snapshot("s3")
+  report = ingest.run(argv(s3, D3))
+  assert report["models"][EMB]["new"] == 1
+  ids = placed(out, EMB)
+  assert ids[str(world.photos_of(second)[0].photo_id)] == D2
+  assert len(ids) == 3
+  assert glob.glob(os.path.join(out, "_staging", f"ingest-{D2}-*"))
+
+  # Readers that want committed partitions only check the markers.
+  strict = duckdb.connect().execute(
+      "select count(*) from read_parquet(?, hive_partitioning=true, "
+      "filename=true) where parse_dirpath(filename) in "
+      "(select parse_dirpath(file) from glob(?))",
+      [os.path.join(out, TABLES[EMB], "*", "*.parquet"),
+       os.path.join(out, TABLES[EMB], "*", "_SUCCESS")]).fetchone()[0]
+  assert strict == 2
+
+  # The rerun of the dead date completes it and cleans its staging.
+  again = ingest.run(argv(s2, D2))
+  assert again["models"][EMB]["new"] == 1
+  assert placed(out, EMB) == ids
+  assert os.path.exists(os.path.join(half, "_SUCCESS"))
+  assert not os.path.exists(os.path.join(out, "_staging"))
+
+
+# --------------------------------------------------------------------------
+# Flags that cannot work fail before the pipeline starts.
+
+
+@pytest.fixture(scope="module")
+def small_snapshot(tmp_path_factory):
+  root = tmp_path_factory.mktemp("flags")
+  world = SyntheticINat(str(root / "world"), seed=1)
+  world.observe(SPECIES["raven"])
+  return world, world.write_snapshot("s", taxa=False)
+
+
+def _flag_argv(world, snapshot, out, tiny_models, *extra):
+  return ["--snapshot_dir", snapshot, "--photo_uri_template", world.template,
+          "--snapshot_date", D1, "--output_dir", out, "--models", EMB,
+          "--model_root", tiny_models, *extra]
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--snapshot_date", "2024-1-7"], "--snapshot_date"),
+    (["--snapshot_date", "yesterday"], "--snapshot_date"),
+    (["--route", f"{FUN}={FUNGI}"], "--route"),
+    (["--route", f"{EMB}=fungi"], "--route"),
+    (["--max_attempts", "0"], "--max_attempts"),
+    (["--quality_grade", "excellent"], "--quality_grade"),
+    (["--quality_grade", "any,research"], "--quality_grade"),
+    (["--taxon_id", "47170"], "taxa"),
+    (["--photo_uri_template", "/photos/all.jpg"], "--photo_uri_template"),
+    (["--photo_uri_template", "/p/{photo_id:08d}.jpg"],
+     "--photo_uri_template"),
+    (["--photo_uri_template", "/p/{size}/{photo_id}.jpg"], "size"),
+    (["--snapshot_dir", "/nonexistent/snapshot"], "photos table"),
+])
+def test_bad_flags_fail_before_the_pipeline(small_snapshot, tiny_models,
+                                            tmp_path, extra, flag):
+  world, snapshot = small_snapshot
+  out = str(tmp_path / "out")
+  with pytest.raises(FlagError, match=flag):
+    ingest.run(_flag_argv(world, snapshot, out, tiny_models) + extra)
+  assert not os.path.exists(out)
+
+
+def test_output_dir_with_unpartitioned_table_is_refused(
+    small_snapshot, tiny_models, tmp_path):
+  world, snapshot = small_snapshot
+  table = tmp_path / "out" / "embeddings" / EMB
+  table.mkdir(parents=True)
+  pq.write_table(pa.table({"image_id": ["1"]}), table / "part-0.parquet")
+  with pytest.raises(FlagError, match="outside snapshot_date= partitions"):
+    ingest.run(_flag_argv(world, snapshot, str(tmp_path / "out"),
+                          tiny_models))
+  assert sorted(os.listdir(tmp_path / "out")) == ["embeddings"]
+
+
+def test_main_reports_flag_errors(small_snapshot, tiny_models, tmp_path,
+                                  capsys):
+  world, snapshot = small_snapshot
+  code = ingest.main(_flag_argv(world, snapshot, str(tmp_path / "o"),
+                                tiny_models, "--max_attempts", "-1"))
+  assert code == 2
+  assert "natvision-ingest: error: --max_attempts" in capsys.readouterr().err
+
+
+def test_parse_args_defaults(small_snapshot, tiny_models):
+  world, snapshot = small_snapshot
+  argv = ["--snapshot_dir", snapshot, "--photo_uri_template", world.template,
+          "--output_dir", "/tmp/x", "--model_root", tiny_models]
+  config, _ = ingest.parse_args(argv)
+  assert config.snapshot_date == datetime.datetime.now(
+      datetime.timezone.utc).date()
+  assert config.filters.quality_grades == {"research"}
+  assert config.max_attempts == 3
+  assert config.model_names == (EMB, FUN, IRV)
+  config, _ = ingest.parse_args(argv + ["--quality_grade", "any",
+                                        "--taxon_id", "3,47126"])
+  assert config.filters.quality_grades is None
+  assert config.filters.taxon_ids == (3, 47126)
