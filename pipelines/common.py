@@ -356,3 +356,12 @@ def write_json(path: str, payload: dict) -> None:
 def iso(ts: float) -> str:
   return datetime.datetime.fromtimestamp(
       ts, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def configure_logging() -> None:
+  """INFO for natvision (progress lines), WARNING for chatty libraries."""
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.INFO,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -245,15 +245,8 @@ def _ensure_demo_models(config: JobConfig) -> None:
     standin_models.write_standins(root, tiny=True, models=missing)
 
 
-def configure_logging() -> None:
-  logging.basicConfig(level=logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  configure_logging()
+  common.configure_logging()
   try:
     report = run(argv)
   except FlagError as e:

@@ -49,7 +49,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import transforms
 from pipelines import common
-from pipelines import embed_images
 from pipelines.common import FlagError
 from transforms import sinks
 from transforms import snapshots
@@ -477,7 +476,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  embed_images.configure_logging()
+  common.configure_logging()
   try:
     run(argv)
   except FlagError as e:
