@@ -62,7 +62,6 @@ setuptools.setup(
         "console_scripts": [
             "natvision-embed=pipelines.embed_images:main",
             "natvision-ingest=pipelines.ingest_observations:main",
-            "natvision-ingest=pipelines.ingest_observations:main",
             "natvision-standins=pipelines.standin_models:main",
         ],
     },
