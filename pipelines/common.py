@@ -269,7 +269,8 @@ class EmbedAndWrite(beam.PTransform):
   """PCollection[ImageRef] -> staged tables, one per model, plus errors.
 
   Each photo is read, decoded and prepared once; each model then sees the
-  photos routed to it (``ImageRef.models``) in batches.
+  photos routed to it (``ImageRef.models``) in batches.  The output holds
+  the names of the staged files, once they are final (see CommitRun).
   """
 
   def __init__(self, flags: ModelFlags, layout: Layout,
@@ -286,22 +287,61 @@ class EmbedAndWrite(beam.PTransform):
     prepped = refs | "ReadAndPrepare" >> photos.ReadAndPrepare(
         flags.photo_config(self._expected_total))
     error_streams = [prepped.errors]
+    written = []
     for model in flags.models:
       table = layout.model_table(model)
       outputs = (prepped.prepared
                  | f"RunModel[{model.name}]" >> inference.RunModel(
                      flags.inference_config(model)))
-      _ = (outputs.results
-           | f"ToArrow[{model.name}]" >> beam.Map(
-               sinks.results_to_table, table.schema, carried)
-           | f"Write[{model.name}]" >> sinks.WriteTable(table.staged,
-                                                        table.schema))
+      files = (outputs.results
+               | f"ToArrow[{model.name}]" >> beam.Map(
+                   sinks.results_to_table, table.schema, carried)
+               | f"Write[{model.name}]" >> sinks.WriteTable(table.staged,
+                                                            table.schema))
       error_streams.append(outputs.errors)
+      written.append(files)
     errors = layout.table(sinks.ERRORS)
-    return (tuple(error_streams)
-            | "AllErrors" >> beam.Flatten()
-            | "WriteErrors" >> sinks.WriteErrors(errors.staged, errors.schema,
-                                                 carried))
+    written.append(tuple(error_streams)
+                   | "AllErrors" >> beam.Flatten()
+                   | "WriteErrors" >> sinks.WriteErrors(
+                       errors.staged, errors.schema, carried))
+    return tuple(written) | "AllWritten" >> beam.Flatten()
+
+
+class CommitRun(beam.PTransform):
+  """Commits a run's staged tables inside the pipeline, then finishes it.
+
+  Takes the file names every table's write emits once its files are final,
+  so the step runs after the last table is written, on a worker.  A job
+  launched from a Dataflow template, whose launcher does not wait, thus
+  still commits its own tables.  ``finish(layout, inputs)`` is called after
+  the commit (to write the run summary) with the number of inputs.
+
+  Args:
+    layout: the run's tables.
+    finish: a picklable function of (layout, inputs).
+    inputs: a singleton side input with the number of inputs.
+  """
+
+  def __init__(self, layout: Layout, finish, inputs):
+    super().__init__()
+    self._layout = layout
+    self._finish = finish
+    self._inputs = inputs
+
+  def expand(self, written):
+    return (written
+            | "CountFiles" >> beam.combiners.Count.Globally()
+            | "Commit" >> beam.Map(_commit_and_finish, self._layout,
+                                   self._finish, self._inputs))
+
+
+def _commit_and_finish(files: int, layout: Layout, finish, inputs: int):
+  del files  # only the ordering matters: every table is written by now
+  sinks.commit_tables(layout.tables, layout.staging)
+  if finish is not None:
+    finish(layout, inputs)
+  return layout.run_id
 
 
 def counter_values(result, prefix: str) -> Dict[str, int]:

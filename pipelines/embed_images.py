@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from typing import Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineState
 
 import transforms
 from pipelines import common
@@ -36,6 +38,9 @@ from transforms import sources
 SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(__file__), "sample_photos")
 SAMPLE_PHOTO_EXTENSIONS = ("jpg", "png", "webp")
 DEFAULT_DEMO_OUTPUT = "natvision_demo"
+# The tables are committed by the pipeline's last step, not by the launcher,
+# so a template launch that does not wait for the job is safe (deploy/).
+COMMITS_IN_PIPELINE = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +156,52 @@ def prepare_inputs(config: JobConfig) -> Prepared:
 
 
 def build_pipeline(p: beam.Pipeline, config: JobConfig, prepared: Prepared,
-                   layout: common.Layout):
-  """Adds the job's transforms to ``p``; no side effects."""
+                   layout: common.Layout, report_base: dict):
+  """Adds the job's transforms to ``p``; no side effects.
+
+  The last step commits the tables and writes run.json, inside the pipeline.
+  """
   refs = p | "ReadInput" >> sources.ReadImageRefs(
       patterns=() if prepared.manifest else config.inputs,
       manifest=prepared.manifest)
-  _ = refs | "EmbedAndWrite" >> common.EmbedAndWrite(
+  written = refs | "EmbedAndWrite" >> common.EmbedAndWrite(
       config.flags, layout, prepared.carried, prepared.expected_total)
+  inputs = refs | "CountInputs" >> beam.combiners.Count.Globally()
+  _ = written | "CommitRun" >> common.CommitRun(
+      layout, RunReport(report_base, config.max_error_rate),
+      beam.pvalue.AsSingleton(inputs))
+
+
+class RunReport:
+  """Writes run.json once the tables are committed (called in the pipeline).
+
+  Everything known before the run (models, flags, start time) comes in
+  ``base``; rows and errors are read back from the committed tables.
+  """
+
+  def __init__(self, base: dict, max_error_rate: Optional[float]):
+    self._base = base
+    self._max_error_rate = max_error_rate
+
+  def __call__(self, layout: common.Layout, inputs: int) -> dict:
+    ended = time.time()
+    elapsed = max(ended - self._base["started_ts"], 1e-9)
+    errors = common.error_breakdown(layout.table(sinks.ERRORS).final)
+    report = dict(self._base)
+    report.update({
+        "ended": common.iso(ended),
+        "elapsed_s": round(elapsed, 3),
+        "inputs": inputs,
+        "images_per_second": round(inputs / elapsed, 3),
+        "rows": {t.name: sinks.count_rows(t.final) for t in layout.tables
+                 if t.name != sinks.ERRORS},
+        "errors": errors,
+        "error_rate": round(errors["photos"] / inputs, 6) if inputs else 0.0,
+        "max_error_rate": self._max_error_rate,
+        "model_loads": {},
+    })
+    common.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
+    return report
 
 
 def _summary(report: dict) -> str:
@@ -195,40 +239,30 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   layout = common.plan_layout(config.output_dir, config.models,
                               prepared.carried, common.new_run_id())
   started = time.time()
-  p = test_pipeline or beam.Pipeline(options=options)
-  build_pipeline(p, config, prepared, layout)
-  result = p.run()
-  result.wait_until_finish()
-  sinks.commit_tables(layout.tables, layout.staging)
-  ended = time.time()
-
-  rows = {t.name: sinks.count_rows(t.final) for t in layout.tables
-          if t.name != sinks.ERRORS}
-  errors = common.error_breakdown(layout.table(sinks.ERRORS).final)
-  counted = common.counter_values(result, "photos_")
-  if "prepared" in counted or "failed" in counted:
-    inputs = counted.get("prepared", 0) + counted.get("failed", 0)
-  else:
-    inputs = prepared.expected_total
-  elapsed = max(ended - started, 1e-9)
-  report = {
+  report_base = {
       "package": {"name": "natvision", "version": transforms.__version__},
       "run_id": layout.run_id,
       "started": common.iso(started),
-      "ended": common.iso(ended),
-      "elapsed_s": round(elapsed, 3),
-      "inputs": inputs,
-      "images_per_second": round((inputs or 0) / elapsed, 3),
+      "started_ts": started,
       "output_dir": config.output_dir,
       "models": [dict(m.describe(), standin=config.demo) for m in config.models],
       "flags": list(argv) if argv is not None else sys.argv[1:],
-      "rows": rows,
-      "errors": errors,
-      "model_loads": common.counter_values(result, "model_loads_"),
-      "error_rate": round(errors["photos"] / inputs, 6) if inputs else 0.0,
-      "max_error_rate": config.max_error_rate,
   }
-  common.write_json(FileSystems.join(config.output_dir, "run.json"), report)
+  p = test_pipeline or beam.Pipeline(options=options)
+  build_pipeline(p, config, prepared, layout, report_base)
+  result = p.run()
+  state = result.wait_until_finish()
+  if state != PipelineState.DONE:
+    # A template launch or an asynchronous runner: the job commits its own
+    # tables and writes run.json when it ends.
+    print(f"natvision embed_images: job {state}; tables will be in "
+          f"{config.output_dir} when it ends (run.json last)", flush=True)
+    return dict(report_base, state=str(state))
+  run_json = FileSystems.join(config.output_dir, "run.json")
+  with FileSystems.open(run_json) as f:
+    report = json.load(f)
+  report["model_loads"] = common.counter_values(result, "model_loads_")
+  common.write_json(run_json, report)
   print(_summary(report), flush=True)
   return report
 

@@ -182,3 +182,30 @@ def test_demo_command_and_max_error_rate(tmp_path, capsys):
                             "--max_error_rate", "0.1"]) == 3
   assert embed_images.main(["--demo", "--output_dir", out,
                             "--max_error_rate", "0.3"]) == 0
+
+
+def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
+                                                   tmp_path):
+  """What a template launch relies on: no launcher code after p.run()."""
+  import time  # pylint: disable=import-outside-toplevel
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from pipelines import common  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "out")
+  config, options = embed_images.parse_args([
+      "--input", str(photo_dir / "*.jpg"), "--output_dir", out,
+      "--models", "inaturalist_v2", "--model_root", tiny_models])
+  prepared = embed_images.prepare_inputs(config)
+  layout = common.plan_layout(out, config.models, (), "run-1")
+  base = {"run_id": "run-1", "started_ts": time.time()}
+  p = beam.Pipeline(options=options)
+  embed_images.build_pipeline(p, config, prepared, layout, base)
+  p.run().wait_until_finish()
+  n = len(list(photo_dir.glob("*.jpg")))
+  rows = _read(os.path.join(out, "embeddings", "inaturalist_v2"))
+  errors = _read(os.path.join(out, "errors"))
+  assert rows.num_rows + errors.num_rows == n
+  with open(os.path.join(out, "run.json")) as f:
+    report = json.load(f)
+  assert report["run_id"] == "run-1" and report["inputs"] == n
+  assert report["rows"] == {"embeddings/inaturalist_v2": rows.num_rows}
+  assert not os.path.exists(os.path.join(out, "_staging"))
