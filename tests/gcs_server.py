@@ -418,6 +418,7 @@ def upload_dir(local_dir, gs_prefix):
     The sorted list of gs:// paths written.
   """
   # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystem import CompressionTypes
   from apache_beam.io.filesystems import FileSystems
   prefix = gs_prefix.rstrip("/")
   written = []
@@ -426,7 +427,9 @@ def upload_dir(local_dir, gs_prefix):
       local = os.path.join(root, name)
       rel = os.path.relpath(local, local_dir).replace(os.sep, "/")
       dest = prefix + "/" + rel
-      with open(local, "rb") as src, FileSystems.create(dest) as out:
+      # Byte for byte: Beam would otherwise gzip a ".gz" file a second time.
+      with open(local, "rb") as src, FileSystems.create(
+          dest, compression_type=CompressionTypes.UNCOMPRESSED) as out:
         shutil.copyfileobj(src, out, 4 << 20)
       written.append(dest)
   return sorted(written)
@@ -443,6 +446,7 @@ def download_dir(gs_prefix, local_dir):
     The sorted list of local paths written.
   """
   # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystem import CompressionTypes
   from apache_beam.io.filesystems import FileSystems
   prefix = gs_prefix.rstrip("/") + "/"
   written = []
@@ -450,7 +454,9 @@ def download_dir(gs_prefix, local_dir):
     rel = meta.path[len(prefix):]
     local = os.path.join(local_dir, *rel.split("/"))
     os.makedirs(os.path.dirname(local), exist_ok=True)
-    with FileSystems.open(meta.path) as src, open(local, "wb") as out:
+    with FileSystems.open(
+        meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(
+            local, "wb") as out:
       shutil.copyfileobj(src, out, 4 << 20)
     written.append(local)
   return sorted(written)
