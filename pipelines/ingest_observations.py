@@ -22,13 +22,17 @@ Every row carries the observation's fields (photo_id, photo_uuid,
 observation_uuid, taxon_id, quality_grade, observed_on, latitude, longitude,
 license).  ``image_id`` is the photo_id as text.
 
-A run stages its files under ``DIR/_staging/`` and only after the pipeline
-succeeded: removes the date's ``_SUCCESS`` markers, moves the files into the
-date's partitions (replacing what an earlier run of the same date left
-there), writes ``DIR/runs/<date>.json`` and finally one ``_SUCCESS`` per
-partition.  "Already processed" ignores the partition of the date being
-run, so rerunning a date recomputes that partition: nothing is added twice
-and nothing is lost, and a run that died part-way is completed by its rerun.
+A run stages its files under ``DIR/_staging/`` and, in the pipeline's last
+steps, once every table is written: removes the date's ``_SUCCESS`` markers,
+moves the files into the date's partitions (replacing what an earlier run of
+the same date left there), removes what dead runs of the date left under
+``_staging``, writes ``DIR/runs/<date>.json`` and finally one ``_SUCCESS``
+per partition.  The job thus commits itself, also when launched from a
+Dataflow template whose launcher does not wait for it; the launcher, when it
+does wait, only reads the summary back and prints it.  "Already processed"
+ignores the partition of the date being run, so rerunning a date recomputes
+that partition: nothing is added twice and nothing is lost, and a run that
+died part-way is completed by its rerun.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import shutil
@@ -46,6 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineState
 
 import transforms
 from pipelines import common
@@ -57,6 +63,10 @@ DEFAULT_MAX_ATTEMPTS = 3
 SUCCESS_MARKER = "_SUCCESS"
 RUNS_DIR = "runs"
 RUN_ID_PREFIX = "ingest"
+# The partition is committed, summarised and marked by the pipeline's last
+# step, not by the launcher, so a template launch that does not wait for the
+# job is safe (deploy/).
+COMMITS_IN_PIPELINE = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,17 +277,57 @@ def prepare(config: IngestConfig) -> Prepared:
   return Prepared(snapshot=snapshot_config, history=history)
 
 
+def summary_path(config: IngestConfig) -> str:
+  return FileSystems.join(config.output_dir, RUNS_DIR, f"{config.date}.json")
+
+
+def report_base(config: IngestConfig, prepared: Prepared, run_id: str,
+                started: float, flags: Sequence[str]) -> dict:
+  """What the launcher knows of the run before it starts."""
+  return {
+      "package": {"name": "natvision", "version": transforms.__version__},
+      "run_id": run_id,
+      "snapshot_date": config.date,
+      "partition": config.partition,
+      "snapshot_dir": config.snapshot_dir,
+      "output_dir": config.output_dir,
+      "summary_path": summary_path(config),
+      "started": common.iso(started),
+      "started_ts": started,
+      "filters": config.filters.describe(),
+      "max_attempts": config.max_attempts,
+      "earlier_partitions": list(prepared.history.partitions),
+      "model_details": [m.describe() for m in config.models],
+      "flags": list(flags),
+  }
+
+
 def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: Prepared,
-                   layout: common.Layout):
-  """Adds the job's transforms to ``p``; no side effects."""
-  work = p | "NewPhotos" >> snapshots.NewPhotos(
-      prepared.snapshot, prepared.history, config.max_attempts)
-  _ = work | "EmbedAndWrite" >> common.EmbedAndWrite(
+                   layout: common.Layout, base: dict):
+  """Adds the job's transforms to ``p``; no side effects at build time.
+
+  The last steps, once every table is written, unmark the date's
+  partitions, commit the staged files, and write the summary and the
+  markers (FinishPartition), inside the pipeline.
+
+  Args:
+    base: the summary's fields known at launch (``report_base``).
+  """
+  found = p | "NewPhotos" >> snapshots.NewPhotos(
+      prepared.snapshot, prepared.history, config.max_attempts,
+      with_stats=True)
+  stats = found[snapshots.STATS] | "SumStats" >> snapshots.SumStats()
+  written = found["work"] | "EmbedAndWrite" >> common.EmbedAndWrite(
       config.flags, layout, snapshots.CARRIED)
+  unmarked = (written
+              | "CountWritten" >> beam.combiners.Count.Globally()
+              | "Unmark" >> beam.Map(_unmark, layout))
+  _ = unmarked | "CommitRun" >> common.CommitRun(
+      layout, FinishPartition(config, base), beam.pvalue.AsSingleton(stats))
 
 
 # --------------------------------------------------------------------------
-# Committing the partition.
+# Committing the partition (the pipeline's last steps).
 
 
 def _marker(table: sinks.TableSpec) -> str:
@@ -291,12 +341,16 @@ def _exists(path: str) -> bool:
     return False
 
 
-def commit_partition(layout: common.Layout) -> None:
-  """Unmarks the date's partitions, then moves the staged files into them."""
+def unmark_partition(layout: common.Layout) -> None:
+  """Removes the date's ``_SUCCESS`` markers, before its files are replaced."""
   markers = [_marker(t) for t in layout.tables if _exists(_marker(t))]
   if markers:
     FileSystems.delete(markers)
-  sinks.commit_tables(layout.tables, layout.staging)
+
+
+def _unmark(files: int, layout: common.Layout) -> int:
+  unmark_partition(layout)
+  return files
 
 
 def write_markers(layout: common.Layout, report: dict) -> None:
@@ -345,23 +399,71 @@ def remove_stale_staging(output_dir: str, date: str, keep: str) -> List[str]:
 
 
 def _model_report(config: IngestConfig, layout: common.Layout,
-                  counters: Dict[str, int]) -> Dict[str, dict]:
+                  stats: Dict[str, int]) -> Dict[str, dict]:
   per_model = {}
   routes = dict(config.filters.routes)
   for model in config.models:
     table = layout.model_table(model)
     rows = sinks.count_rows(table.final)
-    new = counters.get(f"new_{model.name}", 0)
+    new = stats.get(f"new_{model.name}", 0)
     per_model[model.name] = {
         "table": table.name,
         "new": new,
-        "done_before": counters.get(f"done_before_{model.name}", 0),
-        "held_back": counters.get(f"held_back_{model.name}", 0),
+        "done_before": stats.get(f"done_before_{model.name}", 0),
+        "held_back": stats.get(f"held_back_{model.name}", 0),
         "rows": rows,
         "failed": max(new - rows, 0),
         "route": list(routes[model.name]) if model.name in routes else None,
     }
   return per_model
+
+
+def _snapshot_report(config: IngestConfig, stats: Dict[str, int]) -> dict:
+  return {
+      "photos": stats.get("snapshot_photos", 0),
+      "observations": stats.get("snapshot_observations", 0),
+      "taxa": stats.get("snapshot_taxa", 0),
+      "observations_passed_filters": stats.get("observations_passed", 0),
+      "photos_passed_filters": stats.get("photos_passed", 0),
+      "photos_filtered_out": stats.get("photos_filtered_out", 0),
+      "duplicate_photo_rows": stats.get("duplicate_photo_rows", 0),
+      "bad_rows": {t: stats.get(f"bad_rows_{t}", 0)
+                   for t in snapshots.TABLES},
+      "subtree_sizes": {str(r): stats.get(f"subtree_{r}", 0)
+                        for r in config.filters.roots},
+  }
+
+
+class FinishPartition:
+  """The run's last step, after the commit (called by common.CommitRun).
+
+  Removes what dead runs of the date left under ``_staging``, writes
+  ``runs/<date>.json`` and then the ``_SUCCESS`` markers.  The counts come
+  from the pipeline's own STATS (summed into ``stats``) and from the
+  committed tables; nothing is read from Beam metrics.
+  """
+
+  def __init__(self, config: IngestConfig, base: dict):
+    self._config = config
+    self._base = base
+
+  def __call__(self, layout: common.Layout, stats: Dict[str, int]) -> dict:
+    config = self._config
+    stale = remove_stale_staging(layout.output_dir, config.date,
+                                 keep=layout.run_id)
+    ended = time.time()
+    report = {k: v for k, v in self._base.items() if k != "started_ts"}
+    report.update({
+        "ended": common.iso(ended),
+        "elapsed_s": round(max(ended - self._base["started_ts"], 1e-9), 3),
+        "snapshot": _snapshot_report(config, stats),
+        "models": _model_report(config, layout, stats),
+        "errors": common.error_breakdown(layout.table(sinks.ERRORS).final),
+        "stale_staging_removed": stale,
+    })
+    common.write_json(self._base["summary_path"], report)
+    write_markers(layout, report)
+    return report
 
 
 def _summary(report: dict) -> str:
@@ -410,6 +512,10 @@ def _describe_filters(filters: dict) -> str:
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   """Runs the job; returns the run report (also DIR/runs/<date>.json).
 
+  The pipeline commits the partition and writes the report itself; when
+  the job has ended here (not a template launch, not an asynchronous
+  runner), the report is read back and printed.
+
   Args:
     argv: command-line flags (application and Beam flags together).
     test_pipeline: a TestPipeline to build on instead of a new Pipeline.
@@ -423,54 +529,22 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   layout = common.plan_layout(config.output_dir, config.models,
                               snapshots.CARRIED, run_id,
                               partition=config.partition)
-  started = time.time()
+  base = report_base(config, prepared, run_id, time.time(),
+                     argv if argv is not None else sys.argv[1:])
   p = test_pipeline or beam.Pipeline(options=options)
-  build_pipeline(p, config, prepared, layout)
+  build_pipeline(p, config, prepared, layout, base)
   result = p.run()
-  result.wait_until_finish()
-  commit_partition(layout)
-  stale = remove_stale_staging(config.output_dir, config.date, keep=run_id)
-  ended = time.time()
-
-  counters = common.counter_values(result, snapshots.COUNTER_PREFIX)
-  summary_path = FileSystems.join(config.output_dir, RUNS_DIR,
-                                  f"{config.date}.json")
-  report = {
-      "package": {"name": "natvision", "version": transforms.__version__},
-      "run_id": run_id,
-      "snapshot_date": config.date,
-      "partition": config.partition,
-      "snapshot_dir": config.snapshot_dir,
-      "output_dir": config.output_dir,
-      "summary_path": summary_path,
-      "started": common.iso(started),
-      "ended": common.iso(ended),
-      "elapsed_s": round(max(ended - started, 1e-9), 3),
-      "filters": config.filters.describe(),
-      "max_attempts": config.max_attempts,
-      "earlier_partitions": list(prepared.history.partitions),
-      "snapshot": {
-          "photos": counters.get("snapshot_photos", 0),
-          "observations": counters.get("snapshot_observations", 0),
-          "taxa": counters.get("snapshot_taxa", 0),
-          "observations_passed_filters": counters.get("observations_passed", 0),
-          "photos_passed_filters": counters.get("photos_passed", 0),
-          "photos_filtered_out": counters.get("photos_filtered_out", 0),
-          "duplicate_photo_rows": counters.get("duplicate_photo_rows", 0),
-          "bad_rows": {t: counters.get(f"bad_rows_{t}", 0)
-                       for t in snapshots.TABLES},
-          "subtree_sizes": {str(r): counters.get(f"subtree_{r}", 0)
-                            for r in config.filters.roots},
-      },
-      "models": _model_report(config, layout, counters),
-      "model_details": [m.describe() for m in config.models],
-      "errors": common.error_breakdown(layout.table(sinks.ERRORS).final),
-      "metrics_reported": bool(counters),
-      "stale_staging_removed": stale,
-      "flags": list(argv) if argv is not None else sys.argv[1:],
-  }
-  common.write_json(summary_path, report)
-  write_markers(layout, report)
+  state = result.wait_until_finish()
+  if state != PipelineState.DONE:
+    # A template launch or an asynchronous runner: the job commits the
+    # partition and writes the summary and the markers when it ends.
+    print(f"natvision ingest_observations: job {state}; partition "
+          f"{config.partition} will be committed under {config.output_dir} "
+          f"when it ends (summary: {base['summary_path']}, then _SUCCESS)",
+          flush=True)
+    return dict(base, state=str(state))
+  with FileSystems.open(base["summary_path"]) as f:
+    report = json.load(f)
   print(_summary(report), flush=True)
   return report
 

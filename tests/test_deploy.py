@@ -382,27 +382,40 @@ def test_scheduled_launch_body_matches_the_ingest_template():
   assert config.model_names == ("inaturalist_v2", "fungi_mobile_v1")
 
 
-def test_launch_entry_point_dispatches_and_refuses_template_commits(
+# What each pipeline's own flag check says when given only --output_dir.
+MISSING_FLAG = {
+    "embed_images": "--input is required",
+    "ingest_observations": "--snapshot_dir is required",
+}
+
+
+def test_launch_entry_point_dispatches_and_lets_template_launches_through(
     monkeypatch, capsys):
   launch = _launch_module()
   monkeypatch.delenv(launch.PIPELINE_ENV, raising=False)
   assert launch.main(["--output_dir=gs://b/o"]) == 2
   assert "--target" in capsys.readouterr().err
-  monkeypatch.setenv(launch.PIPELINE_ENV, "embed_images")
-  # Delegates: the pipeline's own flag check answers.
-  assert launch.main(["--output_dir=gs://b/o"]) == 2
-  assert "--input is required" in capsys.readouterr().err
   assert launch.is_template_launch(["--template_location=gs://b/t/job"])
   assert launch.is_template_launch(["--template_location", "gs://b/t/job"])
   assert not launch.is_template_launch(["--input=gs://b/template_location"])
-  committed_inside = getattr(embed_images, "COMMITS_IN_PIPELINE", False)
-  status = launch.main(["--template_location=gs://b/t/job",
-                        "--output_dir=gs://b/o"])
-  if committed_inside:
-    assert "--input is required" in capsys.readouterr().err
-  else:
-    assert status == 2
-    assert "Flex Template" in capsys.readouterr().err
+  assert set(MISSING_FLAG) == set(PIPELINES)
+  for name, module in sorted(PIPELINES.items()):
+    # Both commit inside the graph, so a template launch goes through.
+    assert module.COMMITS_IN_PIPELINE is True, name
+    monkeypatch.setenv(launch.PIPELINE_ENV, name)
+    for template in ([], ["--template_location=gs://b/t/job"]):
+      # Delegated: the pipeline's own flag check answers, not the guard.
+      assert launch.main(template + ["--output_dir=gs://b/o"]) == 2
+      err = capsys.readouterr().err
+      assert MISSING_FLAG[name] in err, (name, template, err)
+      assert "Flex Template" not in err, (name, template)
+  # The guard stays for a pipeline that would commit after waiting.
+  monkeypatch.setattr(ingest_observations, "COMMITS_IN_PIPELINE", False)
+  assert launch.main(["--template_location=gs://b/t/job",
+                      "--output_dir=gs://b/o"]) == 2
+  err = capsys.readouterr().err
+  assert "Flex Template" in err
+  assert MISSING_FLAG["ingest_observations"] not in err
 
 
 def test_readme_names_only_files_that_exist_and_flags_that_are_known():

@@ -4,26 +4,31 @@ Real photo files, real (tiny) TF Hub models, real Parquet read back.  The
 sequence: a first snapshot; a second with new observations, an upgrade from
 needs_id to research, a photo shared by two observations and a deleted photo
 file, then a rerun of the same date; a third (Parquet) snapshot with a model
-added; a run killed before its commit and its rerun; a last run where the
-deleted photo has used up --max_attempts.  After each step every model's
-table holds exactly the photos it should, each at most once.
+added; a run whose commit step fails inside the pipeline, and its rerun; a
+last run where the deleted photo has used up --max_attempts.  After each
+step every model's table holds exactly the photos it should, each at most
+once.  The commit, the summary and the markers are the pipeline's own last
+steps: a pipeline run with no launcher code after it leaves the same result.
 """
 
 import datetime
 import glob
 import json
 import os
+import time
 
+import apache_beam as beam
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines import common
 from pipelines import ingest_observations as ingest
 from pipelines.common import FlagError
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
-from transforms import sinks
+from transforms import sinks, snapshots
 
 EMB = "inaturalist_v2"
 FUN = "fungi_mobile_v1"
@@ -127,7 +132,8 @@ def sequence(tiny_models, tmp_path_factory):
   s3 = world.write_snapshot(D3, fmt="parquet")
   run("d3", s3, [EMB, FUN, IRV], D3)
 
-  # Snapshot 4: a new fungus; the first run dies after staging its files.
+  # Snapshot 4: a new fungus; the first run dies after staging its files:
+  # the pipeline's commit step fails, and the job with it.
   late = world.observe(SPECIES["fly_agaric"])
   s4 = world.write_snapshot(D4, fmt="csv")
 
@@ -144,6 +150,7 @@ def sequence(tiny_models, tmp_path_factory):
                                        "*.parquet"), recursive=True),
       "partitions": glob.glob(os.path.join(out, "*", "*", f"*={D4}")) +
                     glob.glob(os.path.join(out, "errors", f"*={D4}")),
+      "summary": os.path.exists(os.path.join(out, "runs", f"{D4}.json")),
   }
   run("d4", s4, [EMB, FUN, IRV], D4)
 
@@ -244,6 +251,7 @@ def test_killed_run_leaves_nothing_and_rerun_completes_it(sequence):
   assert killed["state"] == steps["d3"]["state"]
   assert killed["staged"], "the killed run staged no files"
   assert killed["partitions"] == []
+  assert not killed["summary"]
   p = sequence["photos"]
   tables, errors = steps["d4"]["state"]
   late = _ids(*p["late"])
@@ -357,6 +365,7 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
   real_commit = sinks.commit_tables
 
   def commit_first_then_die(tables, staging_root):
+    # Runs in the pipeline's commit step, which then fails the job.
     del staging_root
     real_commit(list(tables)[:1], str(tmp_path / "nowhere" / "x"))
     raise _Killed("died after the first table")
@@ -394,6 +403,87 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
   assert placed(out, EMB) == ids
   assert os.path.exists(os.path.join(half, "_SUCCESS"))
   assert not os.path.exists(os.path.join(out, "_staging"))
+
+
+# --------------------------------------------------------------------------
+# What a template launch relies on: the pipeline commits by itself.
+
+
+def test_the_pipeline_commits_without_the_launcher(tiny_models, tmp_path):
+  """Builds and runs the pipeline with no launcher code after p.run()."""
+  world = SyntheticINat(str(tmp_path / "world"), seed=7)
+  out = str(tmp_path / "out")
+  raven = world.observe(SPECIES["raven"], photos=2)
+  agaric = world.observe(SPECIES["fly_agaric"])
+  world.observe(SPECIES["daisy"], quality_grade="needs_id")
+  gone = world.observe(SPECIES["bolete"])
+  world.delete_photo_file(world.photos_of(gone)[0])
+  snapshot = world.write_snapshot("s1", extra_lines={"photos": ["1\t2"]})
+  # What earlier runs of the date left: a marker (replaced by this run's)
+  # and the staging folder of a run that died.
+  partition = f"snapshot_date={D1}"
+  os.makedirs(os.path.join(out, TABLES[EMB], partition))
+  with open(os.path.join(out, TABLES[EMB], partition, "_SUCCESS"), "w") as f:
+    f.write("{}")
+  dead = os.path.join(out, "_staging", f"ingest-{D1}-dead")
+  os.makedirs(os.path.join(dead, "errors", partition))
+  with open(os.path.join(dead, "errors", partition, "part-0.parquet"),
+            "w") as f:
+    f.write("staged by a run that died")
+
+  argv = _argv(world, snapshot, out, [EMB, FUN], D1, tiny_models)
+  config, options = ingest.parse_args(argv)
+  prepared = ingest.prepare(config)
+  run_id = f"ingest-{D1}-run-1"
+  layout = common.plan_layout(out, config.models, snapshots.CARRIED, run_id,
+                              partition=config.partition)
+  base = ingest.report_base(config, prepared, run_id, time.time(), argv)
+  p = beam.Pipeline(options=options)
+  ingest.build_pipeline(p, config, prepared, layout, base)
+  p.run().wait_until_finish()
+
+  raven_ids, agaric_ids = (_ids(*world.photos_of(o)) for o in (raven, agaric))
+  (gone_id,) = _ids(*world.photos_of(gone))
+  assert placed(out, EMB) == _expect({D1: raven_ids | agaric_ids})
+  assert placed(out, FUN) == _expect({D1: agaric_ids})
+  assert errors_by_date(out) == {D1: [(gone_id, None, "read")]}
+  assert not os.path.exists(os.path.join(out, "_staging"))
+
+  summary = os.path.join(out, "runs", f"{D1}.json")
+  with open(summary) as f:
+    report = json.load(f)
+  assert report["run_id"] == run_id
+  assert report["summary_path"] == summary
+  snap = report["snapshot"]
+  assert snap["taxa"] > 0 and snap["subtree_sizes"][str(FUNGI)] > 0
+  assert snap == dict(
+      snap, photos=5, observations=4, observations_passed_filters=3,
+      photos_passed_filters=4, photos_filtered_out=1, duplicate_photo_rows=0,
+      bad_rows={"photos": 1, "observations": 0, "taxa": 0})
+  assert report["models"] == {
+      EMB: {"table": TABLES[EMB], "new": 4, "done_before": 0,
+            "held_back": 0, "rows": 3, "failed": 1, "route": None},
+      FUN: {"table": TABLES[FUN], "new": 2, "done_before": 0,
+            "held_back": 0, "rows": 1, "failed": 1, "route": [FUNGI]}}
+  assert report["errors"]["by_stage"] == {"read": 1}
+  assert report["stale_staging_removed"] == [dead]
+  assert report["elapsed_s"] > 0 and "started_ts" not in report
+  assert "partition snapshot_date=2024-01-07 committed" in ingest._summary(
+      report)  # pylint: disable=protected-access
+
+  for table in (TABLES[EMB], TABLES[FUN], "errors"):
+    folder = os.path.join(out, table, partition)
+    files = glob.glob(os.path.join(folder, "*.parquet"))
+    with open(os.path.join(folder, "_SUCCESS")) as f:
+      marker = json.load(f)
+    assert marker["run_id"] == run_id, table
+    assert marker["table"] == table
+    assert sorted(marker["files"]) == sorted(map(os.path.basename, files))
+    assert marker["rows"] == sum(pq.ParquetFile(p).metadata.num_rows
+                                 for p in files)
+    # The markers come last, after the summary.
+    assert (os.stat(os.path.join(folder, "_SUCCESS")).st_mtime_ns >=
+            os.stat(summary).st_mtime_ns), table
 
 
 # --------------------------------------------------------------------------

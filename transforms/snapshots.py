@@ -22,6 +22,14 @@ the ``ImageRef`` values that still need work, entirely inside the pipeline:
    to, minus those whose table already holds it, minus those for which it
    has failed ``max_attempts`` times.
 
+Every count worth reporting (rows read, rows refused, observations and
+photos that passed the filters, and per model the photos new, done before
+and held back) is a Beam counter, for watching a running job, and is also
+emitted as data: ``ReadSnapshot`` and ``NewPhotos`` with ``with_stats=True``
+return a ``STATS`` PCollection of (name, count) pairs that ``SumStats`` turns
+into one dict, so that the pipeline can write its own summary without the
+launcher reading metrics (a Flex Template launch never does).
+
 A photo's ``image_id`` is its ``photo_id`` as text: the key of the photo
 store's paths, short, and stable across snapshots.  A photo attached to
 several observations is processed once, with the observation whose uuid
@@ -34,6 +42,7 @@ they depend on the photo, not on the model.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import gzip
@@ -73,6 +82,9 @@ QUALITY_GRADES = ("research", "needs_id", "casual")
 PARTITION_KEY = "snapshot_date"
 METRICS_NAMESPACE = "natvision"
 COUNTER_PREFIX = "ingest_"
+# The tagged output of (name, count) pairs; the names are the counters'
+# without COUNTER_PREFIX.
+STATS = "stats"
 
 # Observation fields carried into every table, with their types.
 CARRIED: Tuple[Tuple[str, pa.DataType], ...] = (
@@ -100,6 +112,51 @@ def partition_name(date: datetime.date) -> str:
 def _counter(name: str):
   return beam.metrics.Metrics.counter(METRICS_NAMESPACE,
                                       COUNTER_PREFIX + name)
+
+
+class _CountingDoFn(beam.DoFn):
+  """A DoFn whose counts are Beam counters and also a ``STATS`` output.
+
+  ``self._count(name, n)`` increments the counter; at the end of each bundle
+  the bundle's counts go out as one (name, count) pair per name.  Outputs of
+  a bundle that is retried are discarded with it, so the sums are exact,
+  where a counter's attempted value may not be.  Apply with
+  ``.with_outputs(STATS, main=...)``.
+  """
+
+  def start_bundle(self):
+    self._tally = collections.Counter()
+    self._counters = {}
+
+  def _count(self, name: str, n: int = 1) -> None:
+    if not n:
+      return
+    self._tally[name] += n
+    counter = self._counters.get(name)
+    if counter is None:
+      counter = self._counters[name] = _counter(name)
+    counter.inc(n)
+
+  def finish_bundle(self):
+    for name, n in sorted(self._tally.items()):
+      yield beam.pvalue.TaggedOutput(
+          STATS, beam.transforms.window.GlobalWindows.windowed_value(
+              (name, n)))
+    self._tally.clear()
+
+
+class SumStats(beam.PTransform):
+  """PCollection[(name, count)] -> one dict {name: total} ({} when empty)."""
+
+  def expand(self, stats):
+    return (stats
+            | "SumPerName" >> beam.CombinePerKey(sum)
+            | "ToDict" >> beam.combiners.ToDict())
+
+
+def _flatten_stats(streams, label: str):
+  streams = tuple(streams)
+  return streams | label >> beam.Flatten()
 
 
 # --------------------------------------------------------------------------
@@ -549,13 +606,14 @@ def taxon_from_row(row: Mapping[str, Any]) -> TaxonRow:
 # Reading the tables inside the pipeline.
 
 
-class _SplitLinesFn(beam.DoFn):
+class _SplitLinesFn(_CountingDoFn):
   """TSV line -> dict of the wanted columns (the files are unquoted)."""
 
   def __init__(self, table: TableFiles, columns: Sequence[str]):
+    super().__init__()
     self._width = len(table.columns)
     self._wanted = tuple((c, table.columns.index(c)) for c in columns)
-    self._bad = _counter(f"bad_rows_{table.name}")
+    self._bad = f"bad_rows_{table.name}"
 
   def process(self, line: str) -> Iterator[dict]:
     line = line.rstrip("\r\n")
@@ -563,7 +621,7 @@ class _SplitLinesFn(beam.DoFn):
       return
     values = line.split("\t")
     if len(values) != self._width:
-      self._bad.inc()
+      self._count(self._bad)
       return
     yield {c: values[i] for c, i in self._wanted}
 
@@ -595,46 +653,57 @@ class ReadTableRows(beam.PTransform):
   Plain TSV files are read with Beam's splittable text reader (one line is
   one row: the open-data files are unquoted); Parquet with Beam's Parquet
   reader, which reads only the wanted columns.
+
+  Returns the rows, or with ``with_stats`` {"rows": ..., STATS: (name,
+  count) pairs} (lines of the wrong width, which are skipped).
   """
 
-  def __init__(self, table: TableFiles, columns: Sequence[str]):
+  def __init__(self, table: TableFiles, columns: Sequence[str],
+               with_stats: bool = False):
     super().__init__()
     missing = [c for c in columns if c not in table.columns]
     if missing:
       raise ValueError(f"table {table.name} has no column(s) {missing}")
     self._table = table
     self._columns = tuple(dict.fromkeys(columns))
+    self._with_stats = with_stats
 
   def expand(self, pbegin):
     table = self._table
     files = pbegin | "Files" >> beam.Create(list(table.files))
     if table.fmt == PARQUET:
-      return (files
+      rows = (files
               | "ReadParquet" >> beam.io.ReadAllFromParquetBatched(
                   columns=list(self._columns))
               | "ToRows" >> beam.FlatMap(_table_rows))
-    return (files
-            | "ReadLines" >> beam.io.ReadAllFromText(
-                skip_header_lines=1, coder=LenientUtf8Coder())
-            | "SplitColumns" >> beam.ParDo(
-                _SplitLinesFn(table, self._columns)))
+      stats = pbegin | "NoStats" >> beam.Create([])
+    else:
+      split = (files
+               | "ReadLines" >> beam.io.ReadAllFromText(
+                   skip_header_lines=1, coder=LenientUtf8Coder())
+               | "SplitColumns" >> beam.ParDo(
+                   _SplitLinesFn(table, self._columns)).with_outputs(
+                       STATS, main="rows"))
+      rows, stats = split.rows, split[STATS]
+    return {"rows": rows, STATS: stats} if self._with_stats else rows
 
 
-class _ParseFn(beam.DoFn):
+class _ParseFn(_CountingDoFn):
   """dict -> typed row, counting the rows read and the rows refused."""
 
   def __init__(self, table: str, parse, *args):
+    super().__init__()
     self._parse = parse
     self._args = args
-    self._rows = _counter(f"snapshot_{table}")
-    self._bad = _counter(f"bad_rows_{table}")
+    self._rows = f"snapshot_{table}"
+    self._bad = f"bad_rows_{table}"
 
   def process(self, row: dict) -> Iterator:
-    self._rows.inc()
+    self._count(self._rows)
     try:
       yield self._parse(row, *self._args)
     except BadRow:
-      self._bad.inc()
+      self._count(self._bad)
 
 
 class _SubtreesFn(beam.CombineFn):
@@ -669,6 +738,12 @@ def _count_subtrees(subtrees: Subtrees, roots: Sequence[int]) -> Subtrees:
   for root in roots:
     _counter(f"subtree_{root}").inc(len(subtrees.get(root, ())))
   return subtrees
+
+
+def _subtree_stats(subtrees: Subtrees, roots: Sequence[int]
+                   ) -> Iterator[Tuple[str, int]]:
+  for root in roots:
+    yield f"subtree_{root}", len(subtrees.get(root, ()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -721,18 +796,18 @@ class RoutedObservation:
   models: Optional[Tuple[str, ...]]
 
 
-class _FilterObservationsFn(beam.DoFn):
+class _FilterObservationsFn(_CountingDoFn):
 
   def __init__(self, config: SnapshotConfig):
+    super().__init__()
     self._config = config
-    self._kept = _counter("observations_passed")
 
   def process(self, obs: ObservationRow, subtrees: Optional[Subtrees] = None
               ) -> Iterator[Tuple[str, RoutedObservation]]:
     subtrees = subtrees or {}
     if not self._config.keeps(obs, subtrees):
       return
-    self._kept.inc()
+    self._count("observations_passed")
     yield obs.observation_uuid, RoutedObservation(
         observation=obs,
         models=self._config.visible_models(obs.taxon_id, subtrees))
@@ -760,12 +835,12 @@ def image_ref(photo: PhotoRow, routed: RoutedObservation,
                   models=routed.models)
 
 
-class _JoinFn(beam.DoFn):
+class _JoinFn(_CountingDoFn):
   """(observation_uuid, {photos, observation}) -> (image_id, ImageRef)."""
 
   def __init__(self, template: UriTemplate):
+    super().__init__()
     self._template = template
-    self._dropped = _counter("photos_filtered_out")
 
   def process(self, item) -> Iterator[Tuple[str, ImageRef]]:
     _, grouped = item
@@ -774,7 +849,7 @@ class _JoinFn(beam.DoFn):
     if not photos:
       return
     if not observations:
-      self._dropped.inc(len(photos))
+      self._count("photos_filtered_out", len(photos))
       return
     routed = min(observations, key=repr)
     for photo in photos:
@@ -782,53 +857,70 @@ class _JoinFn(beam.DoFn):
       yield ref.image_id, ref
 
 
+def _read_and_parse(pbegin, table: TableFiles, columns: Sequence[str],
+                    parse, label: str, stats: list, *args):
+  """Reads a table's rows and parses them; appends its STATS streams."""
+  read = pbegin | f"Read{label}" >> ReadTableRows(table, columns,
+                                                  with_stats=True)
+  parsed = read["rows"] | f"Parse{label}" >> beam.ParDo(
+      _ParseFn(table.name, parse, *args)).with_outputs(STATS, main="rows")
+  stats.extend([read[STATS], parsed[STATS]])
+  return parsed.rows
+
+
 class ReadSnapshot(beam.PTransform):
   """PBegin -> (image_id, ImageRef) for every photo of a kept observation.
 
   ``ImageRef.models`` carries the routing; a photo id may appear more than
-  once (a photo in several observations); SelectWork keeps one.
+  once (a photo in several observations); SelectWork keeps one.  With
+  ``with_stats``, returns {"refs": ..., STATS: (name, count) pairs}.
   """
 
-  def __init__(self, config: SnapshotConfig):
+  def __init__(self, config: SnapshotConfig, with_stats: bool = False):
     super().__init__()
     self._config = config
+    self._with_stats = with_stats
 
   def expand(self, pbegin):
     config = self._config
     snapshot, sources = config.snapshot, config.sources
-    photos = (pbegin
-              | "ReadPhotos" >> ReadTableRows(
-                  snapshot.photos,
-                  REQUIRED_COLUMNS[PHOTOS] + sources.photos)
-              | "ParsePhotos" >> beam.ParDo(
-                  _ParseFn(PHOTOS, photo_from_row, sources.photos))
+    stats = []
+    photos = (_read_and_parse(pbegin, snapshot.photos,
+                              REQUIRED_COLUMNS[PHOTOS] + sources.photos,
+                              photo_from_row, "Photos", stats, sources.photos)
               | "PhotosByObservation" >> beam.Map(
                   lambda p: (p.observation_uuid, p)))
-    observations = (pbegin
-                    | "ReadObservations" >> ReadTableRows(
-                        snapshot.observations,
-                        REQUIRED_COLUMNS[OBSERVATIONS] + sources.observations)
-                    | "ParseObservations" >> beam.ParDo(
-                        _ParseFn(OBSERVATIONS, observation_from_row,
-                                 sources.observations)))
+    observations = _read_and_parse(
+        pbegin, snapshot.observations,
+        REQUIRED_COLUMNS[OBSERVATIONS] + sources.observations,
+        observation_from_row, "Observations", stats, sources.observations)
     filter_fn = _FilterObservationsFn(config)
     if config.filters.needs_taxa:
       roots = frozenset(config.filters.roots)
-      subtrees = (pbegin
-                  | "ReadTaxa" >> ReadTableRows(snapshot.taxa,
-                                                REQUIRED_COLUMNS[TAXA])
-                  | "ParseTaxa" >> beam.ParDo(_ParseFn(TAXA, taxon_from_row))
+      subtrees = (_read_and_parse(pbegin, snapshot.taxa,
+                                  REQUIRED_COLUMNS[TAXA], taxon_from_row,
+                                  "Taxa", stats)
                   | "InSubtrees" >> beam.FlatMap(subtree_pairs, roots)
                   | "Subtrees" >> beam.CombineGlobally(_SubtreesFn())
                   | "CountSubtrees" >> beam.Map(_count_subtrees,
                                                 sorted(roots)))
+      stats.append(subtrees | "SubtreeStats" >> beam.FlatMap(
+          _subtree_stats, sorted(roots)))
       kept = observations | "FilterAndRoute" >> beam.ParDo(
-          filter_fn, subtrees=beam.pvalue.AsSingleton(subtrees))
+          filter_fn, subtrees=beam.pvalue.AsSingleton(subtrees)).with_outputs(
+              STATS, main="kept")
     else:
-      kept = observations | "FilterAndRoute" >> beam.ParDo(filter_fn)
-    return ({PHOTOS: photos, OBSERVATIONS: kept}
-            | "JoinOnObservation" >> beam.CoGroupByKey()
-            | "PhotoRefs" >> beam.ParDo(_JoinFn(config.template)))
+      kept = observations | "FilterAndRoute" >> beam.ParDo(
+          filter_fn).with_outputs(STATS, main="kept")
+    joined = ({PHOTOS: photos, OBSERVATIONS: kept.kept}
+              | "JoinOnObservation" >> beam.CoGroupByKey()
+              | "PhotoRefs" >> beam.ParDo(_JoinFn(config.template)
+                                          ).with_outputs(STATS, main="refs"))
+    stats.extend([kept[STATS], joined[STATS]])
+    if not self._with_stats:
+      return joined.refs
+    return {"refs": joined.refs,
+            STATS: _flatten_stats(stats, "SnapshotStats")}
 
 
 # --------------------------------------------------------------------------
@@ -1004,16 +1096,15 @@ def plan_photo(candidates: Iterable[ImageRef], done: Iterable[str],
                    held_back=tuple(held))
 
 
-class _SelectWorkFn(beam.DoFn):
+class _SelectWorkFn(_CountingDoFn):
 
   def __init__(self, models: Sequence[str], max_attempts: int):
+    super().__init__()
     self._models = tuple(models)
     self._max_attempts = max_attempts
-    self._passed = _counter("photos_passed")
-    self._duplicates = _counter("duplicate_photo_rows")
-    self._new = {m: _counter(f"new_{m}") for m in self._models}
-    self._done = {m: _counter(f"done_before_{m}") for m in self._models}
-    self._held = {m: _counter(f"held_back_{m}") for m in self._models}
+    self._new = {m: f"new_{m}" for m in self._models}
+    self._done = {m: f"done_before_{m}" for m in self._models}
+    self._held = {m: f"held_back_{m}" for m in self._models}
 
   def process(self, item) -> Iterator[ImageRef]:
     _, grouped = item
@@ -1022,15 +1113,14 @@ class _SelectWorkFn(beam.DoFn):
                       self._models, self._max_attempts)
     if plan is None:
       return
-    self._passed.inc()
-    if len(candidates) > 1:
-      self._duplicates.inc(len(candidates) - 1)
+    self._count("photos_passed")
+    self._count("duplicate_photo_rows", len(candidates) - 1)
     for model in plan.new:
-      self._new[model].inc()
+      self._count(self._new[model])
     for model in plan.done:
-      self._done[model].inc()
+      self._count(self._done[model])
     for model in plan.held_back:
-      self._held[model].inc()
+      self._count(self._held[model])
     if plan.ref is not None:
       yield plan.ref
 
@@ -1038,40 +1128,60 @@ class _SelectWorkFn(beam.DoFn):
 class SelectWork(beam.PTransform):
   """{candidates, done, failed} keyed by image_id -> ImageRef still to do.
 
+  With ``with_stats``, returns {"work": ..., STATS: (name, count) pairs}.
+
   Args:
     models: the run's model names.
     max_attempts: error rows after which a photo is not retried for a model.
   """
 
-  def __init__(self, models: Sequence[str], max_attempts: int):
+  def __init__(self, models: Sequence[str], max_attempts: int,
+               with_stats: bool = False):
     super().__init__()
     if max_attempts < 1:
       raise ValueError("--max_attempts must be at least 1")
     self._models = tuple(models)
     self._max_attempts = max_attempts
+    self._with_stats = with_stats
 
   def expand(self, keyed):
-    return (keyed
-            | "JoinOnImageId" >> beam.CoGroupByKey()
-            | "Plan" >> beam.ParDo(_SelectWorkFn(self._models,
-                                                 self._max_attempts)))
+    planned = (keyed
+               | "JoinOnImageId" >> beam.CoGroupByKey()
+               | "Plan" >> beam.ParDo(_SelectWorkFn(
+                   self._models, self._max_attempts)).with_outputs(
+                       STATS, main="work"))
+    if not self._with_stats:
+      return planned.work
+    return {"work": planned.work, STATS: planned[STATS]}
 
 
 class NewPhotos(beam.PTransform):
-  """PBegin -> ImageRef for each photo and model still to do in this run."""
+  """PBegin -> ImageRef for each photo and model still to do in this run.
+
+  With ``with_stats``, returns {"work": ..., STATS: (name, count) pairs of
+  the snapshot and of the plan}; ``SumStats`` sums them into one dict.
+  """
 
   def __init__(self, config: SnapshotConfig, history: History,
-               max_attempts: int):
+               max_attempts: int, with_stats: bool = False):
     super().__init__()
     self._config = config
     self._history = history
     self._max_attempts = max_attempts
+    self._with_stats = with_stats
 
   def expand(self, pbegin):
-    candidates = pbegin | "ReadSnapshot" >> ReadSnapshot(self._config)
+    read = pbegin | "ReadSnapshot" >> ReadSnapshot(self._config,
+                                                   with_stats=True)
     earlier = pbegin | "ReadHistory" >> ReadHistory(self._history,
                                                     self._config.models)
-    return ({"candidates": candidates, "done": earlier["done"],
-             "failed": earlier["failed"]}
-            | "SelectWork" >> SelectWork(self._config.models,
-                                         self._max_attempts))
+    selected = ({"candidates": read["refs"], "done": earlier["done"],
+                 "failed": earlier["failed"]}
+                | "SelectWork" >> SelectWork(self._config.models,
+                                             self._max_attempts,
+                                             with_stats=True))
+    if not self._with_stats:
+      return selected["work"]
+    return {"work": selected["work"],
+            STATS: _flatten_stats((read[STATS], selected[STATS]),
+                                  "AllStats")}
