@@ -238,25 +238,49 @@ def write_empty(path: str, schema: pa.Schema) -> None:
     pq.write_table(schema.empty_table(), f)
 
 
-def commit_tables(tables: Iterable[TableSpec], staging_root: str) -> None:
+COMMIT_PLAN = "_commit_plan.json"
+
+
+def commit_tables(tables: Sequence[TableSpec], staging_root: str) -> None:
   """Moves staged files into place and removes the previous run's files.
+
+  Safe to run again after a failure part-way (a runner retrying the commit
+  step): the first attempt records which files each table must end up with
+  in ``<staging_root>/_commit_plan.json`` before moving anything, and a later
+  attempt follows that plan instead of what is left in staging, so files
+  already moved are neither lost nor taken for stale.
 
   A table with no rows gets one empty file with its schema, so that readers
   always find every table.
   """
+  tables = list(tables)
+  plan_path = FileSystems.join(staging_root, COMMIT_PLAN)
+  if FileSystems.exists(plan_path):
+    with FileSystems.open(plan_path) as f:
+      plan = json.load(f)
+  else:
+    plan = {}
+    for table in tables:
+      staged = list_parquet(table.staged)
+      if not staged:
+        empty = FileSystems.join(
+            table.staged, f"{FILE_PREFIX}-00000-of-00001{FILE_SUFFIX}")
+        write_empty(empty, table.schema)
+        staged = [empty]
+      plan[table.name] = [_basename(p) for p in staged]
+    with FileSystems.create(plan_path) as f:
+      f.write(json.dumps(plan).encode())
   for table in tables:
-    staged = list_parquet(table.staged)
-    old = list_parquet(table.final)
-    if not staged:
-      empty = FileSystems.join(table.staged, f"{FILE_PREFIX}-00000-of-00001"
-                               f"{FILE_SUFFIX}")
-      write_empty(empty, table.schema)
-      staged = [empty]
+    names = plan[table.name]
     if not _exists(table.final):
       FileSystems.mkdirs(table.final)  # a no-op on object stores
-    targets = [FileSystems.join(table.final, _basename(p)) for p in staged]
-    FileSystems.rename(staged, targets)
-    stale = sorted(set(old) - set(targets))
+    sources = [FileSystems.join(table.staged, n) for n in names]
+    targets = [FileSystems.join(table.final, n) for n in names]
+    pending = [(s, t) for s, t in zip(sources, targets)
+               if FileSystems.exists(s)]
+    if pending:
+      FileSystems.rename([s for s, _ in pending], [t for _, t in pending])
+    stale = sorted(set(list_parquet(table.final)) - set(targets))
     if stale:
       FileSystems.delete(stale)
     logging.info("committed %s: %d file(s)", table.name, len(targets))

@@ -1,0 +1,118 @@
+"""Sinks: explicit schemas, Arrow conversion, and the commit of a run."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+
+from transforms import models, sinks
+from transforms.records import (EmbeddingResult, ErrorRecord, ImageRef,
+                                PredictionResult)
+
+IRV2, FUNGI = models.resolve_models(["inception_resnet_v2", "fungi_mobile_v1"],
+                                    "/m")
+CARRIED = (("site", pa.string()), ("lat", pa.float64()))
+
+
+def _ref(i):
+  return ImageRef(image_id=f"id{i}", uri=f"/p/{i}.jpg",
+                  extra=(("site", f"s{i}"), ("lat", i / 2)))
+
+
+def test_embeddings_table_has_fixed_width_and_metadata():
+  schema = sinks.embeddings_schema(IRV2, CARRIED, runtime="onnx")
+  rows = [EmbeddingResult(_ref(i), "inception_resnet_v2",
+                          np.full(1536, i, np.float32)) for i in range(3)]
+  table = sinks.results_to_table(rows, schema, CARRIED)
+  assert table.schema.field("embedding").type == pa.list_(pa.float32(), 1536)
+  assert table.column("embedding")[2].values.to_numpy().tolist() == [2.0] * 1536
+  assert table.column("lat").to_pylist() == [0.0, 0.5, 1.0]
+  meta = json.loads(table.schema.metadata[sinks.METADATA_KEY])
+  assert meta["model"]["name"] == "inception_resnet_v2"
+  assert meta["model"]["path"] == "/m/inception_resnet_v2"
+  assert meta["runtime"] == "onnx" and meta["version"]
+
+
+def test_predictions_table_types():
+  schema = sinks.predictions_schema(FUNGI, CARRIED)
+  row = PredictionResult(_ref(1), "fungi_mobile_v1",
+                         np.array([7, 3], np.int32),
+                         np.array([0.6, 0.3], np.float32), ("a", "b"))
+  table = sinks.results_to_table([row], schema, CARRIED)
+  got = table.to_pylist()[0]
+  assert (got["label_id"], got["label"], got["top_k_labels"]) == (7, "a",
+                                                                 ["a", "b"])
+  assert got["score"] == pytest.approx(0.6)
+  assert table.schema.field("label_id").type == pa.int32()
+  assert table.schema.field("top_k_scores").type == pa.list_(pa.float32())
+
+
+def test_errors_table_allows_null_model():
+  schema = sinks.errors_schema(CARRIED, [IRV2])
+  table = sinks.errors_to_table(
+      [ErrorRecord(_ref(1), "decode", "truncated"),
+       ErrorRecord(_ref(2), "inference", "oom", model="inception_resnet_v2")],
+      schema, CARRIED)
+  assert table.column("model").to_pylist() == [None, "inception_resnet_v2"]
+  assert table.column("site").to_pylist() == ["s1", "s2"]
+
+
+def _stage(root, run_id, names_per_table):
+  staging = sinks.staging_dir(root, run_id)
+  specs = []
+  for name, files in names_per_table.items():
+    staged = os.path.join(staging, name)
+    final = os.path.join(root, name)
+    schema = pa.schema([("image_id", pa.string())])
+    os.makedirs(staged, exist_ok=True)
+    for f in files:
+      pq.write_table(pa.table({"image_id": [f"{run_id}/{f}"]}, schema=schema),
+                     os.path.join(staged, f))
+    specs.append(sinks.TableSpec(name, staged, final, schema))
+  return specs, staging
+
+
+def test_commit_replaces_previous_run_and_fills_empty_tables(tmp_path):
+  root = str(tmp_path)
+  specs, staging = _stage(root, "r1", {"a": ["part-00000-of-00002.parquet",
+                                             "part-00001-of-00002.parquet"],
+                                       "b": []})
+  sinks.commit_tables(specs, staging)
+  assert sinks.count_rows(os.path.join(root, "a")) == 2
+  assert sinks.count_rows(os.path.join(root, "b")) == 0
+  assert os.listdir(os.path.join(root, "b")) == ["part-00000-of-00001.parquet"]
+  specs, staging = _stage(root, "r2", {"a": ["part-00000-of-00001.parquet"],
+                                       "b": []})
+  sinks.commit_tables(specs, staging)
+  table = pq.read_table(os.path.join(root, "a"))
+  assert table.column("image_id").to_pylist() == [
+      "r2/part-00000-of-00001.parquet"]
+  assert not os.path.exists(os.path.join(root, "_staging"))
+
+
+def test_commit_retried_after_failing_part_way_loses_nothing(tmp_path,
+                                                            monkeypatch):
+  root = str(tmp_path)
+  specs, staging = _stage(root, "r1", {"a": ["part-00000-of-00001.parquet"],
+                                       "b": ["part-00000-of-00001.parquet"]})
+  real_rename = FileSystems.rename
+  calls = []
+
+  def rename_then_die(sources, targets):
+    calls.append(sources)
+    if len(calls) == 2:
+      raise IOError("worker lost")
+    return real_rename(sources, targets)
+
+  monkeypatch.setattr(FileSystems, "rename", rename_then_die)
+  with pytest.raises(IOError):
+    sinks.commit_tables(specs, staging)
+  monkeypatch.setattr(FileSystems, "rename", real_rename)
+  sinks.commit_tables(specs, staging)  # the runner retries the step
+  for name in ("a", "b"):
+    assert pq.read_table(os.path.join(root, name)).column(
+        "image_id").to_pylist() == ["r1/part-00000-of-00001.parquet"], name
