@@ -39,6 +39,11 @@ setuptools.setup(
         "pyarrow>=14,<27",
         "numpy>=1.26,<3",
         "pillow>=10.3,<13",
+        # --runtime auto|onnx: the TF Hub models converted and run on ONNX
+        # Runtime, checked against TensorFlow before use.
+        "onnxruntime>=1.17,<1.33",
+        "onnx>=1.16,<1.24",
+        "tf2onnx>=1.16,<1.18",
         # tensorflow_hub imports pkg_resources.
         "setuptools>=65,<81",
     ],

@@ -103,6 +103,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                  help="labels kept per photo by classifiers")
   p.add_argument("--resize", choices=models_lib.RESIZE_POLICIES,
                  help="override every model's default photo preparation")
+  p.add_argument("--runtime", choices=("auto", "tf", "onnx"), default="auto",
+                 help="auto: ONNX Runtime where it passes the check against "
+                 "TensorFlow and is faster, else TensorFlow; tf; onnx (fail "
+                 "if the check fails)")
   p.add_argument("--max_file_bytes", type=int,
                  default=photos.DEFAULT_MAX_FILE_BYTES,
                  help="files larger than this become errors (stage read)")
@@ -138,7 +142,7 @@ def model_flags_from_args(args: argparse.Namespace,
         names, model_root,
         handles=key_values(args.model_handle, "--model_handle"),
         labelmaps=key_values(args.labelmap, "--labelmap"),
-        resize=args.resize)
+        resize=args.resize, runtime=args.runtime)
   except models_lib.ModelError as e:
     raise FlagError(str(e)) from e
   if args.batch_size < 1:
@@ -188,21 +192,49 @@ def unknown_beam_flags(beam_args: Sequence[str]) -> List[str]:
   return [a for a in unknown if a.startswith("-")]
 
 
-def check_models(models: Sequence[models_lib.ResolvedModel]) -> None:
-  """Loads each model once, probes it and reads its labelmap.
+def check_models(flags: ModelFlags) -> ModelFlags:
+  """Loads and probes each model, and settles the runtime each will run on.
+
+  For ``--runtime auto`` or ``onnx`` the model is converted to ONNX (once:
+  the file is cached) and checked against TensorFlow on a probe batch; the
+  runtime chosen here is the one every worker uses, and it is recorded in
+  the tables' metadata and run.json.
+
+  Returns:
+    The flags with each model's ``runtime`` set to ``tf`` or ``onnx``.
 
   Raises:
-    FlagError: a model that is missing or does not match the registry.
+    FlagError: a model that is missing or does not match the registry, or
+      that fails the ONNX check under ``--runtime onnx``.
   """
-  for model in models:
+  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  decided = []
+  for model in flags.models:
     try:
-      loaded = models_lib.load_model(model)
       if model.spec.kind == models_lib.CLASSIFIER:
         models_lib.read_labelmap(model.labelmap_path,
                                  expected=model.spec.output_width)
-      del loaded
+      _, runtime, info = runtimes.load_runtime(model, model.runtime)
     except models_lib.ModelError as e:
       raise FlagError(str(e)) from e
+    decided.append(dataclasses.replace(
+        model, runtime=runtime, runtime_note=_runtime_note(info)))
+  return dataclasses.replace(flags, models=tuple(decided))
+
+
+def _runtime_note(info) -> str:
+  """One line on why a model runs where it runs, for tables and run.json."""
+  if info.requested == "tf":
+    return "TensorFlow, as --runtime tf asked"
+  if info.runtime == "onnx":
+    timing = ""
+    if info.tf_seconds and info.onnx_seconds:
+      timing = (f"; probe batch {info.onnx_seconds:.3f} s vs TensorFlow "
+                f"{info.tf_seconds:.3f} s")
+    return (f"ONNX Runtime; max difference from TensorFlow on the probe "
+            f"batch {info.onnx_max_diff:.2g} (tolerance {info.tolerance:.0e})"
+            f"{timing}")
+  return f"TensorFlow; ONNX Runtime not used: {info.fallback}"
 
 
 @dataclasses.dataclass(frozen=True)

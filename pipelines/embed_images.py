@@ -136,11 +136,10 @@ class Prepared:
 
 
 def prepare_inputs(config: JobConfig) -> Prepared:
-  """Checks the input and the models before the pipeline starts.
+  """Checks the input before the pipeline starts.
 
   Raises:
-    FlagError: unreadable manifest, a pattern matching nothing, or a model
-      that is missing or does not match the registry.
+    FlagError: unreadable manifest or a pattern matching nothing.
   """
   try:
     if config.manifest_path:
@@ -151,7 +150,6 @@ def prepare_inputs(config: JobConfig) -> Prepared:
       expected = sources.count_pattern_matches(config.inputs)
   except sources.InputError as e:
     raise FlagError(str(e)) from e
-  common.check_models(config.models)
   return Prepared(manifest=manifest, expected_total=expected)
 
 
@@ -236,6 +234,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   if config.demo:
     _ensure_demo_models(config)
   prepared = prepare_inputs(config)
+  config = dataclasses.replace(config, flags=common.check_models(config.flags))
   layout = common.plan_layout(config.output_dir, config.models,
                               prepared.carried, common.new_run_id())
   started = time.time()

@@ -263,7 +263,6 @@ def prepare(config: IngestConfig) -> Prepared:
   snapshot_config = snapshots.SnapshotConfig(
       snapshot=snapshot, template=config.template, sources=sources,
       filters=config.filters, models=config.model_names)
-  common.check_models(config.models)
   roots = [(m.name, _table_root(config.output_dir, common.table_name(m)))
            for m in config.models]
   errors_root = FileSystems.join(config.output_dir, sinks.ERRORS)
@@ -525,6 +524,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   """
   config, options = parse_args(argv)
   prepared = prepare(config)
+  config = dataclasses.replace(config, flags=common.check_models(config.flags))
   run_id = f"{RUN_ID_PREFIX}-{config.date}-{common.new_run_id()}"
   layout = common.plan_layout(config.output_dir, config.models,
                               snapshots.CARRIED, run_id,

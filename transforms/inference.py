@@ -66,8 +66,20 @@ class _SharedModel:
     self.labels = labels
 
 
+def load_model_on_runtime(resolved: models_lib.ResolvedModel):
+  """Loads the model on the runtime the launcher chose for it."""
+  if resolved.runtime == "tf":
+    return models_lib.load_model(resolved)
+  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  # The launcher already compared the runtimes; the worker checks ONNX
+  # against TF again on its own probe batch but does not re-time them.
+  predictor, _, _ = runtimes.load_runtime(resolved, resolved.runtime,
+                                          timing_runs=0)
+  return predictor
+
+
 def load_shared(resolved: models_lib.ResolvedModel,
-                loader: Callable = models_lib.load_model) -> _SharedModel:
+                loader: Callable = load_model_on_runtime) -> _SharedModel:
   model = loader(resolved)
   labels = None
   if resolved.spec.kind == models_lib.CLASSIFIER:
@@ -97,7 +109,7 @@ class RunModelFn(beam.DoFn):
   """
 
   def __init__(self, config: InferenceConfig, shared_handle: shared.Shared,
-               loader: Callable = models_lib.load_model):
+               loader: Callable = load_model_on_runtime):
     self._config = config
     self._shared_handle = shared_handle
     self._loader = loader
@@ -173,7 +185,7 @@ class RunModel(beam.PTransform):
   """
 
   def __init__(self, config: InferenceConfig,
-               loader: Callable = models_lib.load_model):
+               loader: Callable = load_model_on_runtime):
     super().__init__()
     self._config = config
     self._loader = loader

@@ -154,6 +154,11 @@ class ResolvedModel:
   path: str
   resize: str
   labelmap_path: Optional[str] = None
+  # Requested by --runtime (auto, tf, onnx); the launcher's check replaces
+  # it with the runtime that will run (tf or onnx) and says why in
+  # runtime_note, so every worker runs the same one.
+  runtime: str = "auto"
+  runtime_note: str = ""
 
   @property
   def name(self) -> str:
@@ -172,6 +177,8 @@ class ResolvedModel:
         "labelmap": self.labelmap_path,
         "licence": self.spec.licence,
         "source": self.spec.source,
+        "runtime": self.runtime,
+        "runtime_note": self.runtime_note,
     }
 
 
@@ -185,6 +192,7 @@ def resolve_models(
     handles: Optional[Mapping[str, str]] = None,
     labelmaps: Optional[Mapping[str, str]] = None,
     resize: Optional[str] = None,
+    runtime: str = "auto",
 ) -> List[ResolvedModel]:
   """Binds registry names to locations; no I/O.
 
@@ -228,7 +236,7 @@ def resolve_models(
       raise ModelError(f"--labelmap names {name}, which is not a classifier")
     resolved.append(
         ResolvedModel(spec=spec, path=path, resize=resize or spec.resize,
-                      labelmap_path=labelmap))
+                      labelmap_path=labelmap, runtime=runtime))
   return resolved
 
 
