@@ -214,7 +214,8 @@ def check_models(flags: ModelFlags) -> ModelFlags:
       if model.spec.kind == models_lib.CLASSIFIER:
         models_lib.read_labelmap(model.labelmap_path,
                                  expected=model.spec.output_width)
-      _, runtime, info = runtimes.load_runtime(model, model.runtime)
+      _, runtime, info = runtimes.load_runtime(model, model.runtime,
+                                               timing_runs=2)
     except models_lib.ModelError as e:
       raise FlagError(str(e)) from e
     decided.append(dataclasses.replace(

@@ -1,7 +1,8 @@
 """Runtimes: the same model run by TensorFlow or by ONNX Runtime.
 
-Why: on CPU workers, ONNX Runtime runs the seed models' convolutions faster
-than TensorFlow (see benchmarks/RESULTS.md), so a job costs fewer
+Why: on CPU workers, ONNX Runtime runs MobileNetV2 (the fungi classifier)
+about 1.5x faster per core than TensorFlow, and the Inception models a few
+percent faster (see benchmarks/RESULTS.md), so a job costs fewer
 worker-hours.  TensorFlow stays the reference: a model runs on ONNX Runtime
 only after its ONNX outputs were compared with TensorFlow's on a fixed probe
 batch and found within the model kind's tolerance.
@@ -537,10 +538,11 @@ def load_runtime(resolved: models_lib.ResolvedModel,
     probe: uint8 batch for the check; ``probe_batch()`` by default.
     timing_runs: for ``auto``, time this many runs of the probe batch on
       each runtime (after the untimed check run) and keep the faster one.
-      Off by default: every worker decides alone, and for models where the
-      two runtimes are about as fast (Inception-V4, Inception-ResNet-V2 on
-      AVX-512 CPUs) noisy timings would make one table mix rows of both
-      runtimes.
+      Off by default: where each worker decides alone, noisy timings of
+      models that run about as fast on both (Inception-V4 and
+      Inception-ResNet-V2 on AVX-512 CPUs) would make one table mix rows of
+      both runtimes; a launcher that decides once for all workers can turn
+      it on.
     intra_op_threads: ONNX Runtime threads; all cores of the process by
       default.
 
