@@ -53,6 +53,15 @@ def _load(measured: dict) -> str:
   return f"{_fmt(others, 0)}% / {_fmt(load[0])}"
 
 
+REUSED = "¹"
+REUSED_LEGEND = (f"{REUSED} taken by an earlier invocation and kept by "
+                 "`--reuse` (it was quiet enough).")
+
+
+def _reused_runs(results: dict) -> set:
+  return {r["id"] for r in results.get("runs", []) if r.get("reused")}
+
+
 def machine_section(results: dict) -> List[str]:
   m = results["machine"]
   v = results["versions"]
@@ -87,12 +96,15 @@ def ceilings_section(results: dict) -> List[str]:
   rows = []
   for c in results.get("ceilings", []):
     m = c.get("measured", {})
-    rows.append((c["model"], c["runtime"],
+    mark = REUSED if c.get("reused") else ""
+    rows.append((c["model"], c["runtime"] + mark,
                  f"{_fmt(c['images_per_s'])} ({_fmt(c.get('median_images_per_s'))})",
                  c.get("batches"), _fmt(c.get("load_s"), 1),
                  _fmt(m.get("peak_rss_mb"), 0), _load(m)))
   lines += _table(("model", "runtime", "images/s", "batches", "load s",
                    "peak RSS MiB", "others' CPU / load"), rows)
+  if any(c.get("reused") for c in results.get("ceilings", [])):
+    lines += [REUSED_LEGEND, ""]
   onnx = results.get("onnx") or {}
   if onnx.get("prepare"):
     rows = []
@@ -118,13 +130,19 @@ def steady_section(results: dict) -> List[str]:
            "rate (process start, imports, model loads and checks, pipeline "
            "set-up and commit). Peak RSS of the whole job at N and 3N.", ""]
   rows = []
+  reused = _reused_runs(results)
+  any_reused = False
   for s in results.get("steady", []):
+    ids = [f"{s['kind']}-{'+'.join(s['models'])}-{s['size']}-n{n}"
+           for n in s["photos"]]
+    marks = [REUSED if i in reused else "" for i in ids]
+    any_reused = any_reused or any(marks)
     runtimes = s.get("runtimes")
     rt = ", ".join(f"{v}" for v in runtimes.values()) if runtimes else "tf"
     others = "/".join(_fmt(v, 0) for v in s.get("others_cpu_pct", []))
     rows.append((s["kind"], _short(s["models"]), s["size"],
                  f"{s['photos'][0]} / {s['photos'][1]}",
-                 " / ".join(_fmt(v, 1) for v in s["wall_s"]),
+                 " / ".join(_fmt(v, 1) + m for v, m in zip(s["wall_s"], marks)),
                  _fmt(s["images_per_s"]), _fmt(s["startup_s"], 1),
                  " / ".join(_fmt(v, 0) for v in s["peak_rss_mb"]),
                  rt if s["kind"] == run_lib.NATVISION else "tf",
@@ -132,6 +150,8 @@ def steady_section(results: dict) -> List[str]:
   lines += _table(("job", "models", "size", "photos", "wall s",
                    "steady images/s", "start-up s", "peak RSS MiB",
                    "runtime", "others' CPU"), rows)
+  if any_reused:
+    lines += [REUSED_LEGEND, ""]
   return lines
 
 
