@@ -145,10 +145,6 @@ def model_flags_from_args(args: argparse.Namespace,
         resize=args.resize, runtime=args.runtime)
   except models_lib.ModelError as e:
     raise FlagError(str(e)) from e
-  if args.batch_size < 1:
-    raise FlagError("--batch_size must be at least 1")
-  if args.top_k < 1:
-    raise FlagError("--top_k must be at least 1")
   return ModelFlags(
       models=tuple(resolved), batch_size=args.batch_size, top_k=args.top_k,
       max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,

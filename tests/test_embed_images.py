@@ -130,6 +130,8 @@ def test_parquet_metadata_names_the_model(job, tiny_models):
                                                "inception_resnet_v2")
   assert meta["model"]["output_width"] == 1536
   assert meta["model"]["resize"] == "squash"
+  assert meta["runtime"] in ("tf", "onnx")
+  assert meta["runtime"] == meta["model"]["runtime"]
   assert meta["version"]
 
 

@@ -1,5 +1,6 @@
 """Sinks: explicit schemas, Arrow conversion, and the commit of a run."""
 
+import dataclasses
 import json
 import os
 
@@ -24,7 +25,8 @@ def _ref(i):
 
 
 def test_embeddings_table_has_fixed_width_and_metadata():
-  schema = sinks.embeddings_schema(IRV2, CARRIED, runtime="onnx")
+  schema = sinks.embeddings_schema(
+      dataclasses.replace(IRV2, runtime="onnx"), CARRIED)
   rows = [EmbeddingResult(_ref(i), "inception_resnet_v2",
                           np.full(1536, i, np.float32)) for i in range(3)]
   table = sinks.results_to_table(rows, schema, CARRIED)

@@ -28,6 +28,7 @@ import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -62,28 +63,26 @@ def _with_metadata(fields: List[pa.Field], carried: Carried,
       metadata, sort_keys=True).encode()})
 
 
-def table_metadata(model: Optional[models_lib.ResolvedModel],
-                   runtime: Optional[str] = None, **extra) -> dict:
+def table_metadata(model: Optional[models_lib.ResolvedModel], **extra) -> dict:
   meta = {"package": "natvision", "version": transforms.__version__}
   if model is not None:
     meta["model"] = model.describe()
-  if runtime:
-    meta["runtime"] = runtime
+    meta["runtime"] = model.runtime
   meta.update(extra)
   return meta
 
 
-def embeddings_schema(model: models_lib.ResolvedModel, carried: Carried = (),
-                      runtime: Optional[str] = None) -> pa.Schema:
+def embeddings_schema(model: models_lib.ResolvedModel,
+                      carried: Carried = ()) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("embedding",
                pa.list_(pa.float32(), model.spec.output_width), nullable=False),
   ]
-  return _with_metadata(fields, carried, table_metadata(model, runtime))
+  return _with_metadata(fields, carried, table_metadata(model))
 
 
-def predictions_schema(model: models_lib.ResolvedModel, carried: Carried = (),
-                       runtime: Optional[str] = None) -> pa.Schema:
+def predictions_schema(model: models_lib.ResolvedModel,
+                       carried: Carried = ()) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("label_id", pa.int32(), nullable=False),
       pa.field("label", pa.string()),
@@ -92,7 +91,7 @@ def predictions_schema(model: models_lib.ResolvedModel, carried: Carried = (),
       pa.field("top_k_labels", pa.list_(pa.string())),
       pa.field("top_k_scores", pa.list_(pa.float32())),
   ]
-  return _with_metadata(fields, carried, table_metadata(model, runtime))
+  return _with_metadata(fields, carried, table_metadata(model))
 
 
 def errors_schema(carried: Carried = (),
@@ -105,11 +104,11 @@ def errors_schema(carried: Carried = (),
   return _with_metadata(fields, carried, meta)
 
 
-def schema_for(model: models_lib.ResolvedModel, carried: Carried = (),
-               runtime: Optional[str] = None) -> pa.Schema:
+def schema_for(model: models_lib.ResolvedModel,
+               carried: Carried = ()) -> pa.Schema:
   if model.spec.kind == models_lib.EMBEDDER:
-    return embeddings_schema(model, carried, runtime)
-  return predictions_schema(model, carried, runtime)
+    return embeddings_schema(model, carried)
+  return predictions_schema(model, carried)
 
 
 def _carried_columns(refs: Sequence[ImageRef], carried: Carried) -> Dict[str, list]:
@@ -147,8 +146,7 @@ def results_to_table(results: Sequence, schema: pa.Schema,
   return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _stack(arrays, width):
-  import numpy as np  # pylint: disable=import-outside-toplevel
+def _stack(arrays, width) -> np.ndarray:
   if not arrays:
     return np.zeros((0, width), np.float32)
   return np.stack(arrays).astype(np.float32, copy=False)
