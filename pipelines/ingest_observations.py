@@ -58,6 +58,7 @@ from pipelines import common
 from pipelines.common import FlagError
 from transforms import sinks
 from transforms import snapshots
+from transforms import storage
 
 DEFAULT_MAX_ATTEMPTS = 3
 SUCCESS_MARKER = "_SUCCESS"
@@ -333,16 +334,9 @@ def _marker(table: sinks.TableSpec) -> str:
   return FileSystems.join(table.final, SUCCESS_MARKER)
 
 
-def _exists(path: str) -> bool:
-  try:
-    return FileSystems.exists(path)
-  except Exception:  # noqa: BLE001
-    return False
-
-
 def unmark_partition(layout: common.Layout) -> None:
   """Removes the date's ``_SUCCESS`` markers, before its files are replaced."""
-  markers = [_marker(t) for t in layout.tables if _exists(_marker(t))]
+  markers = [_marker(t) for t in layout.tables if storage.exists(_marker(t))]
   if markers:
     FileSystems.delete(markers)
 

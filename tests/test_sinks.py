@@ -118,3 +118,39 @@ def test_commit_retried_after_failing_part_way_loses_nothing(tmp_path,
   for name in ("a", "b"):
     assert pq.read_table(os.path.join(root, name)).column(
         "image_id").to_pylist() == ["r1/part-00000-of-00001.parquet"], name
+
+
+def test_failed_listing_fails_the_commit_and_keeps_previous_rows(
+    tmp_path, monkeypatch):
+  """A storage error while listing staged files is not "no files"."""
+  from apache_beam.io.filesystem import BeamIOError
+  from transforms import storage
+  root = str(tmp_path)
+  specs, staging = _stage(root, "r1", {"a": ["part-00000-of-00001.parquet"]})
+  sinks.commit_tables(specs, staging)
+  specs, staging = _stage(root, "r2", {"a": ["part-00000-of-00002.parquet",
+                                             "part-00001-of-00002.parquet"]})
+  real_match = FileSystems.match
+
+  def forbidden(patterns, limits=None):
+    raise BeamIOError("Match operation failed",
+                      {patterns[0]: IOError("403 Forbidden")})
+
+  monkeypatch.setattr(FileSystems, "match", forbidden)
+  with pytest.raises(storage.StorageError, match="403 Forbidden") as err:
+    sinks.commit_tables(specs, staging)
+  assert staging in str(err.value)
+  monkeypatch.setattr(FileSystems, "match", real_match)
+  assert pq.read_table(os.path.join(root, "a")).column(
+      "image_id").to_pylist() == ["r1/part-00000-of-00001.parquet"]
+  sinks.commit_tables(specs, staging)  # the clean rerun of the step
+  assert sorted(pq.read_table(os.path.join(root, "a")).column(
+      "image_id").to_pylist()) == ["r2/part-00000-of-00002.parquet",
+                                   "r2/part-00001-of-00002.parquet"]
+
+
+def test_listing_a_missing_folder_is_empty_not_an_error(tmp_path):
+  from transforms import storage
+  assert storage.match(str(tmp_path / "nowhere" / "*.parquet")) == []
+  assert sinks.list_parquet(str(tmp_path / "nowhere")) == []
+  assert storage.exists(str(tmp_path / "nowhere")) is False

@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import storage
+
 EMBEDDER = "embedder"
 CLASSIFIER = "classifier"
 TF1_HUB = "tf1_hub"
@@ -405,16 +407,16 @@ def stage_locally(path: str) -> str:
     return target
   tmp = f"{target}.tmp{os.getpid()}"
   prefix = path.rstrip("/") + "/"
-  matches = FileSystems.match([prefix + "**"])[0].metadata_list
+  matches = storage.match(prefix + "**")
   if not matches:
     raise ModelError(f"{path} holds no files")
-  for meta in matches:
-    rel = meta.path[len(prefix):]
+  for match_path in matches:
+    rel = match_path[len(prefix):]
     if not rel or rel.endswith("/"):
       continue
     dest = os.path.join(tmp, rel)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with FileSystems.open(meta.path) as src, open(dest, "wb") as out:
+    with FileSystems.open(match_path) as src, open(dest, "wb") as out:
       while True:
         chunk = src.read(1 << 22)
         if not chunk:

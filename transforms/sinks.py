@@ -35,6 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import transforms
 from transforms import models as models_lib
+from transforms import storage
 from transforms.records import (EmbeddingResult, ErrorRecord, ImageRef,
                                 PredictionResult)
 
@@ -220,11 +221,12 @@ class TableSpec:
 
 
 def list_parquet(directory: str) -> List[str]:
-  pattern = FileSystems.join(directory, "*" + FILE_SUFFIX)
-  try:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-  except Exception:  # noqa: BLE001 - no such directory yet
-    return []
+  """The Parquet files directly in ``directory``; [] when it does not exist.
+
+  Raises:
+    storage.StorageError: the listing failed (never read as "no files").
+  """
+  return storage.match(FileSystems.join(directory, "*" + FILE_SUFFIX))
 
 
 def _basename(path: str) -> str:
@@ -253,9 +255,8 @@ def commit_tables(tables: Sequence[TableSpec], staging_root: str) -> None:
   """
   tables = list(tables)
   plan_path = FileSystems.join(staging_root, COMMIT_PLAN)
-  if FileSystems.exists(plan_path):
-    with FileSystems.open(plan_path) as f:
-      plan = json.load(f)
+  if storage.exists(plan_path):
+    plan = json.loads(storage.read_bytes(plan_path))
   else:
     plan = {}
     for table in tables:
@@ -270,12 +271,12 @@ def commit_tables(tables: Sequence[TableSpec], staging_root: str) -> None:
       f.write(json.dumps(plan).encode())
   for table in tables:
     names = plan[table.name]
-    if not _exists(table.final):
+    if not storage.exists(table.final):
       FileSystems.mkdirs(table.final)  # a no-op on object stores
     sources = [FileSystems.join(table.staged, n) for n in names]
     targets = [FileSystems.join(table.final, n) for n in names]
     pending = [(s, t) for s, t in zip(sources, targets)
-               if FileSystems.exists(s)]
+               if storage.exists(s)]
     if pending:
       FileSystems.rename([s for s, _ in pending], [t for _, t in pending])
     stale = sorted(set(list_parquet(table.final)) - set(targets))
@@ -296,17 +297,10 @@ def remove_tree(path: str) -> None:
   """
   if "://" in path:
     prefix = path.rstrip("/") + "/"
-    if FileSystems.match([prefix + "**"])[0].metadata_list:
+    if storage.match(prefix + "**"):
       FileSystems.delete([prefix])
   elif os.path.exists(path):
     FileSystems.delete([path])
-
-
-def _exists(path: str) -> bool:
-  try:
-    return FileSystems.exists(path)
-  except Exception:  # noqa: BLE001
-    return False
 
 
 def count_rows(directory: str) -> int:

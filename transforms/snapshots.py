@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import storage
 from transforms.records import ImageRef
 
 PHOTOS = "photos"
@@ -196,19 +197,14 @@ def _open(path: str):
   return raw
 
 
-def _exists(path: str) -> bool:
-  try:
-    return FileSystems.exists(path)
-  except Exception:  # noqa: BLE001 - an unreachable path is a missing one
-    return False
-
-
 def match_paths(pattern: str) -> List[str]:
-  """Sorted paths matching a glob on any Beam filesystem; [] when none."""
-  try:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-  except Exception:  # noqa: BLE001 - no such folder
-    return []
+  """Sorted paths matching a glob on any Beam filesystem; [] when none.
+
+  Raises:
+    storage.StorageError: the listing failed (an empty history would mean
+      reprocessing everything, so a failure is never read as "none").
+  """
+  return storage.match(pattern)
 
 
 def read_columns(path: str, fmt: str) -> Tuple[str, ...]:
@@ -227,7 +223,7 @@ def _candidates(root: str, name: str) -> List[Tuple[Tuple[str, ...], str]]:
   found = []
   for suffix, fmt in SUFFIXES:
     path = FileSystems.join(root, name + suffix)
-    if _exists(path):
+    if storage.exists(path):
       found.append(((path,), fmt))
   folder = FileSystems.join(root, name)
   for suffix, fmt in SUFFIXES:

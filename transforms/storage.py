@@ -1,0 +1,75 @@
+"""Storage calls that never read a failure as "nothing there".
+
+Every listing, existence check and small read of run state (staged files,
+committed tables, earlier partitions, commit plans, caches) goes through
+here.  Beam's ``FileSystems`` already answers "no such file" without raising:
+matching a folder that does not exist gives an empty list, and ``exists``
+gives False.  Anything it raises is therefore a real storage failure (a 403,
+a 5xx the client gave up on, a reset), and turning it into an empty result
+would let a commit take an empty listing for an empty table and delete the
+previous run's rows.  So these functions let every error propagate, after the
+storage client's own retries, as a ``StorageError`` that names the path.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from apache_beam.io.filesystems import FileSystems
+
+
+class StorageError(IOError):
+  """A storage call failed; the message names the operation and the path."""
+
+
+def match(pattern: str) -> List[str]:
+  """Sorted paths matching a glob on any Beam filesystem.
+
+  Returns:
+    The matching paths; an empty list only when storage answered that
+    nothing matches (for example a folder that does not exist yet).
+
+  Raises:
+    StorageError: the listing failed.
+  """
+  try:
+    result = FileSystems.match([pattern])[0]
+  except Exception as e:  # noqa: BLE001 - every client raises its own kinds
+    raise StorageError(f"listing {pattern} failed: {_reason(e)}") from e
+  return sorted(m.path for m in result.metadata_list)
+
+
+def exists(path: str) -> bool:
+  """Whether a file (or, locally, a folder) exists.
+
+  Raises:
+    StorageError: storage could not say (as opposed to saying "no").
+  """
+  try:
+    return FileSystems.exists(path)
+  except Exception as e:  # noqa: BLE001
+    raise StorageError(f"checking whether {path} exists failed: "
+                       f"{_reason(e)}") from e
+
+
+def read_bytes(path: str) -> bytes:
+  """The whole content of a small file (a plan, a marker, a summary).
+
+  Raises:
+    StorageError: the read failed, the file missing included.
+  """
+  try:
+    with FileSystems.open(path) as f:
+      return f.read()
+  except Exception as e:  # noqa: BLE001
+    raise StorageError(f"reading {path} failed: {_reason(e)}") from e
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e) or type(e).__name__
+  # Beam wraps per-path failures in BeamIOError(exception_details={...}).
+  details = getattr(e, "exception_details", None)
+  if isinstance(details, dict) and details:
+    inner = next(iter(details.values()))
+    text = f"{type(inner).__name__}: {inner}"
+  return text[:500]
