@@ -59,14 +59,14 @@ class ModelFlags:
       except ValueError as e:
         raise FlagError(str(e)) from e
 
-  def photo_config(self, expected_total: Optional[int] = None
-                   ) -> photos.PhotoConfig:
+  def photo_config(self, expected_total: Optional[int] = None,
+                   run_id: Optional[str] = None) -> photos.PhotoConfig:
     return photos.PhotoConfig(
         policies=photos.needed_policies([m.resize for m in self.models]),
         size=self.models[0].spec.input_size,
         max_file_bytes=self.max_file_bytes, max_pixels=self.max_pixels,
         read_attempts=self.read_attempts, expected_total=expected_total,
-        decode_threads=self.decode_threads, prefetch=self.prefetch)
+        run_id=run_id, decode_threads=self.decode_threads, prefetch=self.prefetch)
 
   def inference_config(self, model: models_lib.ResolvedModel
                        ) -> inference.InferenceConfig:
@@ -314,7 +314,7 @@ class EmbedAndWrite(beam.PTransform):
   def expand(self, refs):
     flags, layout, carried = self._flags, self._layout, self._carried
     prepped = refs | "ReadAndPrepare" >> photos.ReadAndPrepare(
-        flags.photo_config(self._expected_total))
+        flags.photo_config(self._expected_total, layout.run_id))
     error_streams = [prepped.errors]
     written = []
     for model in flags.models:

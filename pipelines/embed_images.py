@@ -32,6 +32,7 @@ from apache_beam.runners.runner import PipelineState
 import transforms
 from pipelines import common
 from pipelines.common import DEFAULT_MODELS, FlagError  # noqa: F401 (API)
+from transforms import progress
 from transforms import sinks
 from transforms import sources
 
@@ -52,6 +53,7 @@ class JobConfig:
   flags: common.ModelFlags
   max_error_rate: Optional[float] = None
   demo: bool = False
+  manifest_encoding: str = sources.DEFAULT_ENCODING
 
   def __post_init__(self):
     if not self.inputs:
@@ -60,6 +62,10 @@ class JobConfig:
       raise FlagError("--output_dir is required (a local folder or gs://...)")
     if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
       raise FlagError("--max_error_rate must be between 0 and 1, e.g. 0.05")
+    try:
+      sources.check_encoding(self.manifest_encoding)
+    except sources.InputError as e:
+      raise FlagError(str(e)) from e
     manifests = [i for i in self.inputs if sources.manifest_format(i)]
     if manifests and len(self.inputs) > 1:
       raise FlagError(
@@ -86,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="glob pattern on any Beam filesystem (repeatable), or "
                  "one manifest (.csv, .tsv, .jsonl, .parquet, optionally .gz) "
                  "with a uri column")
+  p.add_argument("--manifest_encoding", default=sources.DEFAULT_ENCODING,
+                 help="character encoding of a text manifest, e.g. cp1252 "
+                 "for a CSV saved by a spreadsheet program on Windows "
+                 "(default utf-8)")
   p.add_argument("--output_dir", help="folder (local or gs://) for the tables")
   common.add_model_flags(p)
   p.add_argument("--max_error_rate", type=float,
@@ -119,7 +129,8 @@ def parse_args(argv: Optional[Sequence[str]] = None
     raise FlagError("--output_dir is required (a local folder or gs://...)")
   flags = common.model_flags_from_args(args, model_root)
   config = JobConfig(inputs=tuple(inputs), output_dir=output_dir, flags=flags,
-                     max_error_rate=args.max_error_rate, demo=args.demo)
+                     max_error_rate=args.max_error_rate, demo=args.demo,
+                     manifest_encoding=args.manifest_encoding)
   return config, options
 
 
@@ -143,7 +154,8 @@ def prepare_inputs(config: JobConfig) -> Prepared:
   """
   try:
     if config.manifest_path:
-      manifest = sources.read_manifest_header(config.manifest_path)
+      manifest = sources.read_manifest_header(config.manifest_path,
+                                              config.manifest_encoding)
       expected = manifest.row_count
     else:
       manifest = None
@@ -249,6 +261,9 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   }
   p = test_pipeline or beam.Pipeline(options=options)
   build_pipeline(p, config, prepared, layout, report_base)
+  # Progress lines count this run alone; when the pipeline runs in this
+  # process, they are the whole job's.
+  progress.start_run(layout.run_id, prepared.expected_total)
   result = p.run()
   state = result.wait_until_finish()
   if state != PipelineState.DONE:

@@ -56,6 +56,7 @@ from apache_beam.runners.runner import PipelineState
 import transforms
 from pipelines import common
 from pipelines.common import FlagError
+from transforms import progress
 from transforms import sinks
 from transforms import snapshots
 from transforms import storage
@@ -527,6 +528,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
                      argv if argv is not None else sys.argv[1:])
   p = test_pipeline or beam.Pipeline(options=options)
   build_pipeline(p, config, prepared, layout, base)
+  progress.start_run(layout.run_id)  # this run's progress lines only
   result = p.run()
   state = result.wait_until_finish()
   if state != PipelineState.DONE:

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import random
 import time
+import uuid
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -29,6 +30,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms import decode as decode_lib
 from transforms import preprocess
 from transforms import progress
+from transforms import uris
 from transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
                                 STAGE_READ, ErrorRecord, ImageRef,
                                 PreparedImage)
@@ -156,6 +158,8 @@ class PhotoConfig:
     read_attempts: tries per read on transient storage errors.
     retry_base_delay: seconds before the first retry, doubled each time.
     expected_total: number of inputs when known, for progress lines.
+    run_id: the run whose progress counter the photos tick; None: a
+      counter of its own for each pipeline built.
     decode_threads: threads reading and decoding ahead; 0 decodes inline.
     prefetch: photos in flight ahead of what has been emitted.
   """
@@ -167,6 +171,7 @@ class PhotoConfig:
   read_attempts: int = 4
   retry_base_delay: float = 0.5
   expected_total: Optional[int] = None
+  run_id: Optional[str] = None
   decode_threads: int = DEFAULT_DECODE_THREADS
   prefetch: int = DEFAULT_PREFETCH
 
@@ -197,7 +202,7 @@ def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
   stage = STAGE_READ
   try:
     data = read_with_retries(
-        ref.uri, config.max_file_bytes, attempts=config.read_attempts,
+        ref.location, config.max_file_bytes, attempts=config.read_attempts,
         base_delay=config.retry_base_delay, opener=opener,
         on_retry=lambda: retries.append(1))
     stage = STAGE_DECODE
@@ -233,9 +238,14 @@ class ReadDecodePrepareFn(beam.DoFn):
     self._retries = beam.metrics.Metrics.counter("natvision", "read_retries")
     self._pool = None
     self._in_flight = None
+    self._progress = None
+    # Made here, in the launcher, so that every copy of this DoFn in a
+    # process ticks the same counter, and a later pipeline another one.
+    self._run_key = config.run_id or f"pipeline-{uuid.uuid4().hex}"
 
   def setup(self):
-    progress.set_expected_total(self._config.expected_total)
+    self._progress = progress.for_run(self._run_key,
+                                      self._config.expected_total)
     if self._config.decode_threads > 0:
       self._pool = concurrent.futures.ThreadPoolExecutor(
           self._config.decode_threads, thread_name_prefix="natvision-decode")
@@ -257,7 +267,7 @@ class ReadDecodePrepareFn(beam.DoFn):
     result, retries = outcome
     if retries:
       self._retries.inc(retries)
-    progress.tick()
+    self._progress.tick()
     failed = isinstance(result, ErrorRecord)
     (self._failed if failed else self._ok).inc()
     value = result
@@ -280,9 +290,11 @@ class ReadDecodePrepareFn(beam.DoFn):
 
 
 def _reason(e: BaseException) -> str:
+  # A file name that is not UTF-8 may be quoted in the message: keep the
+  # message valid text for the errors table.
   if isinstance(e, (ReadError, decode_lib.DecodeError)):
-    return str(e)
-  return f"{type(e).__name__}: {e}"
+    return uris.readable(str(e))
+  return uris.readable(f"{type(e).__name__}: {e}")
 
 
 class ReadAndPrepare(beam.PTransform):

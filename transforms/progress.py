@@ -1,16 +1,25 @@
 """Progress lines for long runs: photos done, of how many, photos per second.
 
-Each worker process keeps one counter that the per-photo stage ticks; every
-``interval`` seconds the process logs a line such as::
+Each run has its own counter, keyed by its run id, that the per-photo stage
+ticks; every ``interval`` seconds it logs a line.  A later run in the same
+process (a notebook, a test session, a scheduler) starts from zero.
+
+The launcher calls ``start_run`` before running the pipeline.  When the
+pipeline runs inside the launcher's process (the DirectRunner, in memory or
+with threads) that process sees every photo, and its lines are the job's::
 
     progress: 1200 of 5000 photos (24%), 41.3 photos/s, elapsed 29s
 
-On the DirectRunner there is one process, so these lines are the job's
-progress; on Dataflow each worker logs its own share.
+A worker process that did not launch the run (Dataflow, or the
+DirectRunner's ``multi_processing`` mode) sees only its share of the photos,
+and says so instead of dividing its count by the whole job's total::
+
+    progress: this worker: 1200 photos, 41.3 photos/s, elapsed 29s
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -21,15 +30,25 @@ DEFAULT_INTERVAL_S = 5.0
 
 
 class Progress:
-  """A thread-safe photo counter that reports at most every ``interval`` s."""
+  """A thread-safe photo counter that reports at most every ``interval`` s.
+
+  Args:
+    interval: seconds between lines.
+    clock: monotonic time source (injectable for tests).
+    emit: where lines go (default: the ``natvision.progress`` logger).
+    whole_job: whether this counter sees every photo of the run; when
+      False its lines count this worker's photos only, without a share.
+  """
 
   def __init__(self, interval: float = DEFAULT_INTERVAL_S,
                clock: Callable[[], float] = time.monotonic,
-               emit: Optional[Callable[[str], None]] = None):
+               emit: Optional[Callable[[str], None]] = None,
+               whole_job: bool = True):
     self._interval = interval
     self._clock = clock
     self._emit = emit or LOGGER.info
     self._lock = threading.Lock()
+    self.whole_job = whole_job
     self.expected_total: Optional[int] = None
     self.done = 0
     self._start: Optional[float] = None
@@ -53,22 +72,66 @@ class Progress:
     start = self._start if self._start is not None else now
     elapsed = max(now - start, 1e-9)
     rate = self.done / elapsed
-    if self.expected_total:
-      share = 100.0 * self.done / self.expected_total
-      of = f" of {self.expected_total} photos ({share:.0f}%)"
+    total = self.expected_total
+    if not self.whole_job:
+      done = f"this worker: {self.done} photos"
+    elif total and self.done <= total:
+      done = (f"{self.done} of {total} photos "
+              f"({100.0 * self.done / total:.0f}%)")
+    elif total:  # bundles retried after a failure count twice
+      done = f"{self.done} photos ({total} expected)"
     else:
-      of = " photos"
-    return (f"progress: {self.done}{of}, {rate:.1f} photos/s, "
+      done = f"{self.done} photos"
+    return (f"progress: {done}, {rate:.1f} photos/s, "
             f"elapsed {elapsed:.0f}s")
 
 
-_PROCESS_PROGRESS = Progress()
+# The counters of the most recent runs in this process, by run id, newest
+# last; older runs' counters are dropped.
+_KEPT_RUNS = 8
+_RUNS: "collections.OrderedDict[str, Progress]" = collections.OrderedDict()
+_RUNS_LOCK = threading.Lock()
 
 
-def set_expected_total(total: Optional[int]) -> None:
-  if total:
-    _PROCESS_PROGRESS.expected_total = total
+def _keep(run_id: str, bar: Progress) -> Progress:
+  _RUNS[run_id] = bar
+  _RUNS.move_to_end(run_id)
+  while len(_RUNS) > _KEPT_RUNS:
+    _RUNS.popitem(last=False)
+  return bar
 
 
-def tick(n: int = 1) -> None:
-  _PROCESS_PROGRESS.tick(n)
+def start_run(run_id: str, expected_total: Optional[int] = None) -> Progress:
+  """Called by the launcher: a fresh counter for ``run_id``, seeing all of it.
+
+  Args:
+    run_id: the run's id.
+    expected_total: number of inputs when known.
+
+  Returns:
+    The run's counter; a pipeline that runs in this process ticks it.
+  """
+  with _RUNS_LOCK:
+    bar = Progress(whole_job=True)
+    bar.expected_total = expected_total or None
+    return _keep(run_id, bar)
+
+
+def for_run(run_id: str, expected_total: Optional[int] = None) -> Progress:
+  """The counter of ``run_id`` in this process, made on first use.
+
+  Args:
+    run_id: the run's id.
+    expected_total: number of inputs when known.
+
+  Returns:
+    The launcher's counter when this process launched the run, else a
+    counter of this worker's photos.
+  """
+  with _RUNS_LOCK:
+    bar = _RUNS.get(run_id)
+    if bar is None:
+      bar = _keep(run_id, Progress(whole_job=False))
+    if expected_total and not bar.expected_total:
+      bar.expected_total = expected_total
+    return bar

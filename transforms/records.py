@@ -30,12 +30,23 @@ class ImageRef:
   ``extra`` holds manifest columns (name, value) in manifest order; they are
   copied into every output row for this photo.  ``models`` routes the photo
   to some of the job's models only (None: all of them).
+
+  ``uri`` is always valid text (it goes into the tables).  A file name that
+  is not valid UTF-8 comes from the OS with surrogate escapes; then ``uri``
+  is its readable form (``transforms.uris.readable``) and ``path`` the str
+  that opens the file.  Read from ``location``.
   """
 
   image_id: str
   uri: str
   extra: Tuple[Tuple[str, Any], ...] = ()
   models: Optional[Tuple[str, ...]] = None
+  path: Optional[str] = None
+
+  @property
+  def location(self) -> str:
+    """What to open to read the photo's bytes."""
+    return self.uri if self.path is None else self.path
 
   def routed_to(self, model: str) -> bool:
     return self.models is None or model in self.models

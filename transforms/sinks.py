@@ -112,6 +112,19 @@ def schema_for(model: models_lib.ResolvedModel,
   return predictions_schema(model, carried)
 
 
+def output_columns() -> Tuple[str, ...]:
+  """Every column the tables write before the carried ones, in schema order.
+
+  Read from the schemas themselves (one per kind of registered model, and
+  the errors table), so a column added to a schema is covered here too.
+  """
+  schemas = [errors_schema()]
+  for spec in models_lib.REGISTRY.values():
+    model = models_lib.ResolvedModel(spec=spec, path="", resize=spec.resize)
+    schemas.append(schema_for(model))
+  return tuple(dict.fromkeys(n for schema in schemas for n in schema.names))
+
+
 def _carried_columns(refs: Sequence[ImageRef], carried: Carried) -> Dict[str, list]:
   columns = {name: [] for name, _ in carried}
   for ref in refs:

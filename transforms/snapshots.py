@@ -58,6 +58,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import storage
+from transforms import uris
 from transforms.records import ImageRef
 
 PHOTOS = "photos"
@@ -208,10 +209,13 @@ def match_paths(pattern: str) -> List[str]:
 
 
 def read_columns(path: str, fmt: str) -> Tuple[str, ...]:
-  """The column names of one table file (the header line, or the schema)."""
+  """The column names of one table file (the header line, or the schema).
+
+  For Parquet only the footer is read: Beam's file handles are seekable.
+  """
   if fmt == PARQUET:
-    with FileSystems.open(path) as f:
-      return tuple(pq.ParquetFile(pa.BufferReader(f.read())).schema_arrow.names)
+    with _open(path) as f:
+      return tuple(pq.ParquetFile(f).schema_arrow.names)
   with _open(path) as f:
     first = io.TextIOWrapper(f, encoding="utf-8-sig",
                              errors="replace").readline()
@@ -826,9 +830,14 @@ def image_ref(photo: PhotoRow, routed: RoutedObservation,
       "longitude": obs.longitude,
       "license": photo.license,
   }
-  return ImageRef(image_id=str(photo.photo_id), uri=template.format(values),
+  # A template given on a command line may hold bytes that are not UTF-8
+  # (surrogate escapes): the tables get a readable uri, the read the path.
+  location = template.format(values)
+  shown = uris.readable(location)
+  return ImageRef(image_id=str(photo.photo_id), uri=shown,
                   extra=tuple((name, carried[name]) for name, _ in CARRIED),
-                  models=routed.models)
+                  models=routed.models,
+                  path=None if shown == location else location)
 
 
 class _JoinFn(_CountingDoFn):

@@ -8,19 +8,29 @@ which are carried into every output row for that photo.
 Without an ``image_id`` column the id is derived from the URI (a hash), so it
 is stable across runs.  Photos listed twice (same id) are processed once.
 
-The manifest's header is read when the pipeline is built, so that a missing
-``uri`` column fails before any work starts; its rows are read inside the
-pipeline, so a manifest of millions of rows never enters the job graph.
+The manifest is checked when the pipeline is built, so that bad input fails
+before any work starts: a Parquet manifest's footer is read (not its rows); a
+text manifest is read once, streaming, so that bytes that are not valid in
+its encoding (``--manifest_encoding``, default UTF-8) fail with the line
+number, and so that a JSONL manifest's columns are every key of every line,
+in order of first appearance.  The rows are read inside the pipeline, so a
+manifest of millions of rows never enters the job graph.
+
+File names that are not valid UTF-8 (see ``transforms.uris``) become an
+``ImageRef`` whose ``uri`` is readable text and whose ``path`` opens the
+file; their id hashes the name's bytes, so it is stable too.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import apache_beam as beam
 import pyarrow as pa
@@ -30,16 +40,21 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import sinks
+from transforms import uris
 from transforms.records import ImageRef
 
 URI_COLUMN = "uri"
 ID_COLUMN = "image_id"
 
-# Output columns a manifest column may not shadow.
-RESERVED_COLUMNS = frozenset({
-    "image_id", "uri", "model", "embedding", "label_id", "label", "score",
-    "top_k_label_ids", "top_k_labels", "top_k_scores", "stage", "error",
-})
+# Output columns a manifest column may not shadow, in any letter case
+# (DuckDB, BigQuery and Spark compare column names without case): every
+# column of the tables' schemas.
+RESERVED_COLUMNS = frozenset(sinks.output_columns())
+
+DEFAULT_ENCODING = "utf-8"
+# Bytes decoded at a time when a text manifest is scanned or read.
+_TEXT_CHUNK = 1 << 20
 
 MANIFEST_FORMATS = {
     ".csv": "csv",
@@ -55,8 +70,55 @@ class InputError(ValueError):
 
 
 def image_id_for_uri(uri: str) -> str:
-  """A stable id for a photo known only by its URI."""
-  return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:20]
+  """A stable id for a photo known only by its URI.
+
+  Args:
+    uri: the URI or file name, possibly holding surrogate escapes of bytes
+      that are not UTF-8 (they are hashed as those bytes).
+
+  Returns:
+    20 hex digits of the SHA-256 of the URI's bytes.
+  """
+  return hashlib.sha256(uris.uri_bytes(uri)).hexdigest()[:20]
+
+
+def ref_for_uri(uri: str, image_id: Optional[str] = None,
+                extra: Tuple[Tuple[str, Any], ...] = ()) -> ImageRef:
+  """The ImageRef of a photo at ``uri``, whatever bytes its name holds.
+
+  Args:
+    uri: where the photo lives; a str with surrogate escapes for a file name
+      that is not valid UTF-8.
+    image_id: the photo's id; derived from the URI when None or empty.
+    extra: carried columns.
+
+  Returns:
+    An ImageRef whose ``uri`` is valid text and whose ``location`` opens
+    the photo.
+  """
+  shown = uris.readable(uri)
+  return ImageRef(image_id=image_id or image_id_for_uri(uri), uri=shown,
+                  extra=extra, path=None if shown == uri else uri)
+
+
+def check_encoding(encoding: str) -> str:
+  """The codec name of a manifest encoding (``cp1252`` for ``windows-1252``).
+
+  Raises:
+    InputError: an encoding Python does not know.
+  """
+  try:
+    return codecs.lookup(encoding).name
+  except LookupError:
+    raise InputError(
+        f"--manifest_encoding {encoding!r} is not a known encoding; use e.g. "
+        f"utf-8, cp1252 or latin-1") from None
+
+
+def _python_codec(encoding: str) -> str:
+  name = check_encoding(encoding)
+  # A byte-order mark that spreadsheet programs put first is not data.
+  return "utf-8-sig" if name == "utf-8" else name
 
 
 def manifest_format(path: str) -> Optional[str]:
@@ -77,11 +139,14 @@ class Manifest:
   Attributes:
     path: the manifest file.
     fmt: csv, tsv, jsonl or parquet.
-    columns: all column names, in file order.
+    columns: all column names, in file order (JSONL: every key of every
+      line, in order of first appearance).
     carried: the carried columns (all but uri and image_id) with their
       Arrow types: the Parquet types for Parquet manifests, strings for the
       text formats.
-    row_count: number of rows when cheap to know (Parquet), else None.
+    row_count: number of rows when known at launch (Parquet, TSV, JSONL),
+      else None.
+    encoding: the text formats' character encoding (``--manifest_encoding``).
   """
 
   path: str
@@ -89,6 +154,7 @@ class Manifest:
   columns: Tuple[str, ...]
   carried: Tuple[Tuple[str, pa.DataType], ...]
   row_count: Optional[int] = None
+  encoding: str = DEFAULT_ENCODING
 
   @property
   def has_id(self) -> bool:
@@ -112,48 +178,171 @@ def _csv_options(fmt: str):
   return parse
 
 
-def _text_header(path: str, fmt: str) -> List[str]:
+@contextlib.contextmanager
+def _parquet(path: str) -> Iterator[pq.ParquetFile]:
+  """A ParquetFile that reads the footer first and row groups on demand.
+
+  Beam's file handles are seekable on every filesystem, so only the bytes
+  asked for are read; a gzipped Parquet file cannot seek and is read whole.
+  """
   with _open(path) as f:
-    if fmt == "jsonl":
-      for line in io.TextIOWrapper(f, encoding="utf-8"):
-        if line.strip():
-          record = json.loads(line)
-          if not isinstance(record, dict):
-            raise InputError(
-                f"manifest {path}: each line must be a JSON object")
-          return list(record)
-      return []
-    first = io.TextIOWrapper(f, encoding="utf-8-sig").readline()
-  sep = "\t" if fmt == "tsv" else ","
-  if fmt == "csv":
-    import csv  # pylint: disable=import-outside-toplevel
-    return next(csv.reader([first]), [])
-  return [c.strip() for c in first.rstrip("\r\n").split(sep)]
+    if path.lower().endswith(".gz"):
+      yield pq.ParquetFile(pa.BufferReader(f.read()))
+    else:
+      yield pq.ParquetFile(f)
 
 
-def read_manifest_header(path: str) -> Manifest:
-  """Reads a manifest's columns (not its rows) and checks them.
+def _encoding_message(path: str, encoding: str, line_no: int,
+                      error: UnicodeDecodeError) -> str:
+  bad = bytes(error.object[error.start:error.end])
+  if check_encoding(encoding) == "utf-8":
+    hint = ("the file was probably saved in another encoding (spreadsheet "
+            "programs often save Windows-1252): pass --manifest_encoding "
+            "cp1252 (or latin-1, or the encoding it was saved in), or save "
+            "it as UTF-8")
+  else:
+    hint = (f"check --manifest_encoding {encoding} (the default is "
+            f"{DEFAULT_ENCODING})")
+  return (f"manifest {path} line {line_no}: bytes {bad!r} are not valid "
+          f"{encoding}; {hint}")
+
+
+def _text_lines(f, path: str, encoding: str) -> Iterator[Tuple[int, str]]:
+  """Decodes a binary stream chunk by chunk into (line number, line).
+
+  Lines are split on "\n" only, without it; memory holds one chunk and one
+  line.
 
   Raises:
-    InputError: unreadable file, no ``uri`` column, or a carried column
-      that clashes with an output column.
+    InputError: bytes that are not valid in ``encoding``, naming the line.
+  """
+  codec = _python_codec(encoding)
+  decoder = codecs.getincrementaldecoder(codec)("strict")
+  line_no = 0
+  pending = ""
+  final = False
+  while not final:
+    chunk = f.read(_TEXT_CHUNK)
+    final = not chunk
+    try:
+      text = pending + decoder.decode(chunk, final=final)
+    except UnicodeDecodeError as e:
+      before = bytes(e.object[:e.start]).decode(codec, "replace")
+      raise InputError(_encoding_message(
+          path, encoding, line_no + before.count("\n") + 1, e)) from e
+    lines = text.split("\n")
+    pending = "" if final else lines.pop()
+    for line in lines:
+      line_no += 1
+      yield line_no, line
+
+
+def _json_object(line: str, path: str, line_no: int) -> dict:
+  try:
+    record = json.loads(line)
+  except ValueError as e:
+    raise InputError(f"manifest {path} line {line_no}: not valid JSON ({e})"
+                     ) from e
+  if not isinstance(record, dict):
+    raise InputError(
+        f"manifest {path} line {line_no}: each line must be a JSON object")
+  return record
+
+
+def _header_columns(line: str, fmt: str) -> List[str]:
+  line = line.rstrip("\r")
+  if fmt == "csv":
+    import csv  # pylint: disable=import-outside-toplevel
+    return next(csv.reader([line]), [])
+  return [c.strip() for c in line.split("\t")]
+
+
+def _scan_text(path: str, fmt: str,
+               encoding: str) -> Tuple[List[str], Optional[int]]:
+  """Reads a text manifest once, streaming, and checks every line.
+
+  Returns:
+    (columns, row count): the header's columns (JSONL: every key, in order
+    of first appearance) and the number of rows (None for CSV, whose
+    quoted values may span lines).
+
+  Raises:
+    InputError: a line that does not decode, or (JSONL) is not a JSON
+      object, naming the line.
+  """
+  columns: Dict[str, None] = {}
+  header: Optional[List[str]] = None
+  rows = 0
+  with _open(path) as f:
+    for line_no, line in _text_lines(f, path, encoding):
+      if fmt == "jsonl":
+        if line.strip():
+          for key in _json_object(line, path, line_no):
+            columns.setdefault(key)
+          rows += 1
+      elif header is None:
+        header = _header_columns(line, fmt)
+      elif line.strip("\r"):
+        rows += 1
+  if fmt == "jsonl":
+    return list(columns), rows
+  return header or [], rows if fmt == "tsv" else None
+
+
+def _column_clashes(columns: Sequence[str]) -> List[str]:
+  """Descriptions of the columns whose names clash, ignoring case."""
+  reserved = {c.lower(): c for c in RESERVED_COLUMNS}
+  clashes = []
+  for c in columns:
+    if c in (URI_COLUMN, ID_COLUMN):
+      continue
+    if c.lower() in reserved:
+      clashes.append(f"{c} (output column {reserved[c.lower()]})")
+  by_case: Dict[str, List[str]] = {}
+  for c in columns:
+    by_case.setdefault(c.lower(), []).append(c)
+  for same in by_case.values():
+    if len(same) > 1:
+      clashes.append(" and ".join(same))
+  return clashes
+
+
+def read_manifest_header(path: str,
+                         encoding: str = DEFAULT_ENCODING) -> Manifest:
+  """Reads a manifest's columns and checks them, before the pipeline runs.
+
+  A Parquet manifest's footer is read; a text manifest is read once,
+  streaming, to check that every line decodes (and, for JSONL, to learn
+  every key).
+
+  Args:
+    path: the manifest, on any Beam filesystem.
+    encoding: the character encoding of a text manifest.
+
+  Returns:
+    The checked Manifest.
+
+  Raises:
+    InputError: unreadable file, bytes that are not valid in ``encoding``,
+      no ``uri`` column, a carried column whose name equals an output
+      column's in any letter case, or two columns that differ only by case.
   """
   fmt = manifest_format(path)
   if fmt is None:
     raise InputError(f"{path} is not a manifest (.csv, .tsv, .jsonl, .parquet)")
+  encoding = check_encoding(encoding)
   row_count = None
   try:
     if not FileSystems.exists(path):
       raise InputError(f"manifest {path} does not exist (--input)")
     if fmt == "parquet":
-      with _open(path) as f:
-        pf = pq.ParquetFile(pa.BufferReader(f.read()))
-      schema = pf.schema_arrow
+      with _parquet(path) as pf:
+        schema = pf.schema_arrow
+        row_count = pf.metadata.num_rows
       columns = list(schema.names)
       types = {n: schema.field(n).type for n in columns}
-      row_count = pf.metadata.num_rows
     else:
-      columns = _text_header(path, fmt)
+      columns, row_count = _scan_text(path, fmt, encoding)
       types = {n: pa.string() for n in columns}
   except InputError:
     raise
@@ -164,39 +353,46 @@ def read_manifest_header(path: str) -> Manifest:
         f"manifest {path} has no '{URI_COLUMN}' column (columns: "
         f"{', '.join(columns) or 'none'}); add a '{URI_COLUMN}' column with "
         f"each photo's path")
-  clashes = [c for c in columns if c in RESERVED_COLUMNS - {URI_COLUMN, ID_COLUMN}]
+  bad_names = [uris.readable(c) for c in columns if not uris.is_text(c)]
+  if bad_names:
+    raise InputError(
+        f"manifest {path}: column name(s) {', '.join(bad_names)} are not "
+        f"valid text; rename them")
+  clashes = _column_clashes(columns)
   if clashes:
     raise InputError(
-        f"manifest {path}: column(s) {', '.join(clashes)} clash with output "
-        f"columns; rename them")
+        f"manifest {path}: column(s) {'; '.join(clashes)} clash (query "
+        f"engines compare column names without case); rename them")
   carried = tuple(
       (c, types[c]) for c in columns if c not in (URI_COLUMN, ID_COLUMN))
   return Manifest(path=path, fmt=fmt, columns=tuple(columns), carried=carried,
-                  row_count=row_count)
+                  row_count=row_count, encoding=encoding)
 
 
 def iter_manifest_rows(manifest: Manifest) -> Iterator[dict]:
-  """Streams a manifest's rows as dicts, without loading it whole."""
+  """Streams a manifest's rows as dicts, without loading it whole.
+
+  Parquet manifests are read one row group at a time.
+  """
   if manifest.fmt == "parquet":
-    with _open(manifest.path) as f:
-      pf = pq.ParquetFile(pa.BufferReader(f.read()))
-      for batch in pf.iter_batches(batch_size=10_000):
-        yield from batch.to_pylist()
+    with _parquet(manifest.path) as pf:
+      for group in range(pf.num_row_groups):
+        for batch in pf.iter_batches(batch_size=10_000,
+                                     row_groups=[group]):
+          yield from batch.to_pylist()
     return
   if manifest.fmt == "jsonl":
     with _open(manifest.path) as f:
-      for line_no, line in enumerate(io.TextIOWrapper(f, encoding="utf-8"), 1):
+      for line_no, line in _text_lines(f, manifest.path, manifest.encoding):
         if line.strip():
-          record = json.loads(line)
-          if not isinstance(record, dict):
-            raise InputError(
-                f"manifest {manifest.path} line {line_no}: not a JSON object")
-          yield record
+          yield _json_object(line, manifest.path, line_no)
     return
   convert = pa_csv.ConvertOptions(
       column_types={c: pa.string() for c in manifest.columns},
       strings_can_be_null=True)
-  read = pa_csv.ReadOptions(block_size=1 << 22)
+  codec = check_encoding(manifest.encoding)
+  read = pa_csv.ReadOptions(
+      block_size=1 << 22, encoding="utf8" if codec == "utf-8" else codec)
   with _open(manifest.path) as f:
     reader = pa_csv.open_csv(
         f, read_options=read, parse_options=_csv_options(manifest.fmt),
@@ -206,22 +402,35 @@ def iter_manifest_rows(manifest: Manifest) -> Iterator[dict]:
 
 
 def ref_from_row(row: dict, manifest: Manifest) -> ImageRef:
-  """Builds the ImageRef of one manifest row."""
+  """Builds the ImageRef of one manifest row.
+
+  A ``uri`` (or ``image_id``) that is a Parquet binary value, or a JSONL
+  string with escaped surrogates, may name bytes that are not UTF-8: the
+  ref reads those bytes and shows them readably (see ``ref_for_uri``).
+  """
   uri = row.get(URI_COLUMN)
-  uri = "" if uri is None else str(uri).strip()
+  uri = "" if uri is None else _str(uri).strip()
   image_id = row.get(ID_COLUMN) if manifest.has_id else None
-  image_id = str(image_id) if image_id not in (None, "") else (
-      image_id_for_uri(uri))
+  image_id = (uris.readable(_str(image_id))
+              if image_id not in (None, "", b"") else None)
   extra = tuple((name, _as_text(row.get(name), dtype))
                 for name, dtype in manifest.carried)
-  return ImageRef(image_id=image_id, uri=uri, extra=extra)
+  return ref_for_uri(uri, image_id, extra)
+
+
+def _str(value: Any) -> str:
+  """A value as str; bytes keep their undecodable bytes as surrogates."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "surrogateescape")
+  return str(value)
 
 
 def _as_text(value: Any, dtype: pa.DataType) -> Any:
-  if pa.types.is_string(dtype) and value is not None and not isinstance(
-      value, str):
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-  return value
+  if not pa.types.is_string(dtype) or value is None:
+    return value
+  if isinstance(value, (dict, list)):
+    return json.dumps(value)
+  return uris.readable(_str(value))
 
 
 class _ReadManifestFn(beam.DoFn):
@@ -265,15 +474,19 @@ class ReadImageRefs(beam.PTransform):
   def expand(self, pbegin):
     if self._manifest is not None:
       refs = (pbegin
-              | "ManifestPath" >> beam.Create([self._manifest.path])
+              | "ManifestPath" >> beam.Create(
+                  [uris.readable(self._manifest.path)])
               | "ReadManifest" >> beam.ParDo(_ReadManifestFn(self._manifest)))
     else:
+      # Patterns travel as bytes: Beam's str coder refuses a pattern that
+      # names bytes that are not UTF-8.
       refs = (pbegin
-              | "Patterns" >> beam.Create(self._patterns)
+              | "Patterns" >> beam.Create(
+                  [uris.uri_bytes(p) for p in self._patterns])
+              | "PatternText" >> beam.Map(
+                  lambda b: b.decode("utf-8", "surrogateescape"))
               | "MatchFiles" >> fileio.MatchAll()
-              | "ToImageRef" >> beam.Map(
-                  lambda m: ImageRef(image_id=image_id_for_uri(m.path),
-                                     uri=m.path)))
+              | "ToImageRef" >> beam.Map(lambda m: ref_for_uri(m.path)))
     return (refs
             | "KeyById" >> beam.Map(lambda r: (r.image_id, r))
             | "GroupById" >> beam.GroupByKey()
