@@ -64,6 +64,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,11 @@ import urllib.request
 import uuid
 
 import pytest
+
+try:
+  from tests import fault_proxy
+except ImportError:  # run as the supervisor script: tests/ is sys.path[0]
+  import fault_proxy  # pylint: disable=import-error
 
 DEFAULT_BUCKET = "natvision-test"
 DEFAULT_PROJECT = "natvision-test"
@@ -541,29 +547,85 @@ class _Upstream:
     raise AssertionError("unreachable")
 
 
+class _DropConnection(Exception):
+  """A batch part chose to reset or time out the whole batch request."""
+
+  def __init__(self, rule):
+    super().__init__(rule.kind)
+    self.rule = rule
+
+
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
-  """Forwards requests to fake-gcs-server; executes batch requests itself."""
+  """Forwards requests to fake-gcs-server; executes batch requests itself.
+
+  Fails the requests (and batch parts) that the fault plan chooses; see
+  tests/fault_proxy.py.
+  """
 
   protocol_version = "HTTP/1.1"
   upstream = None  # set on the subclass made by _serve
+  faults = None  # a fault_proxy.FaultPlan, likewise
 
   def log_message(self, format, *args):  # pylint: disable=redefined-builtin
     pass  # quiet; fake-gcs-server keeps its own log
 
   def _handle(self):
+    entry = rule = None
     try:
       body = self._read_body()
-      if (self.command == "POST" and
-          urllib.parse.urlsplit(self.path).path == "/batch/storage/v1"):
+      if fault_proxy.is_control(self.path):
+        status, payload = self.faults.control(self.command, self.path, body)
+        self._reply(status, "OK", [("Content-Type", "application/json")],
+                    json.dumps(payload).encode())
+        return
+      entry, rule = self.faults.decide(
+          self.command, self.faults.target(self.path, body), batch=False)
+      if rule is not None and rule.kind in fault_proxy.HTTP_KINDS:
+        status, reason, headers, data = self._fault_reply(rule)
+      elif rule is not None and not rule.forward:
+        self._drop(rule)
+        return
+      elif (self.command == "POST" and
+            urllib.parse.urlsplit(self.path).path == "/batch/storage/v1"):
         status, reason, headers, data = self._batch(body)
       else:
         headers = {k: v for k, v in self.headers.items()
                    if k.lower() not in _HOP_BY_HOP}
         status, reason, headers, data = self.upstream.request(
             self.command, self.path, headers, body)
+      if rule is not None and rule.kind in fault_proxy.DROP_KINDS:
+        self._drop(rule)  # applied upstream; the answer is lost
+        return
+    except _DropConnection as e:
+      self._drop(e.rule)
+      return
     except Exception as e:  # pylint: disable=broad-except
       status, reason = 502, "Bad Gateway"
       headers, data = [("Content-Type", "text/plain")], repr(e).encode()
+    self.faults.record(entry, status, headers)
+    self._reply(status, reason, headers, data)
+
+  @staticmethod
+  def _fault_reply(rule):
+    return (int(rule.kind), fault_proxy.HTTP_KINDS[rule.kind],
+            [("Content-Type", "application/json; charset=UTF-8")],
+            fault_proxy.error_body(rule.kind))
+
+  def _drop(self, rule):
+    """Resets the connection, or holds it and closes it without an answer."""
+    self.close_connection = True
+    try:
+      if rule.kind == "timeout":
+        time.sleep(rule.hold_s)
+        self.connection.shutdown(socket.SHUT_RDWR)
+      else:
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   struct.pack("ii", 1, 0))
+      self.connection.close()
+    except OSError:
+      pass  # the client went first
+
+  def _reply(self, status, reason, headers, data):
     self.send_response(status, reason)
     for key, value in headers:
       if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
@@ -640,7 +702,18 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     headers["Host"] = url.netloc or self.headers.get("Host", "")
     if body or method in ("POST", "PUT", "PATCH"):
       headers["Content-Length"] = str(len(body))
-    return self.upstream.request(method, path, headers, body or None)
+    entry, rule = self.faults.decide(method, self.faults.target(path),
+                                     batch=True)
+    if rule is not None and rule.kind in fault_proxy.HTTP_KINDS:
+      answer = self._fault_reply(rule)
+    elif rule is not None and not rule.forward:
+      raise _DropConnection(rule)
+    else:
+      answer = self.upstream.request(method, path, headers, body or None)
+      if rule is not None:
+        raise _DropConnection(rule)
+    self.faults.record(entry, answer[0], answer[2])
+    return answer
 
 
 def _wait_for_upstream(proc, url, timeout, log_path):
@@ -669,7 +742,8 @@ def _serve(args):
   host = "127.0.0.1"
   # The proxy listens first so the server can advertise its URL (resumable
   # upload Location headers, selfLinks); port 0 avoids any port race.
-  handler = type("Handler", (_ProxyHandler,), {})
+  handler = type("Handler", (_ProxyHandler,), {
+      "faults": fault_proxy.FaultPlan()})
   proxy = http.server.ThreadingHTTPServer((host, 0), handler)
   proxy.daemon_threads = True
   url = "http://%s:%d" % (host, proxy.server_address[1])
