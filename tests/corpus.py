@@ -1,11 +1,12 @@
 """A corpus of odd and broken image files, written by code.
 
-``write_corpus(directory)`` writes about fifty files that exercise the
+``write_corpus(directory)`` writes about eighty files that exercise the
 decoder: every colour mode and container a photo collection turns up
 (progressive and CMYK JPEGs, EXIF rotations, 16-bit and palette PNGs, alpha
-WebP, animated GIF, multi-page TIFF, 1x1 and 12000x6 images, odd file names)
+WebP, animated GIF, multi-page TIFF, 1x1 and 12000x6 images, odd file names),
+transparency in every form Pillow decodes, an embedded Adobe RGB profile,
 and the ways files arrive broken (empty, truncated, corrupt, not an image at
-all, a decompression bomb).  Content comes from the real photos that ship
+all, a decompression bomb, a camera raw that would give only its preview).  Content comes from the real photos that ship
 with scikit-image and scikit-learn where that matters, from flat colours
 where a test checks exact pixels, and from a seeded generator otherwise, so
 the corpus is the same on every run.
@@ -189,6 +190,162 @@ def _png_chunks(data: bytes) -> List[Tuple[int, bytes, bytes]]:
   return chunks
 
 
+def png_with_chunks(png: bytes, chunks: Sequence[Tuple[bytes, bytes]]) -> bytes:
+  """Inserts (type, payload) chunks just before a PNG's first IDAT."""
+  at = min(offset for offset, kind, _ in _png_chunks(png) if kind == b"IDAT")
+  return png[:at] + b"".join(_chunk(k, p) for k, p in chunks) + png[at:]
+
+
+# --- ICC profiles -----------------------------------------------------------
+
+# Adobe RGB (1998): colorants adapted to the D50 connection space, as its
+# published profile has them, and its gamma of 563/256.
+ADOBE_RGB_COLORANTS = ((0.60974, 0.31111, 0.01947),
+                       (0.20528, 0.62567, 0.06087),
+                       (0.14919, 0.06322, 0.74457))
+ADOBE_RGB_GAMMA = 563 / 256
+D50 = (0.9642, 1.0, 0.8249)
+
+
+def _s15fixed16(value: float) -> bytes:
+  return struct.pack(">i", int(round(value * 65536)))
+
+
+def _icc_tag(kind: bytes, body: bytes) -> bytes:
+  data = kind + b"\0" * 4 + body
+  return data + b"\0" * (-len(data) % 4)
+
+
+def icc_matrix_profile(description: str,
+                       colorants=ADOBE_RGB_COLORANTS,
+                       gamma: float = ADOBE_RGB_GAMMA) -> bytes:
+  """A minimal ICC v2 RGB display profile: a matrix and one gamma curve.
+
+  Written from the ICC.1 specification (header, tag table, ``desc``,
+  ``wtpt``, ``rXYZ``/``gXYZ``/``bXYZ`` and ``rTRC``/``gTRC``/``bTRC``), so
+  tests need no profile file; by default Adobe RGB (1998).
+
+  Args:
+    description: the profile's name (what ``getProfileDescription`` says).
+    colorants: D50-adapted XYZ of the red, green and blue primaries.
+    gamma: exponent of the tone curve of every channel.
+  """
+  text = description.encode("ascii") + b"\0"
+  desc = (struct.pack(">I", len(text)) + text + struct.pack(">II", 0, 0) +
+          struct.pack(">HB", 0, 0) + b"\0" * 67)
+  curve = struct.pack(">IH", 1, int(round(gamma * 256)))
+  tags = [(b"desc", _icc_tag(b"desc", desc)),
+          (b"wtpt", _icc_tag(b"XYZ ", b"".join(map(_s15fixed16, D50)))),
+          (b"cprt", _icc_tag(b"text", b"no copyright, test data\0"))]
+  for sig, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants):
+    tags.append((sig, _icc_tag(b"XYZ ", b"".join(map(_s15fixed16, xyz)))))
+  for sig in (b"rTRC", b"gTRC", b"bTRC"):
+    tags.append((sig, _icc_tag(b"curv", curve)))
+  offset = 128 + 4 + 12 * len(tags)
+  table, body = struct.pack(">I", len(tags)), b""
+  for sig, data in tags:
+    table += sig + struct.pack(">II", offset + len(body), len(data))
+    body += data
+  size = offset + len(body)
+  header = (struct.pack(">I", size) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) +
+            b"mntrRGB XYZ " + struct.pack(">6H", 2024, 1, 1, 0, 0, 0) +
+            b"acsp" + b"\0" * 24 + struct.pack(">I", 0) +
+            b"".join(map(_s15fixed16, D50)) + b"\0" * 48)
+  assert len(header) == 128
+  return header + table + body
+
+
+def adobe_rgb_to_srgb(rgb) -> np.ndarray:
+  """Adobe RGB (1998) 8-bit values -> sRGB 8-bit, clipped, from the specs.
+
+  An independent reference for Little CMS: Adobe RGB's own D65 matrix and
+  gamma, sRGB's (IEC 61966-2-1) inverse matrix and transfer function.
+  """
+  to_xyz = np.array([[0.57667, 0.18556, 0.18823],
+                     [0.29734, 0.62736, 0.07529],
+                     [0.02703, 0.07069, 0.99134]])
+  to_srgb = np.array([[3.2406, -1.5372, -0.4986],
+                      [-0.9689, 1.8758, 0.0415],
+                      [0.0557, -0.2040, 1.0570]])
+  linear = (np.asarray(rgb, np.float64) / 255) ** ADOBE_RGB_GAMMA
+  srgb = np.clip(linear @ (to_srgb @ to_xyz).T, 0, 1)
+  encoded = np.where(srgb <= 0.0031308, 12.92 * srgb,
+                     1.055 * srgb ** (1 / 2.4) - 0.055)
+  return np.rint(encoded * 255).astype(int)
+
+
+# --- camera raws ------------------------------------------------------------
+
+def camera_raw_tiff(make: str = "NIKON CORPORATION",
+                    preview_size: Tuple[int, int] = (256, 171),
+                    sensor_size: Tuple[int, int] = (1024, 684),
+                    *, dng: bool = False, reduced: bool = True,
+                    sub_ifds: bool = True, cr2: bool = False,
+                    magic: Optional[bytes] = None, photometric: int = 2,
+                    extra_tags: Sequence[Tuple[int, int, object]] = ()
+                    ) -> bytes:
+  """A small TIFF laid out like a camera raw, written with Pillow's IFDs.
+
+  The first image directory holds an RGB preview (red); with ``sub_ifds``
+  its SubIFDs tag points at a second directory holding the "photo": 16-bit
+  colour-filter-array samples of ``sensor_size``, as DNG and NEF store it.
+
+  Args:
+    make: the Make tag (empty: none).
+    preview_size: size of the first image.
+    sensor_size: size of the sub-image.
+    dng: adds DNGVersion 1.4.0.0.
+    reduced: marks the first image reduced-resolution (NewSubfileType 1).
+    sub_ifds: adds the sub-image and the SubIFDs tag.
+    cr2: Canon's 16-byte header (``CR`` at offset 8).
+    magic: replaces the first four bytes (ORF's ``IIRO``, RW2's ``IIU``).
+    photometric: of the first image (32803: a raw mosaic, as in PEF files).
+    extra_tags: (tag, TIFF type, value) added to the first directory.
+  """
+  from PIL import TiffImagePlugin  # pylint: disable=import-outside-toplevel
+  header_size = 16 if cr2 else 8
+  w, h = preview_size
+  preview = bytes([200, 30, 30]) * (w * h)
+  sw, sh = sensor_size
+  sensor = np.full((sh, sw), 2000, "<u2").tobytes()
+
+  def directory(values):
+    ifd = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"II")
+    for tag, typ, value in values:
+      ifd[tag] = value
+      ifd.tagtype[tag] = typ
+    return ifd
+
+  def first(sub_offset):
+    values = [(254, 4, 1 if reduced else 0), (256, 4, w), (257, 4, h),
+              (258, 3, (8, 8, 8)), (259, 3, 1), (262, 3, photometric),
+              (273, 4, 0),
+              (277, 3, 3), (278, 4, h), (279, 4, len(preview))]
+    if make:
+      values.append((271, 2, make))
+    if sub_ifds:
+      values.append((330, 4, sub_offset))
+    if dng:
+      values.append((50706, 1, b"\x01\x04\x00\x00"))
+    return directory(values + list(extra_tags))
+
+  size0 = len(first(0).tobytes(header_size))
+  sub_offset = header_size + size0 + len(preview)
+  ifd0 = first(sub_offset).tobytes(header_size)
+  out = b"II*\x00" + struct.pack("<I", header_size)
+  if cr2:
+    out += b"CR\x02\x00" + struct.pack("<I", sub_offset if sub_ifds else 0)
+  out += ifd0 + preview
+  if sub_ifds:
+    sub = directory([(254, 4, 0), (256, 4, sw), (257, 4, sh), (258, 3, 16),
+                     (259, 3, 1), (262, 3, 32803), (273, 4, 0), (277, 3, 1),
+                     (278, 4, sh), (279, 4, len(sensor))])
+    out += sub.tobytes(sub_offset) + sensor
+  if magic is not None:
+    out = magic + out[len(magic):]
+  return out
+
+
 def _corrupt_idat(png: bytes) -> bytes:
   """Flips bytes inside the first IDAT's deflate stream, with a valid CRC."""
   out = bytearray()
@@ -359,6 +516,116 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
   valid("photo.bmp", _encode(chelsea, "BMP"), "uncompressed BMP",
         chelsea.size)
 
+  # --- transparency in every mode (composited onto white) -----------------
+  # A picture with a transparent 8-pixel border, as 8-bit and 16-bit grey:
+  # the 16-bit key (1000) is matched at 16 bits, so the band of 1001 (also
+  # 4 at 8 bits) stays opaque.
+  framed8 = np.full((32, 64), 156, np.uint8)
+  framed8[:8], framed8[-8:], framed8[:, :8], framed8[:, -8:] = 7, 7, 7, 7
+  border = [((2, 2), WHITE), ((60, 16), WHITE), ((32, 16), (156,) * 3)]
+  valid("gray8_transparent.png",
+        _encode(Image.fromarray(framed8, "L"), "PNG", transparency=7),
+        "8-bit grey PNG with a colour key (tRNS) on its dark border",
+        (64, 32), border)
+  framed16 = np.full((32, 64), 40092, np.uint16)  # 156 at 8 bits
+  framed16[:8], framed16[-8:], framed16[:, :8], framed16[:, -8:] = (
+      1000, 1000, 1000, 1000)
+  framed16[14:18, 20:28] = 1001
+  valid("gray16_transparent.png",
+        _encode(Image.fromarray(framed16), "PNG", transparency=1000),
+        "16-bit grey PNG (Pillow mode I;16) with a 16-bit colour key on its "
+        "border and a band one level above the key", (64, 32),
+        border + [((24, 16), (4,) * 3)])
+  for bits, key, other in ((2, 1, 2), (4, 5, 6)):
+    top = (1 << bits) - 1
+    values = [0] * 4 + [other] * 4 + [key] * 8
+    packed = int("".join(format(v, f"0{bits}b") for v in values), 2)
+    row = packed.to_bytes(16 * bits // 8, "big")
+    valid(f"gray{bits}_transparent.png",
+          png_with_chunks(png_bytes(16, 4, bits, 0, [row] * 4),
+                          [(b"tRNS", struct.pack(">H", key))]),
+          f"{bits}-bit grey PNG whose key ({key}, {key * 255 // top} at 8 "
+          f"bits) is in {bits}-bit units", (16, 4),
+          [((1, 1), BLACK), ((5, 1), (other * 255 // top,) * 3),
+           ((12, 1), WHITE)])
+  bits1 = np.zeros((32, 64), bool)
+  bits1[:, :32] = True
+  valid("bilevel_transparent.png",
+        _encode(Image.fromarray(bits1), "PNG", transparency=0),
+        "1-bit PNG, white left, black right made transparent by tRNS",
+        (64, 32), [((8, 16), WHITE), ((56, 16), WHITE)])
+  rgb_key = np.zeros((32, 64, 3), np.uint8)
+  rgb_key[:, :32] = (200, 120, 40)
+  valid("rgb_transparent.png",
+        _encode(Image.fromarray(rgb_key, "RGB"), "PNG", transparency=(0, 0, 0)),
+        "8-bit RGB PNG, orange left, black right made transparent by tRNS",
+        (64, 32), [((8, 16), (200, 120, 40)), ((56, 16), WHITE)])
+  keyed = struct.pack(">3H", 0x1234, 0x5678, 0x9ABC)
+  near = struct.pack(">3H", 0x1200, 0x5600, 0x9A00)  # same high bytes
+  valid("rgb16_transparent.png",
+        png_with_chunks(png_bytes(8, 8, 16, 2, [near * 4 + keyed * 4] * 8),
+                        [(b"tRNS", keyed)]),
+        "16-bit RGB PNG with a 16-bit key; the left half differs from the "
+        "key only in the low bytes and stays opaque", (8, 8),
+        [((1, 4), (0x12, 0x56, 0x9A)), ((6, 4), WHITE)])
+  ga16 = [struct.pack(">4H", 0, 65535, 0, 65535) +
+          struct.pack(">4H", 0, 0, 0, 0)] * 4
+  valid("gray_alpha16.png", png_bytes(4, 4, 16, 4, ga16),
+        "16-bit grey + alpha PNG: black, right half transparent", (4, 4),
+        [((0, 1), BLACK), ((3, 1), WHITE)])
+  rgba16 = [struct.pack(">8H", 0, 0, 65535, 65535, 0, 0, 65535, 65535) +
+            struct.pack(">8H", 0, 0, 65535, 0, 0, 0, 65535, 0)] * 4
+  valid("rgba16.png", png_bytes(4, 4, 16, 6, rgba16),
+        "16-bit RGBA PNG: blue, right half transparent", (4, 4),
+        [((0, 1), BLUE), ((3, 1), WHITE)])
+  pa = Image.new("PA", (64, 32), (1, 255))
+  pa.putpalette([0, 0, 0, 0, 160, 60] + [0] * 762)
+  pa.paste((1, 0), (32, 0, 64, 32))
+  valid("palette_alpha.tif", _encode(pa, "TIFF"),
+        "palette + alpha TIFF (Pillow mode PA): green, right half "
+        "transparent", (64, 32), [((8, 16), (0, 160, 60)), ((56, 16), WHITE)])
+  gif = Image.new("P", (64, 32), 0)
+  gif.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+  gif.paste(1, (0, 0, 32, 32))
+  valid("transparent.gif", _encode(gif, "GIF", transparency=0),
+        "GIF, red left, transparent index (black) right", (64, 32),
+        [((8, 16), RED), ((56, 16), WHITE)])
+
+  # --- colour spaces without transparency ---------------------------------
+  lab = Image.new("LAB", (64, 32), (255, 128, 128))  # a, b offset by 128
+  lab.paste((0, 128, 128), (32, 0, 64, 32))
+  valid("lab.tif", _encode(lab, "TIFF"),
+        "CIELab TIFF (Pillow mode LAB): white left, black right", (64, 32),
+        [((8, 16), WHITE), ((56, 16), BLACK)])
+  cmyk = Image.new("CMYK", (64, 32), (0, 0, 0, 0))
+  cmyk.paste((255, 0, 0, 0), (32, 0, 64, 32))
+  valid("cmyk.tif", _encode(cmyk, "TIFF"),
+        "CMYK TIFF: white left, cyan right", (64, 32),
+        [((8, 16), WHITE), ((56, 16), (0, 255, 255))])
+  be16 = Image.fromarray(np.repeat([[0, 65535]], 16, 0).repeat(32, 1)
+                         .astype(">u2"), "I;16B")
+  valid("gray16_big_endian.tif", _encode(be16, "TIFF"),
+        "big-endian 16-bit grey TIFF (Pillow mode I;16B): black, white",
+        (64, 16), [((8, 8), BLACK), ((56, 8), WHITE)])
+  i32 = Image.fromarray(np.repeat([[0, 32768]], 16, 0).repeat(32, 1)
+                        .astype(np.int32), "I")
+  valid("int32.tif", _encode(i32, "TIFF"),
+        "32-bit integer grey TIFF (Pillow mode I), read as 16-bit samples",
+        (64, 16), [((8, 8), BLACK), ((56, 8), (128,) * 3)])
+  icc = icc_matrix_profile("natvision test Adobe RGB (1998)")
+  adobe = np.zeros((32, 64, 3), np.uint8)
+  adobe[:, :32] = (100, 200, 100)
+  adobe[:, 32:] = (200, 60, 60)
+  valid("adobe_rgb.png",
+        _encode(Image.fromarray(adobe, "RGB"), "PNG", icc_profile=icc),
+        "RGB PNG with an embedded Adobe RGB (1998) profile: by default the "
+        "values are taken as they are", (64, 32),
+        [((8, 16), (100, 200, 100)), ((56, 16), (200, 60, 60))])
+  valid("nikon_tiff_mode.tif",
+        camera_raw_tiff(reduced=False, sub_ifds=False),
+        "a camera's own TIFF (Make NIKON, full-size first image, no raw "
+        "tags): a photo, not a raw", (256, 171), [((8, 8), (200, 30, 30))])
+
   # --- broken -------------------------------------------------------------
   broken("empty.jpg", b"", "zero bytes")
   jpeg = _encode(rocket, "JPEG", quality=90)
@@ -401,6 +668,27 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
                                            row=bytes(1875)),
          "1-bit PNG declaring 15000x10000 (150 MP): over the default "
          "--max_pixels, under Pillow's own limit")
+  # Camera raws: Pillow would return their 256x171 preview (or fail).
+  broken("raw.dng", camera_raw_tiff(dng=True),
+         "DNG: a 256x171 preview first, the photo in a SubIFD")
+  broken("raw.nef", camera_raw_tiff("NIKON CORPORATION"),
+         "NEF: a reduced-resolution preview first, the photo in a SubIFD")
+  broken("raw.arw", camera_raw_tiff("SONY", reduced=False, extra_tags=[
+      (50740, 1, b"SONY DSC \x00")]),
+         "ARW: a preview first (not marked reduced), Sony's private data")
+  broken("raw.pef", camera_raw_tiff("PENTAX Corporation", reduced=False,
+                                    sub_ifds=False, extra_tags=[
+                                        (50740, 1, b"PENTAX \x00")]),
+         "PEF: a preview first, Pentax's DNGPrivateData, no SubIFDs")
+  broken("raw.cr2", camera_raw_tiff("Canon", reduced=False, cr2=True),
+         "CR2: a TIFF with Canon's CR marker at offset 8")
+  broken("raw.orf", camera_raw_tiff("OLYMPUS IMAGING CORP.", magic=b"IIRO"),
+         "ORF: Olympus's IIRO magic instead of TIFF's")
+  broken("raw.rw2", camera_raw_tiff("Panasonic", magic=b"IIU\x00"),
+         "RW2: Panasonic's IIU magic instead of TIFF's")
+  broken("raw_named.nef", camera_raw_tiff("NIKON", reduced=False,
+                                          sub_ifds=False),
+         "a TIFF with no raw tags, but named .nef")
   return out
 
 

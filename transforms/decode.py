@@ -25,32 +25,58 @@ real photo collections are settled here, once:
   error row instead says which files to fetch again; partial copies are the
   usual cause.  A JPEG that lacks only its final EOI marker is refused too,
   as Pillow cannot tell it from a cut one.
+* Camera raws are refused, never decoded from their preview.  A DNG, NEF,
+  ARW, PEF or CR2 is a TIFF whose first image is usually a small preview
+  (or a JPEG thumbnail) while the photo sits in a sub-image (SubIFDs) that
+  Pillow does not decode; Pillow would silently return the preview.  They
+  are recognised by their magic (CR2's ``CR`` at offset 8, ORF, RW2, RAF,
+  X3F, MRW, CRW, CR3), by TIFF tags of the first image (DNGVersion, CFA or
+  linear-raw photometric, DNGPrivateData, a reduced-resolution
+  NewSubfileType, SubIFDs in a file that names a camera maker), or by a
+  raw file extension on a TIFF-structured or unrecognised file.
 * Colour: grey, palette, CMYK (including Adobe's inverted CMYK JPEGs, which
-  Pillow undoes), YCbCr, 1-bit and the rest become RGB.  16-bit samples are
-  scaled to 8 bits (``round(v * 255 / 65535)``), not clipped as Pillow's own
-  ``convert`` does.  Floating-point images are read as [0, 1] when all their
-  values fit in it, else as [0, 255].
-* Transparency (an alpha channel, or a transparent palette or colour key) is
-  composited onto white.  Dropping alpha would expose whatever colour the
-  encoder left under transparent pixels (often black, sometimes garbage),
-  so the result would depend on the encoder rather than on what is visible;
-  white is how such images appear on the web pages they come from.
+  Pillow undoes), YCbCr, LAB, HSV, 1-bit and the rest become RGB.  16-bit
+  samples are scaled to 8 bits (``round(v * 255 / 65535)``), not clipped as
+  Pillow's own ``convert`` does.  Floating-point images are read as [0, 1]
+  when all their values fit in it, else as [0, 255].
+* Colour profiles: by default (``ignore``) an embedded ICC profile is not
+  applied, so that pixels reach the models as the seed models saw them in
+  training (their decoders ignored profiles).  With ``srgb``, a photo whose
+  embedded RGB, grey or CMYK profile is not sRGB (Adobe RGB from cameras,
+  Display P3 from phones, ...) is converted to sRGB with Little CMS
+  (relative colorimetric intent; colours outside sRGB are clipped).  A
+  profile that cannot be read, or that does not fit the image's colour
+  space, is treated as absent, as web browsers do.
+* Transparency is composited onto white, whatever the mode it comes in: an
+  alpha channel (LA, RGBA, PA, premultiplied La/RGBa), a transparent
+  palette, or a transparent colour key (``tRNS``) on 1-bit, 2/4/8/16-bit
+  grey and 8/16-bit RGB images.  A key is matched against the samples as
+  stored (16 bits for 16-bit images, before scaling to 8), so a 16-bit
+  image gets the same white as its 8-bit copy.  Dropping alpha would expose
+  whatever colour the encoder left under transparent pixels (often black,
+  sometimes garbage), so the result would depend on the encoder rather than
+  on what is visible; white is how such images appear on the web pages they
+  come from.
 * EXIF orientation is applied last, after the draft and the colour
   conversion, with the same table as ``PIL.ImageOps.exif_transpose``.  A
   malformed EXIF block costs the orientation, not the photo.
 
-The returned image carries its upright full-resolution size (before any
-draft) in ``image.info[ORIGINAL_SIZE_KEY]``.
+The returned image carries its upright full-resolution size (the size
+stored in the file, turned by the EXIF orientation, before any draft) in
+``image.info[ORIGINAL_SIZE_KEY]``; its own ``size`` is the decoded size
+(after the draft), upright as well.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import posixpath
 import re
 from typing import Iterable, Optional, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 from transforms import preprocess
 from transforms.records import STAGE_DECODE
@@ -61,6 +87,11 @@ DEFAULT_MAX_PIXELS = 100_000_000
 ORIGINAL_SIZE_KEY = "original_size"
 
 BACKGROUND = (255, 255, 255)
+
+# What to do with an embedded ICC colour profile (``--color_profile``).
+COLOR_PROFILE_IGNORE = "ignore"
+COLOR_PROFILE_SRGB = "srgb"
+COLOR_PROFILES = (COLOR_PROFILE_IGNORE, COLOR_PROFILE_SRGB)
 
 # EXIF orientation -> the transpose that makes the image upright; the table
 # PIL.ImageOps.exif_transpose uses.  Orientations 5 to 8 swap width and height.
@@ -84,7 +115,37 @@ _REFUSED_FORMATS = {"EPS": "it would be rendered by running Ghostscript"}
 # named is not an image at all.
 _READABLE_KINDS = {"JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"}
 _UNSUPPORTED_KINDS = {"HEIC", "AVIF", "JPEG XL", "SVG", "PDF",
-                      "camera raw (CR3)", "video or other ISO media"}
+                      "video or other ISO media"}
+_CAMERA_RAW = "camera raw"
+
+# Raw formats that are not TIFF files (Pillow cannot open them), by magic.
+_RAW_MAGIC = ((b"IIRO", "ORF"), (b"IIRS", "ORF"), (b"MMOR", "ORF"),
+              (b"IIU\x00", "RW2"), (b"FUJIFILMCCD-RAW", "RAF"),
+              (b"FOVb", "X3F"), (b"\x00MRM", "MRW"))
+
+# Raw file extensions -> the name used in messages.
+_RAW_EXTENSIONS = {
+    ext: ext.upper() for ext in (
+        "3fr", "ari", "arw", "cr2", "cr3", "crw", "dcr", "dng", "erf", "fff",
+        "iiq", "k25", "kdc", "mef", "mos", "mrw", "nef", "nrw", "orf", "pef",
+        "raf", "raw", "rw2", "rwl", "sr2", "srf", "srw", "x3f")}
+
+# The raw format a TIFF-based raw without DNGVersion has, by its Make tag.
+_RAW_BY_MAKE = (("NIKON", "NEF"), ("CANON", "CR2"), ("SONY", "ARW"),
+                ("PENTAX", "PEF"), ("RICOH", "PEF"), ("OLYMPUS", "ORF"),
+                ("OM DIGITAL", "ORF"), ("FUJIFILM", "RAF"),
+                ("PANASONIC", "RW2"), ("LEICA", "RWL"), ("SAMSUNG", "SRW"),
+                ("HASSELBLAD", "3FR"), ("PHASE ONE", "IIQ"))
+
+# TIFF tags that tell a camera raw from a TIFF photo.
+_TAG_NEW_SUBFILE_TYPE = 254
+_TAG_PHOTOMETRIC = 262
+_TAG_MAKE = 271
+_TAG_SUB_IFDS = 330
+_TAG_DNG_VERSION = 50706
+_TAG_DNG_PRIVATE_DATA = 50740  # also in Sony ARW and Pentax PEF files
+_TAG_SONY_SR2_PRIVATE = 0x7200
+_RAW_PHOTOMETRIC = {32803: "colour filter array", 34892: "linear raw"}
 
 _HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx",
                 b"hevm", b"hevs"}
@@ -125,10 +186,12 @@ def sniff_format(data: bytes) -> Optional[str]:
   """Names the kind of file from its first bytes, or None if unrecognised.
 
   Used to explain files Pillow cannot open: images it has no decoder for
-  (``HEIC``, ``AVIF``, ``JPEG XL``, ``SVG``, ``PDF``), files that are not
-  images (``HTML``, ``XML``, ``JSON``, ``ZIP``, ``gzip``, ``text``), and the
-  formats Pillow reads (``JPEG``, ``PNG``, ...), so that a damaged header can
-  be told from a foreign file.
+  (``HEIC``, ``AVIF``, ``JPEG XL``, ``SVG``, ``PDF``, camera raws such as
+  ``camera raw (CR2)``), files that are not images (``HTML``, ``XML``,
+  ``JSON``, ``ZIP``, ``gzip``, ``text``), and the formats Pillow reads
+  (``JPEG``, ``PNG``, ...), so that a damaged header can be told from a
+  foreign file.  TIFF-based raws other than CR2 start like any TIFF and are
+  recognised from their tags (``camera_raw_reason``).
   """
   head = bytes(data[:1024])
   if head[4:8] == b"ftyp":
@@ -138,10 +201,17 @@ def sniff_format(data: bytes) -> Optional[str]:
     if brands & _AVIF_BRANDS:
       return "AVIF"
     if head[8:12] == b"crx ":
-      return "camera raw (CR3)"
+      return f"{_CAMERA_RAW} (CR3)"
     return "video or other ISO media"
   if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL "):
     return "JPEG XL"
+  if head.startswith(b"II*\x00") and head[8:10] == b"CR":
+    return f"{_CAMERA_RAW} (CR2)"
+  if head.startswith(b"II") and head[6:14] == b"HEAPCCDR":
+    return f"{_CAMERA_RAW} (CRW)"
+  for magic, kind in _RAW_MAGIC:
+    if head.startswith(magic):
+      return f"{_CAMERA_RAW} ({kind})"
   for magic, kind in ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
                       (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"),
                       (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
@@ -184,8 +254,34 @@ def _preview(data: bytes) -> str:
   return "file starts with bytes " + " ".join(f"{b:02x}" for b in head[:8])
 
 
-def _unidentified(data: bytes) -> DecodeError:
+def _extension(filename: Optional[str]) -> str:
+  """The lower-case extension of a file name or URI, without the dot."""
+  if not filename:
+    return ""
+  name = filename
+  if name.startswith(("http://", "https://")):
+    name = name.split("?", 1)[0].split("#", 1)[0]
+  return posixpath.splitext(name.rsplit("/", 1)[-1])[1][1:].lower()
+
+
+def _raw_error(kind: str, detail: str) -> DecodeError:
+  return DecodeError(
+      f"unsupported format {_CAMERA_RAW} ({kind}): {detail}; camera raws are "
+      f"not decoded here, export the photo as JPEG or PNG")
+
+
+def _unidentified(data: bytes, filename: Optional[str] = None) -> DecodeError:
   kind = sniff_format(data)
+  raw_ext = _RAW_EXTENSIONS.get(_extension(filename))
+  if kind is not None and kind.startswith(_CAMERA_RAW):
+    return _raw_error(kind[len(_CAMERA_RAW) + 2:-1],
+                      "Pillow cannot decode it")
+  if kind == "TIFF":
+    reason = camera_raw_reason(data, None, filename)
+    if reason is not None:
+      return DecodeError(reason)
+  if raw_ext and kind is None:
+    return _raw_error(raw_ext, f"a .{raw_ext.lower()} file Pillow cannot open")
   if kind is None:
     return DecodeError(f"not an image: unrecognised data, {_preview(data)}")
   if kind in _READABLE_KINDS:
@@ -217,6 +313,84 @@ def _pil_bomb(e: Exception, max_pixels: int) -> DecodeError:
       f"image of {pixels if pixels is not None else 'too many'} pixels exceeds "
       f"Pillow's limit of {limit} pixels; raise PIL.Image.MAX_IMAGE_PIXELS "
       f"along with --max_pixels to accept it")
+
+
+def _first_ifd(data: bytes):
+  """The tags of a TIFF's first image directory, read by Pillow, or None."""
+  from PIL import TiffImagePlugin  # pylint: disable=import-outside-toplevel
+  try:
+    ifd = TiffImagePlugin.ImageFileDirectory_v2(bytes(data[:8]))
+    fp = io.BytesIO(data)
+    fp.seek(ifd.next)
+    ifd.load(fp)
+    return ifd
+  except Exception:  # noqa: BLE001 - a damaged header tells nothing
+    return None
+
+
+def camera_raw_reason(data: bytes, img: Optional[Image.Image] = None,
+                      filename: Optional[str] = None) -> Optional[str]:
+  """Why an opened file is a camera raw, or None when it is not one.
+
+  Pillow opens TIFF-based raws (DNG, NEF, ARW, PEF, CR2, ...) as TIFFs and
+  decodes their first image, which is a preview or thumbnail (or the raw
+  sensor mosaic); the photo itself is in a sub-image.  Recognised by CR2's
+  magic, by tags of the first image (DNGVersion, a colour-filter-array or
+  linear-raw photometric, DNGPrivateData or Sony's SR2Private, a
+  reduced-resolution NewSubfileType, SubIFDs together with a Make), or by a
+  raw extension on a TIFF.
+
+  Args:
+    data: the whole file.
+    img: the file opened by Pillow (header only); None when Pillow cannot
+      open it (a raw mosaic in the first image is such a case), and then
+      the first directory is read here.
+    filename: the file's name or URI, for its extension; optional.
+
+  Returns:
+    The error message for the errors table, or None.
+  """
+  kind = sniff_format(data)
+  if kind is not None and kind.startswith(_CAMERA_RAW):
+    return str(_raw_error(kind[len(_CAMERA_RAW) + 2:-1],
+                          "its first image is only a preview"))
+  raw_ext = _RAW_EXTENSIONS.get(_extension(filename))
+  if img is not None and img.format != "TIFF":
+    return None
+  tags = getattr(img, "tag_v2", None) if img is not None else _first_ifd(data)
+  if tags is None:
+    return None
+  size = img.size if img is not None else (tags.get(256), tags.get(257))
+  make = str(tags.get(_TAG_MAKE, "") or "").strip()
+  try:
+    reduced = int(tags.get(_TAG_NEW_SUBFILE_TYPE, 0)) & 1
+  except (TypeError, ValueError):
+    reduced = 0
+  try:
+    photometric = int(tags.get(_TAG_PHOTOMETRIC, -1))
+  except (TypeError, ValueError):
+    photometric = -1
+  sub_ifds = _TAG_SUB_IFDS in tags
+  preview = f"its first image is a {size[0]}x{size[1]} preview"
+  if sub_ifds:
+    preview += " and the photo is in a sub-image (SubIFDs)"
+  if _TAG_DNG_VERSION in tags:
+    return str(_raw_error("DNG", preview if (reduced or sub_ifds) else
+                          "its image is raw sensor data"))
+  if photometric in _RAW_PHOTOMETRIC:
+    detail = f"its first image is {_RAW_PHOTOMETRIC[photometric]} sensor data"
+  elif reduced or (sub_ifds and make):
+    detail = preview
+  elif _TAG_DNG_PRIVATE_DATA in tags or _TAG_SONY_SR2_PRIVATE in tags:
+    detail = "its first image is only a preview (maker's raw tags)"
+  elif raw_ext:
+    detail = (f"a TIFF named .{raw_ext.lower()}, whose first image is "
+              f"usually only a preview")
+  else:
+    return None
+  by_make = next((k for m, k in _RAW_BY_MAKE if make.upper().startswith(m)),
+                 None)
+  return str(_raw_error(raw_ext or by_make or "TIFF-based", detail))
 
 
 def _orientation(img: Image.Image) -> int:
@@ -266,23 +440,178 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
   return Image.fromarray(gray.astype(np.uint8), "L")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-  """Any decoded mode -> ``RGB``, transparency composited onto white."""
-  if img.mode == "RGB" and not img.has_transparency_data:
-    return img
+def _low_bytes_of_png16(data: bytes) -> Optional[np.ndarray]:
+  """The low bytes of a 16-bit RGB PNG's samples, or None if not one.
+
+  Pillow keeps only the high byte of each 16-bit sample (rawmode
+  ``RGB;16B``); decoding the same stream as ``RGB;16L`` keeps the other
+  byte, so that a 16-bit colour key can be matched exactly.
+  """
+  try:
+    img = Image.open(io.BytesIO(data))
+    if img.format != "PNG" or len(img.tile) != 1 or img.tile[0][3] != "RGB;16B":
+      return None
+    img.tile = [tuple(img.tile[0][:3]) + ("RGB;16L",)]
+    img.load()
+    return np.asarray(img)
+  except Exception:  # noqa: BLE001 - then the key is matched on high bytes
+    return None
+
+
+def _key_alpha(img: Image.Image, rawmode: str,
+               data: bytes) -> Optional[Image.Image]:
+  """The alpha (``L``, 0 or 255) of a transparent colour key, or None.
+
+  The key (``info["transparency"]``, PNG's ``tRNS``; a number for one band,
+  a tuple for several) is in the units of the samples as stored: 2 or 4
+  bits for low-depth grey, 16 bits for 16-bit grey (modes ``I;16``/``I``)
+  and 16-bit RGB (of which Pillow holds only the high bytes).
+  """
+  key = img.info.get("transparency")
+  if key is None or img.mode in ("P", "PA"):
+    return None
+  arr = np.asarray(img)
+  if arr.ndim == 3:
+    if not isinstance(key, (tuple, list)) or len(key) != arr.shape[-1]:
+      return None
+    key = np.array([int(k) for k in key])
+    if img.mode == "RGB" and rawmode.startswith("RGB;16"):
+      low = _low_bytes_of_png16(data)
+      match = (arr == key >> 8).all(axis=-1)
+      if low is not None and low.shape == arr.shape:
+        match &= (low == key & 0xFF).all(axis=-1)
+    else:
+      match = (arr == key).all(axis=-1)
+  elif arr.ndim == 2 and isinstance(key, (int, float)):
+    if img.mode == "1":
+      match = arr == bool(key)
+    else:
+      bits = {"L;1": 1, "L;2": 2, "L;4": 4}.get(rawmode[:3])
+      if img.mode == "L" and bits:
+        key = int(key) * 255 // ((1 << bits) - 1)
+      match = arr == key
+  else:
+    return None
+  return Image.fromarray(np.where(match, 0, 255).astype(np.uint8), "L")
+
+
+def _split_alpha(img: Image.Image, rawmode: str = "",
+                 data: bytes = b"") -> Tuple[Image.Image, Optional[Image.Image]]:
+  """Separates colour from transparency, for every mode Pillow decodes to.
+
+  Returns:
+    (colour, alpha): colour without transparency (any mode but those with
+    alpha); alpha an ``L`` image (255 opaque), or None when the image has
+    no transparency.
+  """
+  if img.mode in ("La", "RGBa"):  # premultiplied: undo first
+    img = img.convert("LA" if img.mode == "La" else "RGBA")
+  if img.mode in ("LA", "RGBA"):
+    return img.convert(img.mode[:-1]), img.getchannel("A")
+  if img.mode == "PA" or (img.mode == "P" and img.has_transparency_data):
+    rgba = img.convert("RGBA")
+    return rgba.convert("RGB"), rgba.getchannel("A")
+  alpha = _key_alpha(img, rawmode, data) if "transparency" in img.info else None
+  return img, alpha
+
+
+def _is_srgb(profile) -> bool:
+  from PIL import ImageCms  # pylint: disable=import-outside-toplevel
+  try:
+    return "srgb" in ImageCms.getProfileDescription(profile).lower()
+  except ImageCms.PyCMSError:
+    return False
+
+
+_PROFILE_MODES = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK"}
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(icc: bytes, mode: str):
+  """A cached Little CMS transform from an embedded profile to sRGB.
+
+  Returns:
+    The transform, or None when the profile is sRGB already, cannot be
+    read, or is for another colour space than ``mode``.
+  """
+  from PIL import ImageCms  # pylint: disable=import-outside-toplevel
+  try:
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    space = profile.profile.xcolor_space.strip()
+    if _PROFILE_MODES.get(space) != mode or _is_srgb(profile):
+      return None
+    return ImageCms.buildTransform(
+        profile, ImageCms.createProfile("sRGB"), mode, "RGB",
+        renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+        flags=ImageCms.Flags.NOCACHE)
+  except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+    return None
+
+
+def _colour_to_rgb(img: Image.Image, icc: Optional[bytes]) -> Image.Image:
+  """Colour without transparency, in any mode -> ``RGB``.
+
+  With ``icc`` (an embedded profile, when asked to apply it) colours are
+  converted from that profile to sRGB.
+  """
   if img.mode in ("F", "I") or img.mode.startswith("I;16"):
     img = _to_8bit_gray(img)
-  if img.has_transparency_data:
-    rgba = img.convert("RGBA")
-    out = Image.new("RGB", rgba.size, BACKGROUND)
-    out.paste(rgba, mask=rgba.getchannel("A"))
-    return out
-  return img.convert("RGB")
+  elif img.mode == "1":
+    img = img.convert("L")
+  elif img.mode not in ("L", "RGB", "CMYK"):
+    img = img.convert("RGB")  # P, YCbCr, LAB, HSV, RGBX, ...
+  if icc:
+    transform = _srgb_transform(bytes(icc), img.mode)
+    if transform is not None:
+      from PIL import ImageCms  # pylint: disable=import-outside-toplevel
+      return ImageCms.applyTransform(img, transform)
+  return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def to_rgb(img: Image.Image, *, rawmode: str = "", data: bytes = b"",
+            color_profile: str = COLOR_PROFILE_IGNORE) -> Image.Image:
+  """Any decoded mode -> ``RGB``, transparency composited onto white.
+
+  Args:
+    img: a loaded image in any mode Pillow decodes to.
+    rawmode: the mode of the samples as stored (``tile`` before loading),
+      to match a colour key in stored units.
+    data: the file, to read the low bytes of a 16-bit RGB PNG's key.
+    color_profile: ``ignore`` or ``srgb`` (apply an embedded profile).
+  """
+  icc = (img.info.get("icc_profile")
+         if color_profile == COLOR_PROFILE_SRGB else None)
+  colour, alpha = _split_alpha(img, rawmode, data)
+  rgb = _colour_to_rgb(colour, icc)
+  if alpha is None:
+    return rgb
+  out = Image.new("RGB", rgb.size, BACKGROUND)
+  out.paste(rgb, mask=alpha)
+  return out
+
+
+def check_color_profile(color_profile: str) -> None:
+  """Checks a ``--color_profile`` value, and that it can be honoured.
+
+  Raises:
+    ValueError: an unknown value, or ``srgb`` with a Pillow built without
+      Little CMS.
+  """
+  if color_profile not in COLOR_PROFILES:
+    raise ValueError(
+        f"--color_profile must be one of {', '.join(COLOR_PROFILES)}, not "
+        f"{color_profile!r}")
+  if color_profile == COLOR_PROFILE_SRGB and not features.check("littlecms2"):
+    raise ValueError(
+        "--color_profile srgb needs Pillow built with Little CMS "
+        "(PIL.ImageCms); install the Pillow wheel from PyPI or use ignore")
 
 
 def decode_image(data: bytes, *, min_side: Optional[int] = DEFAULT_MIN_SIDE,
                  max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_to: Optional[Tuple[int, int]] = None) -> Image.Image:
+                 draft_to: Optional[Tuple[int, int]] = None,
+                 color_profile: str = COLOR_PROFILE_IGNORE,
+                 filename: Optional[str] = None) -> Image.Image:
   """Decodes photo bytes into an upright RGB image.
 
   Args:
@@ -294,14 +623,20 @@ def decode_image(data: bytes, *, min_side: Optional[int] = DEFAULT_MIN_SIDE,
       before decoding.
     draft_to: an explicit upright (width, height) that the decoded image
       must cover; it replaces ``min_side`` for the draft.
+    color_profile: ``ignore`` (the default: an embedded ICC profile is not
+      applied) or ``srgb`` (colours are converted from a non-sRGB embedded
+      profile to sRGB).
+    filename: the file's name or URI; only its extension is used, to refuse
+      a TIFF-structured file named as a camera raw (``.nef``, ``.dng``...).
 
   Returns:
     A loaded image of mode ``RGB``, upright, whose
     ``info[ORIGINAL_SIZE_KEY]`` is the upright size before any draft.
 
   Raises:
-    DecodeError: the bytes are empty, not an image, an unsupported,
-      truncated or corrupt image, or too large; the message says which.
+    DecodeError: the bytes are empty, not an image, an unsupported
+      (including camera raws), truncated or corrupt image, or too large;
+      the message says which.
   """
   if not data:
     raise DecodeError("empty file (0 bytes)")
@@ -310,12 +645,15 @@ def decode_image(data: bytes, *, min_side: Optional[int] = DEFAULT_MIN_SIDE,
     try:
       img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
-      raise _unidentified(data) from None
+      raise _unidentified(data, filename) from None
     except Image.DecompressionBombError as e:
       raise _pil_bomb(e, max_pixels) from None
     fmt = img.format or fmt
     if fmt in _REFUSED_FORMATS:
       raise DecodeError(f"unsupported format {fmt}: {_REFUSED_FORMATS[fmt]}")
+    raw = camera_raw_reason(data, img, filename)
+    if raw is not None:
+      raise DecodeError(raw)
     width, height = img.size
     if width * height > max_pixels:
       raise _bomb(width, height, max_pixels)
@@ -326,9 +664,11 @@ def decode_image(data: bytes, *, min_side: Optional[int] = DEFAULT_MIN_SIDE,
       request = _draft_request(img.size, _orientation(img), min_side, draft_to)
       if request is not None:
         img.draft("RGB", request)
+    rawmode = img.tile[0][3] if len(img.tile) == 1 else ""
     img.load()
     orientation = _orientation(img)
-    rgb = _to_rgb(img)
+    rgb = to_rgb(img, rawmode=rawmode if isinstance(rawmode, str) else "",
+                 data=data, color_profile=color_profile)
     if orientation in _UPRIGHT:
       rgb = rgb.transpose(_UPRIGHT[orientation])
   except DecodeError:
