@@ -135,6 +135,27 @@ def test_utf8_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
       {"uri": "a.jpg", "site": "Søren"}]
 
 
+@pytest.mark.parametrize("name,text,line", [
+    ("m.csv", 'uri,site\na.jpg,"two\nlines"\nb.jpg,x,y\n', 4),
+    ("m.tsv", "uri\tsite\na.jpg\tx\n\nb.jpg\n", 4),
+])
+def test_ragged_rows_fail_at_launch_naming_the_line(tmp_path, name, text,
+                                                     line):
+  path = tmp_path / name
+  path.write_text(text)
+  with pytest.raises(sources.InputError, match=f"{name} line {line}:"):
+    sources.read_manifest_header(str(path))
+
+
+def test_csv_cells_with_line_breaks_are_one_row(tmp_path):
+  path = tmp_path / "m.csv"
+  path.write_text('uri,note\r\na.jpg,"two\r\nlines"\r\n\r\nb.jpg,x\r\n')
+  manifest = sources.read_manifest_header(str(path))
+  assert manifest.row_count == 2
+  assert list(sources.iter_manifest_rows(manifest)) == [
+      {"uri": "a.jpg", "note": "two\r\nlines"}, {"uri": "b.jpg", "note": "x"}]
+
+
 def test_launcher_exits_2_naming_the_line_and_leaves_nothing(
     tmp_path, capsys):
   path = tmp_path / "m.csv"

@@ -144,8 +144,7 @@ class Manifest:
     carried: the carried columns (all but uri and image_id) with their
       Arrow types: the Parquet types for Parquet manifests, strings for the
       text formats.
-    row_count: number of rows when known at launch (Parquet, TSV, JSONL),
-      else None.
+    row_count: number of rows (counted at launch for the text formats).
     encoding: the text formats' character encoding (``--manifest_encoding``).
   """
 
@@ -174,7 +173,8 @@ def _csv_options(fmt: str):
     # iNaturalist open data: tab-separated and unquoted.
     parse = pa_csv.ParseOptions(delimiter="\t", quote_char=False)
   else:
-    parse = pa_csv.ParseOptions(delimiter=",")
+    # Spreadsheet programs quote cells that hold line breaks.
+    parse = pa_csv.ParseOptions(delimiter=",", newlines_in_values=True)
   return parse
 
 
@@ -249,44 +249,80 @@ def _json_object(line: str, path: str, line_no: int) -> dict:
   return record
 
 
-def _header_columns(line: str, fmt: str) -> List[str]:
-  line = line.rstrip("\r")
-  if fmt == "csv":
-    import csv  # pylint: disable=import-outside-toplevel
-    return next(csv.reader([line]), [])
-  return [c.strip() for c in line.split("\t")]
+def _scan_jsonl(lines: Iterator[Tuple[int, str]],
+                path: str) -> Tuple[List[str], int]:
+  """Every key of every line, in order of first appearance; the row count."""
+  columns: Dict[str, None] = {}
+  rows = 0
+  for line_no, line in lines:
+    if line.strip():
+      for key in _json_object(line, path, line_no):
+        columns.setdefault(key)
+      rows += 1
+  return list(columns), rows
+
+
+def _ragged(path: str, line_no: int, got: int, header: List[str]) -> InputError:
+  return InputError(
+      f"manifest {path} line {line_no}: {got} field(s), but the header has "
+      f"{len(header)} ({', '.join(header)})")
+
+
+def _scan_csv(lines: Iterator[Tuple[int, str]],
+              path: str) -> Tuple[List[str], int]:
+  """The header and row count of a CSV, checking every record's width.
+
+  Parsed as the job parses it (commas, double quotes, quoted values may
+  span lines, empty lines skipped).
+  """
+  import csv  # pylint: disable=import-outside-toplevel
+  reader = csv.reader(line + "\n" for _, line in lines)
+  try:
+    header = next(reader, [])
+    rows = 0
+    for record in reader:
+      if not record:
+        continue
+      if len(record) != len(header):
+        raise _ragged(path, reader.line_num, len(record), header)
+      rows += 1
+  except csv.Error as e:
+    raise InputError(f"manifest {path} line {reader.line_num}: {e}") from e
+  return header, rows
+
+
+def _scan_tsv(lines: Iterator[Tuple[int, str]],
+              path: str) -> Tuple[List[str], int]:
+  """The header and row count of an unquoted TSV, checking every width."""
+  header: Optional[List[str]] = None
+  rows = 0
+  for line_no, line in lines:
+    fields = line.rstrip("\r").split("\t")
+    if header is None:
+      header = [c.strip() for c in fields]
+    elif line.strip("\r"):
+      if len(fields) != len(header):
+        raise _ragged(path, line_no, len(fields), header)
+      rows += 1
+  return header or [], rows
 
 
 def _scan_text(path: str, fmt: str,
-               encoding: str) -> Tuple[List[str], Optional[int]]:
+               encoding: str) -> Tuple[List[str], int]:
   """Reads a text manifest once, streaming, and checks every line.
 
   Returns:
     (columns, row count): the header's columns (JSONL: every key, in order
-    of first appearance) and the number of rows (None for CSV, whose
-    quoted values may span lines).
+    of first appearance) and the number of rows.
 
   Raises:
-    InputError: a line that does not decode, or (JSONL) is not a JSON
-      object, naming the line.
+    InputError: a line that does not decode, a CSV or TSV row whose number
+      of fields differs from the header's, or a JSONL line that is not a
+      JSON object, naming the line.
   """
-  columns: Dict[str, None] = {}
-  header: Optional[List[str]] = None
-  rows = 0
+  scan = {"jsonl": _scan_jsonl, "csv": _scan_csv, "tsv": _scan_tsv}[fmt]
   with _open(path) as f:
-    for line_no, line in _text_lines(f, path, encoding):
-      if fmt == "jsonl":
-        if line.strip():
-          for key in _json_object(line, path, line_no):
-            columns.setdefault(key)
-          rows += 1
-      elif header is None:
-        header = _header_columns(line, fmt)
-      elif line.strip("\r"):
-        rows += 1
-  if fmt == "jsonl":
-    return list(columns), rows
-  return header or [], rows if fmt == "tsv" else None
+    return scan(_text_lines(f, path, encoding), path)
 
 
 def _column_clashes(columns: Sequence[str]) -> List[str]:
