@@ -205,7 +205,8 @@ def test_readable_and_bytes_of_names_that_are_not_utf8():
 def test_glob_yields_a_readable_ref_that_reads_the_real_file(tmp_path):
   real = _make_latin1_file(tmp_path, b"latin-1 bytes")
   with TestPipeline() as p:
-    refs = p | sources.ReadImageRefs(patterns=[str(tmp_path / "*")])
+    # The second pattern is itself not UTF-8; both match the one file.
+    refs = p | sources.ReadImageRefs(patterns=[str(tmp_path / "*"), real])
     # (Beam's str coder refuses the surrogates of ``path``: compare bytes.)
     assert_that(refs | beam.Map(lambda r: (r.image_id, r.uri,
                                            uris.uri_bytes(r.location))),

@@ -36,7 +36,6 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -482,6 +481,15 @@ class _ReadManifestFn(beam.DoFn):
       yield ref_from_row(row, self._manifest)
 
 
+class _MatchFn(beam.DoFn):
+  """A glob pattern (as bytes) -> the ImageRef of every file it matches."""
+
+  def process(self, pattern: bytes) -> Iterator[ImageRef]:
+    text = pattern.decode("utf-8", "surrogateescape")
+    for metadata in FileSystems.match([text])[0].metadata_list:
+      yield ref_for_uri(metadata.path)
+
+
 def _first_of_duplicates(item: Tuple[str, Iterable[ImageRef]]) -> ImageRef:
   _, refs = item
   refs = list(refs)
@@ -514,15 +522,12 @@ class ReadImageRefs(beam.PTransform):
                   [uris.readable(self._manifest.path)])
               | "ReadManifest" >> beam.ParDo(_ReadManifestFn(self._manifest)))
     else:
-      # Patterns travel as bytes: Beam's str coder refuses a pattern that
+      # Patterns travel as bytes: Beam's str coder refuses a str that
       # names bytes that are not UTF-8.
       refs = (pbegin
               | "Patterns" >> beam.Create(
                   [uris.uri_bytes(p) for p in self._patterns])
-              | "PatternText" >> beam.Map(
-                  lambda b: b.decode("utf-8", "surrogateescape"))
-              | "MatchFiles" >> fileio.MatchAll()
-              | "ToImageRef" >> beam.Map(lambda m: ref_for_uri(m.path)))
+              | "MatchFiles" >> beam.ParDo(_MatchFn()))
     return (refs
             | "KeyById" >> beam.Map(lambda r: (r.image_id, r))
             | "GroupById" >> beam.GroupByKey()
