@@ -66,6 +66,7 @@ EXAMPLES = {
     "decode_threads": "0",
     "prefetch": "8",
     "max_error_rate": "0.05",
+    "manifest_encoding": "cp1252",
     "snapshot_dir": "gs://my-bucket/inat/2024-05-27",
     "photo_uri_template":
         "gs://my-mirror/photos/{photo_id}/medium.{extension}",
@@ -88,6 +89,7 @@ BAD = {
     "runtime": ["ort", "TF"],
     "decode_threads": ["-1", "two"],
     "max_error_rate": ["1.5", "-0.1", "5%"],
+    "manifest_encoding": ["", "utf 8", "cp1252;rm"],
     "photo_uri_template": ["gs://my-mirror/photos/medium.jpg",
                            "/photos/{photo_id}.jpg"],
     "snapshot_date": ["2024-5-27", "27/05/2024", "latest"],
