@@ -20,7 +20,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms import inference
 from transforms import models as models_lib
 from transforms import photos
+from transforms import resume as resume_lib
 from transforms import sinks
+from transforms import storage
 
 DEFAULT_MODELS = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")
 
@@ -41,6 +43,8 @@ class ModelFlags:
   read_attempts: int = 4
   decode_threads: int = photos.DEFAULT_DECODE_THREADS
   prefetch: int = photos.DEFAULT_PREFETCH
+  color_profile: str = photos.DEFAULT_COLOR_PROFILE
+  shard_rows: int = sinks.DEFAULT_SHARD_ROWS
 
   def __post_init__(self):
     if self.max_file_bytes < 1:
@@ -53,6 +57,11 @@ class ModelFlags:
       raise FlagError("--decode_threads must be 0 (decode inline) or more")
     if self.prefetch < 1:
       raise FlagError("--prefetch must be at least 1")
+    if self.color_profile not in photos.COLOR_PROFILES:
+      raise FlagError(
+          f"--color_profile must be one of {', '.join(photos.COLOR_PROFILES)}")
+    if self.shard_rows < 1:
+      raise FlagError("--shard_rows must be at least 1")
     for model in self.models:
       try:
         inference.InferenceConfig(model, self.batch_size, self.top_k)
@@ -66,6 +75,7 @@ class ModelFlags:
         size=self.models[0].spec.input_size,
         max_file_bytes=self.max_file_bytes, max_pixels=self.max_pixels,
         read_attempts=self.read_attempts, expected_total=expected_total,
+        color_profile=self.color_profile,
         run_id=run_id, decode_threads=self.decode_threads, prefetch=self.prefetch)
 
   def inference_config(self, model: models_lib.ResolvedModel
@@ -113,6 +123,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max_pixels", type=int, default=photos.DEFAULT_MAX_PIXELS,
                  help="photos declaring more pixels are refused before "
                  "decoding (decompression bombs)")
+  p.add_argument("--color_profile", choices=photos.COLOR_PROFILES,
+                 default=photos.DEFAULT_COLOR_PROFILE,
+                 help="ignore: embedded ICC colour profiles are not applied "
+                 "(as the seed models were trained); srgb: photos with a "
+                 "non-sRGB profile (Adobe RGB, Display P3...) are converted "
+                 "to sRGB")
   p.add_argument("--read_attempts", type=int, default=4,
                  help="tries per photo on transient storage errors")
   p.add_argument("--decode_threads", type=int,
@@ -122,6 +138,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prefetch", type=int, default=photos.DEFAULT_PREFETCH,
                  help="photos read and decoded ahead of the models, per "
                  "bundle")
+  p.add_argument("--shard_rows", type=int, default=sinks.DEFAULT_SHARD_ROWS,
+                 help="rows per Parquet shard; each shard is closed when "
+                 "full, so a rerun after a dead run reuses it")
 
 
 def model_flags_from_args(args: argparse.Namespace,
@@ -148,8 +167,9 @@ def model_flags_from_args(args: argparse.Namespace,
   return ModelFlags(
       models=tuple(resolved), batch_size=args.batch_size, top_k=args.top_k,
       max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,
+      color_profile=args.color_profile,
       read_attempts=args.read_attempts, decode_threads=args.decode_threads,
-      prefetch=args.prefetch)
+      prefetch=args.prefetch, shard_rows=args.shard_rows)
 
 
 def split_beam_args(parser: argparse.ArgumentParser,
@@ -241,6 +261,9 @@ class Layout:
   output_dir: str
   run_id: str
   tables: Tuple[sinks.TableSpec, ...]
+  # Staging folders of dead attempts whose rows this run takes over; they
+  # are removed once the commit is done (transforms/resume.py).
+  reused_from: Tuple[str, ...] = ()
 
   @property
   def staging(self) -> str:
@@ -267,12 +290,14 @@ def new_run_id() -> str:
 
 def plan_layout(output_dir: str, models: Sequence[models_lib.ResolvedModel],
                 carried: sinks.Carried, run_id: str,
-                partition: Optional[str] = None) -> Layout:
+                partition: Optional[str] = None,
+                color_profile: str = photos.DEFAULT_COLOR_PROFILE) -> Layout:
   """Names every table's staging and final folder.
 
   Args:
     partition: a sub-folder under each table (``snapshot_date=...``), for
       jobs that add one partition per run.
+    color_profile: ``--color_profile``, recorded in every table's metadata.
   """
   staging = sinks.staging_dir(output_dir, run_id)
 
@@ -286,11 +311,11 @@ def plan_layout(output_dir: str, models: Sequence[models_lib.ResolvedModel],
     tables.append(sinks.TableSpec(
         name=table_name(model), staged=under(staging, kind, name),
         final=under(output_dir, kind, name),
-        schema=sinks.schema_for(model, carried)))
+        schema=sinks.schema_for(model, carried, color_profile)))
   tables.append(sinks.TableSpec(
       name=sinks.ERRORS, staged=under(staging, sinks.ERRORS),
       final=under(output_dir, sinks.ERRORS),
-      schema=sinks.errors_schema(carried, models)))
+      schema=sinks.errors_schema(carried, models, color_profile)))
   return Layout(output_dir=output_dir, run_id=run_id, tables=tuple(tables))
 
 
@@ -304,19 +329,27 @@ class EmbedAndWrite(beam.PTransform):
 
   def __init__(self, flags: ModelFlags, layout: Layout,
                carried: sinks.Carried = (),
-               expected_total: Optional[int] = None):
+               expected_total: Optional[int] = None,
+               resume: Optional[resume_lib.ResumePlan] = None):
     super().__init__()
     self._flags = flags
     self._layout = layout
     self._carried = carried
     self._expected_total = expected_total
+    self._resume = resume or resume_lib.ResumePlan()
 
   def expand(self, refs):
     flags, layout, carried = self._flags, self._layout, self._carried
+    written = []
+    if self._resume.complete:
+      complete = self._resume.complete
+      refs = refs | "LeaveOutReused" >> beam.Filter(
+          lambda r: r.image_id not in complete)
+      written.append(refs.pipeline | "ReuseShards" >> resume_lib.ReuseShards(
+          self._resume, layout.tables))
     prepped = refs | "ReadAndPrepare" >> photos.ReadAndPrepare(
         flags.photo_config(self._expected_total, layout.run_id))
     error_streams = [prepped.errors]
-    written = []
     for model in flags.models:
       table = layout.model_table(model)
       outputs = (prepped.prepared
@@ -325,15 +358,16 @@ class EmbedAndWrite(beam.PTransform):
       files = (outputs.results
                | f"ToArrow[{model.name}]" >> beam.Map(
                    sinks.results_to_table, table.schema, carried)
-               | f"Write[{model.name}]" >> sinks.WriteTable(table.staged,
-                                                            table.schema))
+               | f"Write[{model.name}]" >> sinks.WriteTable(
+                   table.staged, table.schema, flags.shard_rows))
       error_streams.append(outputs.errors)
       written.append(files)
     errors = layout.table(sinks.ERRORS)
     written.append(tuple(error_streams)
                    | "AllErrors" >> beam.Flatten()
                    | "WriteErrors" >> sinks.WriteErrors(
-                       errors.staged, errors.schema, carried))
+                       errors.staged, errors.schema, carried,
+                       flags.shard_rows))
     return tuple(written) | "AllWritten" >> beam.Flatten()
 
 
@@ -350,24 +384,35 @@ class CommitRun(beam.PTransform):
     layout: the run's tables.
     finish: a picklable function of (layout, inputs).
     inputs: a singleton side input with the number of inputs.
+    before: a picklable function of (layout), called in the commit step
+      before anything moves (ingestion removes its _SUCCESS markers).
   """
 
-  def __init__(self, layout: Layout, finish, inputs):
+  def __init__(self, layout: Layout, finish, inputs, before=None):
     super().__init__()
     self._layout = layout
     self._finish = finish
     self._inputs = inputs
+    self._before = before
 
   def expand(self, written):
     return (written
-            | "CountFiles" >> beam.combiners.Count.Globally()
+            | "ListFiles" >> beam.combiners.ToList()
             | "Commit" >> beam.Map(_commit_and_finish, self._layout,
-                                   self._finish, self._inputs))
+                                   self._finish, self._inputs, self._before))
 
 
-def _commit_and_finish(files: int, layout: Layout, finish, inputs: int):
-  del files  # only the ordering matters: every table is written by now
-  sinks.commit_tables(layout.tables, layout.staging)
+def _commit_and_finish(files: List[str], layout: Layout, finish, inputs: int,
+                       before=None):
+  # Every table is written by now; only the shards the writes emitted are
+  # committed (see sinks.commit_tables).
+  if before is not None:
+    before(layout)
+  sinks.commit_tables(layout.tables, layout.staging, files)
+  for dead in layout.reused_from:
+    sinks.remove_tree(dead)  # what a dead attempt left, now taken over
+  if layout.reused_from:
+    sinks.remove_empty_parent(layout.staging)
   if finish is not None:
     finish(layout, inputs)
   return layout.run_id
@@ -401,7 +446,7 @@ def error_breakdown(directory: str, top_reasons: int = 20) -> dict:
   by_reason = collections.Counter()
   photo_ids = set()
   for path in sinks.list_parquet(directory):
-    with FileSystems.open(path) as f:
+    with storage.failing_as("reading", path), FileSystems.open(path) as f:
       table = pq.read_table(f, columns=["image_id", "uri", "stage", "model",
                                         "error"])
     for row in table.to_pylist():
@@ -417,8 +462,8 @@ def error_breakdown(directory: str, top_reasons: int = 20) -> dict:
 
 
 def write_json(path: str, payload: dict) -> None:
-  with FileSystems.create(path) as f:
-    f.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+  storage.write_bytes(
+      path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
 

@@ -33,8 +33,10 @@ import transforms
 from pipelines import common
 from pipelines.common import DEFAULT_MODELS, FlagError  # noqa: F401 (API)
 from transforms import progress
+from transforms import resume as resume_lib
 from transforms import sinks
 from transforms import sources
+from transforms import storage
 
 SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(__file__), "sample_photos")
 SAMPLE_PHOTO_EXTENSIONS = ("jpg", "png", "webp")
@@ -166,7 +168,8 @@ def prepare_inputs(config: JobConfig) -> Prepared:
 
 
 def build_pipeline(p: beam.Pipeline, config: JobConfig, prepared: Prepared,
-                   layout: common.Layout, report_base: dict):
+                   layout: common.Layout, report_base: dict,
+                   resume: Optional[resume_lib.ResumePlan] = None):
   """Adds the job's transforms to ``p``; no side effects.
 
   The last step commits the tables and writes run.json, inside the pipeline.
@@ -174,8 +177,11 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, prepared: Prepared,
   refs = p | "ReadInput" >> sources.ReadImageRefs(
       patterns=() if prepared.manifest else config.inputs,
       manifest=prepared.manifest)
+  expected = prepared.expected_total
+  if expected is not None and resume is not None:
+    expected = max(expected - resume.reused_photos, 0)
   written = refs | "EmbedAndWrite" >> common.EmbedAndWrite(
-      config.flags, layout, prepared.carried, prepared.expected_total)
+      config.flags, layout, prepared.carried, expected, resume)
   inputs = refs | "CountInputs" >> beam.combiners.Count.Globally()
   _ = written | "CommitRun" >> common.CommitRun(
       layout, RunReport(report_base, config.max_error_rate),
@@ -218,6 +224,9 @@ def _summary(report: dict) -> str:
   lines = [f"natvision embed_images: {report['inputs']} photo(s) in "
            f"{report['elapsed_s']:.1f}s ({report['images_per_second']:.2f} "
            f"photos/s)"]
+  if report.get("reused_photos"):
+    lines.append(f"  resumed: {report['reused_photos']} photo(s) reused from "
+                 f"a dead attempt")
   for name, rows in report["rows"].items():
     lines.append(f"  {name}: {rows} row(s)")
   errs = report["errors"]
@@ -248,7 +257,12 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   prepared = prepare_inputs(config)
   config = dataclasses.replace(config, flags=common.check_models(config.flags))
   layout = common.plan_layout(config.output_dir, config.models,
-                              prepared.carried, common.new_run_id())
+                              prepared.carried, common.new_run_id(),
+                              color_profile=config.flags.color_profile)
+  resume = resume_lib.plan_resume(config.output_dir, layout.run_id,
+                                  layout.tables,
+                                  [m.name for m in config.models])
+  layout = dataclasses.replace(layout, reused_from=resume.dead_runs)
   started = time.time()
   report_base = {
       "package": {"name": "natvision", "version": transforms.__version__},
@@ -258,9 +272,10 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
       "output_dir": config.output_dir,
       "models": [dict(m.describe(), standin=config.demo) for m in config.models],
       "flags": list(argv) if argv is not None else sys.argv[1:],
+      "reused_photos": resume.reused_photos,
   }
   p = test_pipeline or beam.Pipeline(options=options)
-  build_pipeline(p, config, prepared, layout, report_base)
+  build_pipeline(p, config, prepared, layout, report_base, resume)
   # Progress lines count this run alone; when the pipeline runs in this
   # process, they are the whole job's.
   progress.start_run(layout.run_id, prepared.expected_total)
@@ -273,8 +288,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
           f"{config.output_dir} when it ends (run.json last)", flush=True)
     return dict(report_base, state=str(state))
   run_json = FileSystems.join(config.output_dir, "run.json")
-  with FileSystems.open(run_json) as f:
-    report = json.load(f)
+  report = json.loads(storage.read_bytes(run_json))
   report["model_loads"] = common.counter_values(result, "model_loads_")
   common.write_json(run_json, report)
   print(_summary(report), flush=True)
@@ -300,6 +314,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except FlagError as e:
     print(f"natvision-embed: error: {e}", file=sys.stderr)
     return 2
+  except storage.StorageError as e:
+    print(f"natvision-embed: storage error: {e}; nothing was committed, and "
+          f"running the same command again resumes", file=sys.stderr)
+    return 1
   limit = report["max_error_rate"]
   if limit is not None and report["error_rate"] > limit:
     print(f"natvision-embed: {report['error_rate']:.3f} of the photos failed, "

@@ -320,11 +320,9 @@ def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: Prepared,
   stats = found[snapshots.STATS] | "SumStats" >> snapshots.SumStats()
   written = found["work"] | "EmbedAndWrite" >> common.EmbedAndWrite(
       config.flags, layout, snapshots.CARRIED)
-  unmarked = (written
-              | "CountWritten" >> beam.combiners.Count.Globally()
-              | "Unmark" >> beam.Map(_unmark, layout))
-  _ = unmarked | "CommitRun" >> common.CommitRun(
-      layout, FinishPartition(config, base), beam.pvalue.AsSingleton(stats))
+  _ = written | "CommitRun" >> common.CommitRun(
+      layout, FinishPartition(config, base), beam.pvalue.AsSingleton(stats),
+      before=unmark_partition)
 
 
 # --------------------------------------------------------------------------
@@ -340,11 +338,6 @@ def unmark_partition(layout: common.Layout) -> None:
   markers = [_marker(t) for t in layout.tables if storage.exists(_marker(t))]
   if markers:
     FileSystems.delete(markers)
-
-
-def _unmark(files: int, layout: common.Layout) -> int:
-  unmark_partition(layout)
-  return files
 
 
 def write_markers(layout: common.Layout, report: dict) -> None:
@@ -376,6 +369,12 @@ def remove_stale_staging(output_dir: str, date: str, keep: str) -> List[str]:
     run_id = path[len(root):].lstrip("/").split("/", 1)[0]
     if run_id.startswith(prefix) and run_id != keep:
       runs.setdefault(run_id, []).append(path)
+  if "://" not in root and os.path.isdir(root):
+    # Local folders can outlive their files (a commit that died after
+    # moving them): those are stale too.
+    for run_id in os.listdir(root):
+      if run_id.startswith(prefix) and run_id != keep:
+        runs.setdefault(run_id, [])
   for run_id, paths in sorted(runs.items()):
     folder = FileSystems.join(root, run_id)
     logging.info("removing %s, left by a run that did not finish", folder)
@@ -523,7 +522,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   run_id = f"{RUN_ID_PREFIX}-{config.date}-{common.new_run_id()}"
   layout = common.plan_layout(config.output_dir, config.models,
                               snapshots.CARRIED, run_id,
-                              partition=config.partition)
+                              partition=config.partition,
+                              color_profile=config.flags.color_profile)
   base = report_base(config, prepared, run_id, time.time(),
                      argv if argv is not None else sys.argv[1:])
   p = test_pipeline or beam.Pipeline(options=options)
@@ -539,8 +539,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
           f"when it ends (summary: {base['summary_path']}, then _SUCCESS)",
           flush=True)
     return dict(base, state=str(state))
-  with FileSystems.open(base["summary_path"]) as f:
-    report = json.load(f)
+  report = json.loads(storage.read_bytes(base["summary_path"]))
   print(_summary(report), flush=True)
   return report
 

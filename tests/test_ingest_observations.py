@@ -364,10 +364,10 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
   s2 = world.write_snapshot("s2")
   real_commit = sinks.commit_tables
 
-  def commit_first_then_die(tables, staging_root):
+  def commit_first_then_die(tables, staging_root, files):
     # Runs in the pipeline's commit step, which then fails the job.
     del staging_root
-    real_commit(list(tables)[:1], str(tmp_path / "nowhere" / "x"))
+    real_commit(list(tables)[:1], str(tmp_path / "nowhere" / "x"), files)
     raise _Killed("died after the first table")
 
   with pytest.MonkeyPatch.context() as mp:
