@@ -211,3 +211,46 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
   assert report["run_id"] == "run-1" and report["inputs"] == n
   assert report["rows"] == {"embeddings/inaturalist_v2": rows.num_rows}
   assert not os.path.exists(os.path.join(out, "_staging"))
+
+
+def test_sizes_colour_profile_and_raws_in_the_tables(tiny_models, tmp_path):
+  """Source and decoded sizes reach both kinds of table; srgb is recorded;
+  a DNG is an error row (stage decode), not an embedding of its preview."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from tests import corpus  # pylint: disable=import-outside-toplevel
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored 1536x2048, upright 2048x1536
+  corpus.quadrant_card((2048, 1536)).transpose(
+      Image.Transpose.ROTATE_90).save(photos / "turned.jpg", quality=85,
+                                      exif=exif.tobytes())
+  Image.new("RGB", (320, 240), (100, 200, 100)).save(
+      photos / "adobe.png", icc_profile=corpus.icc_matrix_profile("Adobe"))
+  (photos / "raw.dng").write_bytes(corpus.camera_raw_tiff(dng=True))
+  out = str(tmp_path / "out")
+  embed_images.run([
+      "--input", str(photos / "*"), "--output_dir", out,
+      "--models", "inaturalist_v2,fungi_mobile_v1", "--model_root",
+      tiny_models, "--runtime", "tf", "--color_profile", "srgb",
+      "--batch_size", "2"])
+  # center_crop needs a short side of 342: the JPEG, decoded once for both
+  # models, is drafted to 1/4 scale; sizes are upright.
+  want = {"turned.jpg": (2048, 1536, 512, 384),
+          "adobe.png": (320, 240, 320, 240)}
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  for table in ("embeddings/inaturalist_v2", "predictions/fungi_mobile_v1"):
+    got = _read(os.path.join(out, table))
+    sizes = {os.path.basename(r["uri"]): tuple(r[c] for c in sinks.SIZE_COLUMNS)
+             for r in got.to_pylist()}
+    assert sizes == want, table
+    for name in sinks.SIZE_COLUMNS:
+      assert got.schema.field(name).type == pa.int32()
+    meta = json.loads(got.schema.metadata[sinks.METADATA_KEY])
+    assert meta["color_profile"] == "srgb", table
+  errors = _read(os.path.join(out, "errors"))
+  assert [(os.path.basename(e["uri"]), e["stage"])
+          for e in errors.to_pylist()] == [("raw.dng", "decode")]
+  assert "camera raw (DNG)" in errors.column("error")[0].as_py()
+  meta = json.loads(errors.schema.metadata[sinks.METADATA_KEY])
+  assert meta["color_profile"] == "srgb"

@@ -77,3 +77,14 @@ def test_demo_defaults():
   assert config.output_dir == embed_images.DEFAULT_DEMO_OUTPUT
   assert all(i.startswith(embed_images.SAMPLE_PHOTOS_DIR) for i in config.inputs)
   assert config.models[0].path.endswith("_standin_models/inaturalist_v2")
+
+
+def test_color_profile_flag_reaches_the_photo_config():
+  config, _ = _parse(*BASE)
+  assert config.flags.color_profile == "ignore"
+  assert config.flags.photo_config().color_profile == "ignore"
+  config, _ = _parse(*BASE, "--color_profile", "srgb")
+  assert config.flags.color_profile == "srgb"
+  assert config.flags.photo_config().color_profile == "srgb"
+  with pytest.raises(SystemExit):
+    _parse(*BASE, "--color_profile", "p3")

@@ -59,7 +59,8 @@ def _photo(i, value):
   ref = ImageRef(image_id=f"id{i}", uri=f"mem://{i}.jpg")
   return PreparedImage(ref=ref, arrays={"squash": np.full((4, 4, 3), value,
                                                           np.uint8)},
-                       width=4, height=4)
+                       source_width=40 + i, source_height=30,
+                       decoded_width=4, decoded_height=3)
 
 
 def test_run_model_isolates_failing_photo_and_loads_once():
@@ -73,10 +74,13 @@ def test_run_model_isolates_failing_photo_and_loads_once():
            | inference.RunModel(config, loader=_fake_loader))
     rows = (out.results | beam.FlatMap(lambda batch: batch)
             | beam.Map(lambda r: (r.ref.image_id, float(r.embedding[0]),
-                                  r.embedding.shape[0])))
+                                  r.embedding.shape[0], r.source_width,
+                                  r.source_height, r.decoded_width,
+                                  r.decoded_height)))
     errors = out.errors | beam.Map(lambda e: (e.ref.image_id, e.stage,
                                               e.model, "poisoned" in e.error))
-    assert_that(rows, equal_to([(f"id{i}", 1.0 if i % 2 else 0.0, 1536)
+    assert_that(rows, equal_to([(f"id{i}", 1.0 if i % 2 else 0.0, 1536,
+                                 40 + i, 30, 4, 3)
                                 for i in range(7)]), label="rows")
     assert_that(errors, equal_to([("id99", "inference", "inception_resnet_v2",
                                    True)]), label="errors")

@@ -8,7 +8,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import photos
-from transforms.records import ImageRef
+from transforms.records import ErrorRecord, ImageRef
 
 
 class _Flaky:
@@ -158,3 +158,65 @@ def test_injected_transient_failures_cost_no_photo(tmp_path):
     out = p | beam.Create(refs) | photos.ReadAndPrepare(config, _FlakyStorage())
     assert_that(out.errors | beam.Map(lambda e: (e.stage, "gave up" in e.error)),
                 equal_to([("read", True)] * 6))
+
+
+def _write(path, data):
+  path.write_bytes(data)
+  return ImageRef(image_id=path.name, uri=str(path))
+
+
+def test_source_and_decoded_sizes_are_upright_and_kept(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from tests import corpus  # pylint: disable=import-outside-toplevel
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored 3024x4032, shown 4032x3024
+  turned = corpus.quadrant_card((4032, 3024)).transpose(
+      Image.Transpose.ROTATE_90)
+  buf = io.BytesIO()
+  turned.save(buf, "JPEG", quality=80, exif=exif.tobytes())
+  rotated = _write(tmp_path / "rotated.jpg", buf.getvalue())
+  buf = io.BytesIO()
+  Image.new("RGB", (500, 200), (9, 9, 9)).save(buf, "PNG")
+  small = _write(tmp_path / "small.png", buf.getvalue())
+  config = photos.PhotoConfig(policies=("center_crop",))
+  got = {}
+  for ref in (rotated, small):
+    prepared, _ = photos.read_decode_prepare(ref, config, min_side=342)
+    got[ref.image_id] = (prepared.source_width, prepared.source_height,
+                         prepared.decoded_width, prepared.decoded_height)
+  # Upright, and the JPEG decoded at 1/8 scale in the DCT domain.
+  assert got == {"rotated.jpg": (4032, 3024, 504, 378),
+                 "small.png": (500, 200, 500, 200)}
+
+
+def test_camera_raws_fail_at_decode_naming_camera_raw(tmp_path):
+  from tests import corpus  # pylint: disable=import-outside-toplevel
+  refs = [_write(tmp_path / "a.dng", corpus.camera_raw_tiff(dng=True)),
+          _write(tmp_path / "b.NEF", corpus.camera_raw_tiff(
+              "NIKON", reduced=False, sub_ifds=False))]
+  config = photos.PhotoConfig(policies=("squash",))
+  for ref, kind in zip(refs, ("DNG", "NEF")):
+    result, _ = photos.read_decode_prepare(ref, config, min_side=299)
+    assert isinstance(result, ErrorRecord), ref
+    assert result.stage == "decode"
+    assert f"unsupported format camera raw ({kind})" in result.error
+
+
+def test_color_profile_setting_reaches_the_decoder(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from tests import corpus  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  Image.new("RGB", (299, 299), (100, 200, 100)).save(
+      buf, "PNG", icc_profile=corpus.icc_matrix_profile("test Adobe RGB"))
+  ref = _write(tmp_path / "adobe.png", buf.getvalue())
+  pixels = {}
+  for setting in ("ignore", "srgb"):
+    config = photos.PhotoConfig(policies=("squash",), color_profile=setting)
+    prepared, _ = photos.read_decode_prepare(ref, config, min_side=299)
+    pixels[setting] = prepared.arrays["squash"][150, 150].tolist()
+  assert pixels["ignore"] == [100, 200, 100]
+  expected = corpus.adobe_rgb_to_srgb([[(100, 200, 100)]])[0, 0]
+  assert np.abs(np.array(pixels["srgb"]) - expected).max() <= 1
+  with pytest.raises(ValueError, match="--color_profile"):
+    photos.PhotoConfig(policies=("squash",), color_profile="p3")

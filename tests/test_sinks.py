@@ -24,11 +24,18 @@ def _ref(i):
                   extra=(("site", f"s{i}"), ("lat", i / 2)))
 
 
+def _sizes(i):
+  # A 4032x3024 photo decoded at 1/8 scale, a different one per row.
+  return {"source_width": 4032 + i, "source_height": 3024,
+          "decoded_width": 504, "decoded_height": 378 - i}
+
+
 def test_embeddings_table_has_fixed_width_and_metadata():
   schema = sinks.embeddings_schema(
       dataclasses.replace(IRV2, runtime="onnx"), CARRIED)
   rows = [EmbeddingResult(_ref(i), "inception_resnet_v2",
-                          np.full(1536, i, np.float32)) for i in range(3)]
+                          np.full(1536, i, np.float32), **_sizes(i))
+          for i in range(3)]
   table = sinks.results_to_table(rows, schema, CARRIED)
   assert table.schema.field("embedding").type == pa.list_(pa.float32(), 1536)
   assert table.column("embedding")[2].values.to_numpy().tolist() == [2.0] * 1536
@@ -37,18 +44,50 @@ def test_embeddings_table_has_fixed_width_and_metadata():
   assert meta["model"]["name"] == "inception_resnet_v2"
   assert meta["model"]["path"] == "/m/inception_resnet_v2"
   assert meta["runtime"] == "onnx" and meta["version"]
+  assert meta["color_profile"] == "ignore"
+
+
+def test_size_columns_come_before_the_carried_ones_and_hold_the_sizes():
+  for schema in (sinks.embeddings_schema(IRV2, CARRIED),
+                 sinks.predictions_schema(FUNGI, CARRIED)):
+    names = schema.names
+    assert names[-6:] == list(sinks.SIZE_COLUMNS) + ["site", "lat"]
+    for name in sinks.SIZE_COLUMNS:
+      assert schema.field(name).type == pa.int32()
+      assert not schema.field(name).nullable
+  rows = [EmbeddingResult(_ref(i), "inception_resnet_v2",
+                          np.zeros(1536, np.float32), **_sizes(i))
+          for i in range(2)]
+  table = sinks.results_to_table(
+      rows, sinks.embeddings_schema(IRV2, CARRIED), CARRIED)
+  assert table.select(list(sinks.SIZE_COLUMNS)).to_pylist() == [
+      {"source_width": 4032, "source_height": 3024, "decoded_width": 504,
+       "decoded_height": 378},
+      {"source_width": 4033, "source_height": 3024, "decoded_width": 504,
+       "decoded_height": 377}]
+
+
+def test_color_profile_is_recorded_in_every_tables_metadata():
+  for schema in (sinks.embeddings_schema(IRV2, CARRIED, "srgb"),
+                 sinks.predictions_schema(FUNGI, CARRIED, "srgb"),
+                 sinks.schema_for(IRV2, CARRIED, "srgb"),
+                 sinks.errors_schema(CARRIED, [IRV2], "srgb")):
+    meta = json.loads(schema.metadata[sinks.METADATA_KEY])
+    assert meta["color_profile"] == "srgb"
 
 
 def test_predictions_table_types():
   schema = sinks.predictions_schema(FUNGI, CARRIED)
   row = PredictionResult(_ref(1), "fungi_mobile_v1",
                          np.array([7, 3], np.int32),
-                         np.array([0.6, 0.3], np.float32), ("a", "b"))
+                         np.array([0.6, 0.3], np.float32), ("a", "b"),
+                         **_sizes(1))
   table = sinks.results_to_table([row], schema, CARRIED)
   got = table.to_pylist()[0]
   assert (got["label_id"], got["label"], got["top_k_labels"]) == (7, "a",
                                                                  ["a", "b"])
   assert got["score"] == pytest.approx(0.6)
+  assert (got["source_width"], got["decoded_height"]) == (4033, 377)
   assert table.schema.field("label_id").type == pa.int32()
   assert table.schema.field("top_k_scores").type == pa.list_(pa.float32())
 

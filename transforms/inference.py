@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -167,15 +167,24 @@ class RunModelFn(beam.DoFn):
   def _results(self, items: List[PreparedImage], outputs: np.ndarray) -> list:
     name = self._config.model.name
     if self._config.model.spec.kind == models_lib.EMBEDDER:
-      return [EmbeddingResult(ref=p.ref, model=name, embedding=out)
+      return [EmbeddingResult(ref=p.ref, model=name, embedding=out,
+                              **_sizes(p))
               for p, out in zip(items, outputs)]
     ids, scores = top_k(outputs, self._config.top_k)
     labels = self._held.labels
     return [
         PredictionResult(ref=p.ref, model=name, label_ids=i, scores=s,
-                         labels=tuple(labels[j] for j in i))
+                         labels=tuple(labels[j] for j in i), **_sizes(p))
         for p, i, s in zip(items, ids, scores)
     ]
+
+
+def _sizes(prepared: PreparedImage) -> Dict[str, int]:
+  """The photo's source and decoded sizes, as result fields."""
+  return {"source_width": prepared.source_width,
+          "source_height": prepared.source_height,
+          "decoded_width": prepared.decoded_width,
+          "decoded_height": prepared.decoded_height}
 
 
 class RunModel(beam.PTransform):

@@ -39,6 +39,8 @@ DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_PREFETCH = 32
+DEFAULT_COLOR_PROFILE = decode_lib.COLOR_PROFILE_IGNORE
+COLOR_PROFILES = decode_lib.COLOR_PROFILES
 
 
 class ReadError(Exception):
@@ -162,6 +164,9 @@ class PhotoConfig:
       counter of its own for each pipeline built.
     decode_threads: threads reading and decoding ahead; 0 decodes inline.
     prefetch: photos in flight ahead of what has been emitted.
+    color_profile: ``ignore`` (embedded ICC profiles are not applied, as
+      the seed models were trained) or ``srgb`` (non-sRGB profiles are
+      converted to sRGB).
   """
 
   policies: Tuple[str, ...]
@@ -174,6 +179,7 @@ class PhotoConfig:
   run_id: Optional[str] = None
   decode_threads: int = DEFAULT_DECODE_THREADS
   prefetch: int = DEFAULT_PREFETCH
+  color_profile: str = DEFAULT_COLOR_PROFILE
 
   def __post_init__(self):
     if not self.policies:
@@ -188,6 +194,7 @@ class PhotoConfig:
       raise ValueError("--decode_threads must be 0 (no pool) or more")
     if self.prefetch < 1:
       raise ValueError("--prefetch must be at least 1")
+    decode_lib.check_color_profile(self.color_profile)
 
 
 def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
@@ -207,14 +214,19 @@ def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
         on_retry=lambda: retries.append(1))
     stage = STAGE_DECODE
     image = decode_lib.decode_image(data, min_side=min_side,
-                                    max_pixels=config.max_pixels)
+                                    max_pixels=config.max_pixels,
+                                    color_profile=config.color_profile,
+                                    filename=ref.uri)
     del data
     stage = STAGE_PREPARE
     arrays = preprocess.prepare_all(image, config.policies, config.size)
-    width, height = image.info.get(decode_lib.ORIGINAL_SIZE_KEY, image.size)
+    source_width, source_height = image.info[decode_lib.ORIGINAL_SIZE_KEY]
   except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
     return ErrorRecord(ref=ref, stage=stage, error=_reason(e)), len(retries)
-  prepared = PreparedImage(ref=ref, arrays=arrays, width=width, height=height)
+  prepared = PreparedImage(
+      ref=ref, arrays=arrays, source_width=source_width,
+      source_height=source_height, decoded_width=image.width,
+      decoded_height=image.height)
   return prepared, len(retries)
 
 

@@ -62,28 +62,46 @@ class PreparedImage:
   ``arrays`` maps a preparation name (for example ``center_crop``) to a
   ``[size, size, 3]`` uint8 array.  Several models that share a preparation
   share the array; the photo was decoded once.
+
+  Sizes are upright (after the EXIF orientation): ``source_*`` is the size
+  stored in the file, ``decoded_*`` the size it was decoded at (smaller
+  when a big JPEG was decoded at 1/2, 1/4 or 1/8 scale).
   """
 
   ref: ImageRef
   arrays: Mapping[str, np.ndarray]
-  width: int
-  height: int
+  source_width: int
+  source_height: int
+  decoded_width: int
+  decoded_height: int
 
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingResult:
+  """One photo's embedding by one model, with its sizes (see PreparedImage)."""
+
   ref: ImageRef
   model: str
   embedding: np.ndarray  # float32 [width]
+  source_width: int
+  source_height: int
+  decoded_width: int
+  decoded_height: int
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictionResult:
+  """One photo's top-k classes by one model, with its sizes."""
+
   ref: ImageRef
   model: str
   label_ids: np.ndarray  # int32 [k], best first
   scores: np.ndarray  # float32 [k], descending
   labels: Tuple[str, ...]
+  source_width: int
+  source_height: int
+  decoded_width: int
+  decoded_height: int
 
 
 @dataclasses.dataclass(frozen=True)
