@@ -45,4 +45,27 @@ def photo_dir(tmp_path_factory):
       root / "noise.bmp")
   (root / "broken.jpg").write_bytes(b"<html><body>not a photo</body></html>")
   return root
+
+
+@pytest.fixture(scope="session")
+def labelled_job(tiny_models, tmp_path_factory):
+  """The whole embed job over labelled crops (tests/labelled_photos.py).
+
+  Returns a dict: ``out`` (the output folder), ``photos`` (the
+  LabelledPhotos written) and ``models`` (the tiny stand-ins' root).
+  """
+  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from tests import labelled_photos  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path_factory.mktemp("labelled"))
+  photos = labelled_photos.make_labelled_photos(
+      root, real_photo_paths(), os.path.join(tiny_models, "fungi_mobile_v1"))
+  out = os.path.join(root, "out")
+  report = embed_images.run([
+      "--input", photos.manifest, "--output_dir", out,
+      "--model_root", tiny_models, "--runtime", "tf", "--batch_size", "8",
+      "--top_k", "5"])
+  return {"out": out, "photos": photos, "models": tiny_models,
+          "report": report}
+
+
 from tests.gcs_server import gcs_server  # noqa: F401,E402  (fixture)
