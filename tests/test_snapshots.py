@@ -210,6 +210,19 @@ def test_plan_photo_counts_attempts():
   assert plan.new == (EMB, FUN)
 
 
+def test_shared_photo_goes_to_every_model_any_observation_qualifies_for():
+  # The plant observation sorts first; the fungus one alone qualifies for
+  # the fungi model.
+  refs = [_ref("a-plant", models=(EMB,)), _ref("b-fungus", models=(FUN,))]
+  plan = snapshots.plan_photo(refs, [], [], (EMB, FUN), 3)
+  assert plan.new == (EMB, FUN) and plan.ref.models == (EMB, FUN)
+  assert plan.ref.extra_dict()["observation_uuid"] == "a-plant"
+  plan = snapshots.plan_photo(refs, [EMB], [], (EMB, FUN), 3)  # a later run
+  assert plan.new == (FUN,) and plan.done == (EMB,)
+  plan = snapshots.plan_photo(refs[:1], [EMB], [], (EMB, FUN), 3)
+  assert plan.ref is None and plan.new == ()
+
+
 def test_plan_photo_picks_one_observation():
   refs = [_ref("b", models=(EMB,)), _ref("a", models=(EMB, FUN))]
   plan = snapshots.plan_photo(refs, [], [], (EMB, FUN), 3)

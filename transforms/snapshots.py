@@ -1068,7 +1068,10 @@ def plan_photo(candidates: Iterable[ImageRef], done: Iterable[str],
 
   Args:
     candidates: the photo's ImageRefs from the snapshot (one per kept
-      observation holding it); none means it did not pass the filters.
+      observation holding it); none means it did not pass the filters.  A
+      photo shared by several observations goes to every model that any of
+      them is routed to; its rows carry the fields of the observation whose
+      uuid sorts first.
     done: models whose table holds the photo in an earlier partition.
     failed: the ``model`` of each earlier error row of the photo (None for
       errors before any model, which count for every model).
@@ -1081,8 +1084,17 @@ def plan_photo(candidates: Iterable[ImageRef], done: Iterable[str],
   candidates = list(candidates)
   if not candidates:
     return None
+  # The photo's rows carry the fields of the observation whose uuid sorts
+  # first; it goes to a model when any of its observations qualifies.
   ref = min(candidates, key=lambda r: (r.extra_dict().get("observation_uuid")
                                        or "", r.uri))
+  routes = [c.models for c in candidates]
+  if any(r is None for r in routes):
+    ref = dataclasses.replace(ref, models=None)
+  else:
+    qualifying = set().union(*routes)
+    ref = dataclasses.replace(
+        ref, models=tuple(m for m in models if m in qualifying))
   done = set(done)
   failed = list(failed)
   before_models = sum(1 for m in failed if m is None)
