@@ -1,15 +1,16 @@
 """A corpus of odd and broken image files, written by code.
 
-``write_corpus(directory)`` writes about eighty files that exercise the
+``write_corpus(directory)`` writes over seventy files that exercise the
 decoder: every colour mode and container a photo collection turns up
 (progressive and CMYK JPEGs, EXIF rotations, 16-bit and palette PNGs, alpha
 WebP, animated GIF, multi-page TIFF, 1x1 and 12000x6 images, odd file names),
 transparency in every form Pillow decodes, an embedded Adobe RGB profile,
 and the ways files arrive broken (empty, truncated, corrupt, not an image at
-all, a decompression bomb, a camera raw that would give only its preview).  Content comes from the real photos that ship
-with scikit-image and scikit-learn where that matters, from flat colours
-where a test checks exact pixels, and from a seeded generator otherwise, so
-the corpus is the same on every run.
+all, a decompression bomb, a camera raw that would give only its preview).
+Content comes from the real photos that ship with scikit-image and
+scikit-learn where that matters, from flat colours where a test checks exact
+pixels, and from a seeded generator otherwise, so the corpus is the same on
+every run.
 
 Each file is described by a ``CorpusItem``; tests iterate over them.
 """
@@ -216,6 +217,36 @@ def _icc_tag(kind: bytes, body: bytes) -> bytes:
   return data + b"\0" * (-len(data) % 4)
 
 
+def _icc_profile(description: str, space: bytes,
+                 tags: List[Tuple[bytes, bytes]]) -> bytes:
+  """An ICC v2 display profile: header, tag table, description, white."""
+  text = description.encode("ascii") + b"\0"
+  desc = (struct.pack(">I", len(text)) + text + struct.pack(">II", 0, 0) +
+          struct.pack(">HB", 0, 0) + b"\0" * 67)
+  tags = [(b"desc", _icc_tag(b"desc", desc)),
+          (b"wtpt", _icc_tag(b"XYZ ", b"".join(map(_s15fixed16, D50)))),
+          (b"cprt", _icc_tag(b"text", b"no copyright, test data\0"))] + tags
+  offset = 128 + 4 + 12 * len(tags)
+  table, body = struct.pack(">I", len(tags)), b""
+  for sig, data in tags:
+    table += sig + struct.pack(">II", offset + len(body), len(data))
+    body += data
+  size = offset + len(body)
+  header = (struct.pack(">I", size) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) +
+            b"mntr" + space + b"XYZ " +
+            struct.pack(">6H", 2024, 1, 1, 0, 0, 0) + b"acsp" + b"\0" * 28 +
+            b"".join(map(_s15fixed16, D50)) + b"\0" * 48)
+  assert len(header) == 128
+  return header + table + body
+
+
+def icc_gray_profile(description: str, gamma: float = 1.0) -> bytes:
+  """A minimal ICC v2 grey display profile (one ``kTRC`` gamma curve)."""
+  curve = struct.pack(">IH", 1, int(round(gamma * 256)))
+  return _icc_profile(description, b"GRAY", [(b"kTRC", _icc_tag(b"curv",
+                                                                  curve))])
+
+
 def icc_matrix_profile(description: str,
                        colorants=ADOBE_RGB_COLORANTS,
                        gamma: float = ADOBE_RGB_GAMMA) -> bytes:
@@ -230,29 +261,13 @@ def icc_matrix_profile(description: str,
     colorants: D50-adapted XYZ of the red, green and blue primaries.
     gamma: exponent of the tone curve of every channel.
   """
-  text = description.encode("ascii") + b"\0"
-  desc = (struct.pack(">I", len(text)) + text + struct.pack(">II", 0, 0) +
-          struct.pack(">HB", 0, 0) + b"\0" * 67)
   curve = struct.pack(">IH", 1, int(round(gamma * 256)))
-  tags = [(b"desc", _icc_tag(b"desc", desc)),
-          (b"wtpt", _icc_tag(b"XYZ ", b"".join(map(_s15fixed16, D50)))),
-          (b"cprt", _icc_tag(b"text", b"no copyright, test data\0"))]
+  tags = []
   for sig, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants):
     tags.append((sig, _icc_tag(b"XYZ ", b"".join(map(_s15fixed16, xyz)))))
   for sig in (b"rTRC", b"gTRC", b"bTRC"):
     tags.append((sig, _icc_tag(b"curv", curve)))
-  offset = 128 + 4 + 12 * len(tags)
-  table, body = struct.pack(">I", len(tags)), b""
-  for sig, data in tags:
-    table += sig + struct.pack(">II", offset + len(body), len(data))
-    body += data
-  size = offset + len(body)
-  header = (struct.pack(">I", size) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) +
-            b"mntrRGB XYZ " + struct.pack(">6H", 2024, 1, 1, 0, 0, 0) +
-            b"acsp" + b"\0" * 24 + struct.pack(">I", 0) +
-            b"".join(map(_s15fixed16, D50)) + b"\0" * 48)
-  assert len(header) == 128
-  return header + table + body
+  return _icc_profile(description, b"RGB ", tags)
 
 
 def adobe_rgb_to_srgb(rgb) -> np.ndarray:

@@ -572,6 +572,16 @@ def test_rgb_profile_on_a_grey_image_is_not_applied():
   assert (out[..., 0] == _SAMPLES[..., 1]).all()
 
 
+def test_grey_profile_is_applied_to_grey_images():
+  # A linear grey profile: 50% of the light is 128 stored, 188 in sRGB.
+  grey = Image.new("L", (4, 4), 128)
+  data = _encode(grey, "PNG", icc_profile=corpus.icc_gray_profile("linear"))
+  assert decode_image(data, color_profile="ignore").getpixel((0, 0)) == (
+      128, 128, 128)
+  red, green, blue = decode_image(data, color_profile="srgb").getpixel((0, 0))
+  assert red == green == blue and abs(red - 188) <= 1
+
+
 def test_check_color_profile():
   decode.check_color_profile("ignore")
   decode.check_color_profile("srgb")

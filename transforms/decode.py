@@ -495,8 +495,8 @@ def _key_alpha(img: Image.Image, rawmode: str,
   return Image.fromarray(np.where(match, 0, 255).astype(np.uint8), "L")
 
 
-def _split_alpha(img: Image.Image, rawmode: str = "",
-                 data: bytes = b"") -> Tuple[Image.Image, Optional[Image.Image]]:
+def _split_alpha(img: Image.Image, rawmode: str = "", data: bytes = b""
+                 ) -> Tuple[Image.Image, Optional[Image.Image]]:
   """Separates colour from transparency, for every mode Pillow decodes to.
 
   Returns:
