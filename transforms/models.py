@@ -390,33 +390,39 @@ def stage_locally(path: str) -> str:
   """Returns a local folder holding the model at ``path``.
 
   Local paths are returned as they are.  Remote folders (gs://, s3://) are
-  copied once per process into a cache folder (``$NATVISION_MODEL_CACHE`` or
-  the temp dir), keyed by the path, so that TensorFlow reads local files.
+  copied into a cache folder (``$NATVISION_MODEL_CACHE`` or the temp dir)
+  so that TensorFlow reads local files.  The cache is keyed by the path and
+  by each file's name, size and modification time, so a model replaced at
+  the same path is fetched again.
+
+  Raises:
+    ModelError: the folder holds no files.
+    storage.StorageError: the listing or a copy failed.
   """
   if "://" not in path:
     return path
   import hashlib  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
 
+  prefix = path.rstrip("/") + "/"
+  listing = [(p[len(prefix):], size, mtime) for p, size, mtime in
+             storage.match_metadata(prefix + "**")]
+  listing = [entry for entry in listing
+             if entry[0] and not entry[0].endswith("/")]
+  if not listing:
+    raise ModelError(f"{path} holds no files")
   cache_root = os.environ.get(_LOCAL_CACHE_ENV) or os.path.join(
       tempfile.gettempdir(), "natvision-models")
-  key = hashlib.sha256(path.encode()).hexdigest()[:16]
+  key = hashlib.sha256(repr((path, listing)).encode()).hexdigest()[:16]
   target = os.path.join(cache_root, key)
   done = os.path.join(target, ".complete")
   if os.path.exists(done):
     return target
   tmp = f"{target}.tmp{os.getpid()}"
-  prefix = path.rstrip("/") + "/"
-  matches = storage.match(prefix + "**")
-  if not matches:
-    raise ModelError(f"{path} holds no files")
-  for match_path in matches:
-    rel = match_path[len(prefix):]
-    if not rel or rel.endswith("/"):
-      continue
+  for rel, _, _ in listing:
     dest = os.path.join(tmp, rel)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with FileSystems.open(match_path) as src, open(dest, "wb") as out:
+    with FileSystems.open(prefix + rel) as src, open(dest, "wb") as out:
       while True:
         chunk = src.read(1 << 22)
         if not chunk:

@@ -13,7 +13,8 @@ storage client's own retries, as a ``StorageError`` that names the path.
 
 from __future__ import annotations
 
-from typing import List
+import contextlib
+from typing import Iterator, List
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -37,6 +38,20 @@ def match(pattern: str) -> List[str]:
   except Exception as e:  # noqa: BLE001 - every client raises its own kinds
     raise StorageError(f"listing {pattern} failed: {_reason(e)}") from e
   return sorted(m.path for m in result.metadata_list)
+
+
+def match_metadata(pattern: str) -> List[Tuple[str, int, float]]:
+  """(path, size in bytes, last modified in seconds) of each match, sorted.
+
+  Raises:
+    StorageError: the listing failed.
+  """
+  try:
+    result = FileSystems.match([pattern])[0]
+  except Exception as e:  # noqa: BLE001
+    raise StorageError(f"listing {pattern} failed: {_reason(e)}") from e
+  return sorted((m.path, m.size_in_bytes, m.last_updated_in_seconds or 0.0)
+                for m in result.metadata_list)
 
 
 def exists(path: str) -> bool:
@@ -63,6 +78,35 @@ def read_bytes(path: str) -> bytes:
       return f.read()
   except Exception as e:  # noqa: BLE001
     raise StorageError(f"reading {path} failed: {_reason(e)}") from e
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a small file (a plan, a marker, a summary) in one go.
+
+  Raises:
+    StorageError: the write failed.
+  """
+  with failing_as("writing", path):
+    with FileSystems.create(path) as f:
+      f.write(data)
+
+
+@contextlib.contextmanager
+def failing_as(action: str, path: str) -> Iterator[None]:
+  """Raises any failure in the block as a StorageError naming the path.
+
+  For reads and writes that stream (a Parquet footer, a table file): the
+  storage client's own errors often name no path, or only a URL-encoded one.
+
+  Raises:
+    StorageError: "<action> <path> failed: <reason>".
+  """
+  try:
+    yield
+  except StorageError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise StorageError(f"{action} {path} failed: {_reason(e)}") from e
 
 
 def _reason(e: BaseException) -> str:
