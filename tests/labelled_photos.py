@@ -10,7 +10,8 @@ the six sources in four genera and two families.
 The labels are names from the tiny classifier's labelmap, chosen so that
 the classifier's figures are neither 0 nor 1: each source gets the label the
 classifier most often ranks first on its crops.  One crop carries a wrong
-label, one a label that is not in the labelmap, one none at all.
+label, one a label that is not in the labelmap, one none at all; one listed
+file does not exist (an error row).
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def make_labelled_photos(root: str, source_paths: List[str],
   rows[1]["taxon_id"] = ""
   rows[-1]["species"] = ""
   rows[-1]["taxon_id"] = ""
+
+  # A listed photo whose file is gone: a row in the errors table (stage read).
+  rows.append({"uri": os.path.join(root, "photos", "deleted.jpg"),
+               "image_id": "gone", "species": source_labels[0],
+               "taxon_id": str(TAXONOMY[0][0]), "site": "site 0"})
 
   manifest = os.path.join(root, "labelled.csv")
   with open(manifest, "w", newline="", encoding="utf-8") as f:

@@ -61,6 +61,8 @@ EXACT_BELOW_FLOATS = 2 ** 25
 TARGET_RECALL = 0.95
 RECALL_QUERIES = 500
 RECALL_K = 10
+# k-means training rows per inverted list (FAISS wants at least 39).
+TRAIN_PER_LIST = 64
 SEARCH_CHUNK = 4096
 
 
@@ -86,7 +88,8 @@ def build_approximate(vectors: np.ndarray,
                       queries: int = RECALL_QUERIES, seed: int = 0):
   """An IVF index over unit vectors, tuned to reach ``target_recall``.
 
-  nlist is about 4 sqrt(n) (at least 39 training rows per list); nprobe is
+  nlist is about 4 sqrt(n), trained on up to 64 rows per list (at least
+  39 per list); nprobe is
   doubled from 1 until Recall@10 against an exact search of ``queries`` of
   the table's own rows reaches the target (or every list is probed).
 
@@ -103,8 +106,9 @@ def build_approximate(vectors: np.ndarray,
   index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
   rng = np.random.default_rng(seed)
   train = vectors
-  if n > 256 * nlist:
-    train = vectors[np.sort(rng.choice(n, 256 * nlist, replace=False))]
+  if n > TRAIN_PER_LIST * nlist:
+    train = vectors[np.sort(rng.choice(n, TRAIN_PER_LIST * nlist,
+                                       replace=False))]
   index.train(train)
   index.add(vectors)
   q = vectors[np.sort(rng.choice(n, min(queries, n), replace=False))]
