@@ -27,7 +27,7 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["pipelines", "transforms"],
+    packages=["pipelines", "transforms", "tools"],
     package_data={
         "pipelines": ["sample_photos/*"],
     },
@@ -53,7 +53,18 @@ setuptools.setup(
             "apache-beam[gcp]>=2.70,<2.78",
             "google-cloud-storage>=2.14,<4",
         ],
+        # natvision-evaluate, -index, -search and -report (and the plots
+        # of the report.html each run writes).
+        "tools": [
+            "faiss-cpu>=1.9,<1.16",
+            "matplotlib>=3.9,<3.12",
+        ],
         "test": [
+            "faiss-cpu>=1.9,<1.16",
+            "matplotlib>=3.9,<3.12",
+            # The report is checked in headless Chromium (Debian's chromium
+            # and chromium-driver packages).
+            "selenium>=4.20,<5",
             "apache-beam[gcp]>=2.70,<2.78",
             "google-cloud-storage>=2.14,<4",
             "pytest>=8,<10",
@@ -68,6 +79,10 @@ setuptools.setup(
             "natvision-embed=pipelines.embed_images:main",
             "natvision-ingest=pipelines.ingest_observations:main",
             "natvision-standins=pipelines.standin_models:main",
+            "natvision-evaluate=tools.evaluate:main",
+            "natvision-index=tools.search:index_main",
+            "natvision-search=tools.search:main",
+            "natvision-report=tools.report:main",
         ],
     },
 )

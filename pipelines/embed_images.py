@@ -32,6 +32,7 @@ from apache_beam.runners.runner import PipelineState
 import transforms
 from pipelines import common
 from pipelines.common import DEFAULT_MODELS, FlagError  # noqa: F401 (API)
+from tools import report as html_report
 from transforms import progress
 from transforms import resume as resume_lib
 from transforms import sinks
@@ -217,6 +218,7 @@ class RunReport:
         "model_loads": {},
     })
     common.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
+    html_report.write_report(layout.output_dir)  # logs, never raises
     return report
 
 

@@ -56,6 +56,7 @@ from apache_beam.runners.runner import PipelineState
 import transforms
 from pipelines import common
 from pipelines.common import FlagError
+from tools import report as html_report
 from transforms import progress
 from transforms import sinks
 from transforms import snapshots
@@ -456,6 +457,7 @@ class FinishPartition:
     })
     common.write_json(self._base["summary_path"], report)
     write_markers(layout, report)
+    html_report.write_report(layout.output_dir, config.date)  # never raises
     return report
 
 

@@ -20,7 +20,7 @@ import pytest
 import transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("pipelines", "transforms")
+PACKAGES = ("pipelines", "transforms", "tools")
 NOT_COPIED = {".git", "__pycache__", ".pytest_cache", "build", "dist",
               ".venv", ".ci-venv", "natvision_demo", "demo_output", "out"}
 
@@ -28,7 +28,7 @@ IMPORT_ALL = r"""
 import importlib, json, pkgutil, sys
 import importlib.metadata as md
 found = {}
-for package in ("pipelines", "transforms"):
+for package in ("pipelines", "transforms", "tools"):
   module = importlib.import_module(package)
   found[package] = module.__file__
   for info in pkgutil.iter_modules(module.__path__):
@@ -115,7 +115,11 @@ def test_modules_and_console_scripts_import_from_the_installed_copy(
   assert "pipelines.ingest_observations" in found["modules"]
   assert found["scripts"] == {"natvision-embed": True,
                               "natvision-ingest": True,
-                              "natvision-standins": True}
+                              "natvision-standins": True,
+                              "natvision-evaluate": True,
+                              "natvision-index": True,
+                              "natvision-search": True,
+                              "natvision-report": True}
 
 
 def test_demo_job_runs_from_the_installed_copy(site, elsewhere):
