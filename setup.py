@@ -39,6 +39,9 @@ setuptools.setup(
         "pyarrow>=14,<27",
         "numpy>=1.26,<3",
         "pillow>=10.3,<13",
+        # http(s) photos: one pooled client per worker process; retries.
+        "urllib3>=1.26.18,<3",
+        "tenacity>=8.2,<10",
         # --runtime auto|onnx: the TF Hub models converted and run on ONNX
         # Runtime, checked against TensorFlow before use.
         "onnxruntime>=1.17,<1.33",

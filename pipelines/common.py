@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms import fetch as fetch_lib
 from transforms import inference
 from transforms import models as models_lib
 from transforms import photos
@@ -45,6 +46,7 @@ class ModelFlags:
   prefetch: int = photos.DEFAULT_PREFETCH
   color_profile: str = photos.DEFAULT_COLOR_PROFILE
   shard_rows: int = sinks.DEFAULT_SHARD_ROWS
+  fetch: fetch_lib.FetchConfig = fetch_lib.FetchConfig()
 
   def __post_init__(self):
     if self.max_file_bytes < 1:
@@ -76,7 +78,8 @@ class ModelFlags:
         max_file_bytes=self.max_file_bytes, max_pixels=self.max_pixels,
         read_attempts=self.read_attempts, expected_total=expected_total,
         color_profile=self.color_profile,
-        run_id=run_id, decode_threads=self.decode_threads, prefetch=self.prefetch)
+        run_id=run_id, decode_threads=self.decode_threads, prefetch=self.prefetch,
+        fetch=self.fetch)
 
   def inference_config(self, model: models_lib.ResolvedModel
                        ) -> inference.InferenceConfig:
@@ -141,6 +144,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--shard_rows", type=int, default=sinks.DEFAULT_SHARD_ROWS,
                  help="rows per Parquet shard; each shard is closed when "
                  "full, so a rerun after a dead run reuses it")
+  fetch_lib.FetchConfig.add_flags(p)
 
 
 def model_flags_from_args(args: argparse.Namespace,
@@ -164,12 +168,16 @@ def model_flags_from_args(args: argparse.Namespace,
         resize=args.resize, runtime=args.runtime)
   except models_lib.ModelError as e:
     raise FlagError(str(e)) from e
+  try:
+    fetch = fetch_lib.FetchConfig.from_args(args)
+  except ValueError as e:
+    raise FlagError(str(e)) from e
   return ModelFlags(
       models=tuple(resolved), batch_size=args.batch_size, top_k=args.top_k,
       max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,
       color_profile=args.color_profile,
       read_attempts=args.read_attempts, decode_threads=args.decode_threads,
-      prefetch=args.prefetch, shard_rows=args.shard_rows)
+      prefetch=args.prefetch, shard_rows=args.shard_rows, fetch=fetch)
 
 
 def split_beam_args(parser: argparse.ArgumentParser,

@@ -35,6 +35,7 @@ from pipelines.common import DEFAULT_MODELS, FlagError  # noqa: F401 (API)
 from tools import report as html_report
 from transforms import progress
 from transforms import resume as resume_lib
+from transforms import fetch
 from transforms import sinks
 from transforms import sources
 from transforms import storage
@@ -128,6 +129,8 @@ def parse_args(argv: Optional[Sequence[str]] = None
     model_root = model_root or FileSystems.join(output_dir, "_standin_models")
   if not inputs:
     raise FlagError("--input is required (a glob pattern or a manifest)")
+  inputs = [fetch.local_path(i) for i in inputs]
+  output_dir = fetch.local_path(output_dir) if output_dir else output_dir
   if not output_dir:
     raise FlagError("--output_dir is required (a local folder or gs://...)")
   flags = common.model_flags_from_args(args, model_root)
@@ -153,17 +156,22 @@ def prepare_inputs(config: JobConfig) -> Prepared:
   """Checks the input before the pipeline starts.
 
   Raises:
-    FlagError: unreadable manifest or a pattern matching nothing.
+    FlagError: unreadable manifest, a pattern matching nothing, or a
+      scheme (of the input, the output or a manifest's first rows) that
+      nothing installed reads.
   """
   try:
+    fetch.check_schemes(list(config.inputs) + [config.output_dir])
     if config.manifest_path:
       manifest = sources.read_manifest_header(config.manifest_path,
                                               config.manifest_encoding)
       expected = manifest.row_count
+      fetch.check_schemes(sources.sample_uris(manifest))
     else:
       manifest = None
+      sources.check_listable(config.inputs)
       expected = sources.count_pattern_matches(config.inputs)
-  except sources.InputError as e:
+  except (sources.InputError, fetch.SchemeError) as e:
     raise FlagError(str(e)) from e
   return Prepared(manifest=manifest, expected_total=expected)
 
@@ -254,6 +262,9 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     FlagError: bad flags, input or models, before the pipeline starts.
   """
   config, options = parse_args(argv)
+  # The launcher reads the input before the pipeline exists; Beam's S3
+  # filesystem needs the options (--s3_endpoint_url, ...) set to work.
+  FileSystems.set_options(options)
   if config.demo:
     _ensure_demo_models(config)
   prepared = prepare_inputs(config)

@@ -77,6 +77,12 @@ EXAMPLES = {
     "taxon_id": "47170,47169",
     "route": "fungi_mobile_v1=47170",
     "max_attempts": "5",
+    "fetch_concurrency": "64",
+    "per_host_concurrency": "4",
+    "connect_timeout": "5",
+    "read_timeout": "30.5",
+    "max_redirects": "3",
+    "user_agent": "mailto:me@example.org",
 }
 BAD = {
     "input": ["/local/photos/*.jpg", "photos/*.jpg", "gs:/b/x", ""],
@@ -101,6 +107,12 @@ BAD = {
     "taxon_id": ["fungi", "47170,"],
     "route": ["fungi_mobile_v1", "bogus=47170", "fungi_mobile_v1=fungi"],
     "max_attempts": ["0"],
+    "fetch_concurrency": ["0", "-1", "many"],
+    "per_host_concurrency": ["0", "1.5"],
+    "connect_timeout": ["-1", "5s", ""],
+    "read_timeout": ["ten"],
+    "max_redirects": ["-1", "x"],
+    "user_agent": ["", " leading space", "a\nb"],
 }
 
 

@@ -12,10 +12,9 @@ from transforms.records import ErrorRecord, ImageRef
 
 
 class _Flaky:
-  """An opener that fails with a 503-like error a set number of times."""
+  """An opener that fails with a 503 a set number of times."""
 
-  class ServiceUnavailable(Exception):
-    code = 503
+  from google.api_core.exceptions import ServiceUnavailable
 
   def __init__(self, failures, data=b"bytes"):
     self.failures = failures
@@ -31,7 +30,7 @@ class _Flaky:
 
 def test_transient_errors_are_retried_with_backoff():
   opener, sleeps = _Flaky(2), []
-  data = photos.read_with_retries("gs://b/x.jpg", 100, attempts=4,
+  data = photos.read_with_retries("/mnt/nfs/x.jpg", 100, attempts=4,
                                   base_delay=1.0, opener=opener,
                                   sleep=sleeps.append)
   assert data == b"bytes" and opener.calls == 3
@@ -41,9 +40,17 @@ def test_transient_errors_are_retried_with_backoff():
 def test_gives_up_after_bounded_attempts():
   opener = _Flaky(10)
   with pytest.raises(photos.ReadError, match="gave up after 3 attempts"):
+    photos.read_with_retries("/mnt/nfs/x.jpg", 100, attempts=3,
+                             opener=opener, sleep=lambda s: None)
+  assert opener.calls == 3
+
+
+def test_gs_failures_were_retried_by_the_client_and_are_not_retried_again():
+  opener = _Flaky(10)
+  with pytest.raises(photos.ReadError, match="503 backend error") as info:
     photos.read_with_retries("gs://b/x.jpg", 100, attempts=3, opener=opener,
                              sleep=lambda s: None)
-  assert opener.calls == 3
+  assert opener.calls == 1 and info.value.transient
 
 
 def test_missing_and_oversized_files_are_not_retried(tmp_path):

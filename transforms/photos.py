@@ -6,8 +6,10 @@ uint8 array per preparation policy the chosen models need.  A failure at any
 step becomes an ``ErrorRecord`` (stage ``read``, ``decode`` or ``prepare``) on
 the errors output; the job goes on.
 
-Reads that fail with a transient storage error are retried with exponential
-backoff a bounded number of times before they become an error row.
+Bytes are fetched by ``transforms.fetch`` (by scheme: Beam's FileSystems or
+a pooled HTTP client), on a pool of fetch threads shared by the worker
+process (``--fetch_concurrency``) and apart from the decode threads, so that
+many slow requests can be in flight while a few threads decode.
 """
 
 from __future__ import annotations
@@ -15,19 +17,17 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import logging
-import random
 import time
 import uuid
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import decode as decode_lib
+from transforms import fetch as fetch_lib
 from transforms import preprocess
 from transforms import progress
 from transforms import uris
@@ -43,109 +43,48 @@ DEFAULT_COLOR_PROFILE = decode_lib.COLOR_PROFILE_IGNORE
 COLOR_PROFILES = decode_lib.COLOR_PROFILES
 
 
-class ReadError(Exception):
-  """A photo's bytes could not be read; the message is the readable reason."""
-
-  def __init__(self, message: str, transient: bool = False):
-    super().__init__(message)
-    self.transient = transient
-
-
-_TRANSIENT_NAMES = (
-    "ServiceUnavailable", "TooManyRequests", "InternalServerError",
-    "GatewayTimeout", "BadGateway", "DeadlineExceeded", "RetryError",
-    "ConnectionError", "ConnectionResetError", "TimeoutError",
-    "TransportError", "ChunkedEncodingError", "IncompleteRead",
-)
-
-
-def _chain(e: BaseException):
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    yield e
-    e = e.__cause__ or e.__context__
-
-
-def is_transient(e: BaseException) -> bool:
-  """Whether a storage exception is worth retrying (5xx, 429, timeouts)."""
-  for err in _chain(e):
-    if isinstance(err, ReadError):
-      return err.transient
-    if type(err).__name__ in _TRANSIENT_NAMES or isinstance(
-        err, (ConnectionError, TimeoutError)):
-      return True
-    code = getattr(err, "code", None)
-    if isinstance(code, int) and (code == 429 or 500 <= code < 600):
-      return True
-  return False
-
-
-def _is_not_found(e: BaseException) -> bool:
-  for err in _chain(e):
-    if isinstance(err, FileNotFoundError) or type(err).__name__ == "NotFound":
-      return True
-    if getattr(err, "code", None) == 404:
-      return True
-    if "No such file" in str(err) or "not found" in str(err).lower():
-      return True
-  return False
+# How bytes are fetched (and which failures are retried) is decided by
+# transforms.fetch; these names are its, kept here for callers.
+ReadError = fetch_lib.FetchError
+is_transient = fetch_lib.is_transient
 
 
 def read_bytes(uri: str, max_bytes: int,
-               opener: Callable = FileSystems.open) -> bytes:
-  """Reads a whole file, refusing files larger than ``max_bytes``.
+               opener: Optional[Callable] = None) -> bytes:
+  """One attempt at a photo's bytes, refusing more than ``max_bytes``.
 
   Raises:
     ReadError: missing file, too large, or a storage failure (``transient``
       set when a retry may help).
   """
-  if not uri:
-    raise ReadError("empty uri")
-  try:
-    with opener(uri) as f:
-      data = f.read(max_bytes + 1)
-  except ReadError:
-    raise
-  except Exception as e:  # noqa: BLE001 - storage clients raise many kinds
-    if _is_not_found(e):
-      raise ReadError(f"file not found: {uri}") from e
-    raise ReadError(f"{type(e).__name__}: {e}", transient=is_transient(e)) from e
-  if len(data) > max_bytes:
-    raise ReadError(
-        f"file is larger than --max_file_bytes {max_bytes}; raise the flag to "
-        f"process it")
-  return data
+  return fetch_lib.fetch_bytes(uri, max_bytes, attempts=1, opener=opener)
 
 
 def read_with_retries(uri: str, max_bytes: int, attempts: int = 4,
                       base_delay: float = 0.5,
-                      opener: Callable = FileSystems.open,
+                      opener: Optional[Callable] = None,
                       sleep: Callable[[float], None] = time.sleep,
-                      on_retry: Optional[Callable[[], None]] = None) -> bytes:
-  """``read_bytes`` with exponential backoff (and jitter) on transient errors.
+                      on_retry: Optional[Callable[[], None]] = None,
+                      fetch: Optional[fetch_lib.FetchConfig] = None) -> bytes:
+  """A photo's bytes, with retries where its scheme needs them.
+
+  See ``transforms.fetch.fetch_bytes``: http(s) and local reads are retried
+  on transient errors with exponential backoff (Retry-After honoured);
+  gs:// and s3:// reads are tried once, their clients having retried.
 
   Args:
     attempts: total tries, at least 1.
     base_delay: seconds before the first retry; doubled each time.
     opener, sleep: injectable for tests.
     on_retry: called before each retry (to count them).
+    fetch: the fetch flags (http(s) client, timeouts, per-host cap).
+
+  Raises:
+    ReadError: the reason the photo could not be read.
   """
-  for attempt in range(1, attempts + 1):
-    try:
-      return read_bytes(uri, max_bytes, opener=opener)
-    except ReadError as e:
-      if not e.transient or attempt == attempts:
-        if e.transient:
-          raise ReadError(f"{e} (gave up after {attempts} attempts)") from e
-        raise
-      if on_retry is not None:
-        on_retry()
-      delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
-      logging.warning("transient read failure for %s (%s); retrying in %.1fs",
-                      uri, e, delay)
-      sleep(delay)
-  raise AssertionError("unreachable")
+  return fetch_lib.fetch_bytes(uri, max_bytes, fetch, attempts=attempts,
+                               base_delay=base_delay, sleep=sleep,
+                               on_retry=on_retry, opener=opener)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +106,7 @@ class PhotoConfig:
     color_profile: ``ignore`` (embedded ICC profiles are not applied, as
       the seed models were trained) or ``srgb`` (non-sRGB profiles are
       converted to sRGB).
+    fetch: how bytes are fetched (concurrency, per-host cap, http client).
   """
 
   policies: Tuple[str, ...]
@@ -180,6 +120,7 @@ class PhotoConfig:
   decode_threads: int = DEFAULT_DECODE_THREADS
   prefetch: int = DEFAULT_PREFETCH
   color_profile: str = DEFAULT_COLOR_PROFILE
+  fetch: fetch_lib.FetchConfig = fetch_lib.FetchConfig()
 
   def __post_init__(self):
     if not self.policies:
@@ -197,22 +138,39 @@ class PhotoConfig:
     decode_lib.check_color_profile(self.color_profile)
 
 
-def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
-                        opener: Callable = FileSystems.open):
-  """One photo through read, decode and prepare; never raises.
+def fetch_step(ref: ImageRef, config: PhotoConfig,
+               opener: Optional[Callable] = None):
+  """Fetches one photo's bytes; never raises.
 
   Returns:
-    (result, retries): a PreparedImage or an ErrorRecord naming the stage
-    that failed, and the number of read retries it took.
+    (bytes or ErrorRecord of stage read, number of retries it took).
   """
   retries = []
-  stage = STAGE_READ
   try:
     data = read_with_retries(
         ref.location, config.max_file_bytes, attempts=config.read_attempts,
         base_delay=config.retry_base_delay, opener=opener,
-        on_retry=lambda: retries.append(1))
-    stage = STAGE_DECODE
+        on_retry=lambda: retries.append(1), fetch=config.fetch)
+  except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
+    return ErrorRecord(ref=ref, stage=STAGE_READ, error=_reason(e)), len(
+        retries)
+  return data, len(retries)
+
+
+def decode_step(ref: ImageRef, fetched, config: PhotoConfig, min_side: int):
+  """Decodes and prepares fetched bytes; never raises.
+
+  Args:
+    fetched: what ``fetch_step`` returned.
+
+  Returns:
+    (PreparedImage or ErrorRecord naming the stage, number of retries).
+  """
+  data, retries = fetched
+  if isinstance(data, ErrorRecord):
+    return data, retries
+  stage = STAGE_DECODE
+  try:
     image = decode_lib.decode_image(data, min_side=min_side,
                                     max_pixels=config.max_pixels,
                                     color_profile=config.color_profile,
@@ -222,22 +180,38 @@ def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
     arrays = preprocess.prepare_all(image, config.policies, config.size)
     source_width, source_height = image.info[decode_lib.ORIGINAL_SIZE_KEY]
   except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
-    return ErrorRecord(ref=ref, stage=stage, error=_reason(e)), len(retries)
+    return ErrorRecord(ref=ref, stage=stage, error=_reason(e)), retries
   prepared = PreparedImage(
       ref=ref, arrays=arrays, source_width=source_width,
       source_height=source_height, decoded_width=image.width,
       decoded_height=image.height)
-  return prepared, len(retries)
+  return prepared, retries
+
+
+def read_decode_prepare(ref: ImageRef, config: PhotoConfig, min_side: int,
+                        opener: Optional[Callable] = None):
+  """One photo through read, decode and prepare, inline; never raises.
+
+  Returns:
+    (result, retries): a PreparedImage or an ErrorRecord naming the stage
+    that failed, and the number of read retries it took.
+  """
+  return decode_step(ref, fetch_step(ref, config, opener), config, min_side)
 
 
 class ReadDecodePrepareFn(beam.DoFn):
   """ImageRef -> PreparedImage, or ErrorRecord on the ``errors`` output.
 
-  Photos are read and decoded by a small thread pool, ``prefetch`` photos
-  ahead of what has been emitted, so that storage reads and JPEG decoding
-  (which release the GIL) overlap with the model's forward pass downstream
-  in the same bundle.  Results are emitted in input order; what is still in
-  flight at the end of a bundle is emitted in ``finish_bundle``.
+  Each photo's bytes are fetched on the worker process's shared fetch
+  pool (``--fetch_concurrency`` threads, see ``transforms.fetch``), then
+  decoded and prepared on this DoFn's small decode pool
+  (``--decode_threads``), so that many slow requests are in flight while a
+  few threads decode, and both overlap with the model's forward pass
+  downstream in the same bundle.  Up to max(``prefetch``,
+  ``fetch_concurrency``) photos are in flight ahead of what has been
+  emitted.  Results are emitted in input order; what is still in flight at
+  the end of a bundle is emitted in ``finish_bundle``.  With no decode
+  threads, photos are fetched and decoded inline.
   """
 
   def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None):
@@ -249,6 +223,8 @@ class ReadDecodePrepareFn(beam.DoFn):
     self._failed = beam.metrics.Metrics.counter("natvision", "photos_failed")
     self._retries = beam.metrics.Metrics.counter("natvision", "read_retries")
     self._pool = None
+    self._fetch_pool = None
+    self._window = max(config.prefetch, config.fetch.fetch_concurrency)
     self._in_flight = None
     self._progress = None
     # Made here, in the launcher, so that every copy of this DoFn in a
@@ -261,6 +237,8 @@ class ReadDecodePrepareFn(beam.DoFn):
     if self._config.decode_threads > 0:
       self._pool = concurrent.futures.ThreadPoolExecutor(
           self._config.decode_threads, thread_name_prefix="natvision-decode")
+      self._fetch_pool = fetch_lib.fetch_pool(
+          self._config.fetch.fetch_concurrency)
 
   def teardown(self):
     if self._pool is not None:
@@ -271,7 +249,28 @@ class ReadDecodePrepareFn(beam.DoFn):
 
   def _work(self, ref: ImageRef):
     return read_decode_prepare(ref, self._config, self._min_side,
-                               self._opener or FileSystems.open)
+                               self._opener)
+
+  def _submit(self, ref: ImageRef) -> concurrent.futures.Future:
+    """Fetch on the shared fetch pool, then decode on this DoFn's pool."""
+    done = concurrent.futures.Future()
+
+    def settle(step: concurrent.futures.Future) -> None:
+      try:
+        done.set_result(step.result())
+      except BaseException as e:  # noqa: BLE001 - handed to the bundle
+        done.set_exception(e)
+
+    def decode(fetched: concurrent.futures.Future) -> None:
+      try:
+        self._pool.submit(decode_step, ref, fetched.result(), self._config,
+                          self._min_side).add_done_callback(settle)
+      except BaseException as e:  # noqa: BLE001 - e.g. pool shut down
+        done.set_exception(e)
+
+    self._fetch_pool.submit(fetch_step, ref, self._config,
+                            self._opener).add_done_callback(decode)
+    return done
 
   def _emit(self, outcome, windowed: bool = False):
     # Counters are updated here, on the bundle's thread: Beam's metrics
@@ -291,8 +290,8 @@ class ReadDecodePrepareFn(beam.DoFn):
     if self._pool is None:
       yield self._emit(self._work(ref))
       return
-    self._in_flight.append(self._pool.submit(self._work, ref))
-    while self._in_flight and (len(self._in_flight) > self._config.prefetch
+    self._in_flight.append(self._submit(ref))
+    while self._in_flight and (len(self._in_flight) > self._window
                                or self._in_flight[0].done()):
       yield self._emit(self._in_flight.popleft().result())
 

@@ -534,6 +534,33 @@ class ReadImageRefs(beam.PTransform):
             | "OnePerId" >> beam.Map(_first_of_duplicates))
 
 
+def sample_uris(manifest: Manifest, limit: int = 1000) -> List[str]:
+  """The URIs of a manifest's first ``limit`` rows, to check their schemes
+  before the job starts."""
+  found = []
+  for row in iter_manifest_rows(manifest):
+    uri = row.get(URI_COLUMN)
+    if uri not in (None, "", b""):
+      found.append(_str(uri).strip())
+    if len(found) >= limit:
+      break
+  return found
+
+
+def check_listable(patterns: Sequence[str]) -> None:
+  """Refuses glob patterns on http(s), which cannot be listed.
+
+  Raises:
+    InputError: naming the pattern and what to give instead.
+  """
+  for pattern in patterns:
+    if pattern.lower().startswith(("http://", "https://")):
+      raise InputError(
+          f"--input {pattern}: a web server cannot be listed like a folder; "
+          f"list the photos' URLs in a manifest (a .csv with a uri column) "
+          f"or give a Darwin Core archive")
+
+
 def count_pattern_matches(patterns: Sequence[str]) -> int:
   """Counts files matched by the patterns; fails on a pattern matching none.
 

@@ -1,0 +1,270 @@
+"""The fetch layer: http(s) against a misbehaving loopback server, retries
+with an injected sleep, typed error predicates, and schemes."""
+
+import argparse
+import concurrent.futures
+import io
+import os
+
+import pytest
+
+from tests.http_server import PhotoServer
+from transforms import fetch
+
+JPEG = b"\xff\xd8\xff\xe0" + os.urandom(5000)
+
+
+def _fetch(url, sleeps=None, attempts=4, config=None, max_bytes=10**6):
+  sleeps = [] if sleeps is None else sleeps
+  return fetch.fetch_bytes(url, max_bytes, config or fetch.FetchConfig(),
+                           attempts=attempts, base_delay=1.0,
+                           sleep=sleeps.append)
+
+
+@pytest.fixture()
+def server():
+  with PhotoServer({"/a.jpg": JPEG, "/b.jpg": JPEG[::-1]}) as s:
+    yield s
+
+
+def test_plain_get_and_user_agent(server):
+  config = fetch.FetchConfig(user_agent="mailto:me@example.org")
+  assert _fetch(server.url("/a.jpg"), config=config) == JPEG
+  assert server.user_agents[-1] == "natvision/0.1.0 (mailto:me@example.org)"
+  assert _fetch(server.url("/b.jpg")) == JPEG[::-1]
+  assert server.user_agents[-1] == "natvision/0.1.0"
+
+
+@pytest.mark.parametrize("code", [404, 410])
+def test_not_found_is_not_retried(server, code):
+  server.plan("/a.jpg", ("status", code, {}, b"gone"))
+  sleeps = []
+  with pytest.raises(fetch.FetchError, match=f"not found \\(HTTP {code}\\)"
+                     ) as info:
+    _fetch(server.url("/a.jpg"), sleeps)
+  assert info.value.not_found and not info.value.transient
+  assert server.requests["/a.jpg"] == 1 and sleeps == []
+
+
+def test_429_waits_for_retry_after(server):
+  server.plan("/a.jpg", ("status", 429, {"Retry-After": "7"}, b""),
+              ("status", 503, {"Retry-After": "3"}, b""))
+  sleeps = []
+  assert _fetch(server.url("/a.jpg"), sleeps) == JPEG
+  assert sleeps == [7.0, 3.0] and server.requests["/a.jpg"] == 3
+
+
+def test_retry_after_too_long_fails_now(server):
+  server.plan("/a.jpg", ("status", 429, {"Retry-After": "3600"}, b""))
+  sleeps = []
+  with pytest.raises(fetch.FetchError, match="retry after 3600s"):
+    _fetch(server.url("/a.jpg"), sleeps)
+  assert sleeps == [] and server.requests["/a.jpg"] == 1
+
+
+def test_5xx_retried_with_backoff_then_success(server):
+  server.plan("/a.jpg", ("status", 503, {}, b"busy"),
+              ("status", 500, {}, b"oops"))
+  sleeps = []
+  assert _fetch(server.url("/a.jpg"), sleeps) == JPEG
+  assert len(sleeps) == 2 and 0.5 <= sleeps[0] <= 1.5 and 1 <= sleeps[1] <= 3
+
+
+def test_5xx_gives_up_after_attempts(server):
+  server.plan("/a.jpg", *[("status", 502, {}, b"")] * 5)
+  with pytest.raises(fetch.FetchError, match="HTTP 502.*gave up after 3"):
+    _fetch(server.url("/a.jpg"), attempts=3)
+  assert server.requests["/a.jpg"] == 3
+
+
+def test_other_4xx_is_not_retried(server):
+  server.plan("/a.jpg", ("status", 403, {}, b"no"))
+  with pytest.raises(fetch.FetchError, match="HTTP 403 Forbidden"):
+    _fetch(server.url("/a.jpg"))
+  assert server.requests["/a.jpg"] == 1
+
+
+def test_redirects_followed_up_to_the_limit(server):
+  server.plan("/old.jpg", ("redirect", "/a.jpg"))
+  assert _fetch(server.url("/old.jpg")) == JPEG
+  server.plan("/loop.jpg", *[("redirect", "/loop.jpg")] * 10)
+  with pytest.raises(fetch.FetchError, match="more than --max_redirects 2"):
+    _fetch(server.url("/loop.jpg"), config=fetch.FetchConfig(max_redirects=2))
+  assert server.requests["/loop.jpg"] == 3
+
+
+def test_html_with_200_names_what_came_back(server):
+  page = b"<html><head><title>Just a moment...</title></head></html>"
+  server.plan("/a.jpg", ("status", 200, {"Content-Type": "text/html"}, page))
+  with pytest.raises(fetch.FetchError,
+                     match="sent text/html page titled 'Just a moment...', "
+                     "not an image") as info:
+    _fetch(server.url("/a.jpg"))
+  assert not info.value.transient and server.requests["/a.jpg"] == 1
+  server.plan("/b.jpg", ("status", 200, {"Content-Type": "application/ld+json"},
+                         b'{"@context": "x"}'))
+  with pytest.raises(fetch.FetchError, match="application/ld\\+json"):
+    _fetch(server.url("/b.jpg"))
+
+
+@pytest.mark.parametrize("kind", ["reset", "short"])
+def test_broken_bodies_are_retried(server, kind):
+  server.plan("/a.jpg", (kind,))
+  sleeps = []
+  assert _fetch(server.url("/a.jpg"), sleeps) == JPEG
+  assert server.requests["/a.jpg"] == 2 and len(sleeps) == 1
+  server.plan("/b.jpg", *[(kind,)] * 3)
+  with pytest.raises(fetch.FetchError, match="gave up after 3") as info:
+    _fetch(server.url("/b.jpg"), attempts=3)
+  assert info.value.transient
+
+
+def test_read_timeout_is_transient():
+  with PhotoServer({"/slow.jpg": JPEG}, latency=0.5) as slow:
+    config = fetch.FetchConfig(read_timeout=0.1)
+    with pytest.raises(fetch.FetchError, match="(?i)timed out.*gave up after 2"
+                       ):
+      _fetch(slow.url("/slow.jpg"), attempts=2, config=config)
+
+
+def test_connection_refused_is_transient():
+  with PhotoServer({}) as gone:
+    url = gone.url("/a.jpg")
+  with pytest.raises(fetch.FetchError, match="gave up after 2") as info:
+    _fetch(url, attempts=2)
+  assert info.value.transient
+
+
+def test_oversized_body_refused(server):
+  with pytest.raises(fetch.FetchError, match="--max_file_bytes 100"):
+    _fetch(server.url("/a.jpg"), max_bytes=100)
+
+
+def test_per_host_cap_holds_under_load():
+  files = {f"/{i}.jpg": JPEG for i in range(24)}
+  with PhotoServer(files, latency=0.15,
+                   hosts=("127.0.0.1", "127.0.0.2")) as s:
+    config = fetch.FetchConfig(fetch_concurrency=16, per_host_concurrency=3)
+    urls = [s.url(p, i % 2) for i, p in enumerate(files)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      got = list(pool.map(lambda u: _fetch(u, config=config), urls))
+  assert got == [JPEG] * 24
+  assert sorted(s.peak.values()) == [3, 3], dict(s.peak)
+
+
+def test_fetch_pool_is_shared_per_process():
+  assert fetch.fetch_pool(5) is fetch.fetch_pool(5)
+  config = fetch.FetchConfig(fetch_concurrency=9)
+  assert fetch.http_fetcher(config) is fetch.http_fetcher(config)
+
+
+def test_gs_reads_are_not_retried_again():
+  calls = []
+
+  def opener(uri):
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    calls.append(uri)
+    raise exceptions.ServiceUnavailable("backend error")
+
+  with pytest.raises(fetch.FetchError, match="ServiceUnavailable") as info:
+    fetch.fetch_bytes("gs://b/x.jpg", 100, attempts=4, opener=opener,
+                      sleep=lambda s: None)
+  assert info.value.transient and len(calls) == 1
+
+
+class _Flaky:
+
+  def __init__(self, error, failures):
+    self.error, self.failures, self.calls = error, failures, 0
+
+  def __call__(self, uri):
+    self.calls += 1
+    if self.calls <= self.failures:
+      raise self.error
+    return io.BytesIO(b"bytes")
+
+
+def test_typed_predicates():
+  from apache_beam.io.aws.clients.s3 import messages  # pylint: disable=import-outside-toplevel
+  from botocore.exceptions import ClientError  # pylint: disable=import-outside-toplevel
+  from google.api_core import exceptions as gexc  # pylint: disable=import-outside-toplevel
+  import urllib3.exceptions as uexc  # pylint: disable=import-outside-toplevel
+
+  def client_error(status, code):
+    return ClientError({"Error": {"Code": code},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "Get")
+
+  assert fetch.is_transient(gexc.TooManyRequests("slow down"))
+  assert fetch.is_transient(ConnectionResetError())
+  assert fetch.is_transient(uexc.ProtocolError("x", ConnectionResetError()))
+  assert fetch.is_transient(messages.S3ClientError("x", 503))
+  assert fetch.is_transient(client_error(500, "InternalError"))
+  assert not fetch.is_transient(gexc.Forbidden("no"))
+  assert not fetch.is_transient(client_error(403, "AccessDenied"))
+  assert not fetch.is_transient(FileNotFoundError("x"))
+  assert fetch.is_not_found(gexc.NotFound("x"))
+  assert fetch.is_not_found(client_error(404, "NoSuchKey"))
+  assert fetch.is_not_found(messages.S3ClientError("x", 404))
+  # Messages and class names decide nothing.
+  assert not fetch.is_not_found(RuntimeError("object not found"))
+  named = type("ServiceUnavailable", (Exception,), {})
+  assert not fetch.is_transient(named("503"))
+  wrapped = RuntimeError("outer")
+  wrapped.__cause__ = gexc.ServiceUnavailable("inner")
+  assert fetch.is_transient(wrapped)
+
+
+def test_local_reads_retry_typed_transients_only():
+  flaky = _Flaky(TimeoutError("slow disk"), 2)
+  sleeps = []
+  assert fetch.fetch_bytes("/data/x.jpg", 100, attempts=4, opener=flaky,
+                           sleep=sleeps.append, base_delay=1.0) == b"bytes"
+  assert flaky.calls == 3 and len(sleeps) == 2
+  odd = _Flaky(RuntimeError("not found, says the message"), 9)
+  with pytest.raises(fetch.FetchError, match="RuntimeError") as info:
+    fetch.fetch_bytes("/data/x.jpg", 100, opener=odd, sleep=sleeps.append)
+  assert odd.calls == 1 and not info.value.not_found
+
+
+def test_file_uri_is_a_local_path(tmp_path):
+  (tmp_path / "a b.jpg").write_bytes(b"abc")
+  uri = "file://" + str(tmp_path / "a%20b.jpg")
+  assert fetch.local_path(uri) == str(tmp_path / "a b.jpg")
+  assert fetch.fetch_bytes(uri, 10) == b"abc"
+  assert fetch.scheme_of(uri) == "" and fetch.scheme_of("HTTPS://x/y") == "https"
+
+
+def test_unknown_scheme_names_the_extra(monkeypatch):
+  with pytest.raises(fetch.SchemeError, match="no installed filesystem reads "
+                     "ftp://"):
+    fetch.check_schemes(["/a.jpg", "https://x/y.jpg", "ftp://h/a.jpg"])
+  fetch.check_schemes(["/a.jpg", "https://x/y.jpg", "gs://b/a", "s3://b/a"])
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+
+  def no_fs(path):
+    raise ValueError("Unable to get filesystem from specified path")
+
+  monkeypatch.setattr(FileSystems, "get_filesystem", staticmethod(no_fs))
+  with pytest.raises(fetch.SchemeError,
+                     match=r"s3:// needs the aws extra: pip install "
+                     r"'natvision\[aws\]'"):
+    fetch.check_scheme("s3://bucket/a.jpg")
+
+
+def test_config_validates_and_owns_its_flags():
+  parser = argparse.ArgumentParser()
+  fetch.FetchConfig.add_flags(parser)
+  args = parser.parse_args(["--fetch_concurrency", "64",
+                            "--per_host_concurrency", "4",
+                            "--user_agent", " https://example.org/me "])
+  config = fetch.FetchConfig.from_args(args)
+  assert (config.fetch_concurrency, config.per_host_concurrency) == (64, 4)
+  assert config.user_agent_header == "natvision/0.1.0 (https://example.org/me)"
+  assert fetch.FetchConfig.from_args(parser.parse_args([])) == (
+      fetch.FetchConfig())
+  for bad in ({"fetch_concurrency": 0}, {"per_host_concurrency": 0},
+              {"fetch_concurrency": 4, "per_host_concurrency": 8},
+              {"read_timeout": 0}, {"max_redirects": -1},
+              {"user_agent": "a\nb"}):
+    with pytest.raises(ValueError, match="--"):
+      fetch.FetchConfig(**bad)

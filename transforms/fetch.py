@@ -1,0 +1,739 @@
+"""Fetch: the one place that decides how a photo's bytes come from a URI.
+
+A reader (globs, manifests, Darwin Core archives, snapshots) decides which
+photos exist; this module decides how their bytes are fetched, by scheme:
+
+- local paths and ``file://`` URIs, ``gs://`` and ``s3://``: Beam's
+  ``FileSystems``.  The Cloud Storage and S3 clients retry transient
+  failures themselves (with their own backoff), so a failure they raise
+  has already been retried and is not retried again here.
+- ``http://`` and ``https://``: one pooled urllib3 client per worker
+  process, with connect and read timeouts, a bounded number of redirects, a
+  ``User-Agent`` naming natvision (``--user_agent`` adds a contact) and a cap
+  on requests in flight per host (``--per_host_concurrency``).  Resets,
+  timeouts, 429 and 5xx are retried with exponential backoff (tenacity);
+  ``Retry-After`` on 429 and 503 is honoured.  404 and 410 mean "not found"
+  and are not retried.  A 200 whose body is a web page or JSON is refused
+  with a reason naming what came back.
+
+Whether an error is transient or means "not found" is decided by its type
+(builtins, ``google.api_core``, urllib3, requests, botocore and Beam's S3
+client, each imported only when installed), never from its message.
+
+Public S3 buckets are read without credentials: when boto3 finds none,
+Beam's S3 client sends unsigned requests (like ``aws --no-sign-request``),
+and a client without a configured region uses ``us-east-1``.  An
+S3-compatible store is reached through Beam's ``--s3_endpoint_url`` or the
+standard ``AWS_ENDPOINT_URL_S3`` variable, which boto3 reads itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import email.utils
+import functools
+import http.client
+import logging
+import random
+import re
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import tenacity
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+import transforms
+
+DEFAULT_FETCH_CONCURRENCY = 32
+DEFAULT_PER_HOST_CONCURRENCY = 8
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_MAX_REDIRECTS = 5
+DEFAULT_ATTEMPTS = 4
+DEFAULT_BASE_DELAY = 0.5
+# A Retry-After longer than this is not waited for: the photo fails now
+# (with the server's delay in the reason) and a later run retries it.
+MAX_RETRY_AFTER_S = 120.0
+MAX_BACKOFF_S = 30.0
+
+HTTP_SCHEMES = ("http", "https")
+# Schemes read through Beam's FileSystems whose clients retry on their own.
+SELF_RETRYING_SCHEMES = ("gs", "s3")
+# The pip extra that installs a scheme's filesystem.
+SCHEME_EXTRAS = {"gs": "gcp", "s3": "aws"}
+
+_NOT_FOUND_STATUS = (404, 410)
+_RETRY_AFTER_STATUS = (429, 503)
+
+
+class FetchError(Exception):
+  """A photo's bytes could not be fetched; the message is the reason.
+
+  Attributes:
+    transient: a retry may succeed (reset, timeout, 429, 5xx).
+    not_found: storage answered that there is no such photo.
+    retry_after: seconds the server asked to wait before retrying.
+  """
+
+  def __init__(self, message: str, transient: bool = False,
+               not_found: bool = False, retry_after: Optional[float] = None):
+    super().__init__(message)
+    self.transient = transient
+    self.not_found = not_found
+    self.retry_after = retry_after
+
+
+class HttpStatusError(Exception):
+  """An HTTP response whose status is not 200."""
+
+  def __init__(self, status: int, reason: str, url: str,
+               retry_after: Optional[float] = None):
+    super().__init__(f"HTTP {status} {reason} from {url}")
+    self.status = status
+    self.retry_after = retry_after
+
+
+class SchemeError(ValueError):
+  """A URI scheme that nothing installed can read; says what to install."""
+
+
+# --------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchConfig:
+  """How photos are fetched; owns its flags.
+
+  Attributes:
+    fetch_concurrency: requests in flight per worker process.
+    per_host_concurrency: requests in flight per host per worker process.
+    connect_timeout: seconds to open a connection.
+    read_timeout: seconds without a byte from the server.
+    max_redirects: redirects followed before a photo fails.
+    user_agent: a contact (URL or e-mail) added to natvision's User-Agent.
+  """
+
+  fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
+  per_host_concurrency: int = DEFAULT_PER_HOST_CONCURRENCY
+  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+  read_timeout: float = DEFAULT_READ_TIMEOUT
+  max_redirects: int = DEFAULT_MAX_REDIRECTS
+  user_agent: str = ""
+
+  def __post_init__(self):
+    if self.fetch_concurrency < 1:
+      raise ValueError("--fetch_concurrency must be at least 1 (requests in "
+                       f"flight per worker process, default "
+                       f"{DEFAULT_FETCH_CONCURRENCY})")
+    if self.per_host_concurrency < 1:
+      raise ValueError("--per_host_concurrency must be at least 1 (default "
+                       f"{DEFAULT_PER_HOST_CONCURRENCY})")
+    if self.per_host_concurrency > self.fetch_concurrency:
+      raise ValueError(
+          f"--per_host_concurrency {self.per_host_concurrency} is more than "
+          f"--fetch_concurrency {self.fetch_concurrency}; lower it or raise "
+          f"--fetch_concurrency")
+    if not self.connect_timeout > 0 or not self.read_timeout > 0:
+      raise ValueError("--connect_timeout and --read_timeout must be positive "
+                       "numbers of seconds")
+    if self.max_redirects < 0:
+      raise ValueError("--max_redirects must be 0 (follow none) or more")
+    if any(c in self.user_agent for c in "\r\n") or not self.user_agent.isprintable():
+      raise ValueError("--user_agent must be one line of printable text, e.g. "
+                       "'mailto:me@example.org'")
+
+  @property
+  def user_agent_header(self) -> str:
+    base = f"natvision/{transforms.__version__}"
+    return f"{base} ({self.user_agent})" if self.user_agent else base
+
+  @staticmethod
+  def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds the fetch flags to a job's parser."""
+    parser.add_argument(
+        "--fetch_concurrency", type=int, default=DEFAULT_FETCH_CONCURRENCY,
+        help="photo requests in flight per worker process, apart from the "
+        f"decode threads (default {DEFAULT_FETCH_CONCURRENCY})")
+    parser.add_argument(
+        "--per_host_concurrency", type=int,
+        default=DEFAULT_PER_HOST_CONCURRENCY,
+        help="http(s) requests in flight to one host per worker process "
+        f"(default {DEFAULT_PER_HOST_CONCURRENCY})")
+    parser.add_argument(
+        "--connect_timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+        help="seconds to connect to an http(s) server (default "
+        f"{DEFAULT_CONNECT_TIMEOUT:g})")
+    parser.add_argument(
+        "--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+        help="seconds an http(s) server may stay silent (default "
+        f"{DEFAULT_READ_TIMEOUT:g})")
+    parser.add_argument(
+        "--max_redirects", type=int, default=DEFAULT_MAX_REDIRECTS,
+        help=f"redirects followed per photo (default {DEFAULT_MAX_REDIRECTS})")
+    parser.add_argument(
+        "--user_agent", default="",
+        help="a contact (URL or e-mail) added to the User-Agent natvision "
+        "sends, as photo hosts ask of crawlers")
+
+  @classmethod
+  def from_args(cls, args: argparse.Namespace) -> "FetchConfig":
+    """The config of parsed flags.
+
+    Raises:
+      ValueError: a value that cannot work, naming the flag.
+    """
+    return cls(fetch_concurrency=args.fetch_concurrency,
+               per_host_concurrency=args.per_host_concurrency,
+               connect_timeout=args.connect_timeout,
+               read_timeout=args.read_timeout,
+               max_redirects=args.max_redirects,
+               user_agent=args.user_agent.strip())
+
+
+# --------------------------------------------------------------------------
+# Schemes
+
+
+def scheme_of(uri: str) -> str:
+  """The URI's scheme in lower case; ``""`` for a local path (or file://)."""
+  match = re.match(r"^([A-Za-z][-A-Za-z0-9+.]*)://", uri)
+  if not match:
+    return ""
+  scheme = match.group(1).lower()
+  return "" if scheme == "file" else scheme
+
+
+def local_path(uri: str) -> str:
+  """A ``file://`` URI as a local path; any other URI unchanged."""
+  if uri[:7].lower() != "file://":
+    return uri
+  parsed = urllib.parse.urlsplit(uri)
+  if parsed.netloc not in ("", "localhost"):
+    return uri
+  return urllib.request.url2pathname(parsed.path)
+
+
+def check_scheme(uri: str) -> None:
+  """Checks that something installed can read ``uri``; no I/O.
+
+  Raises:
+    SchemeError: naming the scheme and the extra to install.
+  """
+  scheme = scheme_of(uri)
+  if scheme in ("",) + HTTP_SCHEMES:
+    return
+  try:
+    FileSystems.get_filesystem(f"{scheme}://x/y")
+  except ValueError:
+    extra = SCHEME_EXTRAS.get(scheme)
+    if extra:
+      raise SchemeError(
+          f"{scheme}:// needs the {extra} extra: pip install "
+          f"'natvision[{extra}]' (found in {uri})") from None
+    raise SchemeError(
+        f"no installed filesystem reads {scheme}:// (found in {uri}); "
+        f"natvision reads local paths, file://, http(s)://, gs:// "
+        f"(natvision[gcp]) and s3:// (natvision[aws])") from None
+
+
+def check_schemes(uris: Iterable[str]) -> None:
+  """``check_scheme`` once per distinct scheme of ``uris``.
+
+  Raises:
+    SchemeError: the first scheme nothing installed reads.
+  """
+  seen = set()
+  for uri in uris:
+    scheme = scheme_of(uri)
+    if scheme not in seen:
+      seen.add(scheme)
+      check_scheme(uri)
+
+
+# --------------------------------------------------------------------------
+# Typed predicates
+
+
+@functools.lru_cache(maxsize=None)
+def _transient_types() -> Tuple[type, ...]:
+  """Exception types that mean "try again", from what is installed."""
+  kinds = [ConnectionError, TimeoutError, http.client.IncompleteRead]
+  try:
+    from google.api_core import exceptions as gexc  # pylint: disable=import-outside-toplevel
+    kinds += [gexc.TooManyRequests, gexc.InternalServerError,
+              gexc.BadGateway, gexc.ServiceUnavailable, gexc.GatewayTimeout,
+              gexc.DeadlineExceeded]
+  except ImportError:
+    pass
+  try:
+    import urllib3.exceptions as uexc  # pylint: disable=import-outside-toplevel
+    kinds += [uexc.ProtocolError, uexc.TimeoutError, uexc.NewConnectionError,
+              uexc.IncompleteRead]
+  except ImportError:
+    pass
+  try:
+    import requests.exceptions as rexc  # pylint: disable=import-outside-toplevel
+    kinds += [rexc.ConnectionError, rexc.Timeout, rexc.ChunkedEncodingError]
+  except ImportError:
+    pass
+  try:
+    import botocore.exceptions as bexc  # pylint: disable=import-outside-toplevel
+    kinds += [bexc.ConnectionError, bexc.HTTPClientError,
+              bexc.IncompleteReadError]
+    if hasattr(bexc, "ResponseStreamingError"):
+      kinds.append(bexc.ResponseStreamingError)
+  except ImportError:
+    pass
+  return tuple(kinds)
+
+
+@functools.lru_cache(maxsize=None)
+def _not_found_types() -> Tuple[type, ...]:
+  kinds = [FileNotFoundError]
+  try:
+    from google.api_core import exceptions as gexc  # pylint: disable=import-outside-toplevel
+    kinds.append(gexc.NotFound)
+  except ImportError:
+    pass
+  return tuple(kinds)
+
+
+def _status_of(err: BaseException) -> Optional[int]:
+  """The HTTP status a typed storage error carries, if any."""
+  if isinstance(err, HttpStatusError):
+    return err.status
+  try:
+    from apache_beam.io.aws.clients.s3 import messages  # pylint: disable=import-outside-toplevel
+    if isinstance(err, messages.S3ClientError):
+      return err.code if isinstance(err.code, int) else None
+  except ImportError:
+    pass
+  try:
+    import botocore.exceptions as bexc  # pylint: disable=import-outside-toplevel
+    if isinstance(err, bexc.ClientError):
+      return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+  except ImportError:
+    pass
+  try:
+    from google.api_core import exceptions as gexc  # pylint: disable=import-outside-toplevel
+    if isinstance(err, gexc.GoogleAPICallError):
+      return err.code if isinstance(err.code, int) else None
+  except ImportError:
+    pass
+  return None
+
+
+def _chain(e: Optional[BaseException]):
+  """The exception, its causes and wrapped reasons, each once."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    reason = getattr(e, "reason", None)  # urllib3's MaxRetryError
+    if isinstance(reason, BaseException):
+      yield from _chain(reason)
+    details = getattr(e, "exception_details", None)  # Beam's BeamIOError
+    if isinstance(details, dict):
+      for inner in details.values():
+        if isinstance(inner, BaseException):
+          yield from _chain(inner)
+    e = e.__cause__ or e.__context__
+
+
+def is_transient(e: BaseException) -> bool:
+  """Whether a storage or HTTP error is worth retrying (5xx, 429, resets,
+  timeouts), by the types of the exception and its causes."""
+  for err in _chain(e):
+    if isinstance(err, FetchError):
+      return err.transient
+    if isinstance(err, FileNotFoundError):
+      return False
+    status = _status_of(err)
+    if status is not None:
+      return status == 429 or 500 <= status < 600
+    if isinstance(err, _transient_types()):
+      return True
+  return False
+
+
+def is_not_found(e: BaseException) -> bool:
+  """Whether storage answered that there is no such file (404, 410,
+  ENOENT), by the types of the exception and its causes."""
+  for err in _chain(e):
+    if isinstance(err, FetchError):
+      return err.not_found
+    if isinstance(err, _not_found_types()):
+      return True
+    if _status_of(err) in _NOT_FOUND_STATUS:
+      return True
+  return False
+
+
+# --------------------------------------------------------------------------
+# Fetchers
+
+
+def _too_large(max_bytes: int) -> FetchError:
+  return FetchError(f"file is larger than --max_file_bytes {max_bytes}; raise "
+                    f"the flag to process it")
+
+
+def read_filesystem(uri: str, max_bytes: int,
+                    opener: Optional[Callable] = None) -> bytes:
+  """Reads a photo through Beam's FileSystems (local, file://, gs://, s3://).
+
+  Args:
+    uri: where the photo is.
+    max_bytes: larger files are refused without being read whole.
+    opener: opens a URI for reading; Beam's FileSystems by default.
+
+  Raises:
+    FetchError: missing, too large, or a storage failure.
+  """
+  path = local_path(uri)
+  try:
+    if opener is None:
+      f = FileSystems.open(path,
+                           compression_type=CompressionTypes.UNCOMPRESSED)
+    else:
+      f = opener(path)
+    with f:
+      data = f.read(max_bytes + 1)
+  except FetchError:
+    raise
+  except Exception as e:  # noqa: BLE001 - classified by type below
+    if is_not_found(e):
+      raise FetchError(f"file not found: {uri}", not_found=True) from e
+    scheme = scheme_of(uri)
+    if isinstance(e, ValueError) and scheme and scheme not in HTTP_SCHEMES:
+      try:
+        check_scheme(uri)
+      except SchemeError as missing:
+        raise FetchError(str(missing)) from e
+    raise FetchError(f"{type(e).__name__}: {e}",
+                     transient=is_transient(e)) from e
+  if len(data) > max_bytes:
+    raise _too_large(max_bytes)
+  return data
+
+
+def _retry_after(value: Optional[str], now: Callable[[], float]
+                 ) -> Optional[float]:
+  """Seconds of a Retry-After header (seconds or an HTTP date)."""
+  if not value:
+    return None
+  value = value.strip()
+  if value.isdigit():
+    return float(value)
+  try:
+    when = email.utils.parsedate_to_datetime(value)
+  except (TypeError, ValueError):
+    return None
+  if when is None:
+    return None
+  return max(0.0, when.timestamp() - now())
+
+
+_NOT_AN_IMAGE = re.compile(
+    r"^(text/|application/(json|[-.\w]*\+json|xml|[-.\w]*\+xml|xhtml|"
+    r"javascript|pdf))", re.I)
+
+
+def _describe_page(content_type: str, head: bytes) -> str:
+  """What a non-image body is, for the error row."""
+  text = head.decode("utf-8", "replace")
+  title = re.search(r"<title[^>]*>([^<]{1,120})", text, re.I)
+  if title:
+    return f"{content_type} page titled {title.group(1).strip()!r}"
+  snippet = " ".join(text.split())[:80]
+  return f"{content_type} ({snippet!r})" if snippet else content_type
+
+
+class HttpFetcher:
+  """Fetches http(s) photos through one pooled urllib3 client.
+
+  One per worker process and configuration (``http_fetcher``); thread-safe.
+  Each attempt holds one of ``per_host_concurrency`` slots of its host.
+  """
+
+  def __init__(self, config: FetchConfig,
+               now: Callable[[], float] = time.time):
+    import urllib3  # pylint: disable=import-outside-toplevel
+    self._config = config
+    self._now = now
+    self._pool = urllib3.PoolManager(
+        num_pools=256, maxsize=config.per_host_concurrency, block=True,
+        headers={"User-Agent": config.user_agent_header},
+        timeout=urllib3.Timeout(connect=config.connect_timeout,
+                                read=config.read_timeout),
+        retries=urllib3.Retry(total=None, connect=0, read=0, status=0,
+                              other=0, redirect=config.max_redirects,
+                              raise_on_redirect=True,
+                              raise_on_status=False))
+    self._lock = threading.Lock()
+    self._slots: Dict[str, threading.BoundedSemaphore] = {}
+    self._in_flight: Dict[str, int] = {}
+    self.peak_in_flight: Dict[str, int] = {}
+
+  def _slot(self, host: str) -> threading.BoundedSemaphore:
+    with self._lock:
+      if host not in self._slots:
+        self._slots[host] = threading.BoundedSemaphore(
+            self._config.per_host_concurrency)
+      return self._slots[host]
+
+  def _count(self, host: str, delta: int) -> None:
+    with self._lock:
+      now = self._in_flight.get(host, 0) + delta
+      self._in_flight[host] = now
+      self.peak_in_flight[host] = max(self.peak_in_flight.get(host, 0), now)
+
+  def fetch(self, url: str, max_bytes: int) -> bytes:
+    """One attempt at a photo's bytes.
+
+    Raises:
+      FetchError: with ``transient``, ``not_found`` and ``retry_after`` set
+        from the response or the failure's type.
+    """
+    host = (urllib.parse.urlsplit(url).netloc or url).lower()
+    with self._slot(host):
+      self._count(host, 1)
+      try:
+        return self._attempt(url, max_bytes)
+      except FetchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - classified by type below
+        raise self._failure(url, e) from e
+      finally:
+        self._count(host, -1)
+
+  def _attempt(self, url: str, max_bytes: int) -> bytes:
+    resp = self._pool.request("GET", url, preload_content=False,
+                              redirect=True)
+    done = False
+    try:
+      if resp.status != 200:
+        raise HttpStatusError(
+            resp.status, http.client.responses.get(resp.status, ""), url,
+            _retry_after(resp.headers.get("Retry-After"), self._now)
+            if resp.status in _RETRY_AFTER_STATUS else None)
+      content_type = (resp.headers.get("Content-Type") or "").split(";")[0]
+      content_type = content_type.strip().lower()
+      if _NOT_AN_IMAGE.match(content_type):
+        head = resp.read(4096)
+        raise FetchError(
+            f"the server sent {_describe_page(content_type, head)}, not an "
+            f"image: {url}")
+      length = resp.headers.get("Content-Length")
+      if length and length.isdigit() and int(length) > max_bytes:
+        raise _too_large(max_bytes)
+      data = resp.read(max_bytes + 1)
+      if len(data) > max_bytes:
+        raise _too_large(max_bytes)
+      done = True
+      return data
+    finally:
+      if done:
+        resp.release_conn()  # the body was read whole: keep the connection
+      else:
+        resp.close()
+
+  def _failure(self, url: str, e: BaseException) -> FetchError:
+    import urllib3.exceptions as uexc  # pylint: disable=import-outside-toplevel
+    if isinstance(e, HttpStatusError):
+      if e.status in _NOT_FOUND_STATUS:
+        return FetchError(f"not found (HTTP {e.status}): {url}",
+                          not_found=True)
+      wait = ""
+      if e.retry_after is not None:
+        wait = f"; the server asked to retry after {e.retry_after:.0f}s"
+      return FetchError(f"{e}{wait}", transient=is_transient(e),
+                        retry_after=e.retry_after)
+    if isinstance(e, uexc.MaxRetryError) and isinstance(
+        e.reason, uexc.ResponseError):
+      return FetchError(f"more than --max_redirects "
+                        f"{self._config.max_redirects} redirects: {url}")
+    reason = e
+    if isinstance(e, uexc.MaxRetryError) and e.reason is not None:
+      reason = e.reason
+    return FetchError(f"{type(reason).__name__}: {reason} ({url})",
+                      transient=is_transient(e))
+
+
+_SHARED_LOCK = threading.Lock()
+_HTTP_FETCHERS: Dict[FetchConfig, HttpFetcher] = {}
+_FETCH_POOLS: Dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def http_fetcher(config: FetchConfig) -> HttpFetcher:
+  """The worker process's HTTP fetcher for ``config`` (made once)."""
+  with _SHARED_LOCK:
+    if config not in _HTTP_FETCHERS:
+      _HTTP_FETCHERS[config] = HttpFetcher(config)
+    return _HTTP_FETCHERS[config]
+
+
+def fetch_pool(concurrency: int) -> concurrent.futures.ThreadPoolExecutor:
+  """The worker process's pool of ``concurrency`` fetch threads, shared by
+  every DoFn instance in the process (made once per size)."""
+  with _SHARED_LOCK:
+    if concurrency not in _FETCH_POOLS:
+      _FETCH_POOLS[concurrency] = concurrent.futures.ThreadPoolExecutor(
+          concurrency, thread_name_prefix="natvision-fetch")
+    return _FETCH_POOLS[concurrency]
+
+
+# --------------------------------------------------------------------------
+# Retries
+
+
+def _backoff(base_delay: float):
+  """A tenacity wait: the server's Retry-After when it sent one, else
+  exponential backoff with jitter (base, 2 x base, ... times 0.5 to 1.5)."""
+
+  def wait(state: tenacity.RetryCallState) -> float:
+    error = state.outcome.exception() if state.outcome else None
+    if isinstance(error, FetchError) and error.retry_after is not None:
+      return error.retry_after
+    delay = base_delay * (2 ** (state.attempt_number - 1))
+    return min(delay * (0.5 + random.random()), MAX_BACKOFF_S)
+
+  return wait
+
+
+def _retryable(e: BaseException) -> bool:
+  return (isinstance(e, FetchError) and e.transient
+          and (e.retry_after is None or e.retry_after <= MAX_RETRY_AFTER_S))
+
+
+def with_retries(attempt: Callable[[], bytes], uri: str, attempts: int,
+                 base_delay: float = DEFAULT_BASE_DELAY,
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Optional[Callable[[], None]] = None) -> bytes:
+  """Calls ``attempt`` until it succeeds, fails for good, or ``attempts``
+  tries have failed transiently.
+
+  Args:
+    attempt: one try; raises FetchError.
+    uri: for log lines.
+    attempts: total tries, at least 1.
+    base_delay: seconds before the first retry without Retry-After.
+    sleep: injectable for tests.
+    on_retry: called before each retry (to count them).
+
+  Raises:
+    FetchError: the last failure; "(gave up after N attempts)" added when
+      every try failed transiently.
+  """
+
+  def before_sleep(state: tenacity.RetryCallState) -> None:
+    if on_retry is not None:
+      on_retry()
+    logging.warning("transient read failure for %s (%s); retrying in %.1fs",
+                    uri, state.outcome.exception(),
+                    state.next_action.sleep if state.next_action else 0)
+
+  retrying = tenacity.Retrying(
+      stop=tenacity.stop_after_attempt(attempts),
+      wait=_backoff(base_delay),
+      retry=tenacity.retry_if_exception(_retryable),
+      sleep=sleep, before_sleep=before_sleep, reraise=True)
+  try:
+    return retrying(attempt)
+  except FetchError as e:
+    if e.transient and attempts > 1 and _retryable(e):
+      raise FetchError(f"{e} (gave up after {attempts} attempts)",
+                       transient=True) from e
+    raise
+
+
+def fetch_bytes(uri: str, max_bytes: int, config: Optional[FetchConfig] = None,
+                attempts: int = DEFAULT_ATTEMPTS,
+                base_delay: float = DEFAULT_BASE_DELAY,
+                sleep: Callable[[float], None] = time.sleep,
+                on_retry: Optional[Callable[[], None]] = None,
+                opener: Optional[Callable] = None) -> bytes:
+  """A photo's bytes, fetched the way its scheme needs.
+
+  http(s) is fetched by the process's pooled client, retrying transient
+  failures; gs:// and s3:// go through Beam's FileSystems, whose clients
+  have already retried what they raise, so they are tried once here; other
+  paths are retried like http(s).
+
+  Args:
+    uri: where the photo is.
+    max_bytes: larger photos are refused (not retried).
+    config: the fetch flags; defaults when None.
+    attempts, base_delay, sleep, on_retry: see ``with_retries``.
+    opener: replaces FileSystems.open for non-http URIs (tests).
+
+  Raises:
+    FetchError: the reason the photo could not be fetched.
+  """
+  if not uri:
+    raise FetchError("empty uri")
+  scheme = scheme_of(uri)
+  if scheme in HTTP_SCHEMES and opener is None:
+    fetcher = http_fetcher(config or FetchConfig())
+    attempt = functools.partial(fetcher.fetch, uri, max_bytes)
+  else:
+    attempt = functools.partial(read_filesystem, uri, max_bytes, opener)
+    if scheme in SELF_RETRYING_SCHEMES:
+      attempts = 1
+  return with_retries(attempt, uri, attempts, base_delay, sleep, on_retry)
+
+
+# --------------------------------------------------------------------------
+# S3 without credentials
+
+
+def _install_unsigned_s3() -> None:
+  """Lets Beam's S3 client read public buckets when no credentials exist.
+
+  Beam builds its boto3 client from ``boto3.session.Session().client(...)``
+  with the ``--s3_*`` options; boto3 then signs every request and fails
+  with NoCredentialsError when it finds no credentials.  The session class
+  that Beam's client module sees is replaced by one that, only when the
+  session resolves no credentials, makes the client send unsigned requests
+  and, when no region is configured anywhere, use us-east-1.
+  """
+  try:
+    import boto3  # pylint: disable=import-outside-toplevel
+    from botocore import UNSIGNED  # pylint: disable=import-outside-toplevel
+    from botocore.config import Config  # pylint: disable=import-outside-toplevel
+    from apache_beam.io.aws.clients.s3 import boto3_client  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  if getattr(boto3_client, "_natvision_unsigned", False):
+    return
+
+  class _Session(boto3.session.Session):
+    """A boto3 session whose S3 clients go unsigned without credentials."""
+
+    def client(self, *args, **kwargs):  # pylint: disable=arguments-differ
+      if (kwargs.get("aws_access_key_id") is None
+          and self.get_credentials() is None):
+        config = Config(signature_version=UNSIGNED)
+        if kwargs.get("config") is not None:
+          config = kwargs["config"].merge(config)
+        kwargs["config"] = config
+      if not kwargs.get("region_name") and not self.region_name:
+        kwargs["region_name"] = "us-east-1"
+      return super().client(*args, **kwargs)
+
+  class _Boto3:
+    """What Beam's client module calls ``boto3``."""
+    session = type("session", (), {"Session": _Session})
+
+  boto3_client.boto3 = _Boto3()
+  boto3_client._natvision_unsigned = True  # pylint: disable=protected-access
+
+
+_install_unsigned_s3()
