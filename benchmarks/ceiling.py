@@ -13,7 +13,8 @@ images per second here is what the model costs on this machine: no pipeline
 can beat it with the same runtime.
 
 ``--runtime onnx`` uses ``transforms.runtimes``: the ONNX file is converted
-(and checked against TensorFlow) in a separate step, ``--prepare_only``, so
+(and checked against TensorFlow, by the launcher's chooser) in a separate
+step, ``--prepare_only``, so
 that the measured process holds ONNX Runtime alone and its peak memory is
 the runtime's, not TensorFlow's (``--onnx_path`` names the file).
 """
@@ -51,8 +52,8 @@ def onnx_unavailable_reason() -> Optional[str]:
     from transforms import runtimes  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     return f"transforms.runtimes cannot be imported ({e})"
-  if not hasattr(runtimes, "load_runtime"):
-    return "transforms.runtimes has no load_runtime"
+  if not hasattr(runtimes, "OnnxRuntime"):
+    return "transforms.runtimes has no OnnxRuntime"
   import importlib.util  # pylint: disable=import-outside-toplevel
   missing = [name for name in ("onnxruntime", "tf2onnx")
              if importlib.util.find_spec(name) is None]
@@ -83,24 +84,27 @@ def _onnx_model(resolved, onnx_path: Optional[str]):
   """The ONNX model: the file that ``--prepare_only`` made and checked.
 
   Opening the file directly keeps TensorFlow (which tf2onnx imports) out of
-  the measured process; without a file, ``load_runtime`` converts here.
+  the measured process; without a file, ``OnnxRuntime.load`` converts here.
   """
   from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
   if onnx_path and os.path.exists(onnx_path):
-    return runtimes.OnnxModel(resolved, onnx_path), onnx_path
-  model, name, _ = runtimes.load_runtime(resolved, RUNTIME_ONNX, timing_runs=0)
-  return model, getattr(model, "path", name)
+    return onnx_lib.OnnxSession(resolved, onnx_path), onnx_path
+  model = runtimes.OnnxRuntime(resolved)
+  model.load()
+  return model, model.path
 
 
 def prepare_onnx(resolved) -> dict:
   """Converts the model to ONNX (cached) and checks it against TF."""
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
-  model, name, info = runtimes.load_runtime(resolved, RUNTIME_ONNX,
-                                            timing_runs=0)
-  return {"runtime": name, "onnx_path": getattr(model, "path", None),
+  decision = chooser.choose(
+      dataclasses.replace(resolved, requested_runtime=RUNTIME_ONNX))
+  return {"runtime": decision.runtime, "onnx_path": decision.onnx_path,
           "seconds": round(time.perf_counter() - start, 2),
-          "info": info.as_dict() if hasattr(info, "as_dict") else None}
+          "info": decision.as_dict()}
 
 
 def measure(resolved, runtime: str, batches: List[np.ndarray], warmup: int,

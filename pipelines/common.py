@@ -66,7 +66,7 @@ class ModelFlags:
       raise FlagError("--shard_rows must be at least 1")
     for model in self.models:
       try:
-        inference.InferenceConfig(model, self.batch_size, self.top_k)
+        inference.check_settings(model, self.batch_size, self.top_k)
       except ValueError as e:
         raise FlagError(str(e)) from e
 
@@ -165,7 +165,7 @@ def model_flags_from_args(args: argparse.Namespace,
         names, model_root,
         handles=key_values(args.model_handle, "--model_handle"),
         labelmaps=key_values(args.labelmap, "--labelmap"),
-        resize=args.resize, runtime=args.runtime)
+        resize=args.resize, requested_runtime=args.runtime)
   except models_lib.ModelError as e:
     raise FlagError(str(e)) from e
   try:
@@ -216,50 +216,39 @@ def unknown_beam_flags(beam_args: Sequence[str]) -> List[str]:
   return [a for a in unknown if a.startswith("-")]
 
 
-def check_models(flags: ModelFlags) -> ModelFlags:
-  """Loads and probes each model, and settles the runtime each will run on.
+def check_models(flags: ModelFlags, choose=None) -> ModelFlags:
+  """Loads and probes each model, and decides the runtime each will run on.
 
   For ``--runtime auto`` or ``onnx`` the model is converted to ONNX (once:
-  the file is cached) and checked against TensorFlow on a probe batch; the
-  runtime chosen here is the one every worker uses, and it is recorded in
-  the tables' metadata and run.json.
+  the file is cached) and checked against TensorFlow on a probe batch
+  (transforms/runtimes/chooser.py); the decision made here is the one every
+  worker runs, and it is recorded in the tables' metadata and run.json.
+
+  Args:
+    flags: the parsed flags; each model's ``requested_runtime`` is
+      ``--runtime``.
+    choose: ``ResolvedModel -> RuntimeDecision``; the chooser's ``choose``
+      by default.
 
   Returns:
-    The flags with each model's ``runtime`` set to ``tf`` or ``onnx``.
+    The flags with a ``RuntimeDecision`` attached to each model.
 
   Raises:
     FlagError: a model that is missing or does not match the registry, or
       that fails the ONNX check under ``--runtime onnx``.
   """
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
+  choose = choose or chooser.choose
   decided = []
   for model in flags.models:
     try:
       if model.spec.kind == models_lib.CLASSIFIER:
         models_lib.read_labelmap(model.labelmap_path,
                                  expected=model.spec.output_width)
-      _, runtime, info = runtimes.load_runtime(model, model.runtime,
-                                               timing_runs=2)
+      decided.append(model.with_decision(choose(model)))
     except models_lib.ModelError as e:
       raise FlagError(str(e)) from e
-    decided.append(dataclasses.replace(
-        model, runtime=runtime, runtime_note=_runtime_note(info)))
   return dataclasses.replace(flags, models=tuple(decided))
-
-
-def _runtime_note(info) -> str:
-  """One line on why a model runs where it runs, for tables and run.json."""
-  if info.requested == "tf":
-    return "TensorFlow, as --runtime tf asked"
-  if info.runtime == "onnx":
-    timing = ""
-    if info.tf_seconds and info.onnx_seconds:
-      timing = (f"; probe batch {info.onnx_seconds:.3f} s vs TensorFlow "
-                f"{info.tf_seconds:.3f} s")
-    return (f"ONNX Runtime; max difference from TensorFlow on the probe "
-            f"batch {info.onnx_max_diff:.2g} (tolerance {info.tolerance:.0e})"
-            f"{timing}")
-  return f"TensorFlow; ONNX Runtime not used: {info.fallback}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,7 +123,7 @@ def test_killed_run_resumes_exactly_once(tiny_models, many_photos, tmp_path):
 
 def _layout(tmp_path, run_id):
   resolved = models.resolve_models(["inaturalist_v2", "fungi_mobile_v1"],
-                                   "/m", runtime="tf")
+                                   "/m", requested_runtime="tf")
   return common.plan_layout(str(tmp_path), resolved, (), run_id), resolved
 
 
@@ -186,7 +186,7 @@ def test_plan_ignores_shards_of_another_command(tmp_path):
   _write(dead.table("embeddings/inaturalist_v2"), "part-a.parquet", ["p1"])
   _write(dead.table("predictions/fungi_mobile_v1"), "part-a.parquet", ["p1"])
   resolved = models.resolve_models(["inaturalist_v2", "fungi_mobile_v1"],
-                                   "/other", runtime="tf")
+                                   "/other", requested_runtime="tf")
   now = common.plan_layout(str(tmp_path), resolved, (), "now")
   plan = resume.plan_resume(str(tmp_path), "now", now.tables,
                             [m.name for m in resolved])

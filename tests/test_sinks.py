@@ -1,6 +1,5 @@
 """Sinks: explicit schemas, Arrow conversion, and the commit of a run."""
 
-import dataclasses
 import json
 import os
 
@@ -13,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms import models, sinks
 from transforms.records import (EmbeddingResult, ErrorRecord, ImageRef,
                                 PredictionResult)
+from transforms.runtimes import RuntimeDecision
 
 IRV2, FUNGI = models.resolve_models(["inception_resnet_v2", "fungi_mobile_v1"],
                                     "/m")
@@ -31,8 +31,8 @@ def _sizes(i):
 
 
 def test_embeddings_table_has_fixed_width_and_metadata():
-  schema = sinks.embeddings_schema(
-      dataclasses.replace(IRV2, runtime="onnx"), CARRIED)
+  decision = RuntimeDecision("onnx", note="ONNX Runtime; max difference 1e-06")
+  schema = sinks.embeddings_schema(IRV2.with_decision(decision), CARRIED)
   rows = [EmbeddingResult(_ref(i), "inception_resnet_v2",
                           np.full(1536, i, np.float32), **_sizes(i))
           for i in range(3)]
@@ -44,6 +44,8 @@ def test_embeddings_table_has_fixed_width_and_metadata():
   assert meta["model"]["name"] == "inception_resnet_v2"
   assert meta["model"]["path"] == "/m/inception_resnet_v2"
   assert meta["runtime"] == "onnx" and meta["version"]
+  assert meta["model"]["runtime"] == "onnx"
+  assert meta["model"]["runtime_note"] == decision.note
   assert meta["color_profile"] == "ignore"
 
 

@@ -307,9 +307,8 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
   """Embeds one photo exactly as the job that wrote ``table`` did.
 
   The photo goes through ``transforms.photos.read_decode_prepare`` with the
-  model's preparation; the model is loaded by
-  ``transforms.inference.load_model_on_runtime`` on the runtime recorded in
-  the table's metadata (or ``runtime``).
+  model's preparation; the model is loaded by ``transforms.runtimes.for_model``
+  on the runtime recorded in the table's metadata (or ``runtime``).
 
   Returns:
     float32 ``[width]``, the model's raw output.
@@ -319,19 +318,20 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
       cannot be found or loaded.
   """
   from transforms import decode as decode_lib  # pylint: disable=import-outside-toplevel
-  from transforms import inference  # pylint: disable=import-outside-toplevel
   from transforms import photos  # pylint: disable=import-outside-toplevel
+  from transforms import runtimes  # pylint: disable=import-outside-toplevel
   from transforms.records import ErrorRecord, ImageRef  # pylint: disable=import-outside-toplevel
   info = table.model_info
   handles = dict(handles or {})
   if table.name not in handles and not model_root and info.get("path"):
     handles[table.name] = info["path"]
+  recorded = runtime or table.metadata.get("runtime") or "tf"
   try:
     resolved = models_lib.resolve_models(
         [table.name], model_root, handles=handles,
-        resize=info.get("resize"),
-        runtime=runtime or table.metadata.get("runtime") or "tf")[0]
-  except models_lib.ModelError as e:
+        resize=info.get("resize"))[0].with_decision(runtimes.RuntimeDecision(
+            recorded, note="as the table's metadata records"))
+  except ValueError as e:  # ModelError, or a runtime that is not tf|onnx
     raise SearchError(str(e)) from e
   size = resolved.spec.input_size
   config = photos.PhotoConfig(policies=(resolved.resize,), size=size)
@@ -345,7 +345,8 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
     raise SearchError(f"--photo {uri}: {prepared.stage} failed: "
                       f"{prepared.error}")
   try:
-    model = inference.load_model_on_runtime(resolved)
+    model = runtimes.for_model(resolved)
+    model.load()
   except models_lib.ModelError as e:
     raise SearchError(f"{e} (pass --model_root or --model_handle "
                       f"{table.name}=PATH)") from e

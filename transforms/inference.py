@@ -1,10 +1,13 @@
 """Inference: batches of prepared photos through one model.
 
-Each model is loaded once per worker process and shared by all the threads
-of that process through ``apache_beam.utils.shared``; the number of loads is
-counted in the Beam counter ``natvision:model_loads_<model>``.  Photos travel
-as uint8 up to here; the batch is stacked as uint8 and scaled to float32 in
-[0, 1] inside TensorFlow.
+Each model runs on the runtime the launcher decided for it
+(``ResolvedModel.decision``, see transforms/runtimes): the worker builds
+that runtime with ``runtimes.for_model`` and never chooses one itself.  It is
+loaded once per worker process and shared by all the threads of that
+process through ``apache_beam.utils.shared``; the number of loads is counted
+in the Beam counter ``natvision:model_loads_<model>``.  Photos travel as
+uint8 up to here; the batch is stacked as uint8 and scaled to float32 in
+[0, 1] inside the runtime.
 
 If a batch fails, its photos are retried one by one so that only the photo
 that fails becomes an error row (stage ``inference``).
@@ -21,6 +24,7 @@ import numpy as np
 from apache_beam.utils import shared
 
 from transforms import models as models_lib
+from transforms import runtimes
 from transforms.records import (ERRORS_TAG, STAGE_INFERENCE, EmbeddingResult,
                                 ErrorRecord, PredictionResult, PreparedImage)
 
@@ -33,9 +37,14 @@ class InferenceConfig:
   """How one model runs.
 
   Attributes:
-    model: the resolved model (location, preparation).
+    model: the resolved model (location, preparation) with the runtime the
+      launcher decided for it.
     batch_size: photos per forward pass.
     top_k: labels kept per photo for classifiers.
+
+  Raises:
+    ValueError: a bad batch size or top-k, or a model without a runtime
+      decision.
   """
 
   model: models_lib.ResolvedModel
@@ -43,44 +52,55 @@ class InferenceConfig:
   top_k: int = DEFAULT_TOP_K
 
   def __post_init__(self):
-    if self.batch_size < 1:
-      raise ValueError("--batch_size must be at least 1")
-    if self.top_k < 1:
-      raise ValueError("--top_k must be at least 1")
-    if (self.model.spec.kind == models_lib.CLASSIFIER
-        and self.top_k > self.model.spec.output_width):
-      raise ValueError(
-          f"--top_k {self.top_k} is more than the {self.model.spec.output_width} "
-          f"classes of {self.model.name}")
+    check_settings(self.model, self.batch_size, self.top_k)
+    self.model.require_decision()
+
+
+def check_settings(model: models_lib.ResolvedModel, batch_size: int,
+                   top_k: int) -> None:
+  """Checks --batch_size and --top_k for a model, decided or not.
+
+  Raises:
+    ValueError: naming the flag.
+  """
+  if batch_size < 1:
+    raise ValueError("--batch_size must be at least 1")
+  if top_k < 1:
+    raise ValueError("--top_k must be at least 1")
+  if (model.spec.kind == models_lib.CLASSIFIER
+      and top_k > model.spec.output_width):
+    raise ValueError(
+        f"--top_k {top_k} is more than the {model.spec.output_width} "
+        f"classes of {model.name}")
+
+
+# Builds a model's runtime, not loaded yet; tests pass a fake one.
+RuntimeFactory = Callable[[models_lib.ResolvedModel], runtimes.Runtime]
 
 
 class _SharedModel:
-  """What one process holds per model: the model and, for classifiers, labels.
+  """What one process holds per model: the runtime and, for classifiers, labels.
 
   A plain class (not a tuple) so that ``shared.Shared`` can weak-reference it.
   """
 
-  def __init__(self, model: models_lib.LoadedModel,
-               labels: Optional[List[str]]):
+  def __init__(self, model: runtimes.Runtime, labels: Optional[List[str]]):
     self.model = model
     self.labels = labels
 
 
-def load_model_on_runtime(resolved: models_lib.ResolvedModel):
-  """Loads the model on the runtime the launcher chose for it."""
-  if resolved.runtime == "tf":
-    return models_lib.load_model(resolved)
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
-  # The launcher already compared the runtimes; the worker checks ONNX
-  # against TF again on its own probe batch but does not re-time them.
-  predictor, _, _ = runtimes.load_runtime(resolved, resolved.runtime,
-                                          timing_runs=0)
-  return predictor
-
-
 def load_shared(resolved: models_lib.ResolvedModel,
-                loader: Callable = load_model_on_runtime) -> _SharedModel:
-  model = loader(resolved)
+                make_runtime: RuntimeFactory = runtimes.for_model
+                ) -> _SharedModel:
+  """Loads a model on its decided runtime, and a classifier's labels.
+
+  Raises:
+    ModelError: the model, its ONNX check or its labelmap fails.
+  """
+  model = make_runtime(resolved)
+  model.load()
+  logging.info("model %s loaded on %s: %s", resolved.name, model.name,
+               model.describe())
   labels = None
   if resolved.spec.kind == models_lib.CLASSIFIER:
     labels = models_lib.read_labelmap(resolved.labelmap_path,
@@ -109,10 +129,10 @@ class RunModelFn(beam.DoFn):
   """
 
   def __init__(self, config: InferenceConfig, shared_handle: shared.Shared,
-               loader: Callable = load_model_on_runtime):
+               make_runtime: RuntimeFactory = runtimes.for_model):
     self._config = config
     self._shared_handle = shared_handle
-    self._loader = loader
+    self._make_runtime = make_runtime
     self._held: Optional[_SharedModel] = None
     self._loaded_here = 0
     name = config.model.name
@@ -128,7 +148,7 @@ class RunModelFn(beam.DoFn):
       self._loaded_here += 1
       logging.info("loading %s from %s in this worker process", resolved.name,
                    resolved.path)
-      return load_shared(resolved, self._loader)
+      return load_shared(resolved, self._make_runtime)
 
     self._held = self._shared_handle.acquire(
         construct, tag=f"{resolved.name}@{resolved.path}")
@@ -191,13 +211,18 @@ class RunModel(beam.PTransform):
   """PCollection[PreparedImage] -> (results, errors) for one model.
 
   ``results`` holds one list of results per batch.
+
+  Args:
+    config: the model, with its runtime decision, and batch settings.
+    make_runtime: builds the model's runtime from its decision;
+      ``runtimes.for_model`` (tests pass a fake).
   """
 
   def __init__(self, config: InferenceConfig,
-               loader: Callable = load_model_on_runtime):
+               make_runtime: RuntimeFactory = runtimes.for_model):
     super().__init__()
     self._config = config
-    self._loader = loader
+    self._make_runtime = make_runtime
 
   def expand(self, prepared):
     size = self._config.batch_size
@@ -207,6 +232,6 @@ class RunModel(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=size,
                                             max_batch_size=size)
             | "Infer" >> beam.ParDo(
-                RunModelFn(self._config, shared.Shared(), self._loader)
+                RunModelFn(self._config, shared.Shared(), self._make_runtime)
             ).with_outputs(ERRORS_TAG, main="results"))
 

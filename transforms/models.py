@@ -18,12 +18,16 @@ import dataclasses
 import io
 import logging
 import os
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import (TYPE_CHECKING, Callable, Dict, List, Mapping, Optional,
+                    Sequence)
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import storage
+
+if TYPE_CHECKING:
+  from transforms.runtimes.base import RuntimeDecision
 
 EMBEDDER = "embedder"
 CLASSIFIER = "classifier"
@@ -33,6 +37,9 @@ TF2_SAVED_MODEL = "tf2_saved_model"
 RESIZE_SQUASH = "squash"
 RESIZE_CENTER_CROP = "center_crop"
 RESIZE_POLICIES = (RESIZE_SQUASH, RESIZE_CENTER_CROP)
+
+# What --runtime may ask for; transforms/runtimes decides between tf and onnx.
+RUNTIME_REQUESTS = ("auto", "tf", "onnx")
 
 TF1_MODULE_MARKER = "tfhub_module.pb"
 DEFAULT_LABELMAP = "labelmap.csv"
@@ -150,21 +157,68 @@ class ResolvedModel:
 
   This is what the pipeline carries to the workers: small, picklable, and
   enough to load the model and label its outputs.
+
+  Attributes:
+    spec: the registry entry.
+    path: the model's folder (local or a bucket).
+    resize: the photo preparation its inputs get.
+    labelmap_path: the classifier's labelmap CSV; None for embedders.
+    requested_runtime: what ``--runtime`` asked for: ``auto``, ``tf`` or
+      ``onnx``.
+    decision: the runtime the launcher decided on (a
+      ``transforms.runtimes.RuntimeDecision``, attached by
+      ``transforms.runtimes.chooser``); None until then.  Workers run the
+      runtime it names and refuse a model without one.
   """
 
   spec: ModelSpec
   path: str
   resize: str
   labelmap_path: Optional[str] = None
-  # Requested by --runtime (auto, tf, onnx); the launcher's check replaces
-  # it with the runtime that will run (tf or onnx) and says why in
-  # runtime_note, so every worker runs the same one.
-  runtime: str = "auto"
-  runtime_note: str = ""
+  requested_runtime: str = "auto"
+  decision: Optional[RuntimeDecision] = None
+
+  def __post_init__(self):
+    if self.requested_runtime not in RUNTIME_REQUESTS:
+      raise ModelError(
+          f"--runtime must be one of {', '.join(RUNTIME_REQUESTS)}, not "
+          f"{self.requested_runtime!r}")
 
   @property
   def name(self) -> str:
     return self.spec.name
+
+  @property
+  def runtime(self) -> Optional[str]:
+    """The decided runtime (``tf`` or ``onnx``); None before the decision."""
+    return self.decision.runtime if self.decision is not None else None
+
+  @property
+  def runtime_note(self) -> str:
+    """Why the model runs where it runs; empty before the decision."""
+    return self.decision.note if self.decision is not None else ""
+
+  def with_decision(self, decision: RuntimeDecision) -> "ResolvedModel":
+    """This model, to run on the runtime ``decision`` names."""
+    from transforms.runtimes import base  # pylint: disable=import-outside-toplevel
+    if not isinstance(decision, base.RuntimeDecision):
+      raise TypeError(f"model {self.name}: a decision is a RuntimeDecision, "
+                      f"not {type(decision).__name__}")
+    return dataclasses.replace(self, decision=decision)
+
+  def require_decision(self) -> RuntimeDecision:
+    """The decision, for code that runs the model.
+
+    Raises:
+      ValueError: none was attached.
+    """
+    if self.decision is None:
+      raise ValueError(
+          f"model {self.name} has no runtime decision (requested: "
+          f"{self.requested_runtime}); pass the models through "
+          f"pipelines.common.check_models, or attach one with "
+          f"transforms.runtimes.chooser.decided(model), before running them")
+    return self.decision
 
   def describe(self) -> dict:
     """A JSON-friendly summary for run.json and Parquet metadata."""
@@ -194,7 +248,7 @@ def resolve_models(
     handles: Optional[Mapping[str, str]] = None,
     labelmaps: Optional[Mapping[str, str]] = None,
     resize: Optional[str] = None,
-    runtime: str = "auto",
+    requested_runtime: str = "auto",
 ) -> List[ResolvedModel]:
   """Binds registry names to locations; no I/O.
 
@@ -205,12 +259,15 @@ def resolve_models(
     handles: explicit locations per model name; they win over model_root.
     labelmaps: explicit labelmap files per classifier name.
     resize: a preparation that overrides every model's default.
+    requested_runtime: ``--runtime`` (``auto``, ``tf`` or ``onnx``), decided
+      later by the launcher.
 
   Returns:
     One ResolvedModel per name.
 
   Raises:
-    ModelError: unknown name, or no location for a model.
+    ModelError: unknown name, no location for a model, or an unknown
+      runtime.
   """
   handles = dict(handles or {})
   labelmaps = dict(labelmaps or {})
@@ -238,7 +295,8 @@ def resolve_models(
       raise ModelError(f"--labelmap names {name}, which is not a classifier")
     resolved.append(
         ResolvedModel(spec=spec, path=path, resize=resize or spec.resize,
-                      labelmap_path=labelmap, runtime=runtime))
+                      labelmap_path=labelmap,
+                      requested_runtime=requested_runtime))
   return resolved
 
 
@@ -280,19 +338,24 @@ class LoadedModel:
   ``predict`` takes a ``[n, size, size, 3]`` uint8 batch, scales it to
   float32 in [0, 1] inside TensorFlow and returns a float32 ``[n, width]``
   array.
+
+  Attributes:
+    resolved: the model.
+    float_call: the model's own call, float32 images in [0, 1] -> output
+      tensor; what ``predict`` runs and what an ONNX conversion converts.
   """
 
   def __init__(self, resolved: ResolvedModel, obj, fn: Callable):
     self.resolved = resolved
     self._obj = obj  # keeps the loaded variables alive
-    self._fn = fn
+    self.float_call = fn
 
   def predict(self, batch: np.ndarray) -> np.ndarray:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     images = tf.convert_to_tensor(batch)
     if images.dtype == tf.uint8:
       images = tf.cast(images, tf.float32) * (1.0 / 255.0)
-    return np.asarray(self._fn(images), dtype=np.float32)
+    return np.asarray(self.float_call(images), dtype=np.float32)
 
 
 def _tf1_call(resolved: ResolvedModel, obj) -> Callable:

@@ -1,0 +1,53 @@
+"""Runtimes: the same model run by TensorFlow or by ONNX Runtime.
+
+    base.py     the Runtime interface (load, predict, describe), the
+                RuntimeDecision a model carries, the probe batch and the
+                tolerances
+    tf.py       TFRuntime, the reference
+    onnx.py     OnnxRuntime: conversion with tf2onnx, staged and cached
+                files, the check against TensorFlow
+    chooser.py  the launcher's choice of runtime per model (auto|tf|onnx ->
+                a RuntimeDecision); workers never call it
+
+A worker builds its model's runtime with ``for_model``, from the decision
+the launcher attached, and calls ``load()`` once per process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from transforms import models as models_lib
+from transforms.runtimes.base import (DECIDED, PROBE_SIZE, REQUESTS,
+                                      RUNTIME_AUTO, RUNTIME_ONNX, RUNTIME_TF,
+                                      TOLERANCES, Runtime, RuntimeDecision,
+                                      output_difference, probe_batch)
+from transforms.runtimes.onnx import OnnxRuntime
+from transforms.runtimes.tf import TFRuntime
+
+__all__ = [
+    "DECIDED", "PROBE_SIZE", "REQUESTS", "RUNTIME_AUTO", "RUNTIME_ONNX",
+    "RUNTIME_TF", "TOLERANCES", "OnnxRuntime", "Runtime", "RuntimeDecision",
+    "TFRuntime", "for_model", "output_difference", "probe_batch",
+]
+
+
+def for_model(resolved: models_lib.ResolvedModel,
+              intra_op_threads: Optional[int] = None) -> Runtime:
+  """The runtime a model's decision names, not loaded yet.
+
+  Args:
+    resolved: a model that went through the launcher's chooser.
+    intra_op_threads: ONNX Runtime threads; all cores by default.
+
+  Returns:
+    A TFRuntime or an OnnxRuntime (which checks itself against TensorFlow
+    again when loaded).
+
+  Raises:
+    ValueError: the model carries no decision.
+  """
+  decision = resolved.require_decision()
+  if decision.runtime == RUNTIME_ONNX:
+    return OnnxRuntime(resolved, intra_op_threads=intra_op_threads)
+  return TFRuntime(resolved)
