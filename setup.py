@@ -27,7 +27,7 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["pipelines", "transforms", "tools"],
+    packages=["pipelines", "transforms", "transforms.runtimes", "tools"],
     package_data={
         "pipelines": ["sample_photos/*"],
     },
@@ -86,6 +86,7 @@ setuptools.setup(
             "natvision-index=tools.search:index_main",
             "natvision-search=tools.search:main",
             "natvision-report=tools.report:main",
+            "natvision-stage-onnx=tools.stage_onnx:main",
         ],
     },
 )

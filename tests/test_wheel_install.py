@@ -119,14 +119,15 @@ def test_modules_and_console_scripts_import_from_the_installed_copy(
                               "natvision-evaluate": True,
                               "natvision-index": True,
                               "natvision-search": True,
-                              "natvision-report": True}
+                              "natvision-report": True,
+                              "natvision-stage-onnx": True}
 
 
 def test_demo_job_runs_from_the_installed_copy(site, elsewhere):
   cwd, env = elsewhere
   out = cwd / "demo"
   proc = _run([sys.executable, "-m", "pipelines.embed_images", "--demo",
-               "--output_dir", str(out)], cwd=cwd, env=env)
+               "--output_dir", str(out), "--runtime", "tf"], cwd=cwd, env=env)
   assert "stand-in models were used" in proc.stdout
   with open(out / "run.json") as f:
     report = json.load(f)
