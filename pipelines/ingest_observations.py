@@ -57,6 +57,7 @@ import transforms
 from pipelines import common
 from pipelines.common import FlagError
 from tools import report as html_report
+from transforms import fetch
 from transforms import progress
 from transforms import sinks
 from transforms import snapshots
@@ -252,8 +253,14 @@ def prepare(config: IngestConfig) -> Prepared:
 
   Raises:
     FlagError: a missing table or column, a template naming an unknown
-      column, or a model that is missing or does not match the registry.
+      column, a scheme nothing installed reads, or a model that is missing
+      or does not match the registry.
   """
+  try:
+    fetch.check_schemes([config.snapshot_dir, config.template.template,
+                         config.output_dir])
+  except fetch.SchemeError as e:
+    raise FlagError(str(e)) from e
   try:
     snapshot = snapshots.open_snapshot(config.snapshot_dir,
                                        need_taxa=config.filters.needs_taxa)
@@ -519,6 +526,9 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     FlagError: bad flags, snapshot or models, before the pipeline starts.
   """
   config, options = parse_args(argv)
+  # The launcher reads the snapshot before the pipeline exists; Beam's S3
+  # filesystem needs the options (--s3_endpoint_url, ...) set to work.
+  FileSystems.set_options(options)
   prepared = prepare(config)
   config = dataclasses.replace(config, flags=common.check_models(config.flags))
   run_id = f"{RUN_ID_PREFIX}-{config.date}-{common.new_run_id()}"

@@ -398,6 +398,8 @@ def read_filesystem(uri: str, max_bytes: int,
     FetchError: missing, too large, or a storage failure.
   """
   path = local_path(uri)
+  if scheme_of(uri) == "s3":
+    _ensure_filesystem_options()
   try:
     if opener is None:
       f = FileSystems.open(path,
@@ -422,6 +424,18 @@ def read_filesystem(uri: str, max_bytes: int,
   if len(data) > max_bytes:
     raise _too_large(max_bytes)
   return data
+
+
+def _ensure_filesystem_options() -> None:
+  """Gives Beam's FileSystems default options when none were set.
+
+  Beam's S3 filesystem refuses to work without pipeline options, even when
+  every S3 option is at its default; a pipeline sets them, a plain call
+  (a test, a tool) may not have.
+  """
+  if FileSystems._pipeline_options is None:  # pylint: disable=protected-access
+    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=import-outside-toplevel
+    FileSystems.set_options(PipelineOptions([]))
 
 
 def _retry_after(value: Optional[str], now: Callable[[], float]
@@ -694,46 +708,72 @@ def fetch_bytes(uri: str, max_bytes: int, config: Optional[FetchConfig] = None,
 # S3 without credentials
 
 
-def _install_unsigned_s3() -> None:
-  """Lets Beam's S3 client read public buckets when no credentials exist.
+_S3_CLIENTS: Dict[Tuple, object] = {}
 
-  Beam builds its boto3 client from ``boto3.session.Session().client(...)``
-  with the ``--s3_*`` options; boto3 then signs every request and fails
-  with NoCredentialsError when it finds no credentials.  The session class
-  that Beam's client module sees is replaced by one that, only when the
-  session resolves no credentials, makes the client send unsigned requests
-  and, when no region is configured anywhere, use us-east-1.
+
+def _s3_client(kwargs: dict):
+  """A boto3 S3 client for Beam's options, made once per process.
+
+  Unsigned (like ``aws --no-sign-request``) when neither the options nor
+  boto3's usual chain (environment, config files, instance metadata) give
+  credentials; in us-east-1 when no region is configured anywhere.  boto3
+  clients are thread-safe, and credentials that expire (roles, instance
+  profiles) are refreshed by the client itself.
+  """
+  import boto3  # pylint: disable=import-outside-toplevel
+  from botocore import UNSIGNED  # pylint: disable=import-outside-toplevel
+  from botocore.config import Config  # pylint: disable=import-outside-toplevel
+  key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+  with _SHARED_LOCK:
+    if key in _S3_CLIENTS:
+      return _S3_CLIENTS[key]
+  session = boto3.session.Session()
+  kwargs = dict(kwargs)
+  if kwargs.get("aws_access_key_id") is None and (
+      session.get_credentials() is None):
+    logging.info("no AWS credentials found: s3:// is read unsigned (public "
+                 "buckets only)")
+    config = Config(signature_version=UNSIGNED)
+    if kwargs.get("config") is not None:
+      config = kwargs["config"].merge(config)
+    kwargs["config"] = config
+  if not kwargs.get("region_name") and not session.region_name:
+    kwargs["region_name"] = "us-east-1"
+  client = session.client(**kwargs)
+  with _SHARED_LOCK:
+    return _S3_CLIENTS.setdefault(key, client)
+
+
+def _install_unsigned_s3() -> None:
+  """Makes Beam's S3 client read public buckets without credentials.
+
+  Beam builds a new boto3 session and client for every S3 call, from its
+  ``--s3_*`` options; boto3 then signs every request and fails with
+  NoCredentialsError when it finds no credentials (after a probe of the
+  instance metadata service, on every call).  What Beam's client module
+  calls ``boto3`` is replaced by a shim whose sessions hand out one client
+  per process and options, made by ``_s3_client``.
   """
   try:
-    import boto3  # pylint: disable=import-outside-toplevel
-    from botocore import UNSIGNED  # pylint: disable=import-outside-toplevel
-    from botocore.config import Config  # pylint: disable=import-outside-toplevel
     from apache_beam.io.aws.clients.s3 import boto3_client  # pylint: disable=import-outside-toplevel
+    import boto3  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     return
-  if getattr(boto3_client, "_natvision_unsigned", False):
+  if getattr(boto3_client, "_natvision_shared_clients", False):
     return
 
-  class _Session(boto3.session.Session):
-    """A boto3 session whose S3 clients go unsigned without credentials."""
+  class _Session:
+    """What Beam's client calls ``boto3.session.Session()``."""
 
-    def client(self, *args, **kwargs):  # pylint: disable=arguments-differ
-      if (kwargs.get("aws_access_key_id") is None
-          and self.get_credentials() is None):
-        config = Config(signature_version=UNSIGNED)
-        if kwargs.get("config") is not None:
-          config = kwargs["config"].merge(config)
-        kwargs["config"] = config
-      if not kwargs.get("region_name") and not self.region_name:
-        kwargs["region_name"] = "us-east-1"
-      return super().client(*args, **kwargs)
+    def client(self, **kwargs):
+      return _s3_client(kwargs)
 
   class _Boto3:
     """What Beam's client module calls ``boto3``."""
     session = type("session", (), {"Session": _Session})
 
   boto3_client.boto3 = _Boto3()
-  boto3_client._natvision_unsigned = True  # pylint: disable=protected-access
+  boto3_client._natvision_shared_clients = True  # pylint: disable=protected-access
 
 
 _install_unsigned_s3()

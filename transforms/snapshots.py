@@ -229,6 +229,11 @@ def _candidates(root: str, name: str) -> List[Tuple[Tuple[str, ...], str]]:
     path = FileSystems.join(root, name + suffix)
     if storage.exists(path):
       found.append(((path,), fmt))
+  if found:
+    # A folder of parts is looked for only without a file: iNaturalist's
+    # bucket holds photos.csv.gz next to photos/, its hundreds of millions
+    # of photo files, which no one should list.
+    return found
   folder = FileSystems.join(root, name)
   for suffix, fmt in SUFFIXES:
     parts = match_paths(FileSystems.join(folder, "*" + suffix))
