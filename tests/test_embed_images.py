@@ -49,8 +49,8 @@ def job(tiny_models, photo_dir, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out"))
   report = embed_images.run([
       "--input", str(photo_dir / "*"), "--output_dir", out,
-      "--models", ALL, "--model_root", tiny_models, "--batch_size", "4",
-      "--top_k", "3"])
+      "--models", ALL, "--model_root", tiny_models, "--runtime", "tf",
+      "--batch_size", "4", "--top_k", "3"])
   return out, report
 
 
@@ -130,9 +130,48 @@ def test_parquet_metadata_names_the_model(job, tiny_models):
                                                "inception_resnet_v2")
   assert meta["model"]["output_width"] == 1536
   assert meta["model"]["resize"] == "squash"
-  assert meta["runtime"] in ("tf", "onnx")
-  assert meta["runtime"] == meta["model"]["runtime"]
+  assert meta["runtime"] == meta["model"]["runtime"] == "tf"
+  assert meta["model"]["runtime_note"] == "TensorFlow, as --runtime tf asked"
   assert meta["version"]
+
+
+def test_onnx_job_matches_tensorflow_and_records_the_decision(
+    tiny_models, photo_dir, tmp_path, monkeypatch):
+  """The one whole job on ONNX Runtime: launcher decision, worker check."""
+  monkeypatch.setenv("NATVISION_ONNX_CACHE", str(tmp_path / "onnx_cache"))
+  out = str(tmp_path / "out")
+  report = embed_images.run([
+      "--input", str(photo_dir / "*"), "--output_dir", out,
+      "--models", "inaturalist_v2,fungi_mobile_v1", "--model_root",
+      tiny_models, "--runtime", "onnx", "--batch_size", "4", "--top_k", "3"])
+  assert [(m["name"], m["runtime"]) for m in report["models"]] == [
+      ("inaturalist_v2", "onnx"), ("fungi_mobile_v1", "onnx")]
+  assert report["model_loads"] == {"inaturalist_v2": 1, "fungi_mobile_v1": 1}
+  table = _read(os.path.join(out, "embeddings", "inaturalist_v2"))
+  uris = table.column("uri").to_pylist()
+  got = np.array(table.column("embedding").to_pylist(), np.float32)
+  want = _direct(tiny_models, "inaturalist_v2",
+                 np.stack([_prepared(u, "center_crop") for u in uris]))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert np.abs(want).max() > 0
+  predictions = _read(os.path.join(out, "predictions", "fungi_mobile_v1"))
+  probs = _direct(tiny_models, "fungi_mobile_v1", np.stack(
+      [_prepared(u, "squash") for u in predictions.column("uri").to_pylist()]))
+  for row, p in zip(predictions.to_pylist(), probs):
+    # Scores of the labels kept are TF's, and they are TF's three largest
+    # (ids may swap between runtimes only where scores tie).
+    np.testing.assert_allclose(row["top_k_scores"], p[row["top_k_label_ids"]],
+                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(row["top_k_scores"], np.sort(p)[::-1][:3],
+                               rtol=1e-4, atol=1e-7)
+  for table_dir in ("embeddings/inaturalist_v2", "predictions/fungi_mobile_v1"):
+    schema = pq.read_schema(next(
+        os.path.join(out, table_dir, f)
+        for f in os.listdir(os.path.join(out, table_dir))))
+    meta = json.loads(schema.metadata[sinks.METADATA_KEY])
+    assert meta["runtime"] == meta["model"]["runtime"] == "onnx", table_dir
+    assert meta["model"]["runtime_note"].startswith(
+        "ONNX Runtime; max difference from TensorFlow on the probe batch")
 
 
 def test_manifest_columns_carried_and_rerun_replaces(tiny_models, photo_dir,
@@ -147,7 +186,7 @@ def test_manifest_columns_carried_and_rerun_replaces(tiny_models, photo_dir,
   out = str(tmp_path / "out")
   argv = ["--input", str(manifest), "--output_dir", out,
           "--models", "fungi_mobile_v1", "--model_root", tiny_models,
-          "--resize", "center_crop"]
+          "--runtime", "tf", "--resize", "center_crop"]
   for _ in range(2):
     embed_images.run(argv, test_pipeline=TestPipeline())
   rows = _read(os.path.join(out, "predictions", "fungi_mobile_v1")).to_pylist()
@@ -162,7 +201,7 @@ def test_manifest_columns_carried_and_rerun_replaces(tiny_models, photo_dir,
 def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
   argv = ["--input", str(photo_dir / "*.jpg"), "--output_dir",
           str(tmp_path / "o"), "--models", "inception_resnet_v2",
-          "--model_handle",
+          "--runtime", "tf", "--model_handle",
           f"inception_resnet_v2={os.path.join(tiny_models, 'inaturalist_v2')}"]
   with pytest.raises(embed_images.FlagError, match="inception_resnet_v2"):
     embed_images.run(argv)
@@ -171,7 +210,8 @@ def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
 
 def test_demo_command_and_max_error_rate(tmp_path, capsys):
   out = str(tmp_path / "demo")
-  assert embed_images.main(["--demo", "--output_dir", out]) == 0
+  assert embed_images.main(["--demo", "--output_dir", out,
+                            "--runtime", "tf"]) == 0
   printed = capsys.readouterr().out
   assert "stand-in models were used" in printed
   errors = _read(os.path.join(out, "errors")).to_pylist()
@@ -180,22 +220,29 @@ def test_demo_command_and_max_error_rate(tmp_path, capsys):
   assert sorted(os.path.basename(u) for u in rows.column("uri").to_pylist()) == [
       "chelsea_cat.jpg", "coffee.webp", "flower.jpg", "grass_grayscale.png"]
   # One photo in five failed: a 10% limit is exceeded, a 30% one is not.
-  assert embed_images.main(["--demo", "--output_dir", out,
+  assert embed_images.main(["--demo", "--output_dir", out, "--runtime", "tf",
                             "--max_error_rate", "0.1"]) == 3
-  assert embed_images.main(["--demo", "--output_dir", out,
+  assert embed_images.main(["--demo", "--output_dir", out, "--runtime", "tf",
                             "--max_error_rate", "0.3"]) == 0
 
 
 def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
                                                    tmp_path):
   """What a template launch relies on: no launcher code after p.run()."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from pipelines import common  # pylint: disable=import-outside-toplevel
   out = str(tmp_path / "out")
   config, options = embed_images.parse_args([
       "--input", str(photo_dir / "*.jpg"), "--output_dir", out,
-      "--models", "inaturalist_v2", "--model_root", tiny_models])
+      "--models", "inaturalist_v2", "--model_root", tiny_models,
+      "--runtime", "tf"])
+  # The runtime is decided before the graph is built; a model without a
+  # decision is refused.
+  with pytest.raises(ValueError, match="no runtime decision"):
+    config.flags.inference_config(config.models[0])
+  config = dataclasses.replace(config, flags=common.check_models(config.flags))
   prepared = embed_images.prepare_inputs(config)
   layout = common.plan_layout(out, config.models, (), "run-1")
   base = {"run_id": "run-1", "started_ts": time.time()}
