@@ -36,7 +36,8 @@ def corpus_run(tiny_models, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out"))
   code = embed_images.main([
       "--input", str(manifest), "--output_dir", out, "--models",
-      ",".join(MODELS), "--model_root", tiny_models, "--batch_size", "8"])
+      ",".join(MODELS), "--model_root", tiny_models, "--runtime", "tf",
+      "--batch_size", "8"])
   return items, photos, out, code
 
 
@@ -93,6 +94,7 @@ def test_size_limit_is_a_read_error(tiny_models, photo_dir, tmp_path):
   out = str(tmp_path / "out")
   embed_images.run(["--input", str(photo_dir / "flower_big.jpg"),
                     "--output_dir", out, "--models", "inaturalist_v2",
-                    "--model_root", tiny_models, "--max_file_bytes", "1000"])
+                    "--model_root", tiny_models, "--runtime", "tf",
+                    "--max_file_bytes", "1000"])
   (error,) = _table(os.path.join(out, "errors"))
   assert error["stage"] == "read" and "--max_file_bytes" in error["error"]

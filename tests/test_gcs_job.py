@@ -34,7 +34,8 @@ def test_job_reads_and_writes_gs(gcs_server, tiny_models, photo_dir, tmp_path,
   upload_dir(str(photo_dir), root + "/photos")
   upload_dir(tiny_models, root + "/models")
   local_out = str(tmp_path / "local")
-  common = ["--models", "inaturalist_v2,fungi_mobile_v1", "--batch_size", "3"]
+  common = ["--models", "inaturalist_v2,fungi_mobile_v1", "--runtime", "tf",
+            "--batch_size", "3"]
   report = embed_images.run(common + [
       "--input", root + "/photos/*", "--output_dir", root + "/out",
       "--model_root", root + "/models"])

@@ -122,8 +122,8 @@ def _argv(snapshot, template, out, models, date):
   return ["--snapshot_dir", snapshot, "--photo_uri_template", template,
           "--snapshot_date", date, "--output_dir", out, "--models",
           ",".join([EMB, FUN]), "--model_root", models, "--route",
-          f"{FUN}={FUNGI}", "--batch_size", "2", "--top_k", "2",
-          "--decode_threads", "1"]
+          f"{FUN}={FUNGI}", "--runtime", "tf", "--batch_size", "2",
+          "--top_k", "2", "--decode_threads", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,8 @@ def _argv(world, snapshot, out, models, date, tiny_models, *extra):
   return ["--snapshot_dir", snapshot, "--photo_uri_template", world.template,
           "--snapshot_date", date, "--output_dir", out, "--models",
           ",".join(models), "--model_root", tiny_models, "--route",
-          f"{FUN}={FUNGI}", "--batch_size", "2", "--top_k", "2", *extra]
+          f"{FUN}={FUNGI}", "--runtime", "tf", "--batch_size", "2",
+          "--top_k", "2", *extra]
 
 
 def _ids(*photos):
@@ -356,8 +357,8 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
   def argv(snapshot, date):
     return ["--snapshot_dir", snapshot, "--photo_uri_template",
             world.template, "--snapshot_date", date, "--output_dir", out,
-            "--models", EMB, "--model_root", tiny_models, "--batch_size", "2",
-            "--quality_grade", "any"]
+            "--models", EMB, "--model_root", tiny_models, "--runtime", "tf",
+            "--batch_size", "2", "--quality_grade", "any"]
 
   ingest.run(argv(s1, D1))
   second = world.observe(SPECIES["daisy"], quality_grade="casual")
@@ -501,7 +502,7 @@ def small_snapshot(tmp_path_factory):
 def _flag_argv(world, snapshot, out, tiny_models, *extra):
   return ["--snapshot_dir", snapshot, "--photo_uri_template", world.template,
           "--snapshot_date", D1, "--output_dir", out, "--models", EMB,
-          "--model_root", tiny_models, *extra]
+          "--model_root", tiny_models, "--runtime", "tf", *extra]
 
 
 @pytest.mark.parametrize("extra,flag", [

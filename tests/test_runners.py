@@ -75,7 +75,7 @@ def _run(out, photo_dir, model_root, *beam_flags):
   return embed_images.run([
       "--input", str(photo_dir / "*"), "--output_dir", str(out),
       "--models", ",".join(MODELS), "--model_root", model_root,
-      "--batch_size", "4", "--top_k", "3", *beam_flags])
+      "--runtime", "tf", "--batch_size", "4", "--top_k", "3", *beam_flags])
 
 
 def _read(directory):
