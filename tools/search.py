@@ -50,13 +50,16 @@ from tools import tables as tables_lib
 INDEX_DIR = "_index"
 INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"
-# Exact search scans rows x dims floats per query.  benchmarks/
-# index_threshold.py measured on this project's 2-core machine (clustered
-# unit vectors, 200 queries): below 2^25 floats (e.g. 512k rows of 64 or
-# 21k rows of 1536) an exact query costs at most ~10 ms, and an IVF index
-# tuned to Recall@10 0.95 saves less than its training costs for the number
-# of searches a table typically gets; above it the IVF is 5x to 20x faster
-# per query.
+# An exact search scans rows x dims floats per query.  Measured with
+# benchmarks/index_threshold.py on this project's 2-core machine (clustered
+# unit vectors, batches of 200 queries): an exact query cost 5.6 ms at 1e7
+# floats, 12 ms at 2e7 and 53 ms at 4.1e7 (64 dims); 7 ms at 3.1e7 and 11 ms
+# at 6.1e7 (1536 dims).  An IVF index tuned to Recall@10 0.95 answered in
+# 0.04 to 0.35 ms but took 15 to 125 s to build at those sizes.  Below
+# 2^25 (3.4e7) floats, e.g. 524k rows of 64 dims or 21.8k rows of 1536,
+# exact queries stay around 10 ms or less and need no build, tuning or
+# loss of recall; above it they grow past that while the IVF stays under
+# 1 ms.
 EXACT_BELOW_FLOATS = 2 ** 25
 TARGET_RECALL = 0.95
 RECALL_QUERIES = 500
@@ -307,8 +310,11 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
   """Embeds one photo exactly as the job that wrote ``table`` did.
 
   The photo goes through ``transforms.photos.read_decode_prepare`` with the
-  model's preparation; the model is loaded by ``transforms.runtimes.for_model``
-  on the runtime recorded in the table's metadata (or ``runtime``).
+  model's preparation (and the run's colour-profile handling); the model is
+  loaded by ``transforms.inference.load_shared`` on the runtime recorded in
+  the table's metadata (or ``runtime``): TensorFlow directly, ONNX Runtime
+  after the same conversion and check against TensorFlow as the job's
+  launcher (``transforms.runtimes.chooser``).
 
   Returns:
     float32 ``[width]``, the model's raw output.
@@ -317,21 +323,25 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
     SearchError: the photo cannot be read, decoded or prepared, or the model
       cannot be found or loaded.
   """
-  from transforms import decode as decode_lib  # pylint: disable=import-outside-toplevel
-  from transforms import photos  # pylint: disable=import-outside-toplevel
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
-  from transforms.records import ErrorRecord, ImageRef  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from transforms import decode as decode_lib
+  from transforms import inference
+  from transforms import photos
+  from transforms import runtimes
+  from transforms.records import ErrorRecord, ImageRef
+  from transforms.runtimes import chooser
+  # pylint: enable=import-outside-toplevel
   info = table.model_info
   handles = dict(handles or {})
   if table.name not in handles and not model_root and info.get("path"):
     handles[table.name] = info["path"]
-  recorded = runtime or table.metadata.get("runtime") or "tf"
+  requested = (runtime or table.metadata.get("runtime") or info.get("runtime")
+               or runtimes.RUNTIME_TF)
   try:
     resolved = models_lib.resolve_models(
-        [table.name], model_root, handles=handles,
-        resize=info.get("resize"))[0].with_decision(runtimes.RuntimeDecision(
-            recorded, note="as the table's metadata records"))
-  except ValueError as e:  # ModelError, or a runtime that is not tf|onnx
+        [table.name], model_root, handles=handles, resize=info.get("resize"),
+        requested_runtime=requested)[0]
+  except models_lib.ModelError as e:
     raise SearchError(str(e)) from e
   size = resolved.spec.input_size
   config = photos.PhotoConfig(policies=(resolved.resize,), size=size)
@@ -345,8 +355,12 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
     raise SearchError(f"--photo {uri}: {prepared.stage} failed: "
                       f"{prepared.error}")
   try:
-    model = runtimes.for_model(resolved)
-    model.load()
+    if requested == runtimes.RUNTIME_TF:
+      resolved = resolved.with_decision(runtimes.RuntimeDecision(
+          runtimes.RUNTIME_TF, note="TensorFlow, as the table records"))
+    else:
+      resolved = chooser.decided(resolved, timing_runs=0)
+    model = inference.load_shared(resolved).model
   except models_lib.ModelError as e:
     raise SearchError(f"{e} (pass --model_root or --model_handle "
                       f"{table.name}=PATH)") from e
