@@ -35,7 +35,9 @@ from pipelines.common import DEFAULT_MODELS, FlagError  # noqa: F401 (API)
 from tools import report as html_report
 from transforms import progress
 from transforms import resume as resume_lib
+from transforms import dwca
 from transforms import fetch
+from transforms import licenses
 from transforms import sinks
 from transforms import sources
 from transforms import storage
@@ -58,6 +60,7 @@ class JobConfig:
   max_error_rate: Optional[float] = None
   demo: bool = False
   manifest_encoding: str = sources.DEFAULT_ENCODING
+  license_filter: licenses.LicenseFilter = licenses.LicenseFilter()
 
   def __post_init__(self):
     if not self.inputs:
@@ -86,6 +89,13 @@ class JobConfig:
       return self.inputs[0]
     return None
 
+  def archive_path(self) -> Optional[str]:
+    """The Darwin Core input, if --input is one (looks for meta.xml)."""
+    if len(self.inputs) == 1 and not self.manifest_path and (
+        dwca.is_archive_input(self.inputs[0])):
+      return self.inputs[0]
+    return None
+
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
@@ -95,13 +105,15 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--input", action="append", default=[],
                  help="glob pattern on any Beam filesystem (repeatable), or "
                  "one manifest (.csv, .tsv, .jsonl, .parquet, optionally .gz) "
-                 "with a uri column")
+                 "with a uri column, or one Darwin Core archive (.zip, a "
+                 "folder holding meta.xml, or a GBIF multimedia.txt)")
   p.add_argument("--manifest_encoding", default=sources.DEFAULT_ENCODING,
                  help="character encoding of a text manifest, e.g. cp1252 "
                  "for a CSV saved by a spreadsheet program on Windows "
                  "(default utf-8)")
   p.add_argument("--output_dir", help="folder (local or gs://) for the tables")
   common.add_model_flags(p)
+  licenses.LicenseFilter.add_flags(p)
   p.add_argument("--max_error_rate", type=float,
                  help="exit with status 3 when the share of photos with an "
                  "error exceeds this")
@@ -134,9 +146,14 @@ def parse_args(argv: Optional[Sequence[str]] = None
   if not output_dir:
     raise FlagError("--output_dir is required (a local folder or gs://...)")
   flags = common.model_flags_from_args(args, model_root)
+  try:
+    license_filter = licenses.LicenseFilter.from_args(args)
+  except ValueError as e:
+    raise FlagError(str(e)) from e
   config = JobConfig(inputs=tuple(inputs), output_dir=output_dir, flags=flags,
                      max_error_rate=args.max_error_rate, demo=args.demo,
-                     manifest_encoding=args.manifest_encoding)
+                     manifest_encoding=args.manifest_encoding,
+                     license_filter=license_filter)
   return config, options
 
 
@@ -146,9 +163,13 @@ class Prepared:
 
   manifest: Optional[sources.Manifest]
   expected_total: Optional[int]
+  archive: Optional[dwca.Archive] = None
+  license_column: Optional[str] = None
 
   @property
   def carried(self) -> sinks.Carried:
+    if self.archive is not None:
+      return self.archive.carried
     return self.manifest.carried if self.manifest else ()
 
 
@@ -162,6 +183,11 @@ def prepare_inputs(config: JobConfig) -> Prepared:
   """
   try:
     fetch.check_schemes(list(config.inputs) + [config.output_dir])
+    archive = config.archive_path()
+    if archive:
+      prepared = Prepared(manifest=None, expected_total=None,
+                          archive=dwca.open_archive(archive))
+      return _with_license_column(config, prepared)
     if config.manifest_path:
       manifest = sources.read_manifest_header(config.manifest_path,
                                               config.manifest_encoding)
@@ -173,7 +199,25 @@ def prepare_inputs(config: JobConfig) -> Prepared:
       expected = sources.count_pattern_matches(config.inputs)
   except (sources.InputError, fetch.SchemeError) as e:
     raise FlagError(str(e)) from e
-  return Prepared(manifest=manifest, expected_total=expected)
+  return _with_license_column(
+      config, Prepared(manifest=manifest, expected_total=expected))
+
+
+def _with_license_column(config: JobConfig, prepared: Prepared) -> Prepared:
+  """Finds the column --license reads.
+
+  Raises:
+    FlagError: --license given for an input with no licence column.
+  """
+  if not config.license_filter.active:
+    return prepared
+  column = licenses.license_column([c for c, _ in prepared.carried])
+  if column is None:
+    raise FlagError(
+        f"--license needs a licence for each photo, and {config.inputs[0]} "
+        f"has no column named {' or '.join(licenses.LICENSE_COLUMNS)}")
+  return dataclasses.replace(prepared, license_column=column,
+                             expected_total=None)
 
 
 def build_pipeline(p: beam.Pipeline, config: JobConfig, prepared: Prepared,
@@ -183,18 +227,35 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, prepared: Prepared,
 
   The last step commits the tables and writes run.json, inside the pipeline.
   """
-  refs = p | "ReadInput" >> sources.ReadImageRefs(
-      patterns=() if prepared.manifest else config.inputs,
-      manifest=prepared.manifest)
+  skipped = []
+  if prepared.archive is not None:
+    read = p | "ReadInput" >> dwca.ReadArchiveRefs(prepared.archive)
+    refs = read.refs | "OnePerPhoto" >> sources.OnePerId()
+    skipped.append(read[dwca.SKIPPED_TAG])
+  else:
+    refs = p | "ReadInput" >> sources.ReadImageRefs(
+        patterns=() if prepared.manifest else config.inputs,
+        manifest=prepared.manifest)
+  if prepared.license_column:
+    split = refs | "FilterByLicense" >> licenses.FilterByLicense(
+        config.license_filter, prepared.license_column)
+    refs = split.kept
+    skipped.append(split[licenses.SKIPPED_TAG])
   expected = prepared.expected_total
   if expected is not None and resume is not None:
     expected = max(expected - resume.reused_photos, 0)
   written = refs | "EmbedAndWrite" >> common.EmbedAndWrite(
       config.flags, layout, prepared.carried, expected, resume)
-  inputs = refs | "CountInputs" >> beam.combiners.Count.Globally()
+  tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1))]
+  for i, reasons in enumerate(skipped):
+    tallies.append(reasons | f"CountSkipped{i}" >> beam.Map(lambda r: (r, 1)))
+  counts = (tallies
+            | "AllTallies" >> beam.Flatten()
+            | "SumTallies" >> beam.CombinePerKey(sum)
+            | "Counts" >> beam.combiners.ToDict())
   _ = written | "CommitRun" >> common.CommitRun(
       layout, RunReport(report_base, config.max_error_rate),
-      beam.pvalue.AsSingleton(inputs))
+      beam.pvalue.AsSingleton(counts))
 
 
 class RunReport:
@@ -208,7 +269,10 @@ class RunReport:
     self._base = base
     self._max_error_rate = max_error_rate
 
-  def __call__(self, layout: common.Layout, inputs: int) -> dict:
+  def __call__(self, layout: common.Layout, counts: dict) -> dict:
+    """Args: counts: ``inputs`` (photos sent on), ``skipped_not_image``
+    and ``filtered_by_license`` (rows never fetched)."""
+    inputs = counts.get("inputs", 0)
     ended = time.time()
     elapsed = max(ended - self._base["started_ts"], 1e-9)
     errors = common.error_breakdown(layout.table(sinks.ERRORS).final)
@@ -217,6 +281,9 @@ class RunReport:
         "ended": common.iso(ended),
         "elapsed_s": round(elapsed, 3),
         "inputs": inputs,
+        dwca.SKIPPED_NOT_IMAGE: counts.get(dwca.SKIPPED_NOT_IMAGE, 0),
+        licenses.FILTERED_BY_LICENSE: counts.get(
+            licenses.FILTERED_BY_LICENSE, 0),
         "images_per_second": round(inputs / elapsed, 3),
         "rows": {t.name: sinks.count_rows(t.final) for t in layout.tables
                  if t.name != sinks.ERRORS},
@@ -239,6 +306,10 @@ def _summary(report: dict) -> str:
                  f"a dead attempt")
   for name, rows in report["rows"].items():
     lines.append(f"  {name}: {rows} row(s)")
+  for key, why in ((dwca.SKIPPED_NOT_IMAGE, "not still images"),
+                   (licenses.FILTERED_BY_LICENSE, "left out by --license")):
+    if report.get(key):
+      lines.append(f"  not fetched: {report[key]} row(s) {why}")
   errs = report["errors"]
   stages = ", ".join(f"{k} {v}" for k, v in sorted(errs["by_stage"].items()))
   lines.append(f"  errors: {errs['total']} row(s)" +

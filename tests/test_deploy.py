@@ -83,6 +83,7 @@ EXAMPLES = {
     "read_timeout": "30.5",
     "max_redirects": "3",
     "user_agent": "mailto:me@example.org",
+    "license": "cc0,cc-by,cc-by-nc",
 }
 BAD = {
     "input": ["/local/photos/*.jpg", "photos/*.jpg", "gs:/b/x", ""],
@@ -113,6 +114,7 @@ BAD = {
     "read_timeout": ["ten"],
     "max_redirects": ["-1", "x"],
     "user_agent": ["", " leading space", "a\nb"],
+    "license": ["cc-by-4.0", "CC-BY", "cc0,", ""],
 }
 
 

@@ -499,6 +499,17 @@ def _first_of_duplicates(item: Tuple[str, Iterable[ImageRef]]) -> ImageRef:
   return min(refs, key=lambda r: (r.uri, r.extra.__repr__()))
 
 
+class OnePerId(beam.PTransform):
+  """ImageRefs -> one per ``image_id`` (the first by URI), for readers
+  whose input may list a photo twice."""
+
+  def expand(self, refs):
+    return (refs
+            | "KeyById" >> beam.Map(lambda r: (r.image_id, r))
+            | "GroupById" >> beam.GroupByKey()
+            | "OnePerId" >> beam.Map(_first_of_duplicates))
+
+
 class ReadImageRefs(beam.PTransform):
   """Emits one ImageRef per distinct photo of the input.
 
