@@ -261,14 +261,16 @@ class _WriteShardsFn(beam.DoFn):
     import uuid  # pylint: disable=import-outside-toplevel
     self._path = FileSystems.join(
         self._directory, f"{FILE_PREFIX}-{uuid.uuid4().hex[:20]}{FILE_SUFFIX}")
-    self._file = FileSystems.create(self._path)
-    self._writer = pq.ParquetWriter(self._file, self._schema,
-                                    compression="zstd")
+    with storage.failing_as("writing", self._path):
+      self._file = FileSystems.create(self._path)
+      self._writer = pq.ParquetWriter(self._file, self._schema,
+                                      compression="zstd")
     self._rows = 0
 
   def _close(self) -> str:
-    self._writer.close()
-    self._file.close()
+    with storage.failing_as("writing", self._path):
+      self._writer.close()
+      self._file.close()
     self._writer = None
     return self._path
 
@@ -277,7 +279,8 @@ class _WriteShardsFn(beam.DoFn):
       return
     if self._writer is None:
       self._open()
-    self._writer.write_table(table)
+    with storage.failing_as("writing", self._path):
+      self._writer.write_table(table)
     self._rows += table.num_rows
     if self._rows >= self._max_rows:
       yield self._close()
