@@ -237,7 +237,7 @@ class OnnxRuntime:
     return list(self._session.providers) if self._session else []
 
   def predict(self, batch: np.ndarray) -> np.ndarray:
-    """uint8 or [0, 1] float ``[n, size, size, 3]`` -> float32 ``[n, width]``."""
+    """uint8 or [0, 1] float ``[n, s, s, 3]`` -> float32 ``[n, width]``."""
     return self.session.predict(batch)
 
   def describe(self) -> dict:

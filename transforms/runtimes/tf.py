@@ -45,7 +45,7 @@ class TFRuntime:
     return self._model
 
   def predict(self, batch: np.ndarray) -> np.ndarray:
-    """uint8 or [0, 1] float ``[n, size, size, 3]`` -> float32 ``[n, width]``."""
+    """uint8 or [0, 1] float ``[n, s, s, 3]`` -> float32 ``[n, width]``."""
     return self.loaded.predict(batch)
 
   def float_function(self) -> Callable:
