@@ -566,7 +566,7 @@ def format_table(evaluation: dict) -> str:
             for i in range(len(header))]
   out = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
   out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines]
-  return "\n".join(out)
+  return "\n".join(line.rstrip() for line in out)
 
 
 def _ints(text: str, flag: str) -> Tuple[int, ...]:

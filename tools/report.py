@@ -251,6 +251,7 @@ def _section_speed(run: dict, tables: Dict[str, tables_lib.ModelTable],
     axes[0].set_ylabel("rows written\n(cumulative)")
     axes[1].set_ylabel("rows per second\n(between files)")
     axes[1].set_xlabel("seconds since the run started")
+    axes[1].set_ylim(bottom=0)
     for ax in axes:
       ax.axvline(span, color="grey", linestyle=":", label="run ended")
     axes[0].legend(fontsize="small")
@@ -497,8 +498,16 @@ def _section_embedder(table: tables_lib.ModelTable, plots: Plots,
   if color_column and colour is None:
     out.append(f"<p class='note'>No column {_e(color_column)} in this table; "
                f"the projection is not coloured.</p>")
-  values = ([None if v is None else str(v) for v in data.column(colour)
-             .to_pylist()] if colour else [None] * data.num_rows)
+  # Values that differ only in case or spacing are one category (as
+  # natvision-evaluate matches labels); each is shown as first written.
+  raw = data.column(colour).to_pylist() if colour else [None] * data.num_rows
+  first: Dict[Optional[str], str] = {}
+  values = []
+  for value in raw:
+    key = None if value is None else (" ".join(str(value).split()).casefold()
+                                      or None)
+    first.setdefault(key, "(none)" if key is None else str(value).strip())
+    values.append(key)
   counts = collections.Counter(values)
   shown = [v for v, _ in counts.most_common(MAX_CATEGORIES)]
   out.append(f"<p>{data.num_rows} photo(s) projected on the first two "
@@ -517,11 +526,12 @@ def _section_embedder(table: tables_lib.ModelTable, plots: Plots,
     for i, value in enumerate(shown):
       rows = [j for j, v in enumerate(values) if v == value]
       ax.scatter(points[rows, 0], points[rows, 1], s=14, color=palette[i],
-                 label="(none)" if value is None else value[:30])
+                 label=first[value][:30])
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     if colour:
-      ax.legend(fontsize="x-small", title=colour, loc="best")
+      ax.legend(fontsize="x-small", title=colour, loc="upper left",
+                bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
   out.append(plots.html(fig, f"{table.name}-projection",
                         f"{table.name}: 2-D projection (PCA)"
                         + (f" coloured by {colour}" if colour else "")))
@@ -529,7 +539,7 @@ def _section_embedder(table: tables_lib.ModelTable, plots: Plots,
     centroid_rows = []
     for value in shown:
       rows = [j for j, v in enumerate(values) if v == value]
-      centroid_rows.append(("(none)" if value is None else value, len(rows),
+      centroid_rows.append((first[value], len(rows),
                             f"{points[rows, 0].mean():+.3f}",
                             f"{points[rows, 1].mean():+.3f}"))
     out.append(_table_html((colour, "photos", "mean PC 1", "mean PC 2"),
@@ -576,7 +586,8 @@ def _section_evaluation(evaluation: dict, plots: Plots) -> str:
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("recall")
-    ax.legend(fontsize="x-small", loc="lower right")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
   out.append(plots.html(fig, "evaluation", "Recall@k and macro Recall@k per "
                         "model"))
   for name, m in evaluation.get("models", {}).items():

@@ -34,6 +34,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -467,7 +468,7 @@ def format_rows(records: Sequence[dict]) -> str:
   lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths))]
   lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths))
             for row in cells]
-  return "\n".join(lines)
+  return "\n".join(line.rstrip() for line in lines)
 
 
 def _emit(records: Sequence[dict], as_json: bool) -> None:
@@ -539,6 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  help="with --photo: override the runtime the job recorded")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # --photo loads TF
   if args.k < 1:
     p.error("--k must be at least 1")
   if args.duplicates and args.threshold is None:
