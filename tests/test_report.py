@@ -80,7 +80,7 @@ def test_the_job_writes_the_report(labelled_job):
   assert "No evaluation.json" in page
   # Sizes come from the tables' columns (crops were at most 480 px).
   sizes = _section(page, "sizes")
-  assert "source_width and source_height" in sizes
+  assert "source_width and source_height columns" in sizes
   assert re.search(r"<td>width \(px\)</td><td>\d+</td><td>\d+</td>"
                    r"<td>480</td>", sizes)
 

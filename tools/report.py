@@ -332,8 +332,9 @@ def _section_sizes(tables: Dict[str, tables_lib.ModelTable], plots: Plots,
         if w and h:
           sizes.setdefault(image_id, (int(w), int(h)))
       note = ("Width and height as stored in each file (EXIF orientation "
-              "applied), from the tables' source_width and source_height "
-              f"columns: {len(sizes)} photo(s).")
+              "applied), from the source_width and source_height columns of "
+              f"the {table.name} table: {len(sizes)} photo(s).")
+      break  # the models share their photos; one table is enough
   if not sizes:
     uris = {}
     for table in tables.values():
