@@ -11,6 +11,7 @@ once.  The commit, the summary and the markers are the pipeline's own last
 steps: a pipeline run with no launcher code after it leaves the same result.
 """
 
+import dataclasses
 import datetime
 import glob
 import json
@@ -434,6 +435,8 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, tmp_path):
 
   argv = _argv(world, snapshot, out, [EMB, FUN], D1, tiny_models)
   config, options = ingest.parse_args(argv)
+  # The launcher decides each model's runtime before the graph is built.
+  config = dataclasses.replace(config, flags=common.check_models(config.flags))
   prepared = ingest.prepare(config)
   run_id = f"ingest-{D1}-run-1"
   layout = common.plan_layout(out, config.models, snapshots.CARRIED, run_id,
