@@ -122,8 +122,14 @@ class FaultRule:
     if self.forward and self.kind not in DROP_KINDS:
       raise ValueError("forward applies to reset and timeout only")
 
-  def consider(self, method: str, target: str, batch: bool) -> bool:
-    """Counts a request that matches; True when this one is to fail."""
+  def consider(self, method: str, target: str, batch: bool,
+               can_fire: bool = True) -> bool:
+    """Counts a request that matches; True when this one is to fail.
+
+    Args:
+      can_fire: False when an earlier rule already fails the request: it
+        is counted as a match but takes nothing from ``times``.
+    """
     if self.method not in ("*", method):
       return False
     if self.batch is not None and self.batch != batch:
@@ -131,7 +137,7 @@ class FaultRule:
     if not re.search(self.path_regex, target):
       return False
     self.matched += 1
-    if self.matched < self.from_match:
+    if self.matched < self.from_match or not can_fire:
       return False
     if self.times != ALWAYS and self.fired >= self.times:
       return False
@@ -209,7 +215,7 @@ class FaultPlan:
     with self._lock:
       chosen = None
       for rule in self._rules:
-        if rule.consider(method, target, batch) and chosen is None:
+        if rule.consider(method, target, batch, can_fire=chosen is None):
           chosen = rule
       entry = {"seq": len(self._log) + 1, "method": method, "path": target,
                "batch": batch, "status": None,

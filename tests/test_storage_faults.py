@@ -25,6 +25,7 @@ every call of the recorded run in turn.
 # pylint: disable=redefined-outer-name
 
 import collections
+import gc
 import io
 import os
 import re
@@ -397,6 +398,80 @@ def ingest_job(fault_root, faults, tmp_path_factory):
                   f"{root}/photo_store/{{photo_id}}/medium.{{extension}}")
   job.prepare()
   return job
+
+
+# --------------------------------------------------------------------------
+# The harness itself.
+
+
+def test_rules_choose_requests_from_the_kth_match(gcs_server, faults):
+  folder = f"{gcs_server.bucket_url}/faults-harness-{uuid.uuid4().hex[:8]}"
+  storage.write_bytes(folder + "/a.txt", b"a")
+  faults.clear()
+  rule = faults.add("GET", rf"/o\?.*prefix={re.escape(_key(folder))}",
+                    kind="403", from_match=2, times=2)
+  outcomes = []
+  for _ in range(4):
+    try:
+      outcomes.append(storage.match(folder + "/*"))
+    except storage.StorageError as e:
+      assert folder + "/*" in str(e) and "403" in str(e)
+      outcomes.append("403")
+  assert outcomes == [[folder + "/a.txt"], "403", "403", [folder + "/a.txt"]]
+  [state] = faults.rules()
+  assert (state["id"], state["matched"], state["fired"]) == (rule["id"], 4, 2)
+  listings = [e for e in faults.log() if "prefix=" in e["path"]]
+  assert [(e["status"], e["fault"]) for e in listings] == [
+      (200, None), (403, "403"), (403, "403"), (200, None)]
+  with pytest.raises(ValueError, match="kind must be one of"):
+    faults.add("GET", "x", kind="500")
+  faults.clear()
+  assert faults.rules() == [] and faults.log() == []
+
+
+def test_batch_parts_fail_alone_and_transient_faults_are_retried(
+    gcs_server, faults):
+  folder = f"{gcs_server.bucket_url}/faults-harness-{uuid.uuid4().hex[:8]}"
+  key = re.escape(_key(folder))
+  storage.write_bytes(folder + "/a.txt", b"a")
+  faults.clear()
+  faults.add("POST", f"/o/{key}a.txt/copyTo/", kind="403", times="always",
+             batch=True)
+  for _ in range(2):
+    with pytest.raises(Exception, match="403"):
+      FileSystems.rename([folder + "/a.txt"], [folder + "/b.txt"])
+  assert storage.match(folder + "/*") == [folder + "/a.txt"]
+  faults.clear()
+  # Each once, on every other copy: the storage client's retry succeeds.
+  for i, kind in enumerate(("503", "429", "reset", "timeout")):
+    faults.add("*", f"/o/{key}a.txt/copyTo/", kind=kind, from_match=2 * i + 1,
+               hold_s=0.2)
+  for _ in range(4):
+    FileSystems.rename([folder + "/a.txt"], [folder + "/b.txt"])
+    FileSystems.rename([folder + "/b.txt"], [folder + "/a.txt"])
+  assert [r["fired"] for r in faults.rules()] == [1, 1, 1, 1]
+  copies = [e for e in faults.log() if "a.txt/copyTo/" in e["path"]]
+  assert [(e["fault"], e["status"]) for e in copies] == [
+      ("503", 503), (None, 200), ("429", 429), (None, 200),
+      ("reset", None), (None, 200), ("timeout", None), (None, 200)]
+  assert storage.read_bytes(folder + "/a.txt") == b"a"
+  faults.clear()
+
+
+def test_a_failed_write_names_its_path_and_stays_failed(gcs_server, faults):
+  """A 403 on a small file's upload raises naming it; collecting the
+  writer afterwards does not upload the file after all."""
+  path = (f"{gcs_server.bucket_url}/faults-harness-{uuid.uuid4().hex[:8]}"
+          "/_SUCCESS")
+  faults.clear()
+  faults.add("*", rf"name={re.escape(_key(path).rstrip('/'))}", kind="403")
+  with pytest.raises(storage.StorageError, match=re.escape(path)):
+    storage.write_bytes(path, b"{}")
+  gc.collect()
+  uploads = [e for e in faults.log() if "/upload/" in e["path"]]
+  faults.clear()
+  assert [e["status"] for e in uploads] == [403]
+  assert not storage.exists(path)
 
 
 # --------------------------------------------------------------------------

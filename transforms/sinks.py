@@ -28,6 +28,7 @@ than duplicates rows.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -268,7 +269,7 @@ class _WriteShardsFn(beam.DoFn):
     self._rows = 0
 
   def _close(self) -> str:
-    with storage.failing_as("writing", self._path):
+    with storage.failing_as("writing", self._path, abandon=self._file):
       self._writer.close()
       self._file.close()
     self._writer = None
@@ -279,7 +280,7 @@ class _WriteShardsFn(beam.DoFn):
       return
     if self._writer is None:
       self._open()
-    with storage.failing_as("writing", self._path):
+    with storage.failing_as("writing", self._path, abandon=self._file):
       self._writer.write_table(table)
     self._rows += table.num_rows
     if self._rows >= self._max_rows:
@@ -358,8 +359,9 @@ def _basename(path: str) -> str:
 
 
 def write_empty(path: str, schema: pa.Schema) -> None:
-  with storage.failing_as("writing", path), FileSystems.create(path) as f:
-    pq.write_table(schema.empty_table(), f)
+  data = io.BytesIO()
+  pq.write_table(schema.empty_table(), data)
+  storage.write_bytes(path, data.getvalue())
 
 
 COMMIT_PLAN = "_commit_plan.json"

@@ -87,26 +87,54 @@ def write_bytes(path: str, data: bytes) -> None:
     StorageError: the write failed.
   """
   with failing_as("writing", path):
-    with FileSystems.create(path) as f:
-      f.write(data)
+    f = FileSystems.create(path)
+  with failing_as("writing", path, abandon=f):
+    f.write(data)
+    f.close()
 
 
 @contextlib.contextmanager
-def failing_as(action: str, path: str) -> Iterator[None]:
+def failing_as(action: str, path: str, abandon=None) -> Iterator[None]:
   """Raises any failure in the block as a StorageError naming the path.
 
   For reads and writes that stream (a Parquet footer, a table file): the
   storage client's own errors often name no path, or only a URL-encoded one.
+
+  Args:
+    action: e.g. "reading", "writing".
+    path: the file.
+    abandon: a file being written, given up on failure (`abandon_write`).
 
   Raises:
     StorageError: "<action> <path> failed: <reason>".
   """
   try:
     yield
-  except StorageError:
-    raise
   except Exception as e:  # noqa: BLE001
+    if abandon is not None:
+      abandon_write(abandon)
+    if isinstance(e, StorageError):
+      raise
     raise StorageError(f"{action} {path} failed: {_reason(e)}") from e
+
+
+def abandon_write(f) -> None:
+  """Gives up a file being written whose write or close failed.
+
+  A GCS writer whose close failed stays open, and closing it again, as
+  garbage collection does at any later moment, uploads the object after
+  all: long after its step failed, or, once storage is out of reach,
+  retrying for minutes.  This cancels the upload instead (best effort: the
+  failure itself is what gets reported).
+  """
+  try:
+    terminate = getattr(f, "terminate", None)
+    if terminate is not None:
+      terminate()
+    else:
+      f.close()
+  except Exception:  # noqa: BLE001 - the write already failed, and says so
+    pass
 
 
 def _reason(e: BaseException) -> str:
