@@ -402,10 +402,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"natvision-embed: storage error: {e}; nothing was committed, and "
           f"running the same command again resumes", file=sys.stderr)
     return 1
-  limit = report["max_error_rate"]
-  if limit is not None and report["error_rate"] > limit:
+  status = exit_status(report)
+  if status == 3:
     print(f"natvision-embed: {report['error_rate']:.3f} of the photos failed, "
-          f"more than --max_error_rate {limit}", file=sys.stderr)
+          f"more than --max_error_rate {report['max_error_rate']}",
+          file=sys.stderr)
+  return status
+
+
+def exit_status(report: dict) -> int:
+  """3 when the share of photos with an error exceeds --max_error_rate, else 0.
+
+  A run that has not ended here (a template launch) has no error rate: 0.
+  """
+  limit = report.get("max_error_rate")
+  rate = report.get("error_rate")
+  if limit is not None and rate is not None and rate > limit:
     return 3
   return 0
 

@@ -208,22 +208,32 @@ def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
   assert not os.path.exists(tmp_path / "o")
 
 
-def test_demo_command_and_max_error_rate(tmp_path, capsys):
-  out = str(tmp_path / "demo")
-  assert embed_images.main(["--demo", "--output_dir", out,
+def test_demo_command_as_readme_gives_it(tmp_path, capsys, monkeypatch):
+  # README's quickstart: a relative --output_dir in the current folder.
+  monkeypatch.chdir(tmp_path)
+  assert embed_images.main(["--demo", "--output_dir", "natvision_demo",
                             "--runtime", "tf"]) == 0
   printed = capsys.readouterr().out
   assert "stand-in models were used" in printed
+  out = str(tmp_path / "natvision_demo")
   errors = _read(os.path.join(out, "errors")).to_pylist()
   assert [os.path.basename(e["uri"]) for e in errors] == ["not_a_photo.jpg"]
   rows = _read(os.path.join(out, "embeddings", "inaturalist_v2"))
   assert sorted(os.path.basename(u) for u in rows.column("uri").to_pylist()) == [
       "chelsea_cat.jpg", "coffee.webp", "flower.jpg", "grass_grayscale.png"]
+  with open(os.path.join(out, "run.json")) as f:
+    assert json.load(f)["error_rate"] == pytest.approx(0.2)
+
+
+def test_exit_status_follows_max_error_rate():
   # One photo in five failed: a 10% limit is exceeded, a 30% one is not.
-  assert embed_images.main(["--demo", "--output_dir", out, "--runtime", "tf",
-                            "--max_error_rate", "0.1"]) == 3
-  assert embed_images.main(["--demo", "--output_dir", out, "--runtime", "tf",
-                            "--max_error_rate", "0.3"]) == 0
+  assert embed_images.exit_status({"error_rate": 0.2,
+                                   "max_error_rate": 0.1}) == 3
+  assert embed_images.exit_status({"error_rate": 0.2,
+                                   "max_error_rate": 0.3}) == 0
+  assert embed_images.exit_status({"error_rate": 0.2,
+                                   "max_error_rate": None}) == 0
+  assert embed_images.exit_status({"max_error_rate": 0.1}) == 0  # not ended
 
 
 def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,

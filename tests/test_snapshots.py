@@ -264,6 +264,19 @@ def test_find_history_leaves_out_the_current_partition(tmp_path):
   assert history.partitions == ("2024-01-07", "2024-01-21")
 
 
+def test_find_history_under_a_relative_output_dir(tmp_path, monkeypatch):
+  # Beam's local split makes paths absolute while join keeps them relative:
+  # a relative --output_dir once lost every earlier partition.
+  monkeypatch.chdir(tmp_path)
+  _write_ids(os.path.join("out", "embeddings", EMB, "snapshot_date=2024-01-07"),
+             ["1"])
+  history = snapshots.find_history(
+      [(EMB, os.path.join("out", "embeddings", EMB))],
+      os.path.join("out", "errors"), "snapshot_date=2024-01-14")
+  assert len(history.files_for(EMB)) == 1
+  assert history.partitions == ("2024-01-07",)
+
+
 # --------------------------------------------------------------------------
 # The transforms under TestPipeline.
 

@@ -398,9 +398,8 @@ def commit_tables(tables: Sequence[TableSpec], staging_root: str,
       if files is None:
         staged = list_parquet(table.staged)
       else:
-        folder = table.staged.rstrip("/")
         staged = sorted(f for f in files
-                        if FileSystems.split(f)[0].rstrip("/") == folder)
+                        if storage.same_folder(f, table.staged))
       if not staged:
         empty = FileSystems.join(
             table.staged, f"{FILE_PREFIX}-00000-of-00001{FILE_SUFFIX}")

@@ -968,7 +968,7 @@ def partition_files(table_root: str, exclude: Optional[str] = None
                                       "*.parquet")):
     parent, _ = FileSystems.split(path)
     folder = FileSystems.split(parent)[1]
-    if FileSystems.join(table_root, folder) != parent.rstrip("/"):
+    if not storage.same_folder(path, FileSystems.join(table_root, folder)):
       continue  # deeper than one partition level
     if not folder.startswith(PARTITION_KEY + "=") or folder == exclude:
       continue

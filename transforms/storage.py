@@ -137,6 +137,16 @@ def abandon_write(f) -> None:
     pass
 
 
+def same_folder(path: str, folder: str) -> bool:
+  """Whether ``path`` lies directly in ``folder`` (relative or absolute).
+
+  Beam's local ``FileSystems.split`` makes paths absolute while ``join``
+  keeps them as given, so both sides are normalised the same way.
+  """
+  return (FileSystems.split(path)[0].rstrip("/") ==
+          FileSystems.split(FileSystems.join(folder, "_"))[0].rstrip("/"))
+
+
 def _reason(e: BaseException) -> str:
   text = str(e) or type(e).__name__
   # Beam wraps per-path failures in BeamIOError(exception_details={...}).
