@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms import commit
 from transforms import fetch as fetch_lib
 from transforms import inference
 from transforms import models as models_lib
@@ -251,71 +250,6 @@ def check_models(flags: ModelFlags, choose=None) -> ModelFlags:
   return dataclasses.replace(flags, models=tuple(decided))
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Where a run stages and commits its tables."""
-
-  output_dir: str
-  run_id: str
-  tables: Tuple[sinks.TableSpec, ...]
-  # Staging folders of dead attempts whose rows this run takes over; they
-  # are removed once the commit is done (transforms/resume.py).
-  reused_from: Tuple[str, ...] = ()
-
-  @property
-  def staging(self) -> str:
-    return sinks.staging_dir(self.output_dir, self.run_id)
-
-  def table(self, name: str) -> sinks.TableSpec:
-    return next(t for t in self.tables if t.name == name)
-
-  def model_table(self, model: models_lib.ResolvedModel) -> sinks.TableSpec:
-    return self.table(table_name(model))
-
-
-def table_name(model: models_lib.ResolvedModel) -> str:
-  kind = (sinks.EMBEDDINGS if model.spec.kind == models_lib.EMBEDDER
-          else sinks.PREDICTIONS)
-  return f"{kind}/{model.name}"
-
-
-def new_run_id() -> str:
-  import uuid  # pylint: disable=import-outside-toplevel
-  return datetime.datetime.now(datetime.timezone.utc).strftime(
-      "%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-
-
-def plan_layout(output_dir: str, models: Sequence[models_lib.ResolvedModel],
-                carried: sinks.Carried, run_id: str,
-                partition: Optional[str] = None,
-                color_profile: str = photos.DEFAULT_COLOR_PROFILE) -> Layout:
-  """Names every table's staging and final folder.
-
-  Args:
-    partition: a sub-folder under each table (``snapshot_date=...``), for
-      jobs that add one partition per run.
-    color_profile: ``--color_profile``, recorded in every table's metadata.
-  """
-  staging = sinks.staging_dir(output_dir, run_id)
-
-  def under(root, *parts):
-    path = sinks.table_dir(root, *parts)
-    return FileSystems.join(path, partition) if partition else path
-
-  tables = []
-  for model in models:
-    kind, name = table_name(model).split("/")
-    tables.append(sinks.TableSpec(
-        name=table_name(model), staged=under(staging, kind, name),
-        final=under(output_dir, kind, name),
-        schema=sinks.schema_for(model, carried, color_profile)))
-  tables.append(sinks.TableSpec(
-      name=sinks.ERRORS, staged=under(staging, sinks.ERRORS),
-      final=under(output_dir, sinks.ERRORS),
-      schema=sinks.errors_schema(carried, models, color_profile)))
-  return Layout(output_dir=output_dir, run_id=run_id, tables=tuple(tables))
-
-
 class EmbedAndWrite(beam.PTransform):
   """PCollection[ImageRef] -> staged tables, one per model, plus errors.
 
@@ -324,7 +258,7 @@ class EmbedAndWrite(beam.PTransform):
   the names of the staged files, once they are final (see CommitRun).
   """
 
-  def __init__(self, flags: ModelFlags, layout: Layout,
+  def __init__(self, flags: ModelFlags, layout: commit.Layout,
                carried: sinks.Carried = (),
                expected_total: Optional[int] = None,
                resume: Optional[resume_lib.ResumePlan] = None):
@@ -368,53 +302,6 @@ class EmbedAndWrite(beam.PTransform):
     return tuple(written) | "AllWritten" >> beam.Flatten()
 
 
-class CommitRun(beam.PTransform):
-  """Commits a run's staged tables inside the pipeline, then finishes it.
-
-  Takes the file names every table's write emits once its files are final,
-  so the step runs after the last table is written, on a worker.  A job
-  launched from a Dataflow template, whose launcher does not wait, thus
-  still commits its own tables.  ``finish(layout, inputs)`` is called after
-  the commit (to write the run summary) with the number of inputs.
-
-  Args:
-    layout: the run's tables.
-    finish: a picklable function of (layout, inputs).
-    inputs: a singleton side input with the number of inputs.
-    before: a picklable function of (layout), called in the commit step
-      before anything moves (ingestion removes its _SUCCESS markers).
-  """
-
-  def __init__(self, layout: Layout, finish, inputs, before=None):
-    super().__init__()
-    self._layout = layout
-    self._finish = finish
-    self._inputs = inputs
-    self._before = before
-
-  def expand(self, written):
-    return (written
-            | "ListFiles" >> beam.combiners.ToList()
-            | "Commit" >> beam.Map(_commit_and_finish, self._layout,
-                                   self._finish, self._inputs, self._before))
-
-
-def _commit_and_finish(files: List[str], layout: Layout, finish, inputs: int,
-                       before=None):
-  # Every table is written by now; only the shards the writes emitted are
-  # committed (see sinks.commit_tables).
-  if before is not None:
-    before(layout)
-  sinks.commit_tables(layout.tables, layout.staging, files)
-  for dead in layout.reused_from:
-    sinks.remove_tree(dead)  # what a dead attempt left, now taken over
-  if layout.reused_from:
-    sinks.remove_empty_parent(layout.staging)
-  if finish is not None:
-    finish(layout, inputs)
-  return layout.run_id
-
-
 def counter_values(result, prefix: str) -> Dict[str, int]:
   values: Dict[str, int] = {}
   try:
@@ -442,7 +329,7 @@ def error_breakdown(directory: str, top_reasons: int = 20) -> dict:
   by_model = collections.Counter()
   by_reason = collections.Counter()
   photo_ids = set()
-  for path in sinks.list_parquet(directory):
+  for path in commit.list_parquet(directory):
     with storage.failing_as("reading", path), FileSystems.open(path) as f:
       table = pq.read_table(f, columns=["image_id", "uri", "stage", "model",
                                         "error"])
@@ -456,17 +343,6 @@ def error_breakdown(directory: str, top_reasons: int = 20) -> dict:
   return {"by_stage": dict(by_stage), "by_model": dict(by_model),
           "by_reason": dict(by_reason.most_common(top_reasons)),
           "total": sum(by_stage.values()), "photos": len(photo_ids)}
-
-
-def write_json(path: str, payload: dict) -> None:
-  storage.write_bytes(
-      path, json.dumps(payload, indent=2, sort_keys=True).encode())
-
-
-
-def iso(ts: float) -> str:
-  return datetime.datetime.fromtimestamp(
-      ts, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def configure_logging() -> None:

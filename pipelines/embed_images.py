@@ -33,6 +33,7 @@ import transforms
 from pipelines import common
 from pipelines.common import DEFAULT_MODELS, FlagError  # noqa: F401 (API)
 from tools import report as html_report
+from transforms import commit
 from transforms import progress
 from transforms import resume as resume_lib
 from transforms import dwca
@@ -221,7 +222,7 @@ def _with_license_column(config: JobConfig, prepared: Prepared) -> Prepared:
 
 
 def build_pipeline(p: beam.Pipeline, config: JobConfig, prepared: Prepared,
-                   layout: common.Layout, report_base: dict,
+                   layout: commit.Layout, report_base: dict,
                    resume: Optional[resume_lib.ResumePlan] = None):
   """Adds the job's transforms to ``p``; no side effects.
 
@@ -253,7 +254,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, prepared: Prepared,
             | "AllTallies" >> beam.Flatten()
             | "SumTallies" >> beam.CombinePerKey(sum)
             | "Counts" >> beam.combiners.ToDict())
-  _ = written | "CommitRun" >> common.CommitRun(
+  _ = written | "CommitRun" >> commit.CommitRun(
       layout, RunReport(report_base, config.max_error_rate),
       beam.pvalue.AsSingleton(counts))
 
@@ -269,7 +270,7 @@ class RunReport:
     self._base = base
     self._max_error_rate = max_error_rate
 
-  def __call__(self, layout: common.Layout, counts: dict) -> dict:
+  def __call__(self, layout: commit.Layout, counts: dict) -> dict:
     """Args: counts: ``inputs`` (photos sent on), ``skipped_not_image``
     and ``filtered_by_license`` (rows never fetched)."""
     inputs = counts.get("inputs", 0)
@@ -278,21 +279,21 @@ class RunReport:
     errors = common.error_breakdown(layout.table(sinks.ERRORS).final)
     report = dict(self._base)
     report.update({
-        "ended": common.iso(ended),
+        "ended": commit.iso(ended),
         "elapsed_s": round(elapsed, 3),
         "inputs": inputs,
         dwca.SKIPPED_NOT_IMAGE: counts.get(dwca.SKIPPED_NOT_IMAGE, 0),
         licenses.FILTERED_BY_LICENSE: counts.get(
             licenses.FILTERED_BY_LICENSE, 0),
         "images_per_second": round(inputs / elapsed, 3),
-        "rows": {t.name: sinks.count_rows(t.final) for t in layout.tables
+        "rows": {t.name: commit.count_rows(t.final) for t in layout.tables
                  if t.name != sinks.ERRORS},
         "errors": errors,
         "error_rate": round(errors["photos"] / inputs, 6) if inputs else 0.0,
         "max_error_rate": self._max_error_rate,
         "model_loads": {},
     })
-    common.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
+    commit.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
     html_report.write_report(layout.output_dir)  # logs, never raises
     return report
 
@@ -340,8 +341,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     _ensure_demo_models(config)
   prepared = prepare_inputs(config)
   config = dataclasses.replace(config, flags=common.check_models(config.flags))
-  layout = common.plan_layout(config.output_dir, config.models,
-                              prepared.carried, common.new_run_id(),
+  layout = commit.plan_layout(config.output_dir, config.models,
+                              prepared.carried, commit.new_run_id(),
                               color_profile=config.flags.color_profile)
   resume = resume_lib.plan_resume(config.output_dir, layout.run_id,
                                   layout.tables,
@@ -351,7 +352,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   report_base = {
       "package": {"name": "natvision", "version": transforms.__version__},
       "run_id": layout.run_id,
-      "started": common.iso(started),
+      "started": commit.iso(started),
       "started_ts": started,
       "output_dir": config.output_dir,
       "models": [dict(m.describe(), standin=config.demo) for m in config.models],
@@ -374,7 +375,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   run_json = FileSystems.join(config.output_dir, "run.json")
   report = json.loads(storage.read_bytes(run_json))
   report["model_loads"] = common.counter_values(result, "model_loads_")
-  common.write_json(run_json, report)
+  commit.write_json(run_json, report)
   print(_summary(report), flush=True)
   return report
 

@@ -41,12 +41,9 @@ import argparse
 import dataclasses
 import datetime
 import json
-import logging
-import os
-import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -57,6 +54,7 @@ import transforms
 from pipelines import common
 from pipelines.common import FlagError
 from tools import report as html_report
+from transforms import commit
 from transforms import fetch
 from transforms import progress
 from transforms import sinks
@@ -64,7 +62,7 @@ from transforms import snapshots
 from transforms import storage
 
 DEFAULT_MAX_ATTEMPTS = 3
-SUCCESS_MARKER = "_SUCCESS"
+SUCCESS_MARKER = commit.SUCCESS_MARKER
 RUNS_DIR = "runs"
 RUN_ID_PREFIX = "ingest"
 # The partition is committed, summarised and marked by the pipeline's last
@@ -273,7 +271,7 @@ def prepare(config: IngestConfig) -> Prepared:
   snapshot_config = snapshots.SnapshotConfig(
       snapshot=snapshot, template=config.template, sources=sources,
       filters=config.filters, models=config.model_names)
-  roots = [(m.name, _table_root(config.output_dir, common.table_name(m)))
+  roots = [(m.name, _table_root(config.output_dir, commit.table_name(m)))
            for m in config.models]
   errors_root = FileSystems.join(config.output_dir, sinks.ERRORS)
   for _, root in roots + [("", errors_root)]:
@@ -301,7 +299,7 @@ def report_base(config: IngestConfig, prepared: Prepared, run_id: str,
       "snapshot_dir": config.snapshot_dir,
       "output_dir": config.output_dir,
       "summary_path": summary_path(config),
-      "started": common.iso(started),
+      "started": commit.iso(started),
       "started_ts": started,
       "filters": config.filters.describe(),
       "max_attempts": config.max_attempts,
@@ -312,7 +310,7 @@ def report_base(config: IngestConfig, prepared: Prepared, run_id: str,
 
 
 def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: Prepared,
-                   layout: common.Layout, base: dict):
+                   layout: commit.Layout, base: dict):
   """Adds the job's transforms to ``p``; no side effects at build time.
 
   The last steps, once every table is written, unmark the date's
@@ -328,84 +326,26 @@ def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: Prepared,
   stats = found[snapshots.STATS] | "SumStats" >> snapshots.SumStats()
   written = found["work"] | "EmbedAndWrite" >> common.EmbedAndWrite(
       config.flags, layout, snapshots.CARRIED)
-  _ = written | "CommitRun" >> common.CommitRun(
+  _ = written | "CommitRun" >> commit.CommitRun(
       layout, FinishPartition(config, base), beam.pvalue.AsSingleton(stats),
-      before=unmark_partition)
+      before=commit.unmark_partition)
 
 
 # --------------------------------------------------------------------------
 # Committing the partition (the pipeline's last steps).
 
 
-def _marker(table: sinks.TableSpec) -> str:
-  return FileSystems.join(table.final, SUCCESS_MARKER)
-
-
-def unmark_partition(layout: common.Layout) -> None:
-  """Removes the date's ``_SUCCESS`` markers, before its files are replaced."""
-  markers = [_marker(t) for t in layout.tables if storage.exists(_marker(t))]
-  if markers:
-    FileSystems.delete(markers)
-
-
-def write_markers(layout: common.Layout, report: dict) -> None:
-  """Writes ``_SUCCESS`` (a small JSON manifest) into each partition, last."""
-  for table in layout.tables:
-    common.write_json(_marker(table), {
-        "run_id": layout.run_id,
-        "snapshot_date": report["snapshot_date"],
-        "table": table.name,
-        "rows": sinks.count_rows(table.final),
-        "files": [FileSystems.split(p)[1]
-                  for p in sinks.list_parquet(table.final)],
-        "committed": report["ended"],
-    })
-
-
-def remove_stale_staging(output_dir: str, date: str, keep: str) -> List[str]:
-  """Removes what dead runs of the same date left under DIR/_staging.
-
-  Returns:
-    The staging folders removed.
-  """
-  root = FileSystems.join(output_dir, "_staging")
-  prefix = f"{RUN_ID_PREFIX}-{date}-"
-  files = snapshots.match_paths(
-      FileSystems.join(root, prefix + "*", "**"))
-  runs: Dict[str, List[str]] = {}
-  for path in files:
-    run_id = path[len(root):].lstrip("/").split("/", 1)[0]
-    if run_id.startswith(prefix) and run_id != keep:
-      runs.setdefault(run_id, []).append(path)
-  if "://" not in root and os.path.isdir(root):
-    # Local folders can outlive their files (a commit that died after
-    # moving them): those are stale too.
-    for run_id in os.listdir(root):
-      if run_id.startswith(prefix) and run_id != keep:
-        runs.setdefault(run_id, [])
-  for run_id, paths in sorted(runs.items()):
-    folder = FileSystems.join(root, run_id)
-    logging.info("removing %s, left by a run that did not finish", folder)
-    if "://" in folder:
-      FileSystems.delete(paths)
-    else:
-      shutil.rmtree(folder, ignore_errors=True)
-  if "://" not in root and os.path.isdir(root) and not os.listdir(root):
-    os.rmdir(root)
-  return [FileSystems.join(root, r) for r in sorted(runs)]
-
-
 # --------------------------------------------------------------------------
 # The report.
 
 
-def _model_report(config: IngestConfig, layout: common.Layout,
+def _model_report(config: IngestConfig, layout: commit.Layout,
                   stats: Dict[str, int]) -> Dict[str, dict]:
   per_model = {}
   routes = dict(config.filters.routes)
   for model in config.models:
     table = layout.model_table(model)
-    rows = sinks.count_rows(table.final)
+    rows = commit.count_rows(table.final)
     new = stats.get(f"new_{model.name}", 0)
     per_model[model.name] = {
         "table": table.name,
@@ -436,7 +376,7 @@ def _snapshot_report(config: IngestConfig, stats: Dict[str, int]) -> dict:
 
 
 class FinishPartition:
-  """The run's last step, after the commit (called by common.CommitRun).
+  """The run's last step, after the commit (called by commit.CommitRun).
 
   Removes what dead runs of the date left under ``_staging``, writes
   ``runs/<date>.json`` and then the ``_SUCCESS`` markers.  The counts come
@@ -448,22 +388,23 @@ class FinishPartition:
     self._config = config
     self._base = base
 
-  def __call__(self, layout: common.Layout, stats: Dict[str, int]) -> dict:
+  def __call__(self, layout: commit.Layout, stats: Dict[str, int]) -> dict:
     config = self._config
-    stale = remove_stale_staging(layout.output_dir, config.date,
-                                 keep=layout.run_id)
+    stale = commit.remove_dead_attempts(
+        layout.output_dir, f"{RUN_ID_PREFIX}-{config.date}-",
+        keep=layout.run_id)
     ended = time.time()
     report = {k: v for k, v in self._base.items() if k != "started_ts"}
     report.update({
-        "ended": common.iso(ended),
+        "ended": commit.iso(ended),
         "elapsed_s": round(max(ended - self._base["started_ts"], 1e-9), 3),
         "snapshot": _snapshot_report(config, stats),
         "models": _model_report(config, layout, stats),
         "errors": common.error_breakdown(layout.table(sinks.ERRORS).final),
         "stale_staging_removed": stale,
     })
-    common.write_json(self._base["summary_path"], report)
-    write_markers(layout, report)
+    commit.write_json(self._base["summary_path"], report)
+    commit.write_markers(layout, report)
     html_report.write_report(layout.output_dir, config.date)  # never raises
     return report
 
@@ -531,8 +472,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   FileSystems.set_options(options)
   prepared = prepare(config)
   config = dataclasses.replace(config, flags=common.check_models(config.flags))
-  run_id = f"{RUN_ID_PREFIX}-{config.date}-{common.new_run_id()}"
-  layout = common.plan_layout(config.output_dir, config.models,
+  run_id = f"{RUN_ID_PREFIX}-{config.date}-{commit.new_run_id()}"
+  layout = commit.plan_layout(config.output_dir, config.models,
                               snapshots.CARRIED, run_id,
                               partition=config.partition,
                               color_profile=config.flags.color_profile)

@@ -15,7 +15,7 @@ import tensorflow_hub as hub
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import embed_images
-from transforms import decode, models, preprocess, sinks
+from transforms import commit, decode, models, preprocess, sinks
 
 ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
 
@@ -254,7 +254,7 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
     config.flags.inference_config(config.models[0])
   config = dataclasses.replace(config, flags=common.check_models(config.flags))
   prepared = embed_images.prepare_inputs(config)
-  layout = common.plan_layout(out, config.models, (), "run-1")
+  layout = commit.plan_layout(out, config.models, (), "run-1")
   base = {"run_id": "run-1", "started_ts": time.time()}
   p = beam.Pipeline(options=options)
   embed_images.build_pipeline(p, config, prepared, layout, base)

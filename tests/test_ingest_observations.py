@@ -29,7 +29,7 @@ from pipelines import common
 from pipelines import ingest_observations as ingest
 from pipelines.common import FlagError
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
-from transforms import sinks, snapshots
+from transforms import commit, sinks, snapshots
 
 EMB = "inaturalist_v2"
 FUN = "fungi_mobile_v1"
@@ -143,7 +143,7 @@ def sequence(tiny_models, tmp_path_factory):
     raise _Killed("worker lost before commit")
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sinks, "commit_tables", die)
+    mp.setattr(commit, "commit_tables", die)
     with pytest.raises(_Killed):
       ingest.run(_argv(world, s4, out, [EMB, FUN, IRV], D4, tiny_models))
   steps["d4_killed"] = {
@@ -364,7 +364,7 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
   ingest.run(argv(s1, D1))
   second = world.observe(SPECIES["daisy"], quality_grade="casual")
   s2 = world.write_snapshot("s2")
-  real_commit = sinks.commit_tables
+  real_commit = commit.commit_tables
 
   def commit_first_then_die(tables, staging_root, files):
     # Runs in the pipeline's commit step, which then fails the job.
@@ -373,7 +373,7 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
     raise _Killed("died after the first table")
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sinks, "commit_tables", commit_first_then_die)
+    mp.setattr(commit, "commit_tables", commit_first_then_die)
     with pytest.raises(_Killed):
       ingest.run(argv(s2, D2))
   half = os.path.join(out, TABLES[EMB], f"snapshot_date={D2}")
@@ -439,7 +439,7 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, tmp_path):
   config = dataclasses.replace(config, flags=common.check_models(config.flags))
   prepared = ingest.prepare(config)
   run_id = f"ingest-{D1}-run-1"
-  layout = common.plan_layout(out, config.models, snapshots.CARRIED, run_id,
+  layout = commit.plan_layout(out, config.models, snapshots.CARRIED, run_id,
                               partition=config.partition)
   base = ingest.report_base(config, prepared, run_id, time.time(), argv)
   p = beam.Pipeline(options=options)

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import common, embed_images
-from transforms import models, resume, sinks
+from pipelines import embed_images
+from transforms import commit, models, resume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = 60
@@ -124,7 +124,7 @@ def test_killed_run_resumes_exactly_once(tiny_models, many_photos, tmp_path):
 def _layout(tmp_path, run_id):
   resolved = models.resolve_models(["inaturalist_v2", "fungi_mobile_v1"],
                                    "/m", requested_runtime="tf")
-  return common.plan_layout(str(tmp_path), resolved, (), run_id), resolved
+  return commit.plan_layout(str(tmp_path), resolved, (), run_id), resolved
 
 
 def _write(spec, name, ids, model=None):
@@ -172,7 +172,7 @@ def test_plan_reuses_only_complete_photos_from_whole_shards(tmp_path):
   plan = resume.plan_resume(str(tmp_path), "now", now.tables,
                             [m.name for m in names])
   assert plan.complete == {"p1", "p2", "p3", "p5"}
-  assert plan.dead_runs == (sinks.staging_dir(str(tmp_path), "dead"),)
+  assert plan.dead_runs == (commit.staging_dir(str(tmp_path), "dead"),)
   keep = {(s.table, os.path.basename(s.path)): s.keep for s in plan.shards}
   assert keep[("embeddings/inaturalist_v2", "part-a.parquet")] == {
       ("p1", "inaturalist_v2"), ("p2", "inaturalist_v2"),
@@ -187,7 +187,7 @@ def test_plan_ignores_shards_of_another_command(tmp_path):
   _write(dead.table("predictions/fungi_mobile_v1"), "part-a.parquet", ["p1"])
   resolved = models.resolve_models(["inaturalist_v2", "fungi_mobile_v1"],
                                    "/other", requested_runtime="tf")
-  now = common.plan_layout(str(tmp_path), resolved, (), "now")
+  now = commit.plan_layout(str(tmp_path), resolved, (), "now")
   plan = resume.plan_resume(str(tmp_path), "now", now.tables,
                             [m.name for m in resolved])
   assert plan.complete == frozenset()

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import models, sinks
+from transforms import commit, models, sinks
 from transforms.records import (EmbeddingResult, ErrorRecord, ImageRef,
                                 PredictionResult)
 from transforms.runtimes import RuntimeDecision
@@ -105,7 +105,7 @@ def test_errors_table_allows_null_model():
 
 
 def _stage(root, run_id, names_per_table):
-  staging = sinks.staging_dir(root, run_id)
+  staging = commit.staging_dir(root, run_id)
   specs = []
   for name, files in names_per_table.items():
     staged = os.path.join(staging, name)
@@ -115,7 +115,7 @@ def _stage(root, run_id, names_per_table):
     for f in files:
       pq.write_table(pa.table({"image_id": [f"{run_id}/{f}"]}, schema=schema),
                      os.path.join(staged, f))
-    specs.append(sinks.TableSpec(name, staged, final, schema))
+    specs.append(commit.TableSpec(name, staged, final, schema))
   return specs, staging
 
 
@@ -124,13 +124,13 @@ def test_commit_replaces_previous_run_and_fills_empty_tables(tmp_path):
   specs, staging = _stage(root, "r1", {"a": ["part-00000-of-00002.parquet",
                                              "part-00001-of-00002.parquet"],
                                        "b": []})
-  sinks.commit_tables(specs, staging)
-  assert sinks.count_rows(os.path.join(root, "a")) == 2
-  assert sinks.count_rows(os.path.join(root, "b")) == 0
+  commit.commit_tables(specs, staging)
+  assert commit.count_rows(os.path.join(root, "a")) == 2
+  assert commit.count_rows(os.path.join(root, "b")) == 0
   assert os.listdir(os.path.join(root, "b")) == ["part-00000-of-00001.parquet"]
   specs, staging = _stage(root, "r2", {"a": ["part-00000-of-00001.parquet"],
                                        "b": []})
-  sinks.commit_tables(specs, staging)
+  commit.commit_tables(specs, staging)
   table = pq.read_table(os.path.join(root, "a"))
   assert table.column("image_id").to_pylist() == [
       "r2/part-00000-of-00001.parquet"]
@@ -153,9 +153,9 @@ def test_commit_retried_after_failing_part_way_loses_nothing(tmp_path,
 
   monkeypatch.setattr(FileSystems, "rename", rename_then_die)
   with pytest.raises(IOError):
-    sinks.commit_tables(specs, staging)
+    commit.commit_tables(specs, staging)
   monkeypatch.setattr(FileSystems, "rename", real_rename)
-  sinks.commit_tables(specs, staging)  # the runner retries the step
+  commit.commit_tables(specs, staging)  # the runner retries the step
   for name in ("a", "b"):
     assert pq.read_table(os.path.join(root, name)).column(
         "image_id").to_pylist() == ["r1/part-00000-of-00001.parquet"], name
@@ -168,7 +168,7 @@ def test_failed_listing_fails_the_commit_and_keeps_previous_rows(
   from transforms import storage
   root = str(tmp_path)
   specs, staging = _stage(root, "r1", {"a": ["part-00000-of-00001.parquet"]})
-  sinks.commit_tables(specs, staging)
+  commit.commit_tables(specs, staging)
   specs, staging = _stage(root, "r2", {"a": ["part-00000-of-00002.parquet",
                                              "part-00001-of-00002.parquet"]})
   real_match = FileSystems.match
@@ -179,12 +179,12 @@ def test_failed_listing_fails_the_commit_and_keeps_previous_rows(
 
   monkeypatch.setattr(FileSystems, "match", forbidden)
   with pytest.raises(storage.StorageError, match="403 Forbidden") as err:
-    sinks.commit_tables(specs, staging)
+    commit.commit_tables(specs, staging)
   assert staging in str(err.value)
   monkeypatch.setattr(FileSystems, "match", real_match)
   assert pq.read_table(os.path.join(root, "a")).column(
       "image_id").to_pylist() == ["r1/part-00000-of-00001.parquet"]
-  sinks.commit_tables(specs, staging)  # the clean rerun of the step
+  commit.commit_tables(specs, staging)  # the clean rerun of the step
   assert sorted(pq.read_table(os.path.join(root, "a")).column(
       "image_id").to_pylist()) == ["r2/part-00000-of-00002.parquet",
                                    "r2/part-00001-of-00002.parquet"]
@@ -193,5 +193,5 @@ def test_failed_listing_fails_the_commit_and_keeps_previous_rows(
 def test_listing_a_missing_folder_is_empty_not_an_error(tmp_path):
   from transforms import storage
   assert storage.match(str(tmp_path / "nowhere" / "*.parquet")) == []
-  assert sinks.list_parquet(str(tmp_path / "nowhere")) == []
+  assert commit.list_parquet(str(tmp_path / "nowhere")) == []
   assert storage.exists(str(tmp_path / "nowhere")) is False

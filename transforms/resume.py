@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import commit
 from transforms import sinks
 from transforms import storage
 
@@ -138,7 +139,7 @@ def dead_attempts(output_dir: str, current_run_id: str) -> List[str]:
 
 
 def plan_resume(output_dir: str, run_id: str,
-                tables: Sequence[sinks.TableSpec], models: Sequence[str]
+                tables: Sequence[commit.TableSpec], models: Sequence[str]
                 ) -> ResumePlan:
   """Finds the complete photos of dead attempts and the shards holding them.
 
@@ -156,7 +157,7 @@ def plan_resume(output_dir: str, run_id: str,
   dead = dead_attempts(output_dir, run_id)
   if not dead:
     return ResumePlan()
-  own = sinks.staging_dir(output_dir, run_id).rstrip("/")
+  own = commit.staging_dir(output_dir, run_id).rstrip("/")
   # (table, image_id, model) -> the first shard holding that row.
   first: Dict[Tuple[str, str, Optional[str]], str] = {}
   covered: Dict[str, set] = collections.defaultdict(set)
@@ -167,7 +168,7 @@ def plan_resume(output_dir: str, run_id: str,
       folder = run + table.staged[len(own):]
       is_errors = table.name == sinks.ERRORS
       table_model = None if is_errors else table.name.split("/", 1)[1]
-      for path in sinks.list_parquet(folder):
+      for path in commit.list_parquet(folder):
         rows = _read_ids(path, table.schema, with_model=is_errors)
         if rows is None:
           continue
@@ -195,7 +196,7 @@ def plan_resume(output_dir: str, run_id: str,
   return ResumePlan(complete=complete, shards=shards, dead_runs=tuple(dead))
 
 
-def _copy_rows(shard: ReusedShard, tables: Dict[str, sinks.TableSpec]
+def _copy_rows(shard: ReusedShard, tables: Dict[str, commit.TableSpec]
                ) -> Iterable[str]:
   """Copies a reused shard's kept rows into this run's staging."""
   table = tables[shard.table]
@@ -224,7 +225,7 @@ def _copy_rows(shard: ReusedShard, tables: Dict[str, sinks.TableSpec]
 class ReuseShards(beam.PTransform):
   """PBegin -> paths of this run's staged copies of the reused rows."""
 
-  def __init__(self, plan: ResumePlan, tables: Sequence[sinks.TableSpec]):
+  def __init__(self, plan: ResumePlan, tables: Sequence[commit.TableSpec]):
     super().__init__()
     self._plan = plan
     self._tables = {t.name: t for t in tables}

@@ -27,11 +27,7 @@ than duplicates rows.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
-import logging
-import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -47,8 +43,7 @@ import transforms
 from transforms import decode as decode_lib
 from transforms import models as models_lib
 from transforms import storage
-from transforms.records import (EmbeddingResult, ErrorRecord, ImageRef,
-                                PredictionResult)
+from transforms.records import ErrorRecord, ImageRef
 
 EMBEDDINGS = "embeddings"
 PREDICTIONS = "predictions"
@@ -222,15 +217,6 @@ def errors_to_table(errors: Sequence[ErrorRecord], schema: pa.Schema,
   return pa.Table.from_pydict(columns, schema=schema)
 
 
-def staging_dir(output_dir: str, run_id: str) -> str:
-  return FileSystems.join(output_dir, "_staging", run_id)
-
-
-def table_dir(root: str, table: str, model: Optional[str] = None) -> str:
-  return FileSystems.join(root, table, model) if model else FileSystems.join(
-      root, table)
-
-
 DEFAULT_SHARD_ROWS = 5000
 
 
@@ -335,174 +321,3 @@ class WriteErrors(beam.PTransform):
                                     self._shard_rows))
 
 
-@dataclasses.dataclass(frozen=True)
-class TableSpec:
-  """One table of a run: where it is staged, where it lands, its schema."""
-
-  name: str  # e.g. "embeddings/inaturalist_v2" or "errors"
-  staged: str
-  final: str
-  schema: pa.Schema
-
-
-def list_parquet(directory: str) -> List[str]:
-  """The Parquet files directly in ``directory``; [] when it does not exist.
-
-  Raises:
-    storage.StorageError: the listing failed (never read as "no files").
-  """
-  return storage.match(FileSystems.join(directory, "*" + FILE_SUFFIX))
-
-
-def _basename(path: str) -> str:
-  return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def write_empty(path: str, schema: pa.Schema) -> None:
-  data = io.BytesIO()
-  pq.write_table(schema.empty_table(), data)
-  storage.write_bytes(path, data.getvalue())
-
-
-COMMIT_PLAN = "_commit_plan.json"
-
-
-def commit_tables(tables: Sequence[TableSpec], staging_root: str,
-                  files: Optional[Sequence[str]] = None) -> None:
-  """Moves staged files into place and removes the previous run's files.
-
-  Args:
-    tables: the run's tables.
-    staging_root: the run's staging folder (the plan is written there).
-    files: the staged shards the pipeline's writes emitted.  Only these are
-      committed: a shard left by a failed and retried bundle is never
-      emitted, so it cannot add duplicate rows.  None: every Parquet file in
-      each table's staging folder (for callers outside a pipeline).
-
-  Safe to run again after a failure part-way (a runner retrying the commit
-  step): the first attempt records which files each table must end up with
-  in ``<staging_root>/_commit_plan.json`` before moving anything, and a later
-  attempt follows that plan instead of what is left in staging, so files
-  already moved are neither lost nor taken for stale.
-
-  A table with no rows gets one empty file with its schema, so that readers
-  always find every table.
-  """
-  tables = list(tables)
-  plan_path = FileSystems.join(staging_root, COMMIT_PLAN)
-  if storage.exists(plan_path):
-    plan = json.loads(storage.read_bytes(plan_path))
-  else:
-    plan = {}
-    for table in tables:
-      if files is None:
-        staged = list_parquet(table.staged)
-      else:
-        staged = sorted(f for f in files
-                        if storage.same_folder(f, table.staged))
-      if not staged:
-        empty = FileSystems.join(
-            table.staged, f"{FILE_PREFIX}-00000-of-00001{FILE_SUFFIX}")
-        write_empty(empty, table.schema)
-        staged = [empty]
-      plan[table.name] = [_basename(p) for p in staged]
-    storage.write_bytes(plan_path, json.dumps(plan).encode())
-  for table in tables:
-    names = plan[table.name]
-    sources = [FileSystems.join(table.staged, n) for n in names]
-    targets = [FileSystems.join(table.final, n) for n in names]
-    # Listed before anything moves: a failure up to the first move leaves
-    # the previous table whole.
-    stale = sorted(set(list_parquet(table.final)) - set(targets))
-    if not storage.exists(table.final):
-      FileSystems.mkdirs(table.final)  # a no-op on object stores
-    pending = [(s, t) for s, t in zip(sources, targets)
-               if storage.exists(s)]
-    try:
-      if pending:
-        FileSystems.rename([s for s, _ in pending], [t for _, t in pending])
-      if stale:
-        FileSystems.delete(stale)
-    except Exception as e:  # noqa: BLE001 - every filesystem raises its own
-      _finish_replacing(table, pending, stale, e)
-    logging.info("committed %s: %d file(s)", table.name, len(targets))
-  remove_tree(staging_root)
-  remove_empty_parent(staging_root)
-
-
-def remove_empty_parent(staging_root: str) -> None:
-  """Removes the local ``_staging`` folder once no run is using it."""
-  parent = staging_root.rstrip("/").rsplit("/", 1)[0]
-  if "://" not in parent and os.path.isdir(parent) and not os.listdir(parent):
-    os.rmdir(parent)
-
-
-def _finish_replacing(table: TableSpec, pending: Sequence[Tuple[str, str]],
-                      stale: Sequence[str], error: Exception) -> None:
-  """Completes a table whose replacement failed part-way, then fails.
-
-  Moving this run's files in and the previous run's out are separate
-  storage calls, so a failure between them leaves rows of both runs in the
-  table.  The moves and deletions left are tried once more (each is
-  idempotent), so that readers see this run's table; the run fails all the
-  same.
-
-  Args:
-    table: the table being replaced.
-    pending: its (staged, final) moves.
-    stale: the previous run's files to remove.
-    error: the failure.
-
-  Raises:
-    storage.StorageError: always, naming the table and saying whether it
-      now holds this run's rows or may hold rows of both runs.
-  """
-  try:
-    left = [(s, t) for s, t in pending if storage.exists(s)]
-    if left:
-      FileSystems.rename([s for s, _ in left], [t for _, t in left])
-    old = [p for p in stale if storage.exists(p)]
-    if old:
-      FileSystems.delete(old)
-  except Exception as again:  # noqa: BLE001
-    raise storage.StorageError(
-        f"committing {table.final} failed part-way ({error}) and could not "
-        f"be finished ({again}): until the job is rerun it may hold rows of "
-        f"both this run and the previous one") from error
-  raise storage.StorageError(
-      f"committing {table.final} failed part-way ({error}); the rest of its "
-      f"files were then moved, so it holds this run's rows, but the run "
-      f"fails") from error
-
-
-def remove_tree(path: str) -> None:
-  """Deletes a folder and everything under it, locally or in a bucket.
-
-  Object stores have no folders: there the objects under ``path/`` are
-  deleted (Beam's GCS filesystem deletes a prefix given with a trailing /,
-  and only logs the objects it failed to delete, so what is left is
-  listed again).
-
-  Raises:
-    storage.StorageError: objects could not be listed or deleted.
-  """
-  if "://" in path:
-    prefix = path.rstrip("/") + "/"
-    if storage.match(prefix + "**"):
-      FileSystems.delete([prefix])
-      left = storage.match(prefix + "**")
-      if left:
-        raise storage.StorageError(
-            f"removing {prefix} failed: {len(left)} object(s) left, such "
-            f"as {left[0]}")
-  elif os.path.exists(path):
-    FileSystems.delete([path])
-
-
-def count_rows(directory: str) -> int:
-  """Rows in the Parquet files of a directory, read from footers only."""
-  total = 0
-  for path in list_parquet(directory):
-    with storage.failing_as("reading", path), FileSystems.open(path) as f:
-      total += pq.ParquetFile(f).metadata.num_rows
-  return total

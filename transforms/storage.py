@@ -14,7 +14,7 @@ storage client's own retries, as a ``StorageError`` that names the path.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
