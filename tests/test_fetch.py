@@ -5,6 +5,7 @@ import argparse
 import concurrent.futures
 import io
 import os
+import threading
 
 import pytest
 
@@ -268,3 +269,38 @@ def test_config_validates_and_owns_its_flags():
               {"user_agent": "a\nb"}):
     with pytest.raises(ValueError, match="--"):
       fetch.FetchConfig(**bad)
+
+
+@pytest.mark.parametrize("failure", [("status", 503, {}, b"busy"),
+                                     ("status", 404, {}, b"gone"),
+                                     ("reset",)])
+def test_failed_requests_give_their_connection_back(failure):
+  """More failures on one host than its connection slots: none is lost.
+
+  A response whose body is not read is closed; its connection must still go
+  back to the host's pool, which blocks when it has no slot left (so a lost
+  slot shows as a thread that never ends).
+  """
+  files = {f"/{i}.jpg": JPEG for i in range(12)}
+  outcomes = []
+
+  def fetch_all(fetcher, server):
+    for path in files:
+      try:
+        fetcher.fetch(server.url(path), 10**6)
+        outcomes.append("ok")
+      except fetch.FetchError:
+        outcomes.append("failed")
+
+  with PhotoServer(files) as s:
+    for path in files:
+      s.plan(path, failure)
+    fetcher = fetch.HttpFetcher(
+        fetch.FetchConfig(fetch_concurrency=2, per_host_concurrency=2))
+    for _ in range(2):  # every photo fails once, then is served
+      worker = threading.Thread(target=fetch_all, args=(fetcher, s),
+                                daemon=True)
+      worker.start()
+      worker.join(timeout=20)
+      assert not worker.is_alive(), f"stuck after {len(outcomes)} requests"
+  assert outcomes == ["failed"] * len(files) + ["ok"] * len(files)

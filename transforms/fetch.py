@@ -554,10 +554,13 @@ class HttpFetcher:
       done = True
       return data
     finally:
-      if done:
-        resp.release_conn()  # the body was read whole: keep the connection
-      else:
+      if not done:
+        # A body left unread (an error status, a page, a photo too large)
+        # makes the connection unusable: close it.  Either way it goes back
+        # to the pool, whose slots are otherwise lost for good (the pool
+        # blocks when it has none left: a few failures would hang the job).
         resp.close()
+      resp.release_conn()
 
   def _failure(self, url: str, e: BaseException) -> FetchError:
     import urllib3.exceptions as uexc  # pylint: disable=import-outside-toplevel
