@@ -93,7 +93,7 @@ setuptools.setup(
         "console_scripts": [
             "natvision-embed=pipelines.embed_images:main",
             "natvision-ingest=pipelines.ingest_observations:main",
-            "natvision-standins=pipelines.standin_models:main",
+            "natvision-standins=tools.standins:main",
             "natvision-evaluate=tools.evaluate:main",
             "natvision-index=tools.search:index_main",
             "natvision-search=tools.search:main",

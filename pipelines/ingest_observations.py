@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
@@ -48,18 +47,19 @@ from typing import Dict, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.runners.runner import PipelineState
 
 import transforms
-from pipelines import common
-from pipelines.common import FlagError
+from pipelines import launch
 from tools import report as html_report
 from transforms import commit
+from transforms import config as config_lib
+from transforms import embed
 from transforms import fetch
-from transforms import progress
+from transforms import licenses
 from transforms import sinks
 from transforms import snapshots
-from transforms import storage
+from transforms import summary as summary_lib
+from transforms.config import ConfigError
 
 DEFAULT_MAX_ATTEMPTS = 3
 SUCCESS_MARKER = commit.SUCCESS_MARKER
@@ -79,32 +79,32 @@ class IngestConfig:
   template: snapshots.UriTemplate
   snapshot_date: datetime.date
   output_dir: str
-  flags: common.ModelFlags
+  embed: embed.EmbedConfig
   filters: snapshots.Filters
   max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
   def __post_init__(self):
     if not self.snapshot_dir:
-      raise FlagError("--snapshot_dir is required (a folder holding the "
+      raise ConfigError("--snapshot_dir is required (a folder holding the "
                       "photos and observations tables)")
     if not self.output_dir:
-      raise FlagError("--output_dir is required (a local folder or gs://...)")
+      raise ConfigError("--output_dir is required (a local folder or gs://...)")
     if self.max_attempts < 1:
-      raise FlagError("--max_attempts must be at least 1")
+      raise ConfigError("--max_attempts must be at least 1")
     names = self.model_names
     unknown = [m for m, _ in self.filters.routes if m not in names]
     if unknown:
-      raise FlagError(
+      raise ConfigError(
           f"--route names {', '.join(unknown)}, which is not in --models "
           f"({', '.join(names)}); add it to --models or drop the route")
 
   @property
   def models(self):
-    return self.flags.models
+    return self.embed.models
 
   @property
   def model_names(self) -> Tuple[str, ...]:
-    return tuple(m.name for m in self.flags.models)
+    return tuple(m.name for m in self.embed.models)
 
   @property
   def partition(self) -> str:
@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="YYYY-MM-DD, the partition this run writes "
                  "(default: today, UTC)")
   p.add_argument("--output_dir", help="folder (local or gs://) for the tables")
-  common.add_model_flags(p)
+  embed.EmbedConfig.add_flags(p)
+  launch.add_console_flags(p)
   p.add_argument("--quality_grade", default="research",
                  help="comma-separated grades to keep (research, needs_id, "
                  "casual), or 'any' (default: research)")
@@ -145,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="send a model only the observations inside these "
                  "subtrees, e.g. fungi_mobile_v1=47170 (repeatable); other "
                  "models see every kept observation")
+  licenses.LicenseFilter.add_flags(p)
   p.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
                  help="a photo with this many error rows for a model in "
                  "earlier partitions is not retried for it (default: 3)")
@@ -160,10 +162,10 @@ def _taxon_ids(text: str, flag: str) -> Tuple[int, ...]:
     try:
       ids.append(int(part))
     except ValueError:
-      raise FlagError(f"{flag} takes taxon ids (integers such as 47170), "
+      raise ConfigError(f"{flag} takes taxon ids (integers such as 47170), "
                       f"got {part!r}") from None
   if not ids:
-    raise FlagError(f"{flag} names no taxon id")
+    raise ConfigError(f"{flag} names no taxon id")
   return tuple(dict.fromkeys(ids))
 
 
@@ -171,7 +173,7 @@ def _filters(args: argparse.Namespace) -> snapshots.Filters:
   grades = [g.strip() for g in args.quality_grade.split(",") if g.strip()]
   if "any" in grades:
     if len(grades) > 1:
-      raise FlagError("--quality_grade 'any' cannot be combined with grades")
+      raise ConfigError("--quality_grade 'any' cannot be combined with grades")
     quality = None
   else:
     quality = frozenset(grades)
@@ -179,15 +181,13 @@ def _filters(args: argparse.Namespace) -> snapshots.Filters:
                if args.taxon_id is not None else ())
   routes = tuple(
       (model, _taxon_ids(ids, f"--route {model}"))
-      for model, ids in common.key_values(args.route, "--route").items())
+      for model, ids in config_lib.key_values(args.route, "--route").items())
   if len(routes) != len(args.route):
-    raise FlagError("--route names a model twice; give one --route per "
+    raise ConfigError("--route names a model twice; give one --route per "
                     "model with comma-separated taxon ids")
-  try:
-    return snapshots.Filters(quality_grades=quality, taxon_ids=taxon_ids,
-                             routes=routes)
-  except ValueError as e:
-    raise FlagError(str(e)) from e
+  return snapshots.Filters(quality_grades=quality, taxon_ids=taxon_ids,
+                           routes=routes,
+                           licenses=licenses.LicenseFilter.from_args(args))
 
 
 def _date(text: Optional[str]) -> datetime.date:
@@ -198,7 +198,7 @@ def _date(text: Optional[str]) -> datetime.date:
       raise ValueError(text)
     return datetime.date.fromisoformat(text)
   except ValueError:
-    raise FlagError(f"--snapshot_date takes YYYY-MM-DD, e.g. 2024-05-27; got "
+    raise ConfigError(f"--snapshot_date takes YYYY-MM-DD, e.g. 2024-05-27; got "
                     f"{text!r}") from None
 
 
@@ -207,33 +207,35 @@ def parse_args(argv: Optional[Sequence[str]] = None
   """Parses application and Beam flags from one argv; no I/O.
 
   Raises:
-    FlagError: a flag is missing or invalid; the message names it.
+    ConfigError: a flag is missing or invalid; the message names it.
   """
-  args, options = common.split_beam_args(_parser(), argv)
+  args, options = launch.split_beam_args(_parser(), argv)
+  return _configure(args), options
+
+
+def _configure(args: argparse.Namespace) -> "IngestConfig":
   if not args.snapshot_dir:
-    raise FlagError("--snapshot_dir is required (a folder holding the photos "
-                    "and observations tables)")
+    raise ConfigError("--snapshot_dir is required (a folder holding the "
+                      "photos and observations tables)")
   if not args.photo_uri_template:
-    raise FlagError("--photo_uri_template is required, e.g. "
-                    "'gs://my-mirror/photos/{photo_id}/medium.{extension}'")
+    raise ConfigError("--photo_uri_template is required, e.g. "
+                      "'gs://my-mirror/photos/{photo_id}/medium.{extension}'")
   if not args.output_dir:
-    raise FlagError("--output_dir is required (a local folder or gs://...)")
-  try:
-    template = snapshots.UriTemplate(args.photo_uri_template)
-  except ValueError as e:
-    raise FlagError(str(e)) from e
+    raise ConfigError("--output_dir is required (a local folder or gs://...)")
+  template = snapshots.UriTemplate(args.photo_uri_template)
   date = _date(args.snapshot_date)
   filters = _filters(args)
-  flags = common.model_flags_from_args(args, args.model_root)
   config = IngestConfig(
       snapshot_dir=args.snapshot_dir, template=template, snapshot_date=date,
-      output_dir=args.output_dir, flags=flags, filters=filters,
+      output_dir=args.output_dir,
+      embed=embed.EmbedConfig.from_args(args, args.model_root),
+      filters=filters,
       max_attempts=args.max_attempts)
-  return config, options
+  return config
 
 
 @dataclasses.dataclass(frozen=True)
-class Prepared:
+class CheckedInput:
   """What the launcher learned before building the graph."""
 
   snapshot: snapshots.SnapshotConfig
@@ -244,30 +246,21 @@ def _table_root(output_dir: str, table_name: str) -> str:
   return FileSystems.join(output_dir, *table_name.split("/"))
 
 
-def prepare(config: IngestConfig) -> Prepared:
+def check_input(config: IngestConfig) -> CheckedInput:
   """Checks the snapshot, the template and the models; lists earlier runs.
 
   Reads only table headers and file listings, never table rows.
 
   Raises:
-    FlagError: a missing table or column, a template naming an unknown
+    ConfigError: a missing table or column, a template naming an unknown
       column, a scheme nothing installed reads, or a model that is missing
       or does not match the registry.
   """
-  try:
-    fetch.check_schemes([config.snapshot_dir, config.template.template,
-                         config.output_dir])
-  except fetch.SchemeError as e:
-    raise FlagError(str(e)) from e
-  try:
-    snapshot = snapshots.open_snapshot(config.snapshot_dir,
-                                       need_taxa=config.filters.needs_taxa)
-  except snapshots.SnapshotError as e:
-    raise FlagError(f"--snapshot_dir: {e}") from e
-  try:
-    sources = snapshots.template_sources(config.template, snapshot)
-  except snapshots.SnapshotError as e:
-    raise FlagError(str(e)) from e
+  fetch.check_schemes([config.snapshot_dir, config.template.template,
+                       config.output_dir])
+  snapshot = snapshots.open_snapshot(config.snapshot_dir,
+                                     need_taxa=config.filters.needs_taxa)
+  sources = snapshots.template_sources(config.template, snapshot)
   snapshot_config = snapshots.SnapshotConfig(
       snapshot=snapshot, template=config.template, sources=sources,
       filters=config.filters, models=config.model_names)
@@ -276,19 +269,19 @@ def prepare(config: IngestConfig) -> Prepared:
   errors_root = FileSystems.join(config.output_dir, sinks.ERRORS)
   for _, root in roots + [("", errors_root)]:
     if snapshots.unpartitioned_files(root):
-      raise FlagError(
+      raise ConfigError(
           f"--output_dir {config.output_dir}: {root} holds Parquet files "
           f"outside snapshot_date= partitions (an embed_images table?); "
           f"give ingest_observations an --output_dir of its own")
   history = snapshots.find_history(roots, errors_root, config.partition)
-  return Prepared(snapshot=snapshot_config, history=history)
+  return CheckedInput(snapshot=snapshot_config, history=history)
 
 
 def summary_path(config: IngestConfig) -> str:
   return FileSystems.join(config.output_dir, RUNS_DIR, f"{config.date}.json")
 
 
-def report_base(config: IngestConfig, prepared: Prepared, run_id: str,
+def report_base(config: IngestConfig, prepared: CheckedInput, run_id: str,
                 started: float, flags: Sequence[str]) -> dict:
   """What the launcher knows of the run before it starts."""
   return {
@@ -309,7 +302,7 @@ def report_base(config: IngestConfig, prepared: Prepared, run_id: str,
   }
 
 
-def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: Prepared,
+def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: CheckedInput,
                    layout: commit.Layout, base: dict):
   """Adds the job's transforms to ``p``; no side effects at build time.
 
@@ -323,11 +316,14 @@ def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: Prepared,
   found = p | "NewPhotos" >> snapshots.NewPhotos(
       prepared.snapshot, prepared.history, config.max_attempts,
       with_stats=True)
-  stats = found[snapshots.STATS] | "SumStats" >> snapshots.SumStats()
-  written = found["work"] | "EmbedAndWrite" >> common.EmbedAndWrite(
-      config.flags, layout, snapshots.CARRIED)
-  _ = written | "CommitRun" >> commit.CommitRun(
-      layout, FinishPartition(config, base), beam.pvalue.AsSingleton(stats),
+  out = found["work"] | "EmbedAndWrite" >> embed.EmbedAndWrite(
+      config.embed, layout, snapshots.CARRIED)
+  figures = {"error_tables": out[embed.ERROR_TABLES],
+             "loads": out[embed.LOADS],
+             "tallies": found[snapshots.STATS]
+             } | "Summarize" >> summary_lib.Summarize()
+  _ = out[embed.WRITTEN] | "CommitRun" >> commit.CommitRun(
+      layout, FinishPartition(config, base), beam.pvalue.AsSingleton(figures),
       before=commit.unmark_partition)
 
 
@@ -388,8 +384,9 @@ class FinishPartition:
     self._config = config
     self._base = base
 
-  def __call__(self, layout: commit.Layout, stats: Dict[str, int]) -> dict:
+  def __call__(self, layout: commit.Layout, figures: dict) -> dict:
     config = self._config
+    stats = figures["counts"]
     stale = commit.remove_dead_attempts(
         layout.output_dir, f"{RUN_ID_PREFIX}-{config.date}-",
         keep=layout.run_id)
@@ -399,8 +396,11 @@ class FinishPartition:
         "ended": commit.iso(ended),
         "elapsed_s": round(max(ended - self._base["started_ts"], 1e-9), 3),
         "snapshot": _snapshot_report(config, stats),
+        licenses.FILTERED_BY_LICENSE: stats.get(
+            licenses.FILTERED_BY_LICENSE, 0),
         "models": _model_report(config, layout, stats),
-        "errors": common.error_breakdown(layout.table(sinks.ERRORS).final),
+        "errors": figures["errors"],
+        "model_loads": figures["model_loads"],
         "stale_staging_removed": stale,
     })
     commit.write_json(self._base["summary_path"], report)
@@ -418,6 +418,9 @@ def _summary(report: dict) -> str:
       f"observation(s); {snap['photos_passed_filters']} photo(s) passed the "
       f"filters ({_describe_filters(report['filters'])})",
   ]
+  if report.get(licenses.FILTERED_BY_LICENSE):
+    lines.append(f"  not fetched: {report[licenses.FILTERED_BY_LICENSE]} "
+                 f"photo(s) left out by --license")
   for name, m in report["models"].items():
     lines.append(
         f"  {name}: {m['new']} new, {m['done_before']} done in earlier runs, "
@@ -449,62 +452,73 @@ def _describe_filters(filters: dict) -> str:
     parts.append("taxon " + ",".join(str(t) for t in filters["taxon_id"]))
   for model, ids in filters["routes"].items():
     parts.append(f"{model} only in " + ",".join(str(t) for t in ids))
+  if filters.get("license"):
+    parts.append("license " + ",".join(filters["license"]))
   return "; ".join(parts)
+
+
+class IngestJob(launch.Job):
+  """natvision-ingest in the launch sequence (pipelines/launch.py)."""
+
+  name = "natvision-ingest"
+
+  def parser(self) -> argparse.ArgumentParser:
+    return _parser()
+
+  def configure(self, args: argparse.Namespace) -> IngestConfig:
+    return _configure(args)
+
+  def check_input(self, config: IngestConfig) -> CheckedInput:
+    return check_input(config)
+
+  def plan(self, config: IngestConfig, prepared: CheckedInput,
+           base: dict) -> launch.Plan:
+    run_id = f"{RUN_ID_PREFIX}-{config.date}-{commit.new_run_id()}"
+    layout = commit.plan_layout(config.output_dir, config.models,
+                                snapshots.CARRIED, run_id,
+                                partition=config.partition,
+                                color_profile=config.embed.color_profile)
+    base = dict(base, **report_base(config, prepared, run_id, time.time(),
+                                    base.get("flags", [])))
+    return launch.Plan(config=config, checked=prepared, layout=layout,
+                       resume=None, base=base)
+
+  def build(self, p: beam.Pipeline, plan: launch.Plan) -> None:
+    build_pipeline(p, plan.config, plan.checked, plan.layout, plan.base)
+
+  def summary_path(self, plan: launch.Plan) -> str:
+    return summary_path(plan.config)
+
+  def summary(self, report: dict) -> str:
+    return _summary(report)
+
+  def pending(self, plan: launch.Plan, state: str) -> str:
+    return (f"natvision ingest_observations: job {state}; partition "
+            f"{plan.config.partition} will be committed under "
+            f"{plan.config.output_dir} when it ends (summary: "
+            f"{summary_path(plan.config)}, then _SUCCESS)")
+
+
+JOB = IngestJob()
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
   """Runs the job; returns the run report (also DIR/runs/<date>.json).
-
-  The pipeline commits the partition and writes the report itself; when
-  the job has ended here (not a template launch, not an asynchronous
-  runner), the report is read back and printed.
 
   Args:
     argv: command-line flags (application and Beam flags together).
     test_pipeline: a TestPipeline to build on instead of a new Pipeline.
 
   Raises:
-    FlagError: bad flags, snapshot or models, before the pipeline starts.
+    ConfigError: bad flags, snapshot or models, before the pipeline starts.
+    storage.StorageError: storage failed; running the date again resumes.
   """
-  config, options = parse_args(argv)
-  # The launcher reads the snapshot before the pipeline exists; Beam's S3
-  # filesystem needs the options (--s3_endpoint_url, ...) set to work.
-  FileSystems.set_options(options)
-  prepared = prepare(config)
-  config = dataclasses.replace(config, flags=common.check_models(config.flags))
-  run_id = f"{RUN_ID_PREFIX}-{config.date}-{commit.new_run_id()}"
-  layout = commit.plan_layout(config.output_dir, config.models,
-                              snapshots.CARRIED, run_id,
-                              partition=config.partition,
-                              color_profile=config.flags.color_profile)
-  base = report_base(config, prepared, run_id, time.time(),
-                     argv if argv is not None else sys.argv[1:])
-  p = test_pipeline or beam.Pipeline(options=options)
-  build_pipeline(p, config, prepared, layout, base)
-  progress.start_run(layout.run_id)  # this run's progress lines only
-  result = p.run()
-  state = result.wait_until_finish()
-  if state != PipelineState.DONE:
-    # A template launch or an asynchronous runner: the job commits the
-    # partition and writes the summary and the markers when it ends.
-    print(f"natvision ingest_observations: job {state}; partition "
-          f"{config.partition} will be committed under {config.output_dir} "
-          f"when it ends (summary: {base['summary_path']}, then _SUCCESS)",
-          flush=True)
-    return dict(base, state=str(state))
-  report = json.loads(storage.read_bytes(base["summary_path"]))
-  print(_summary(report), flush=True)
-  return report
+  return launch.run(JOB, argv, test_pipeline)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  common.configure_logging()
-  try:
-    run(argv)
-  except FlagError as e:
-    print(f"natvision-ingest: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  """natvision-ingest; exit status as pipelines/launch.py says."""
+  return launch.main(JOB, argv)
 
 
 if __name__ == "__main__":

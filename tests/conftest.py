@@ -24,7 +24,7 @@ def real_photo_paths():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
   """The three seed models as tiny stand-ins, in the seeds' formats."""
-  from pipelines import standin_models  # pylint: disable=import-outside-toplevel
+  from tools import standins as standin_models  # pylint: disable=import-outside-toplevel
   root = str(tmp_path_factory.mktemp("models"))
   standin_models.write_standins(root, tiny=True)
   return root

@@ -29,8 +29,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from pipelines import common, embed_images, ingest_observations
-from pipelines.common import FlagError
+from pipelines import embed_images, ingest_observations, launch
+from transforms.config import ConfigError as FlagError
 from transforms import models as models_lib
 from transforms import snapshots
 
@@ -46,6 +46,7 @@ PIPELINES = {
 # Flags deliberately not offered by the templates, with the reason.
 NOT_IN_TEMPLATE = {
     "demo": "local only: bundled photos and stand-ins written to local disk",
+    "verbose": "console only: Dataflow workers keep full logs",
 }
 
 GCS = "gs://my-bucket/some/path"
@@ -459,5 +460,5 @@ def test_readme_names_only_files_that_exist_and_flags_that_are_known():
   assert "--experiments=no_use_multiple_sdk_containers" in text
   not_pipeline = {"service_port"}  # worker_pool_main's own flag
   beam = sorted(n for n in named - ours - not_pipeline
-                if common.unknown_beam_flags([f"--{n}=1"]))
+                if launch.unknown_beam_flags([f"--{n}=1"]))
   assert not beam, f"deploy/README.md names unknown flags {beam}"

@@ -239,25 +239,20 @@ def test_exit_status_follows_max_error_rate():
 def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
                                                    tmp_path):
   """What a template launch relies on: no launcher code after p.run()."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
-  from pipelines import common  # pylint: disable=import-outside-toplevel
+  from pipelines import launch  # pylint: disable=import-outside-toplevel
   out = str(tmp_path / "out")
-  config, options = embed_images.parse_args([
-      "--input", str(photo_dir / "*.jpg"), "--output_dir", out,
-      "--models", "inaturalist_v2", "--model_root", tiny_models,
-      "--runtime", "tf"])
+  argv = ["--input", str(photo_dir / "*.jpg"), "--output_dir", out,
+          "--models", "inaturalist_v2", "--model_root", tiny_models,
+          "--runtime", "tf"]
   # The runtime is decided before the graph is built; a model without a
   # decision is refused.
+  config, _ = embed_images.parse_args(argv)
   with pytest.raises(ValueError, match="no runtime decision"):
-    config.flags.inference_config(config.models[0])
-  config = dataclasses.replace(config, flags=common.check_models(config.flags))
-  prepared = embed_images.prepare_inputs(config)
-  layout = commit.plan_layout(out, config.models, (), "run-1")
-  base = {"run_id": "run-1", "started_ts": time.time()}
+    config.embed.inference_config(config.models[0])
+  plan, options = launch.plan_job(embed_images.JOB, argv)
   p = beam.Pipeline(options=options)
-  embed_images.build_pipeline(p, config, prepared, layout, base)
+  embed_images.JOB.build(p, plan)
   p.run().wait_until_finish()
   n = len(list(photo_dir.glob("*.jpg")))
   rows = _read(os.path.join(out, "embeddings", "inaturalist_v2"))
@@ -265,7 +260,8 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
   assert rows.num_rows + errors.num_rows == n
   with open(os.path.join(out, "run.json")) as f:
     report = json.load(f)
-  assert report["run_id"] == "run-1" and report["inputs"] == n
+  assert report["run_id"] == plan.layout.run_id and report["inputs"] == n
+  assert report["model_loads"] == {"inaturalist_v2": 1}  # counted in-graph
   assert report["rows"] == {"embeddings/inaturalist_v2": rows.num_rows}
   assert not os.path.exists(os.path.join(out, "_staging"))
 

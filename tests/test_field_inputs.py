@@ -21,7 +21,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import embed_images
-from pipelines.common import FlagError
+from transforms.config import ConfigError as FlagError
 from tests.conftest import real_photo_paths
 from transforms import models as models_lib
 from transforms import photos, progress, sinks, snapshots, sources, uris
@@ -177,7 +177,7 @@ def test_manifest_encoding_flag_reaches_the_manifest(tmp_path):
       "--input", str(path), "--output_dir", str(tmp_path / "out"),
       "--model_root", str(tmp_path / "models"), "--manifest_encoding",
       "cp1252"])
-  manifest = embed_images.prepare_inputs(config).manifest
+  manifest = embed_images.check_input(config).manifest
   assert manifest.encoding == "cp1252"
   assert list(sources.iter_manifest_rows(manifest))[-1]["observer"] == "Søren"
   with pytest.raises(FlagError, match="klingon"):

@@ -17,7 +17,7 @@ def test_defaults_and_beam_flags_pass_through():
   config, options = _parse(*BASE, "--runner", "DirectRunner",
                            "--direct_num_workers", "2")
   assert [m.name for m in config.models] == list(embed_images.DEFAULT_MODELS)
-  assert config.flags.batch_size == 16 and config.flags.top_k == 5
+  assert config.embed.batch_size == 16 and config.embed.top_k == 5
   assert config.models[0].path == "/m/inaturalist_v2"
   assert config.models[0].resize == "center_crop"
   assert config.models[1].labelmap_path == "/m/fungi_mobile_v1/labelmap.csv"
@@ -81,10 +81,10 @@ def test_demo_defaults():
 
 def test_color_profile_flag_reaches_the_photo_config():
   config, _ = _parse(*BASE)
-  assert config.flags.color_profile == "ignore"
-  assert config.flags.photo_config().color_profile == "ignore"
+  assert config.embed.color_profile == "ignore"
+  assert config.embed.photo_config().color_profile == "ignore"
   config, _ = _parse(*BASE, "--color_profile", "srgb")
-  assert config.flags.color_profile == "srgb"
-  assert config.flags.photo_config().color_profile == "srgb"
+  assert config.embed.color_profile == "srgb"
+  assert config.embed.photo_config().color_profile == "srgb"
   with pytest.raises(SystemExit):
     _parse(*BASE, "--color_profile", "p3")

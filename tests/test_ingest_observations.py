@@ -25,9 +25,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import common
+from pipelines import launch
 from pipelines import ingest_observations as ingest
-from pipelines.common import FlagError
+from transforms.config import ConfigError as FlagError
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
 from transforms import commit, sinks, snapshots
 
@@ -434,16 +434,12 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, tmp_path):
     f.write("staged by a run that died")
 
   argv = _argv(world, snapshot, out, [EMB, FUN], D1, tiny_models)
-  config, options = ingest.parse_args(argv)
-  # The launcher decides each model's runtime before the graph is built.
-  config = dataclasses.replace(config, flags=common.check_models(config.flags))
-  prepared = ingest.prepare(config)
-  run_id = f"ingest-{D1}-run-1"
-  layout = commit.plan_layout(out, config.models, snapshots.CARRIED, run_id,
-                              partition=config.partition)
-  base = ingest.report_base(config, prepared, run_id, time.time(), argv)
+  # The launcher's steps (the runtime of each model decided), then the
+  # graph alone.
+  plan, options = launch.plan_job(ingest.JOB, argv)
+  run_id = plan.layout.run_id
   p = beam.Pipeline(options=options)
-  ingest.build_pipeline(p, config, prepared, layout, base)
+  ingest.JOB.build(p, plan)
   p.run().wait_until_finish()
 
   raven_ids, agaric_ids = (_ids(*world.photos_of(o)) for o in (raven, agaric))
@@ -567,3 +563,45 @@ def test_parse_args_defaults(small_snapshot, tiny_models):
                                         "--taxon_id", "3,47126"])
   assert config.filters.quality_grades is None
   assert config.filters.taxon_ids == (3, 47126)
+
+
+# --license: photos under other licences are left out before any fetch.
+
+
+def test_license_keeps_only_the_named_licences(tiny_models, tmp_path, capsys):
+  world = SyntheticINat(str(tmp_path / "world"), seed=5)
+  kept = [world.observe(SPECIES["raven"], licence="CC-BY-NC"),
+          world.observe(SPECIES["daisy"], licence="CC0", photos=2)]
+  left_out = [world.observe(SPECIES["bolete"], licence=""),  # all rights
+              world.observe(SPECIES["raven"], licence="CC-BY-NC-SA"),
+              world.observe(SPECIES["daisy"], licence="CC-BY")]
+  world.observe(SPECIES["raven"], quality_grade="casual", licence="CC0")
+  # Photos left out are never fetched: without their files, a fetch would
+  # show as a read error.
+  for obs in left_out:
+    for photo in world.photos_of(obs):
+      world.delete_photo_file(photo)
+  snapshot = world.write_snapshot("mixed")
+  out = str(tmp_path / "out")
+  report = ingest.run(_flag_argv(world, snapshot, out, tiny_models,
+                                 "--license", "cc0, CC-BY-NC"))
+  assert set(placed(out, EMB)) == _ids(
+      *(p for obs in kept for p in world.photos_of(obs)))
+  assert table_rows(out, "errors") == []
+  with open(os.path.join(out, "runs", f"{D1}.json")) as f:
+    summary = json.load(f)
+  assert summary["filtered_by_license"] == report["filtered_by_license"] == 3
+  assert summary["filters"]["license"] == ["cc-by-nc", "cc0"]
+  assert summary["snapshot"]["photos_passed_filters"] == 3
+  assert summary["snapshot"]["photos_filtered_out"] == 1  # the casual one
+  printed = capsys.readouterr().out
+  assert "not fetched: 3 photo(s) left out by --license" in printed
+  assert "license cc-by-nc,cc0" in printed
+
+  # Without --license the filter keeps every photo; a name that is not a
+  # licence fails before the pipeline.
+  config, _ = ingest.parse_args(_flag_argv(world, snapshot, out, tiny_models))
+  assert not config.filters.licenses.active
+  with pytest.raises(FlagError, match="--license: unknown licence name"):
+    ingest.parse_args(_flag_argv(world, snapshot, out, tiny_models,
+                                 "--license", "cc-by-4.0"))

@@ -1,4 +1,4 @@
-"""Tests of pipelines.standin_models: formats, signatures, shapes, seeds.
+"""Tests of tools.standins: formats, signatures, shapes, seeds.
 
 Real TensorFlow throughout: tiny stand-ins are written once per module and
 loaded with tensorflow_hub and with transforms.models.load_model, exactly as
@@ -24,7 +24,7 @@ import tensorflow_hub as hub  # noqa: E402
 from tensorflow.core.framework import types_pb2  # noqa: E402
 from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
 
-from pipelines import standin_models  # noqa: E402
+from tools import standins as standin_models  # noqa: E402
 from transforms import models  # noqa: E402
 
 TF1_NAMES = ["inaturalist_v2", "fungi_mobile_v1"]

@@ -27,7 +27,7 @@ replace a folder that it did not write itself.
 
 Usage::
 
-  python -m pipelines.standin_models --output_dir /tmp/models [--tiny] \
+  python -m tools.standins --output_dir /tmp/models [--tiny] \
       [--models inaturalist_v2,fungi_mobile_v1] [--seed 0] [--overwrite]
 
 and then ``--model_root /tmp/models`` in the pipelines.
@@ -507,7 +507,7 @@ def _readme(name: str, tiny: bool, seed: int, params: int) -> str:
       "",
       f"Stand-in for {name}, published at",
       f"  {spec.source}",
-      "written by `python -m pipelines.standin_models`. Its weights are",
+      "written by `python -m tools.standins`. Its weights are",
       f"random (seed {seed}); only the format, signature, input shape and",
       "output width match the real model, so that pipelines, tests and",
       "benchmarks run against it. Do not use its outputs for anything.",
@@ -610,7 +610,7 @@ def write_standins(output_dir: str, tiny: bool = False,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m pipelines.standin_models",
+      prog="python -m tools.standins",
       description=(
           "Write stand-ins of the seed models (same formats, signatures and "
           "shapes; random weights) for tests and benchmarks. " + MEANINGLESS

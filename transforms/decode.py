@@ -78,6 +78,7 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 from PIL import Image, features
 
+from transforms import config
 from transforms import preprocess
 from transforms.records import STAGE_DECODE
 
@@ -598,11 +599,11 @@ def check_color_profile(color_profile: str) -> None:
       Little CMS.
   """
   if color_profile not in COLOR_PROFILES:
-    raise ValueError(
+    raise config.ConfigError(
         f"--color_profile must be one of {', '.join(COLOR_PROFILES)}, not "
         f"{color_profile!r}")
   if color_profile == COLOR_PROFILE_SRGB and not features.check("littlecms2"):
-    raise ValueError(
+    raise config.ConfigError(
         "--color_profile srgb needs Pillow built with Little CMS "
         "(PIL.ImageCms); install the Pillow wheel from PyPI or use ignore")
 

@@ -39,6 +39,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import sources
+from transforms import storage
 from transforms import uris
 from transforms.records import ImageRef
 
@@ -114,12 +115,11 @@ def is_archive_input(path: str) -> bool:
   name = path.rstrip("/").lower()
   if name.endswith(".zip") or os.path.basename(name) == "multimedia.txt":
     return True
-  if any(c in path for c in "*?["):
+  if any(c in path for c in "*?[") or path.lower().startswith(
+      ("http://", "https://")):
     return False
-  try:
-    return FileSystems.exists(FileSystems.join(path.rstrip("/"), "meta.xml"))
-  except Exception:  # noqa: BLE001 - not a folder this can look into
-    return False
+  # A storage failure is not "no meta.xml": it fails the launch.
+  return storage.exists(FileSystems.join(path.rstrip("/"), "meta.xml"))
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 import transforms
+from transforms import config
 
 DEFAULT_FETCH_CONCURRENCY = 32
 DEFAULT_PER_HOST_CONCURRENCY = 8
@@ -99,7 +100,7 @@ class HttpStatusError(Exception):
     self.retry_after = retry_after
 
 
-class SchemeError(ValueError):
+class SchemeError(config.ConfigError):
   """A URI scheme that nothing installed can read; says what to install."""
 
 
@@ -129,24 +130,24 @@ class FetchConfig:
 
   def __post_init__(self):
     if self.fetch_concurrency < 1:
-      raise ValueError("--fetch_concurrency must be at least 1 (requests in "
+      raise config.ConfigError("--fetch_concurrency must be at least 1 (requests in "
                        f"flight per worker process, default "
                        f"{DEFAULT_FETCH_CONCURRENCY})")
     if self.per_host_concurrency < 1:
-      raise ValueError("--per_host_concurrency must be at least 1 (default "
+      raise config.ConfigError("--per_host_concurrency must be at least 1 (default "
                        f"{DEFAULT_PER_HOST_CONCURRENCY})")
     if self.per_host_concurrency > self.fetch_concurrency:
-      raise ValueError(
+      raise config.ConfigError(
           f"--per_host_concurrency {self.per_host_concurrency} is more than "
           f"--fetch_concurrency {self.fetch_concurrency}; lower it or raise "
           f"--fetch_concurrency")
     if not self.connect_timeout > 0 or not self.read_timeout > 0:
-      raise ValueError("--connect_timeout and --read_timeout must be positive "
+      raise config.ConfigError("--connect_timeout and --read_timeout must be positive "
                        "numbers of seconds")
     if self.max_redirects < 0:
-      raise ValueError("--max_redirects must be 0 (follow none) or more")
+      raise config.ConfigError("--max_redirects must be 0 (follow none) or more")
     if any(c in self.user_agent for c in "\r\n") or not self.user_agent.isprintable():
-      raise ValueError("--user_agent must be one line of printable text, e.g. "
+      raise config.ConfigError("--user_agent must be one line of printable text, e.g. "
                        "'mailto:me@example.org'")
 
   @property

@@ -23,6 +23,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.utils import shared
 
+from transforms import config
 from transforms import models as models_lib
 from transforms import runtimes
 from transforms.records import (ERRORS_TAG, STAGE_INFERENCE, EmbeddingResult,
@@ -56,6 +57,14 @@ class InferenceConfig:
     self.model.require_decision()
 
 
+def add_flags(parser) -> None:
+  """Adds --batch_size and --top_k."""
+  parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                      help="photos per forward pass")
+  parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
+                      help="labels kept per photo by classifiers")
+
+
 def check_settings(model: models_lib.ResolvedModel, batch_size: int,
                    top_k: int) -> None:
   """Checks --batch_size and --top_k for a model, decided or not.
@@ -64,12 +73,12 @@ def check_settings(model: models_lib.ResolvedModel, batch_size: int,
     ValueError: naming the flag.
   """
   if batch_size < 1:
-    raise ValueError("--batch_size must be at least 1")
+    raise config.ConfigError("--batch_size must be at least 1")
   if top_k < 1:
-    raise ValueError("--top_k must be at least 1")
+    raise config.ConfigError("--top_k must be at least 1")
   if (model.spec.kind == models_lib.CLASSIFIER
       and top_k > model.spec.output_width):
-    raise ValueError(
+    raise config.ConfigError(
         f"--top_k {top_k} is more than the {model.spec.output_width} "
         f"classes of {model.name}")
 
@@ -121,6 +130,10 @@ def top_k(scores: np.ndarray, k: int):
   return ids, np.take_along_axis(scores, ids, axis=1).astype(np.float32)
 
 
+# Tag of the output counting model loads: (model name, loads).
+LOADS_TAG = "loads"
+
+
 class RunModelFn(beam.DoFn):
   """List[PreparedImage] -> List[EmbeddingResult | PredictionResult].
 
@@ -153,13 +166,17 @@ class RunModelFn(beam.DoFn):
     self._held = self._shared_handle.acquire(
         construct, tag=f"{resolved.name}@{resolved.path}")
 
-  def _count_loads(self):
+  def _count_loads(self) -> Iterator:
+    # Counted in the graph (a ``loads`` element, summed for run.json, which
+    # also works under template launches) and as a Beam counter.
     if self._loaded_here:
       self._loads.inc(self._loaded_here)
+      yield beam.pvalue.TaggedOutput(
+          LOADS_TAG, (self._config.model.name, self._loaded_here))
       self._loaded_here = 0
 
   def process(self, batch: Sequence[PreparedImage]) -> Iterator:
-    self._count_loads()
+    yield from self._count_loads()
     policy = self._config.model.resize
     try:
       outputs = self._held.model.predict(
@@ -208,9 +225,10 @@ def _sizes(prepared: PreparedImage) -> Dict[str, int]:
 
 
 class RunModel(beam.PTransform):
-  """PCollection[PreparedImage] -> (results, errors) for one model.
+  """PCollection[PreparedImage] -> (results, errors, loads) for one model.
 
-  ``results`` holds one list of results per batch.
+  ``results`` holds one list of results per batch; ``loads`` one
+  (model name, number of loads) per worker process that loaded the model.
 
   Args:
     config: the model, with its runtime decision, and batch settings.
@@ -233,5 +251,5 @@ class RunModel(beam.PTransform):
                                             max_batch_size=size)
             | "Infer" >> beam.ParDo(
                 RunModelFn(self._config, shared.Shared(), self._make_runtime)
-            ).with_outputs(ERRORS_TAG, main="results"))
+            ).with_outputs(ERRORS_TAG, LOADS_TAG, main="results"))
 

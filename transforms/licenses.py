@@ -21,6 +21,7 @@ from typing import FrozenSet, Iterator, Optional, Sequence
 
 import apache_beam as beam
 
+from transforms import config
 from transforms.records import ImageRef
 
 CC = ("cc-by", "cc-by-sa", "cc-by-nd", "cc-by-nc", "cc-by-nc-sa",
@@ -83,7 +84,7 @@ class LicenseFilter:
   def __post_init__(self):
     unknown = sorted(set(self.keep) - set(NAMES))
     if unknown:
-      raise ValueError(
+      raise config.ConfigError(
           f"--license: unknown licence name(s) {', '.join(unknown)}; use "
           f"names from {', '.join(NAMES)} (e.g. cc0,cc-by,cc-by-nc)")
 

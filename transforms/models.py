@@ -19,12 +19,17 @@ import io
 import logging
 import os
 from typing import (TYPE_CHECKING, Callable, Dict, List, Mapping, Optional,
-                    Sequence)
+                    Sequence, Tuple)
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import config
 from transforms import storage
+# The preparation policies are preprocess's; the registry names them, and
+# they stay importable from here.
+from transforms.preprocess import (RESIZE_CENTER_CROP, RESIZE_POLICIES,
+                                   RESIZE_SQUASH)
 
 if TYPE_CHECKING:
   from transforms.runtimes.base import RuntimeDecision
@@ -34,10 +39,6 @@ CLASSIFIER = "classifier"
 TF1_HUB = "tf1_hub"
 TF2_SAVED_MODEL = "tf2_saved_model"
 
-RESIZE_SQUASH = "squash"
-RESIZE_CENTER_CROP = "center_crop"
-RESIZE_POLICIES = (RESIZE_SQUASH, RESIZE_CENTER_CROP)
-
 # What --runtime may ask for; transforms/runtimes decides between tf and onnx.
 RUNTIME_REQUESTS = ("auto", "tf", "onnx")
 
@@ -45,7 +46,7 @@ TF1_MODULE_MARKER = "tfhub_module.pb"
 DEFAULT_LABELMAP = "labelmap.csv"
 
 
-class ModelError(ValueError):
+class ModelError(config.ConfigError):
   """A model is missing, malformed, or does not match its registry entry."""
 
 
@@ -216,7 +217,7 @@ class ResolvedModel:
       raise ValueError(
           f"model {self.name} has no runtime decision (requested: "
           f"{self.requested_runtime}); pass the models through "
-          f"pipelines.common.check_models, or attach one with "
+          f"pipelines.launch.check_models, or attach one with "
           f"transforms.runtimes.chooser.decided(model), before running them")
     return self.decision
 
@@ -499,3 +500,61 @@ def stage_locally(path: str) -> str:
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(tmp, ignore_errors=True)
   return target
+
+
+# --------------------------------------------------------------------------
+# The model flags every job takes.
+
+DEFAULT_MODELS = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")
+REQUESTED_RUNTIMES = ("auto", "tf", "onnx")
+
+
+def add_flags(parser) -> None:
+  """Adds --models, --model_root, --model_handle, --labelmap, --resize and
+  --runtime to an argparse parser."""
+  parser.add_argument(
+      "--models", default=",".join(DEFAULT_MODELS),
+      help="comma-separated registry names (default: all three)")
+  parser.add_argument(
+      "--model_root",
+      help="folder (local, gs:// or s3://) holding one folder per model")
+  parser.add_argument(
+      "--model_handle", action="append", default=[], metavar="NAME=PATH",
+      help="explicit location of one model (repeatable)")
+  parser.add_argument(
+      "--labelmap", action="append", default=[], metavar="NAME=PATH",
+      help="labelmap CSV (id,name) for a classifier, instead of "
+      "labelmap.csv in its folder")
+  parser.add_argument(
+      "--resize", choices=RESIZE_POLICIES,
+      help="override every model's default photo preparation")
+  parser.add_argument(
+      "--runtime", choices=REQUESTED_RUNTIMES, default="auto",
+      help="auto: ONNX Runtime where it passes the check against "
+      "TensorFlow and is faster, else TensorFlow; tf; onnx (fail if the "
+      "check fails)")
+
+
+def from_args(args, model_root: Optional[str]) -> Tuple["ResolvedModel", ...]:
+  """Resolves the models the flags name; no I/O.
+
+  Args:
+    args: parsed flags (``add_flags``).
+    model_root: the folder holding the models (``--model_root``, or the
+      demo's stand-ins).
+
+  Raises:
+    ModelError: an empty or repeated --models, an unknown name, or a model
+      with no location.
+  """
+  names = [n.strip() for n in args.models.split(",") if n.strip()]
+  if not names:
+    raise ModelError("--models is empty; name at least one of "
+                     f"{', '.join(REGISTRY)}")
+  if len(set(names)) != len(names):
+    raise ModelError(f"--models names a model twice: {args.models}")
+  return tuple(resolve_models(
+      names, model_root,
+      handles=config.key_values(args.model_handle, "--model_handle"),
+      labelmaps=config.key_values(args.labelmap, "--labelmap"),
+      resize=args.resize, requested_runtime=args.runtime))

@@ -26,6 +26,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms import config
 from transforms import decode as decode_lib
 from transforms import fetch as fetch_lib
 from transforms import preprocess
@@ -124,18 +125,66 @@ class PhotoConfig:
 
   def __post_init__(self):
     if not self.policies:
-      raise ValueError("PhotoConfig needs at least one preparation policy")
+      raise config.ConfigError("PhotoConfig needs at least one preparation policy")
     if self.max_file_bytes <= 0:
-      raise ValueError("--max_file_bytes must be positive")
+      raise config.ConfigError("--max_file_bytes must be positive")
     if self.max_pixels <= 0:
-      raise ValueError("--max_pixels must be positive")
+      raise config.ConfigError("--max_pixels must be positive")
     if self.read_attempts < 1:
-      raise ValueError("--read_attempts must be at least 1")
+      raise config.ConfigError("--read_attempts must be at least 1")
     if self.decode_threads < 0:
-      raise ValueError("--decode_threads must be 0 (no pool) or more")
+      raise config.ConfigError("--decode_threads must be 0 (no pool) or more")
     if self.prefetch < 1:
-      raise ValueError("--prefetch must be at least 1")
+      raise config.ConfigError("--prefetch must be at least 1")
     decode_lib.check_color_profile(self.color_profile)
+
+  @staticmethod
+  def add_flags(parser) -> None:
+    """Adds the reading and decoding flags (and the fetch flags)."""
+    parser.add_argument(
+        "--max_file_bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+        help="files larger than this become errors (stage read)")
+    parser.add_argument(
+        "--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        help="photos declaring more pixels are refused before decoding "
+        "(decompression bombs)")
+    parser.add_argument(
+        "--color_profile", choices=COLOR_PROFILES,
+        default=DEFAULT_COLOR_PROFILE,
+        help="ignore: embedded ICC colour profiles are not applied (as the "
+        "seed models were trained); srgb: photos with a non-sRGB profile "
+        "(Adobe RGB, Display P3...) are converted to sRGB")
+    parser.add_argument(
+        "--read_attempts", type=int, default=4,
+        help="tries per photo on transient storage errors")
+    parser.add_argument(
+        "--decode_threads", type=int, default=DEFAULT_DECODE_THREADS,
+        help="threads per worker process decoding photos ahead of the "
+        "models (0: decode inline)")
+    parser.add_argument(
+        "--prefetch", type=int, default=DEFAULT_PREFETCH,
+        help="photos read and decoded ahead of the models, per bundle")
+    fetch_lib.FetchConfig.add_flags(parser)
+
+  @classmethod
+  def from_args(cls, args, policies: Tuple[str, ...],
+                size: int) -> "PhotoConfig":
+    """Builds the config from parsed flags and the models' needs.
+
+    Args:
+      args: parsed flags (``add_flags``).
+      policies: the preparation policies the job's models need.
+      size: the models' input size in pixels.
+
+    Raises:
+      config.ConfigError: naming the flag that is wrong.
+    """
+    return cls(
+        policies=policies, size=size, max_file_bytes=args.max_file_bytes,
+        max_pixels=args.max_pixels, read_attempts=args.read_attempts,
+        decode_threads=args.decode_threads, prefetch=args.prefetch,
+        color_profile=args.color_profile,
+        fetch=fetch_lib.FetchConfig.from_args(args))
 
 
 def fetch_step(ref: ImageRef, config: PhotoConfig,

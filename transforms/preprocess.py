@@ -1,6 +1,7 @@
 """Preparation: an upright RGB photo -> the square uint8 array a model takes.
 
-Two policies, named in the model registry (``transforms.models``):
+Two policies (``RESIZE_POLICIES``); the model registry
+(``transforms.models``) names one per model and ``--resize`` may override it:
 
 * ``squash``: the whole photo resized to ``size x size``; the aspect ratio is
   not kept.
@@ -38,7 +39,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from transforms.models import RESIZE_CENTER_CROP, RESIZE_POLICIES, RESIZE_SQUASH
+# The preparation policies, by the names the model registry and --resize use.
+RESIZE_SQUASH = "squash"
+RESIZE_CENTER_CROP = "center_crop"
+RESIZE_POLICIES = (RESIZE_SQUASH, RESIZE_CENTER_CROP)
 
 CENTER_CROP_FRACTION = 0.875
 

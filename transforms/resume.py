@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
@@ -112,7 +113,7 @@ def _read_ids(path: str, schema: pa.Schema, with_model: bool
   with f:
     try:
       shard = pq.ParquetFile(f)
-    except (pa.ArrowInvalid, OSError) as e:
+    except pa.ArrowInvalid as e:  # no footer: cut short by the kill
       logging.info("resume: ignoring %s, cut short (%s)", path, e)
       return None
     if not _same_table(shard.schema_arrow, schema):
@@ -197,10 +198,15 @@ def plan_resume(output_dir: str, run_id: str,
 
 
 def _copy_rows(shard: ReusedShard, tables: Dict[str, commit.TableSpec]
-               ) -> Iterable[str]:
-  """Copies a reused shard's kept rows into this run's staging."""
+               ) -> Iterable:
+  """Copies a reused shard's kept rows into this run's staging.
+
+  Yields the staged copy's path, and for the errors table also the rows
+  (tagged ``ERROR_ROWS``), which the run summary counts.
+  """
   table = tables[shard.table]
-  with FileSystems.open(shard.path) as f:
+  with storage.failing_as("reading", shard.path), FileSystems.open(
+      shard.path) as f:
     rows = pq.ParquetFile(f).read()
   ids = rows.column("image_id").to_pylist()
   models = rows.column("model").to_pylist()
@@ -217,13 +223,21 @@ def _copy_rows(shard: ReusedShard, tables: Dict[str, commit.TableSpec]
   name = hashlib.sha256(shard.path.encode()).hexdigest()[:20]
   target = FileSystems.join(
       table.staged, f"{sinks.FILE_PREFIX}-reused-{name}{sinks.FILE_SUFFIX}")
-  with FileSystems.create(target) as out:
-    pq.write_table(rows, out, compression="zstd")
+  data = io.BytesIO()
+  pq.write_table(rows, data, compression="zstd")
+  storage.write_bytes(target, data.getvalue())
   yield target
+  if shard.table == sinks.ERRORS:
+    yield beam.pvalue.TaggedOutput(ERROR_ROWS, rows)
+
+
+# Outputs of ReuseShards: the staged copies' paths, and the reused error rows.
+WRITTEN = "written"
+ERROR_ROWS = "error_rows"
 
 
 class ReuseShards(beam.PTransform):
-  """PBegin -> paths of this run's staged copies of the reused rows."""
+  """PBegin -> {written: staged copies' paths, error_rows: pa.Table}."""
 
   def __init__(self, plan: ResumePlan, tables: Sequence[commit.TableSpec]):
     super().__init__()
@@ -233,4 +247,5 @@ class ReuseShards(beam.PTransform):
   def expand(self, pbegin):
     return (pbegin
             | "ReusedShards" >> beam.Create(list(self._plan.shards))
-            | "CopyRows" >> beam.FlatMap(_copy_rows, self._tables))
+            | "CopyRows" >> beam.FlatMap(_copy_rows, self._tables)
+            .with_outputs(ERROR_ROWS, main=WRITTEN))

@@ -9,7 +9,9 @@ the ``ImageRef`` values that still need work, entirely inside the pipeline:
 1. ``ReadSnapshot`` reads the tables (only the columns it needs), keeps the
    observations that pass the filters (quality grade, a taxonomy subtree),
    routes each one to the models allowed to see it (``--route``), and joins
-   photos to observations with a CoGroupByKey on ``observation_uuid``.  The
+   photos to observations with a CoGroupByKey on ``observation_uuid``,
+   leaving out the photos whose licence ``--license`` does not keep
+   (counted as ``filtered_by_license``, never fetched).  The
    taxonomy subtrees are a side input: one set of taxon ids per root taxon
    (``taxa.ancestry`` is the '/'-separated list of ancestor ids; a taxon is in
    its own subtree).
@@ -57,6 +59,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import config
+from transforms import licenses
 from transforms import storage
 from transforms import uris
 from transforms.records import ImageRef
@@ -102,7 +106,7 @@ CARRIED: Tuple[Tuple[str, pa.DataType], ...] = (
 )
 
 
-class SnapshotError(ValueError):
+class SnapshotError(config.ConfigError):
   """A snapshot folder that cannot be used; the message says what to fix."""
 
 
@@ -325,21 +329,21 @@ class UriTemplate:
     try:
       parsed = list(string.Formatter().parse(self.template))
     except ValueError as e:
-      raise ValueError(f"--photo_uri_template {self.template!r}: {e}") from e
+      raise config.ConfigError(f"--photo_uri_template {self.template!r}: {e}") from e
     for _, field, spec, conversion in parsed:
       if field is None:
         continue
       if not field.isidentifier():
-        raise ValueError(
+        raise config.ConfigError(
             f"--photo_uri_template {self.template!r}: {{{field}}} is not a "
             f"column name; write fields such as {{photo_id}}")
       if spec or conversion:
-        raise ValueError(
+        raise config.ConfigError(
             f"--photo_uri_template {self.template!r}: {{{field}}} may not "
             f"have a format spec or conversion")
       fields.append(field)
     if not fields:
-      raise ValueError(
+      raise config.ConfigError(
           f"--photo_uri_template {self.template!r} names no column; every "
           f"photo would have the same path (use e.g. {{photo_id}})")
     object.__setattr__(self, "fields", tuple(dict.fromkeys(fields)))
@@ -394,28 +398,31 @@ class Filters:
     taxon_ids: roots of the taxonomy subtrees kept; empty keeps all taxa.
     routes: (model name, root taxon ids): the model sees only observations
       inside those subtrees.  Models without a route see all kept ones.
+    licenses: the licences of the photos kept (``--license``, read from
+      the photos table's ``license`` column); empty keeps every photo.
   """
 
   quality_grades: Optional[FrozenSet[str]] = frozenset({"research"})
   taxon_ids: Tuple[int, ...] = ()
   routes: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+  licenses: licenses.LicenseFilter = licenses.LicenseFilter()
 
   def __post_init__(self):
     if self.quality_grades is not None:
       if not self.quality_grades:
-        raise ValueError("--quality_grade is empty; name a grade or 'any'")
+        raise config.ConfigError("--quality_grade is empty; name a grade or 'any'")
       bad = sorted(set(self.quality_grades) - set(QUALITY_GRADES))
       if bad:
-        raise ValueError(
+        raise config.ConfigError(
             f"--quality_grade {', '.join(bad)} is not one of "
             f"{', '.join(QUALITY_GRADES)} (or 'any')")
     names = [m for m, _ in self.routes]
     if len(set(names)) != len(names):
-      raise ValueError("--route names a model twice; give one --route per "
+      raise config.ConfigError("--route names a model twice; give one --route per "
                        "model with comma-separated taxon ids")
     for model, roots in self.routes:
       if not roots:
-        raise ValueError(f"--route {model}= needs at least one taxon id")
+        raise config.ConfigError(f"--route {model}= needs at least one taxon id")
 
   @property
   def roots(self) -> Tuple[int, ...]:
@@ -435,6 +442,7 @@ class Filters:
                           if self.quality_grades is not None else "any"),
         "taxon_id": list(self.taxon_ids),
         "routes": {m: list(ids) for m, ids in self.routes},
+        "license": sorted(self.licenses.keep),
     }
 
 
@@ -763,14 +771,14 @@ class SnapshotConfig:
 
   def __post_init__(self):
     if not self.models:
-      raise ValueError("SnapshotConfig needs at least one model")
+      raise config.ConfigError("SnapshotConfig needs at least one model")
     unknown = [m for m, _ in self.filters.routes if m not in self.models]
     if unknown:
-      raise ValueError(
+      raise config.ConfigError(
           f"--route names {', '.join(unknown)}, which is not in --models "
           f"({', '.join(self.models)})")
     if self.filters.needs_taxa and self.snapshot.taxa is None:
-      raise ValueError("--taxon_id and --route need a taxa table in the "
+      raise config.ConfigError("--taxon_id and --route need a taxa table in the "
                        "snapshot folder")
 
   def visible_models(self, taxon_id: Optional[int],
@@ -846,11 +854,19 @@ def image_ref(photo: PhotoRow, routed: RoutedObservation,
 
 
 class _JoinFn(_CountingDoFn):
-  """(observation_uuid, {photos, observation}) -> (image_id, ImageRef)."""
+  """(observation_uuid, {photos, observation}) -> (image_id, ImageRef).
 
-  def __init__(self, template: UriTemplate):
+  A photo of a kept observation whose licence the filter does not keep is
+  counted as ``filtered_by_license`` (once per photos row, as
+  ``photos_filtered_out`` counts rows) and goes no further.
+  """
+
+  def __init__(self, template: UriTemplate,
+               license_filter: licenses.LicenseFilter = (
+                   licenses.LicenseFilter())):
     super().__init__()
     self._template = template
+    self._licenses = license_filter
 
   def process(self, item) -> Iterator[Tuple[str, ImageRef]]:
     _, grouped = item
@@ -863,6 +879,9 @@ class _JoinFn(_CountingDoFn):
       return
     routed = min(observations, key=repr)
     for photo in photos:
+      if not self._licenses.allows(photo.license):
+        self._count(licenses.FILTERED_BY_LICENSE)
+        continue
       ref = image_ref(photo, routed, self._template)
       yield ref.image_id, ref
 
@@ -924,8 +943,9 @@ class ReadSnapshot(beam.PTransform):
           filter_fn).with_outputs(STATS, main="kept")
     joined = ({PHOTOS: photos, OBSERVATIONS: kept.kept}
               | "JoinOnObservation" >> beam.CoGroupByKey()
-              | "PhotoRefs" >> beam.ParDo(_JoinFn(config.template)
-                                          ).with_outputs(STATS, main="refs"))
+              | "PhotoRefs" >> beam.ParDo(_JoinFn(
+                  config.template, config.filters.licenses)).with_outputs(
+                      STATS, main="refs"))
     stats.extend([kept[STATS], joined[STATS]])
     if not self._with_stats:
       return joined.refs
@@ -1161,7 +1181,7 @@ class SelectWork(beam.PTransform):
                with_stats: bool = False):
     super().__init__()
     if max_attempts < 1:
-      raise ValueError("--max_attempts must be at least 1")
+      raise config.ConfigError("--max_attempts must be at least 1")
     self._models = tuple(models)
     self._max_attempts = max_attempts
     self._with_stats = with_stats

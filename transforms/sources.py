@@ -6,7 +6,9 @@ with a ``uri`` column, an optional ``image_id`` column and any other columns,
 which are carried into every output row for that photo.
 
 Without an ``image_id`` column the id is derived from the URI (a hash), so it
-is stable across runs.  Photos listed twice (same id) are processed once.
+is stable across runs.  Photos listed twice (same id) are processed once,
+as the row that sorts first by ``duplicate_order`` (URI, then the carried
+values as text), whatever order the rows come in.
 
 The manifest is checked when the pipeline is built, so that bad input fails
 before any work starts: a Parquet manifest's footer is read (not its rows); a
@@ -39,6 +41,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import config
 from transforms import sinks
 from transforms import uris
 from transforms.records import ImageRef
@@ -64,7 +67,7 @@ MANIFEST_FORMATS = {
 }
 
 
-class InputError(ValueError):
+class InputError(config.ConfigError):
   """The --input value cannot be used; the message says what to change."""
 
 
@@ -490,18 +493,43 @@ class _MatchFn(beam.DoFn):
       yield ref_for_uri(metadata.path)
 
 
+def _text_or_none_first(value: Any) -> Tuple[bool, str]:
+  """Orders values as text, with a missing value (None) before any text."""
+  return (False, "") if value is None else (True, _str(value))
+
+
+def duplicate_order(ref: ImageRef) -> tuple:
+  """The sort key that picks one ref among those sharing an ``image_id``.
+
+  In order: the ``uri``; then the carried values, in column order, compared
+  as text (``str``; bytes with their undecodable bytes kept) with a missing
+  value (None) first; then the ``path`` that opens the file (None first);
+  then the models (None, all of them, first).  Every part is a value of the
+  ref, never its position in the input, so the choice is the same whatever
+  order the duplicates arrive in.
+  """
+  return (ref.uri,
+          tuple((name, _text_or_none_first(value))
+                for name, value in ref.extra),
+          _text_or_none_first(ref.path),
+          (ref.models is not None, ref.models or ()))
+
+
 def _first_of_duplicates(item: Tuple[str, Iterable[ImageRef]]) -> ImageRef:
+  """(image_id, refs) -> the first ref by ``duplicate_order``; counts the
+  others as ``duplicate_inputs``."""
   _, refs = item
   refs = list(refs)
   if len(refs) > 1:
     beam.metrics.Metrics.counter("natvision", "duplicate_inputs").inc(
         len(refs) - 1)
-  return min(refs, key=lambda r: (r.uri, r.extra.__repr__()))
+  return min(refs, key=duplicate_order)
 
 
 class OnePerId(beam.PTransform):
-  """ImageRefs -> one per ``image_id`` (the first by URI), for readers
-  whose input may list a photo twice."""
+  """ImageRefs -> one per ``image_id`` (the first by ``duplicate_order``:
+  by URI, then carried values), for readers whose input may list a photo
+  twice."""
 
   def expand(self, refs):
     return (refs
@@ -573,18 +601,21 @@ def check_listable(patterns: Sequence[str]) -> None:
 
 
 def count_pattern_matches(patterns: Sequence[str]) -> int:
-  """Counts files matched by the patterns; fails on a pattern matching none.
+  """Counts the distinct files the patterns match; fails on a pattern
+  matching none.
+
+  A file matched by several patterns (``photos/*.jpg`` and ``photos/a*``)
+  counts once, as ``ReadImageRefs`` reads it once.
 
   Raises:
     InputError: a pattern that matches nothing, naming it.
   """
-  total = 0
+  paths = set()
   results = FileSystems.match(list(patterns))
   for pattern, result in zip(patterns, results):
-    n = len(result.metadata_list)
-    if n == 0:
+    if not result.metadata_list:
       raise InputError(
           f"--input {pattern} matches no files; check the path or quote the "
           f"pattern so the shell does not expand it")
-    total += n
-  return total
+    paths.update(metadata.path for metadata in result.metadata_list)
+  return len(paths)

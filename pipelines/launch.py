@@ -1,0 +1,281 @@
+"""The one launch sequence both jobs follow, and the command-line wrapper.
+
+    parse flags -> check the input -> decide each model's runtime
+      -> plan the tables (and what a dead attempt left) -> build the graph
+      -> run it -> print the summary the pipeline wrote
+
+A job (pipelines/embed_images.py, pipelines/ingest_observations.py) says
+only what differs: its flags and config, how its input is checked, where
+its tables and summary go, and its graph (a subclass of ``Job``).  The
+pipeline commits its own tables and writes the summary in its last step,
+so a template launch that does not wait is safe; when the job has ended
+here, the summary is read back and printed.
+
+Exit status (``main``): 0 the job ran (even if some photos failed); 2 bad
+flags, input or models, found before anything runs (``ConfigError``);
+1 a storage error (nothing committed, the same command resumes); 3 a job
+rule such as ``--max_error_rate`` (``Job.exit_status``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineState
+
+import transforms
+from transforms import commit
+from transforms import config as config_lib
+from transforms import models as models_lib
+from transforms import progress
+from transforms import storage
+from transforms.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the launcher decided before building the graph.
+
+  Attributes:
+    config: the job's config, its models carrying their runtime decisions.
+    checked: what the job's input check learned (job-specific).
+    layout: where the tables are staged and committed.
+    resume: what a dead attempt left that this run reuses, or None.
+    base: the summary's fields known at launch.
+  """
+
+  config: Any
+  checked: Any
+  layout: commit.Layout
+  resume: Any
+  base: dict
+
+
+class Job:
+  """What one job adds to the launch sequence; subclasses fill it in."""
+
+  name = "natvision"  # the command, e.g. natvision-embed
+
+  def parser(self) -> argparse.ArgumentParser:
+    raise NotImplementedError
+
+  def configure(self, args: argparse.Namespace):
+    """The job's config from parsed flags; no I/O.
+
+    Raises:
+      ConfigError: naming the flag.
+    """
+    raise NotImplementedError
+
+  def check_input(self, config):
+    """Checks the input before the pipeline exists (reads headers, lists).
+
+    Raises:
+      ConfigError: an unreadable or empty input.
+    """
+    raise NotImplementedError
+
+  def plan(self, config, prepared, base: dict) -> Plan:
+    """Names the tables (``commit.plan_layout``) and the summary's base."""
+    raise NotImplementedError
+
+  def build(self, p: beam.Pipeline, plan: Plan) -> None:
+    """Adds the job's transforms to ``p``; no side effects."""
+    raise NotImplementedError
+
+  def summary_path(self, plan: Plan) -> str:
+    """Where the pipeline writes the run summary (JSON)."""
+    raise NotImplementedError
+
+  def summary(self, report: dict) -> str:
+    """The lines printed when the job has ended here."""
+    raise NotImplementedError
+
+  def pending(self, plan: Plan, state: str) -> str:
+    """The line printed when the job runs on (a template launch)."""
+    return (f"{self.name}: job {state}; the tables are committed under "
+            f"{plan.config.output_dir} when it ends (summary last: "
+            f"{self.summary_path(plan)})")
+
+  def exit_status(self, report: dict) -> int:
+    del report
+    return 0
+
+
+def add_console_flags(parser: argparse.ArgumentParser) -> None:
+  """Adds --verbose (read by ``main`` before anything is parsed)."""
+  parser.add_argument(
+      "--verbose", action="store_true",
+      help="show INFO logs of Beam, TensorFlow and tf2onnx (default: "
+      "progress lines, warnings and the summary)")
+
+
+def split_beam_args(parser: argparse.ArgumentParser,
+                    argv: Optional[Sequence[str]]
+                    ) -> Tuple[argparse.Namespace, PipelineOptions]:
+  """Parses our flags; hands the rest to Beam, refusing flags nobody knows.
+
+  Raises:
+    ConfigError: a flag that neither natvision nor Beam defines.
+  """
+  args, beam_args = parser.parse_known_args(argv)
+  unknown = unknown_beam_flags(beam_args)
+  if unknown:
+    raise ConfigError(
+        f"unknown flag {unknown[0]}: neither a natvision flag nor a Beam "
+        f"pipeline option; see --help")
+  return args, PipelineOptions(beam_args)
+
+
+def unknown_beam_flags(beam_args: Sequence[str]) -> List[str]:
+  """Flags that no Beam PipelineOptions class defines.
+
+  Beam only logs and drops such flags, so a typo such as ``--output-dir``
+  would otherwise be ignored silently.
+  """
+  parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  seen = set()
+  stack = list(PipelineOptions.__subclasses__())
+  while stack:
+    cls = stack.pop()
+    if cls in seen:
+      continue
+    seen.add(cls)
+    stack.extend(cls.__subclasses__())
+    try:
+      cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    except argparse.ArgumentError:
+      pass  # the same flag defined by two option classes
+  _, unknown = parser.parse_known_args(list(beam_args))
+  return [a for a in unknown if a.startswith("-")]
+
+
+def check_models(models: Sequence[models_lib.ResolvedModel], choose=None
+                 ) -> Tuple[models_lib.ResolvedModel, ...]:
+  """Loads and probes each model, and decides the runtime each runs on.
+
+  For ``--runtime auto`` or ``onnx`` the model is converted to ONNX (once:
+  the file is cached) and checked against TensorFlow on a probe batch
+  (transforms/runtimes/chooser.py); the decision made here is the one every
+  worker runs, and it is recorded in the tables' metadata and run.json.
+
+  Args:
+    models: the resolved models; each one's ``requested_runtime`` is
+      ``--runtime``.
+    choose: ``ResolvedModel -> RuntimeDecision``; the chooser's ``choose``
+      by default.
+
+  Raises:
+    models_lib.ModelError: a model that is missing or does not match the
+      registry, or that fails the ONNX check under ``--runtime onnx``.
+  """
+  from transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
+  choose = choose or chooser.choose
+  decided = []
+  for model in models:
+    if model.spec.kind == models_lib.CLASSIFIER:
+      models_lib.read_labelmap(model.labelmap_path,
+                               expected=model.spec.output_width)
+    decided.append(model.with_decision(choose(model)))
+  return tuple(decided)
+
+
+def plan_job(job: Job, argv: Optional[Sequence[str]] = None
+             ) -> Tuple[Plan, PipelineOptions]:
+  """Every launch step before the graph: parse, check, decide, plan.
+
+  Raises:
+    ConfigError: bad flags, input or models.
+    storage.StorageError: a listing or read of earlier output failed.
+  """
+  args, options = split_beam_args(job.parser(), argv)
+  config = job.configure(args)
+  # The launcher reads inputs before the pipeline exists; Beam's S3
+  # filesystem needs the options (--s3_endpoint_url, ...) set to work.
+  FileSystems.set_options(options)
+  prepared = job.check_input(config)
+  config = dataclasses.replace(
+      config, embed=config.embed.with_models(check_models(config.embed.models)))
+  base = {"package": {"name": "natvision", "version": transforms.__version__},
+          "flags": list(argv) if argv is not None else sys.argv[1:]}
+  return job.plan(config, prepared, base), options
+
+
+def run(job: Job, argv: Optional[Sequence[str]] = None,
+        test_pipeline=None) -> dict:
+  """Runs a job; returns its summary (also written by the pipeline).
+
+  Args:
+    job: the job.
+    argv: command-line flags (application and Beam flags together).
+    test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+
+  Raises:
+    ConfigError: bad flags, input or models, before the pipeline starts.
+    storage.StorageError: storage failed (the run may be resumed).
+  """
+  plan, options = plan_job(job, argv)
+  p = test_pipeline or beam.Pipeline(options=options)
+  job.build(p, plan)
+  # Progress lines count this run alone; when the pipeline runs in this
+  # process, they are the whole job's.
+  progress.start_run(plan.layout.run_id,
+                     getattr(plan.checked, "expected_total", None))
+  result = p.run()
+  state = result.wait_until_finish()
+  if state != PipelineState.DONE:
+    # A template launch or an asynchronous runner: the job commits its own
+    # tables and writes its summary when it ends.
+    print(job.pending(plan, str(state)), flush=True)
+    return dict(plan.base, state=str(state))
+  report = json.loads(storage.read_bytes(job.summary_path(plan)))
+  print(job.summary(report), flush=True)
+  return report
+
+
+def main(job: Job, argv: Optional[Sequence[str]] = None) -> int:
+  """The command: runs the job and turns what happened into an exit status."""
+  configure_logging(
+      verbose="--verbose" in (argv if argv is not None else sys.argv[1:]))
+  try:
+    report = run(job, argv)
+  except ConfigError as e:
+    print(f"{job.name}: error: {e}", file=sys.stderr)
+    return 2
+  except storage.StorageError as e:
+    print(f"{job.name}: storage error: {e}; nothing more was committed, and "
+          f"running the same command again resumes", file=sys.stderr)
+    return 1
+  return job.exit_status(report)
+
+
+def configure_logging(verbose: bool = False) -> None:
+  """A quiet console: natvision's progress lines and warnings from the rest.
+
+  TensorFlow's C++ start-up notices are silenced too (``TF_CPP_MIN_LOG_LEVEL``
+  before TensorFlow is imported).  ``--verbose`` brings back INFO lines from
+  Beam, TensorFlow and tf2onnx.  Workers on Dataflow configure their own
+  logging and keep full logs.
+  """
+  if not verbose:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.basicConfig(level=logging.INFO,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if not verbose:
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("natvision").setLevel(logging.INFO)
+    for noisy in ("apache_beam", "absl", "tensorflow", "tf2onnx", "h5py"):
+      logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# Kept for the callers that build keyed flags without importing config.
+key_values = config_lib.key_values

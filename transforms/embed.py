@@ -1,0 +1,183 @@
+"""The middle of every job: photos in, one staged table per model out.
+
+``EmbedAndWrite`` takes ``ImageRef`` values from any reader (globs,
+manifests, Darwin Core archives, snapshots) and:
+
+1. leaves out the photos a dead attempt already finished (``resume``) and
+   copies their rows instead;
+2. reads, decodes and prepares each photo once (``photos.ReadAndPrepare``);
+3. runs each model on the photos routed to it, in batches
+   (``inference.RunModel``), on the runtime the launcher decided;
+4. writes one table per model and the errors table as closed shards in the
+   run's staging folder (``sinks.WriteTable``).
+
+Its outputs feed the commit (transforms/commit.py) and the run summary:
+the shard paths, the errors as Arrow tables (counted in the graph, see
+transforms/summary.py) and the model loads per worker process.
+
+``EmbedConfig`` holds every setting of these steps.  Each part owns its
+flags: the models (transforms/models.py), reading and decoding
+(``photos.PhotoConfig``, with ``fetch.FetchConfig``), batching
+(transforms/inference.py) and the shard size (here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import apache_beam as beam
+
+from transforms import commit
+from transforms import config
+from transforms import inference
+from transforms import models as models_lib
+from transforms import photos
+from transforms import resume as resume_lib
+from transforms import sinks
+
+# Keys of the dict of PCollections EmbedAndWrite returns.
+WRITTEN = "written"
+ERROR_TABLES = "error_tables"
+LOADS = "loads"
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+  """The models and how photos reach them, parsed and checked once.
+
+  Attributes:
+    models: the resolved models; the launcher attaches each one's runtime
+      decision (``with_models``) before the graph is built.
+    photos: reading, decoding and preparation.
+    batch_size: photos per forward pass.
+    top_k: labels kept per photo by classifiers.
+    shard_rows: rows after which a table shard is closed.
+  """
+
+  models: Tuple[models_lib.ResolvedModel, ...]
+  photos: photos.PhotoConfig
+  batch_size: int = inference.DEFAULT_BATCH_SIZE
+  top_k: int = inference.DEFAULT_TOP_K
+  shard_rows: int = sinks.DEFAULT_SHARD_ROWS
+
+  def __post_init__(self):
+    if not self.models:
+      raise config.ConfigError("--models names no model")
+    if self.shard_rows < 1:
+      raise config.ConfigError("--shard_rows must be at least 1")
+    for model in self.models:
+      inference.check_settings(model, self.batch_size, self.top_k)
+
+  @staticmethod
+  def add_flags(parser) -> None:
+    """Adds the model, photo, fetch, batch and shard flags."""
+    models_lib.add_flags(parser)
+    inference.add_flags(parser)
+    photos.PhotoConfig.add_flags(parser)
+    parser.add_argument(
+        "--shard_rows", type=int, default=sinks.DEFAULT_SHARD_ROWS,
+        help="rows per Parquet shard; each shard is closed when full, so a "
+        "rerun after a dead run reuses it")
+
+  @classmethod
+  def from_args(cls, args, model_root: Optional[str]) -> "EmbedConfig":
+    """Builds the config from parsed flags; no I/O.
+
+    Raises:
+      config.ConfigError: naming the flag that is wrong (a ``ModelError``
+        for an unknown or unlocated model).
+    """
+    models = models_lib.from_args(args, model_root)
+    return cls(
+        models=models,
+        photos=photos.PhotoConfig.from_args(
+            args, photos.needed_policies([m.resize for m in models]),
+            models[0].spec.input_size),
+        batch_size=args.batch_size, top_k=args.top_k,
+        shard_rows=args.shard_rows)
+
+  @property
+  def color_profile(self) -> str:
+    return self.photos.color_profile
+
+  def with_models(self, models) -> "EmbedConfig":
+    """The same settings with other (decided) models."""
+    return dataclasses.replace(self, models=tuple(models))
+
+  def photo_config(self, expected_total: Optional[int] = None,
+                   run_id: Optional[str] = None) -> photos.PhotoConfig:
+    """The photo settings with this run's size and id, for progress."""
+    return dataclasses.replace(self.photos, expected_total=expected_total,
+                               run_id=run_id)
+
+  def inference_config(self, model: models_lib.ResolvedModel
+                       ) -> inference.InferenceConfig:
+    return inference.InferenceConfig(model, self.batch_size, self.top_k)
+
+
+class EmbedAndWrite(beam.PTransform):
+  """PCollection[ImageRef] -> staged tables, one per model, plus errors.
+
+  Each photo is read, decoded and prepared once; each model then sees the
+  photos routed to it (``ImageRef.models``) in batches.
+
+  Returns:
+    A dict of PCollections: ``written`` (paths of the closed shards),
+    ``error_tables`` (the error rows, as pyarrow Tables, reused ones
+    included) and ``loads`` ((model name, loads) per worker process).
+  """
+
+  def __init__(self, embed_config: EmbedConfig, layout: commit.Layout,
+               carried: sinks.Carried = (),
+               expected_total: Optional[int] = None,
+               resume: Optional[resume_lib.ResumePlan] = None):
+    super().__init__()
+    self._config = embed_config
+    self._layout = layout
+    self._carried = carried
+    self._expected_total = expected_total
+    self._resume = resume or resume_lib.ResumePlan()
+
+  def expand(self, refs):
+    cfg, layout, carried = self._config, self._layout, self._carried
+    written, error_tables = [], []
+    if self._resume.complete:
+      complete = self._resume.complete
+      refs = refs | "LeaveOutReused" >> beam.Filter(
+          lambda r: r.image_id not in complete)
+      reused = refs.pipeline | "ReuseShards" >> resume_lib.ReuseShards(
+          self._resume, layout.tables)
+      written.append(reused[resume_lib.WRITTEN])
+      error_tables.append(reused[resume_lib.ERROR_ROWS])
+    prepped = refs | "ReadAndPrepare" >> photos.ReadAndPrepare(
+        cfg.photo_config(self._expected_total, layout.run_id))
+    error_streams, loads = [prepped.errors], []
+    for model in cfg.models:
+      table = layout.model_table(model)
+      outputs = (prepped.prepared
+                 | f"RunModel[{model.name}]" >> inference.RunModel(
+                     cfg.inference_config(model)))
+      written.append(
+          outputs.results
+          | f"ToArrow[{model.name}]" >> beam.Map(
+              sinks.results_to_table, table.schema, carried)
+          | f"Write[{model.name}]" >> sinks.WriteTable(
+              table.staged, table.schema, cfg.shard_rows))
+      error_streams.append(outputs.errors)
+      loads.append(outputs[inference.LOADS_TAG])
+    errors = layout.table(sinks.ERRORS)
+    new_errors = (tuple(error_streams)
+                  | "AllErrors" >> beam.Flatten()
+                  | "BatchErrors" >> beam.BatchElements(min_batch_size=1,
+                                                        max_batch_size=1000)
+                  | "ErrorsToArrow" >> beam.Map(
+                      sinks.errors_to_table, errors.schema, carried))
+    written.append(new_errors | "WriteErrors" >> sinks.WriteTable(
+        errors.staged, errors.schema, cfg.shard_rows))
+    error_tables.append(new_errors)
+    return {
+        WRITTEN: tuple(written) | "AllWritten" >> beam.Flatten(),
+        ERROR_TABLES: tuple(error_tables) | "AllErrorRows" >> beam.Flatten(),
+        LOADS: tuple(loads) | "AllLoads" >> beam.Flatten(),
+    }
