@@ -20,11 +20,14 @@ rule such as ``--max_error_rate`` (``Job.exit_status``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import logging
 import os
+import re
 import sys
+import threading
 from typing import Any, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -268,13 +271,77 @@ def configure_logging(verbose: bool = False) -> None:
   """
   if not verbose:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _filter_native_stderr()
   logging.basicConfig(level=logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if not verbose:
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("natvision").setLevel(logging.INFO)
-    for noisy in ("apache_beam", "absl", "tensorflow", "tf2onnx", "h5py"):
+    for noisy in ("apache_beam", "absl", "tf2onnx", "h5py"):
       logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TensorFlow's deprecation notices concern its API, not the user's run.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+# TensorFlow's C++ start-up notices (absl's format), written before absl is
+# initialised, so TF_CPP_MIN_LOG_LEVEL does not reach them.
+_NATIVE_NOTICE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+    r"|E\d{4} [\d:.]+ +\d+ \S+:\d+\] failed call to cuInit)")
+
+
+def _filter_native_stderr() -> None:
+  """Drops TensorFlow's native start-up notices from this process's stderr.
+
+  The file descriptor 2 (inherited by child processes, such as model
+  conversions) becomes a pipe; a thread copies every other line to the real
+  stderr, so errors and tracebacks still show.  At exit the real stderr is
+  put back and the thread drains what is left, so no last line is lost.
+  """
+  if getattr(_filter_native_stderr, "installed", False):
+    return
+  try:
+    real = os.dup(2)
+    restore = os.dup(2)
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+  except OSError:
+    return  # no usable stderr descriptor (an embedded interpreter)
+
+  def pump():
+    with os.fdopen(read_end, "rb", buffering=0) as src, os.fdopen(
+        real, "wb", buffering=0) as dst:
+      pending = b""
+      while True:
+        chunk = src.read(65536)
+        if not chunk:
+          break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+          if not _NATIVE_NOTICE.match(line.decode("utf-8", "replace")):
+            dst.write(line + b"\n")
+      if pending and not _NATIVE_NOTICE.match(
+          pending.decode("utf-8", "replace")):
+        dst.write(pending)
+
+  thread = threading.Thread(target=pump, name="natvision-stderr",
+                            daemon=True)
+  thread.start()
+
+  def drain():
+    try:
+      sys.stderr.flush()
+    except (OSError, ValueError):
+      pass
+    os.dup2(restore, 2)  # closes this process's end of the pipe
+    thread.join(timeout=5)
+
+  atexit.register(drain)
+  _filter_native_stderr.installed = True
 
 
 # Kept for the callers that build keyed flags without importing config.
