@@ -4,10 +4,12 @@ Performance is measured by ``python -m benchmarks.run``, not by tests.  These
 tests check what the figures rest on: photos are generated deterministically,
 peak memory is read from the child process, steady-state rates and ratios
 are computed as documented, the stock baseline writes one row per photo, and
-the report regenerates its block without touching the text around it.
+the report regenerates its block without touching the text around it, and
+the under-load run loses nothing on a small scale.
 """
 
 import glob
+import io
 import os
 import sys
 
@@ -16,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from benchmarks import measure, photos, profile, report, run, stock
+from benchmarks import (measure, photos, profile, report, run, stock,
+                        under_load)
 
 SMALL = (96, 72)
 
@@ -162,3 +165,46 @@ def test_stock_pipeline_writes_one_row_per_photo(tiny_models, tmp_path):
   scores = np.array(table.column("scores").to_pylist())
   assert scores.shape == (3, stock.TOP_K)
   assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_under_load_photos_and_failures_are_deterministic():
+  name, data = under_load.make_photo(3)
+  assert name == "/photos/000003.png" and data == under_load.make_photo(3)[1]
+  assert under_load.make_photo(4)[0].endswith(".jpg")
+  with Image.open(io.BytesIO(data)) as img:
+    assert img.size == under_load.PHOTO_SIZE
+  paths = [f"/p/{i}" for i in range(200)]
+  failing = under_load.failing_paths(paths, 0.05, seed=1)
+  assert len(failing) == 10 and failing == under_load.failing_paths(
+      list(reversed(paths)), 0.05, seed=1)
+
+
+def test_under_load_memory_by_quarter():
+  samples = [{"t_s": t, "photos": n, "rss_mib": 100.0 + n / 100,
+              "peak_mib": 100.0 + n / 100}
+             for t, n in enumerate([0, 10, 25, 40, 50, 75, 90, 100])]
+  memory = under_load.memory_by_quarter(samples, 100)
+  assert [memory["quarters"][q]["photos"] for q in
+          ("25%", "50%", "75%", "100%")] == [25, 50, 75, 100]
+  assert memory["peak_ratio_100_to_25"] == pytest.approx(101.0 / 100.25,
+                                                         abs=1e-3)
+  assert memory["mib_per_1000_photos"] == pytest.approx(10.0)
+
+
+def test_under_load_small_run_loses_nothing(tiny_models, tmp_path):
+  """The benchmark's code path on 300 photos, 15 of which fail once."""
+  result = under_load.run_under_load(300, 0.05, str(tmp_path),
+                                     model_root=tiny_models, timeout_s=600)
+  assert under_load.nothing_lost(result) == [], result
+  assert result["transient_failures_planned"] == 15
+  assert result["retries"] == {"by_server": 15, "logged_by_job": 15}
+  assert result["requests"]["failing_asked_twice"] == 15
+  assert result["requests"]["others_asked_once"] == 285
+  per_model = result["accounting"]["per_model"]
+  assert sorted(per_model) == sorted(under_load.DEFAULT_MODELS)
+  for counts in per_model.values():
+    assert counts == {"in_table": 300, "in_errors": 0, "lost": 0,
+                      "duplicated": 0, "unexpected": 0}
+  assert result["accounting"]["error_rows"] == 0
+  assert set(result["memory"]["quarters"]) == {"25%", "50%", "75%", "100%"}
+  assert result["peak_rss_mib"] > 0
