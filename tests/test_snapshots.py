@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from tests.snapshot_gen import (AVES, FUNGI, PLANTAE, SPECIES, TAXA,
                                 SyntheticINat)
-from transforms import snapshots
+from transforms import licenses, snapshots
 from transforms.records import ImageRef
 
 EMB, FUN = "inaturalist_v2", "fungi_mobile_v1"
@@ -129,7 +129,10 @@ def test_filters_validate():
   assert f.needs_taxa
   assert not snapshots.Filters().needs_taxa
   assert f.describe() == {"quality_grade": ["research"], "taxon_id": [AVES],
-                          "routes": {FUN: [FUNGI, PLANTAE]}}
+                          "routes": {FUN: [FUNGI, PLANTAE]}, "license": []}
+  kept = snapshots.Filters(licenses=licenses.LicenseFilter(
+      keep=frozenset({"cc0", "cc-by-nc"})))
+  assert kept.describe()["license"] == ["cc-by-nc", "cc0"]
   with pytest.raises(ValueError, match="--quality_grade"):
     snapshots.Filters(quality_grades=frozenset({"great"}))
   with pytest.raises(ValueError, match="--route"):
