@@ -27,7 +27,8 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["pipelines", "transforms", "transforms.runtimes", "tools"],
+    packages=["pipelines", "transforms", "transforms.runtimes",
+              "transforms.snapshots", "tools"],
     package_data={
         "pipelines": ["sample_photos/*"],
     },

@@ -2,6 +2,7 @@
 
 import datetime
 import gzip
+import itertools
 import os
 
 import apache_beam as beam
@@ -15,6 +16,7 @@ from tests.snapshot_gen import (AVES, FUNGI, PLANTAE, SPECIES, TAXA,
                                 SyntheticINat)
 from transforms import licenses, snapshots
 from transforms.records import ImageRef
+from transforms.snapshots import read
 
 EMB, FUN = "inaturalist_v2", "fungi_mobile_v1"
 
@@ -231,6 +233,44 @@ def test_plan_photo_picks_one_observation():
   plan = snapshots.plan_photo(refs, [], [], (EMB, FUN), 3)
   assert plan.ref.extra_dict()["observation_uuid"] == "a"
   assert plan.new == (EMB, FUN)
+
+
+def _routed(taxon_id=9, grade="research", lat=1.0, fields=(), models=None):
+  obs = snapshots.ObservationRow("o1", taxon_id, grade,
+                                 datetime.date(2024, 5, 1), lat, 2.0, fields)
+  return snapshots.RoutedObservation(obs, models)
+
+
+def _joined(observations):
+  """The ImageRef the join gives photo 17 of observation o1."""
+  join = read._JoinFn(snapshots.UriTemplate("/p/{photo_id}.jpg"))
+  join.start_bundle()
+  photo = snapshots.PhotoRow(17, "pu", "o1", "cc0", (("photo_id", "17"),))
+  (_, ref), = join.process(("o1", {snapshots.PHOTOS: [photo],
+                                   snapshots.OBSERVATIONS: observations}))
+  return ref
+
+
+def test_join_picks_one_row_of_a_repeated_observation_in_any_order():
+  rows = [
+      _routed(taxon_id=10),
+      _routed(lat=5.0),
+      _routed(lat=float("nan")),
+      _routed(lat=None, models=(EMB,)),
+      _routed(lat=None),
+      _routed(lat=None, fields=(("extension", "png"),)),
+  ]
+  # taxon_id 9 before 10 (as numbers, not text), then a missing latitude
+  # before NaN before any number, then no template field values, then
+  # routed to every model (None) before some.
+  assert {_joined(list(order)) for order in itertools.permutations(rows)
+          } == {_joined([rows[4]])}
+  assert _joined(rows).extra_dict()["latitude"] is None
+  assert _joined(rows).models is None
+  # A row without a taxon (None) sorts before any taxon.
+  unknown = _routed(taxon_id=None, grade="casual")
+  for order in (rows + [unknown], [unknown] + rows):
+    assert _joined(order).extra_dict()["taxon_id"] is None
 
 
 # --------------------------------------------------------------------------

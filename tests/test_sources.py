@@ -1,6 +1,7 @@
 """Sources: globs and manifests become one ImageRef per distinct photo."""
 
 import gzip
+import itertools
 import json
 
 import apache_beam as beam
@@ -11,6 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import sources
+from transforms.records import ImageRef
 
 
 def _write(path, text, gz=False):
@@ -106,11 +108,64 @@ def test_pipeline_globs_match_each_file_once(tmp_path):
   for name in ("a.jpg", "b.png", "c.txt"):
     (tmp_path / name).write_bytes(b"x")
   patterns = [str(tmp_path / "*.jpg"), str(tmp_path / "*"),]
-  assert sources.count_pattern_matches(patterns) == 4
+  # a.jpg matches both patterns: three files, counted as they are read.
+  assert sources.count_pattern_matches(patterns) == 3
   with TestPipeline() as p:
     uris = (p | sources.ReadImageRefs(patterns=patterns)
             | beam.Map(lambda r: r.uri.rsplit("/", 1)[-1]))
     assert_that(uris, equal_to(["a.jpg", "b.png", "c.txt"]))
+
+
+def test_overlapping_patterns_count_each_file_once(tmp_path):
+  for name in ("a1.jpg", "a2.jpg", "b.jpg", "a.txt"):
+    (tmp_path / name).write_bytes(b"x")
+  patterns = [str(tmp_path / "*.jpg"), str(tmp_path / "a*")]
+  assert sources.count_pattern_matches(patterns) == 4
+  assert sources.count_pattern_matches(patterns + patterns[:1]) == 4
+
+
+def _ref(uri, image_id="same", path=None, **extra):
+  return ImageRef(image_id=image_id, uri=uri, extra=tuple(extra.items()),
+                  path=path)
+
+
+def test_duplicates_pick_by_uri_then_carried_values_in_any_order():
+  refs = [
+      _ref("b.jpg", site=None, n=1),
+      _ref("a.jpg", site="north", n=10),
+      _ref("a.jpg", site="north", n=9),   # "10" < "9" as text
+      _ref("a.jpg", site=None, n=99),     # None before any text
+      _ref("a.jpg", site="", n=5),
+  ]
+  chosen = {sources._first_of_duplicates(("same", order))
+            for order in itertools.permutations(refs)}
+  assert chosen == {_ref("a.jpg", site=None, n=99)}
+  # Without the missing value: the empty text, then text order.
+  rest = [r for r in refs if r != _ref("a.jpg", site=None, n=99)]
+  assert {sources._first_of_duplicates(("same", order))
+          for order in itertools.permutations(rest)} == {
+              _ref("a.jpg", site="", n=5)}
+  assert min(rest[1:3], key=sources.duplicate_order) == rest[1]
+
+
+def test_duplicates_differing_only_in_path_pick_the_one_without():
+  plain = _ref("caf%E9.jpg")
+  escaped = _ref("caf%E9.jpg", path="caf\udce9.jpg")
+  for refs in ([plain, escaped], [escaped, plain]):
+    assert sources._first_of_duplicates(("same", refs)) == plain
+
+
+def test_pipeline_dedup_does_not_depend_on_row_order(tmp_path):
+  rows = ["a.jpg,1,north", "a.jpg,1,", "a2.jpg,1,east", "a.jpg,1,south"]
+  for i, order in enumerate((rows, rows[::-1])):
+    path = _write(tmp_path / f"m{i}.csv",
+                  "uri,image_id,site\n" + "\n".join(order) + "\n")
+    manifest = sources.read_manifest_header(path)
+    with TestPipeline() as p:
+      refs = p | sources.ReadImageRefs(manifest=manifest)
+      # The empty site is None, which sorts before any text.
+      assert_that(refs | beam.Map(lambda r: (r.image_id, r.uri, r.extra)),
+                  equal_to([("1", "a.jpg", (("site", None),))]))
 
 
 def test_pattern_matching_nothing_names_it(tmp_path):
