@@ -2,12 +2,15 @@
 
 Real models throughout: tiny stand-ins in the seeds' three formats, converted
 by tf2onnx and run by onnxruntime; TensorFlow's outputs are the reference.
-Which runtime is faster is fixed by a fake clock that the runtimes' predict
-advances, as Beam's RunInference tests do, so the choice of ``auto`` is
-asserted both ways.  Conversions are counted by wrapping the converter here.
+Which runtime is faster is fixed by the probe timings recorded in a file
+(rewritten by ``_record``), or, for a file that records none, by a fake
+clock that the runtimes' predict advances, as Beam's RunInference tests do,
+so the choice of ``auto`` is asserted both ways.  Conversions are counted by
+wrapping the converter (in this process and the child-process one) here.
 """
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -18,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import common
-from pipelines import standin_models
+from pipelines import launch
+from tools import standins as standin_models
 from tools import stage_onnx
 from transforms import models as models_lib
 from transforms import runtimes
@@ -49,11 +52,14 @@ def other_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def staged_root(model_root, tmp_path_factory):
-  """inaturalist_v2 with natvision.onnx staged next to it (converted once)."""
+  """inaturalist_v2 with natvision.onnx staged next to it (converted once),
+  recording ONNX Runtime as the faster one."""
   root = str(tmp_path_factory.mktemp("staged_models"))
   shutil.copytree(os.path.join(model_root, "inaturalist_v2"),
                   os.path.join(root, "inaturalist_v2"))
   stage_onnx.stage_onnx(_resolve(root, "inaturalist_v2"))
+  staged = os.path.join(root, "inaturalist_v2", onnx_lib.STAGED_ONNX)
+  _record(staged, staged, tf_seconds=0.2, onnx_seconds=0.1)  # ONNX faster
   return root
 
 
@@ -65,18 +71,64 @@ def onnx_cache(tmp_path, monkeypatch):
   return cache
 
 
+@pytest.fixture(autouse=True)
+def nothing_remembered():
+  """Each test starts with no runtime remembered by an earlier one."""
+  runtimes.forget()
+  yield
+  runtimes.forget()
+
+
 @pytest.fixture
 def conversions(monkeypatch):
-  """Counts conversions in this process, per model name."""
+  """Counts conversions started by this process, per model name."""
   counts = {}
-  convert = onnx_lib.convert_to_onnx
 
-  def counting(resolved, *args, **kwargs):
-    counts[resolved.name] = counts.get(resolved.name, 0) + 1
-    return convert(resolved, *args, **kwargs)
+  def counting(function):
+    def wrapped(resolved, *args, **kwargs):
+      counts[resolved.name] = counts.get(resolved.name, 0) + 1
+      return function(resolved, *args, **kwargs)
+    return wrapped
 
-  monkeypatch.setattr(onnx_lib, "convert_to_onnx", counting)
+  monkeypatch.setattr(onnx_lib, "convert_to_onnx",
+                      counting(onnx_lib.convert_to_onnx))
+  monkeypatch.setattr(onnx_lib, "convert_in_child",
+                      counting(onnx_lib.convert_in_child))
   return counts
+
+
+def _counting(cls, opened):
+  """``cls`` that appends the path of each instance it makes to ``opened``."""
+
+  def make(resolved, path, *args, **kwargs):
+    opened.append(path)
+    return cls(resolved, path, *args, **kwargs)
+
+  return make
+
+
+def _record(source, target, tf_seconds=None, onnx_seconds=None, drop=False):
+  """Copies an ONNX file with other recorded probe timings, or no check.
+
+  Args:
+    source, target: .onnx paths (target is overwritten).
+    tf_seconds, onnx_seconds: the timings to record.
+    drop: record no check at all, as a file staged by an older natvision.
+  """
+  import onnx  # pylint: disable=import-outside-toplevel
+  proto = onnx.load(source)
+  kept = [(p.key, p.value) for p in proto.metadata_props]
+  del proto.metadata_props[:]
+  for key, value in kept:
+    if key == onnx_lib.METADATA_CHECK:
+      if drop:
+        continue
+      record = json.loads(value)
+      record.update(tf_seconds=tf_seconds, onnx_seconds=onnx_seconds)
+      value = json.dumps(record)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, value
+  onnx.save(proto, target)
 
 
 class FakeClock:
@@ -242,7 +294,8 @@ def test_one_session_serves_many_threads(model_root, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_auto_picks_onnx_when_it_passes_and_workers_run_it(model_root, photos,
-                                                           name, conversions):
+                                                           name, conversions,
+                                                           monkeypatch):
   resolved = _resolve(model_root, name)
   decision = chooser.choose(resolved, timing_runs=0)
   assert decision.runtime == "onnx"
@@ -253,56 +306,123 @@ def test_auto_picks_onnx_when_it_passes_and_workers_run_it(model_root, photos,
   assert decision.fingerprint == onnx_lib.model_fingerprint(resolved.path)
   assert decision.note.startswith("ONNX Runtime; max difference from "
                                   "TensorFlow on the probe batch")
-  # A worker builds the decided runtime, finds the launcher's file and
-  # checks it against TF again.
+  assert decision.checked_against == "recorded"  # at the conversion
+  # A worker of this process takes over the launcher's checked session:
+  # no file is opened again.
+  opened = []
+  monkeypatch.setattr(onnx_lib, "OnnxSession", _counting(
+      onnx_lib.OnnxSession, opened))
   worker = runtimes.for_model(resolved.with_decision(decision))
   worker.load()
   assert isinstance(worker, runtimes.OnnxRuntime)
-  assert worker.source == "cached" and worker.path == decision.onnx_path
-  assert worker.max_diff == pytest.approx(decision.max_diff)
-  assert worker.describe()["onnx_source"] == "cached"
+  assert opened == [] and worker.path == decision.onnx_path
+  # A worker of another process finds the launcher's file and checks it
+  # against the TF outputs it records.
+  runtimes.forget()
+  elsewhere = runtimes.for_model(resolved.with_decision(decision))
+  elsewhere.load()
+  assert elsewhere.source == "converted"  # the decision's word for it
+  assert elsewhere.path == decision.onnx_path
+  assert elsewhere.checked_against == "recorded"
+  assert elsewhere.max_diff == pytest.approx(decision.max_diff)
+  assert elsewhere.describe()["onnx_source"] == "converted"
+  assert opened == [decision.onnx_path]
   assert conversions == {name: 1}
   tf_out = _loaded_tf(resolved).predict(photos)
   assert runtimes.output_difference(worker.predict(photos),
                                     tf_out) <= decision.tolerance
 
 
-def test_auto_keeps_onnx_when_the_clock_says_it_is_faster(staged_root,
-                                                          monkeypatch):
-  clock = FakeClock()
-  _slowed(monkeypatch, clock, tf_seconds=0.2, onnx_seconds=0.05)
-  decision = chooser.choose(_resolve(staged_root, "inaturalist_v2"),
-                            timing_runs=3, clock=clock)
+def _staged_copy(staged_root, tmp_path, **record):
+  """inaturalist_v2 and its staged file, with ``_record(**record)`` applied."""
+  root = str(tmp_path / "models")
+  shutil.copytree(os.path.join(staged_root, "inaturalist_v2"),
+                  os.path.join(root, "inaturalist_v2"))
+  staged = os.path.join(root, "inaturalist_v2", onnx_lib.STAGED_ONNX)
+  _record(staged, staged, **record)
+  return root
+
+
+@pytest.fixture
+def tf_loads(monkeypatch):
+  """Counts models loaded on TensorFlow in this process."""
+  loads = []
+  load = models_lib.load_model
+
+  def counting(resolved, *args, **kwargs):
+    loads.append(resolved.name)
+    return load(resolved, *args, **kwargs)
+
+  monkeypatch.setattr(models_lib, "load_model", counting)
+  return loads
+
+
+def test_auto_keeps_onnx_when_the_recorded_timings_say_it_is_faster(
+    staged_root, tmp_path, tf_loads):
+  root = _staged_copy(staged_root, tmp_path, tf_seconds=0.2,
+                      onnx_seconds=0.05)
+  decision = chooser.choose(_resolve(root, "inaturalist_v2"), timing_runs=3)
   assert decision.runtime == "onnx" and decision.fallback is None
   assert decision.tf_seconds == pytest.approx(0.2)
   assert decision.onnx_seconds == pytest.approx(0.05)
-  assert decision.onnx_source == "staged"
-  assert "probe batch 0.050 s vs TensorFlow 0.200 s" in decision.note
+  assert decision.timed == "recorded" and decision.onnx_source == "staged"
+  assert decision.checked_against == "recorded"
+  assert decision.note.endswith("probe batch 0.050 s vs TensorFlow 0.200 s "
+                                "(timed when the file was made)")
+  assert tf_loads == []  # checked and timed without TensorFlow
 
 
-def test_auto_keeps_tf_when_the_clock_says_onnx_is_slower(staged_root,
-                                                          monkeypatch):
+@pytest.mark.parametrize("live_tf,live_onnx,runtime",
+                         [(0.1, 0.3, "tf"), (0.3, 0.1, "onnx")])
+def test_recorded_timings_that_favour_tf_are_timed_again(
+    staged_root, tmp_path, monkeypatch, tf_loads, live_tf, live_onnx,
+    runtime):
+  root = _staged_copy(staged_root, tmp_path, tf_seconds=0.1, onnx_seconds=0.3)
   clock = FakeClock()
-  _slowed(monkeypatch, clock, tf_seconds=0.1, onnx_seconds=0.3)
-  decision = chooser.choose(_resolve(staged_root, "inaturalist_v2"),
-                            timing_runs=2, clock=clock)
-  assert decision.runtime == "tf" and decision.max_diff == 0.0
-  assert decision.fallback == ("TF ran the probe batch in 0.100 s, ONNX "
-                               "Runtime in 0.300 s")
-  assert decision.note == ("TensorFlow; ONNX Runtime not used: "
-                           + decision.fallback)
-  # The check still ran and is recorded.
-  assert decision.onnx_max_diff <= decision.tolerance
+  _slowed(monkeypatch, clock, tf_seconds=live_tf, onnx_seconds=live_onnx)
+  decision = chooser.choose(_resolve(root, "inaturalist_v2"), clock=clock)
+  assert decision.runtime == runtime and decision.timed == "here"
   assert (decision.tf_seconds, decision.onnx_seconds) == pytest.approx(
-      (0.1, 0.3))
+      (live_tf, live_onnx))
+  assert decision.checked_against == "recorded"
+  assert tf_loads == ["inaturalist_v2"]  # once, to time it
+  if runtime == "tf":
+    assert decision.max_diff == 0.0
+    assert decision.fallback == ("TF ran the probe batch in 0.100 s, ONNX "
+                                 "Runtime in 0.300 s")
+    assert decision.note == ("TensorFlow; ONNX Runtime not used: "
+                             + decision.fallback)
+    # The check still ran and is recorded.
+    assert decision.onnx_max_diff <= decision.tolerance
+  else:
+    assert decision.fallback is None
 
 
-def test_a_tie_keeps_tf(staged_root, monkeypatch):
+def test_a_tie_keeps_tf(staged_root, tmp_path, monkeypatch):
+  root = _staged_copy(staged_root, tmp_path, tf_seconds=0.25,
+                      onnx_seconds=0.25)
   clock = FakeClock()
   _slowed(monkeypatch, clock, tf_seconds=0.25, onnx_seconds=0.25)
-  decision = chooser.choose(_resolve(staged_root, "inaturalist_v2"),
-                            clock=clock)
+  decision = chooser.choose(_resolve(root, "inaturalist_v2"), clock=clock)
   assert decision.runtime == "tf" and "TF ran the probe" in decision.fallback
+
+
+@pytest.mark.parametrize("tf_seconds,onnx_seconds,runtime",
+                         [(0.2, 0.05, "onnx"), (0.1, 0.3, "tf")])
+def test_a_file_without_a_recorded_check_is_checked_and_timed_here(
+    staged_root, tmp_path, monkeypatch, tf_loads, tf_seconds, onnx_seconds,
+    runtime):
+  root = _staged_copy(staged_root, tmp_path, drop=True)
+  clock = FakeClock()
+  _slowed(monkeypatch, clock, tf_seconds=tf_seconds, onnx_seconds=onnx_seconds)
+  decision = chooser.choose(_resolve(root, "inaturalist_v2"), timing_runs=3,
+                            clock=clock)
+  assert decision.runtime == runtime and decision.timed == "here"
+  assert decision.checked_against == "tf"
+  assert (decision.tf_seconds, decision.onnx_seconds) == pytest.approx(
+      (tf_seconds, onnx_seconds))
+  assert decision.onnx_max_diff <= decision.tolerance
+  assert tf_loads == ["inaturalist_v2"]  # once, for the check and the timing
 
 
 def test_requested_onnx_is_not_timed(staged_root, monkeypatch):
@@ -327,16 +447,15 @@ def test_check_models_attaches_the_decisions(staged_root, model_root,
                                              monkeypatch):
   clock = FakeClock()
   _slowed(monkeypatch, clock, tf_seconds=0.2, onnx_seconds=0.1)
-  flags = common.ModelFlags(models=(
-      _resolve(staged_root, "inaturalist_v2"),
-      _resolve(model_root, "fungi_mobile_v1", requested="tf")))
-  assert [m.runtime for m in flags.models] == [None, None]
-  checked = common.check_models(
-      flags, choose=functools.partial(chooser.choose, clock=clock))
-  assert [m.runtime for m in checked.models] == ["onnx", "tf"]
-  assert [m.requested_runtime for m in checked.models] == ["auto", "tf"]
-  assert checked.models[0].decision.onnx_source == "staged"
-  assert checked.models[1].runtime_note == "TensorFlow, as --runtime tf asked"
+  models = (_resolve(staged_root, "inaturalist_v2"),
+            _resolve(model_root, "fungi_mobile_v1", requested="tf"))
+  assert [m.runtime for m in models] == [None, None]
+  checked = launch.check_models(
+      models, choose=functools.partial(chooser.choose, clock=clock))
+  assert [m.runtime for m in checked] == ["onnx", "tf"]
+  assert [m.requested_runtime for m in checked] == ["auto", "tf"]
+  assert checked[0].decision.onnx_source == "staged"
+  assert checked[1].runtime_note == "TensorFlow, as --runtime tf asked"
 
 
 def test_conversion_happens_once_per_cache(model_root, onnx_cache,
@@ -359,11 +478,11 @@ from transforms import models
 from transforms.runtimes import chooser
 from transforms.runtimes import onnx as onnx_lib
 count = []
-convert = onnx_lib.convert_to_onnx
+convert = onnx_lib.convert_in_child
 def counting(*args, **kwargs):
   count.append(1)
   return convert(*args, **kwargs)
-onnx_lib.convert_to_onnx = counting
+onnx_lib.convert_in_child = counting
 (resolved,) = models.resolve_models(["inception_resnet_v2"], sys.argv[1],
                                     requested_runtime="onnx")
 decision = chooser.choose(resolved)

@@ -1,16 +1,18 @@
 """Runtimes: the same model run by TensorFlow or by ONNX Runtime.
 
     base.py     the Runtime interface (load, predict, describe), the
-                RuntimeDecision a model carries, the probe batch and the
-                tolerances
+                RuntimeDecision a model carries, the probe batch, the
+                tolerances, and the runtimes this process has loaded
     tf.py       TFRuntime, the reference
-    onnx.py     OnnxRuntime: conversion with tf2onnx, staged and cached
-                files, the check against TensorFlow
+    onnx.py     OnnxRuntime: conversion with tf2onnx in a child process,
+                staged and cached files that record their check, the check
+                against TensorFlow
     chooser.py  the launcher's choice of runtime per model (auto|tf|onnx ->
                 a RuntimeDecision); workers never call it
 
 A worker builds its model's runtime with ``for_model``, from the decision
-the launcher attached, and calls ``load()`` once per process.
+the launcher attached, and calls ``load()`` once per process; a runtime
+the launcher left loaded in the same process is taken over.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ from __future__ import annotations
 from typing import Optional
 
 from transforms import models as models_lib
-from transforms.runtimes.base import (DECIDED, PROBE_SIZE, REQUESTS,
-                                      RUNTIME_AUTO, RUNTIME_ONNX, RUNTIME_TF,
-                                      TOLERANCES, Runtime, RuntimeDecision,
+from transforms.runtimes.base import (DECIDED, FP32, INT8, PRECISIONS,
+                                      PROBE_SIZE, REQUESTS, RUNTIME_AUTO,
+                                      RUNTIME_ONNX, RUNTIME_TF, TOLERANCES,
+                                      Runtime, RuntimeDecision, forget,
                                       output_difference, probe_batch)
 from transforms.runtimes.onnx import OnnxRuntime
 from transforms.runtimes.tf import TFRuntime
 
 __all__ = [
-    "DECIDED", "PROBE_SIZE", "REQUESTS", "RUNTIME_AUTO", "RUNTIME_ONNX",
-    "RUNTIME_TF", "TOLERANCES", "OnnxRuntime", "Runtime", "RuntimeDecision",
-    "TFRuntime", "for_model", "output_difference", "probe_batch",
+    "DECIDED", "FP32", "INT8", "PRECISIONS", "PROBE_SIZE", "REQUESTS",
+    "RUNTIME_AUTO", "RUNTIME_ONNX", "RUNTIME_TF", "TOLERANCES", "OnnxRuntime",
+    "Runtime", "RuntimeDecision", "TFRuntime", "for_model", "forget",
+    "output_difference", "probe_batch",
 ]
 
 
@@ -41,8 +45,9 @@ def for_model(resolved: models_lib.ResolvedModel,
     intra_op_threads: ONNX Runtime threads; all cores by default.
 
   Returns:
-    A TFRuntime or an OnnxRuntime (which checks itself against TensorFlow
-    again when loaded).
+    A TFRuntime or an OnnxRuntime (which, when loaded, takes over the
+    runtime the launcher left loaded in this process, or opens the file the
+    launcher checked and checks it again).
 
   Raises:
     ValueError: the model carries no decision.

@@ -13,13 +13,21 @@ travels with the model (``ResolvedModel.decision``) so that every worker
 runs the runtime the launcher checked, and the tables record it.
 
 Also here: the fixed probe batch on which runtimes are compared, the
-comparison itself, and the tolerance per kind of model.
+comparison itself, the tolerance per kind of model, and the process's
+loaded runtimes (``remember``/``recall``): the launcher checks a model once
+and, when the pipeline runs in its process (the DirectRunner), the worker
+takes over that loaded, checked runtime instead of loading it again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Literal, Optional, Protocol, runtime_checkable
+import hashlib
+import os
+import threading
+import time
+from typing import (Any, Callable, Dict, Hashable, List, Literal, Optional,
+                    Protocol, Sequence, runtime_checkable)
 
 import numpy as np
 
@@ -34,6 +42,13 @@ Requested = Literal["auto", "tf", "onnx"]
 Decided = Literal["tf", "onnx"]
 REQUESTS = models_lib.RUNTIME_REQUESTS
 DECIDED = (RUNTIME_TF, RUNTIME_ONNX)
+
+# --precision: fp32 (the models' own arithmetic, the default) or int8 (ONNX
+# Runtime's static quantization, checked on the job's photos; see
+# transforms/runtimes/quantize.py).
+FP32 = "fp32"
+INT8 = "int8"
+PRECISIONS = (FP32, INT8)
 
 # Largest difference accepted between ONNX Runtime's and TensorFlow's outputs
 # on the probe batch, as ``max|onnx - tf| / max(1, max|tf|)``: an absolute
@@ -52,6 +67,16 @@ TOLERANCES: Dict[str, float] = {
 }
 
 PROBE_SIZE = 4
+
+# Timed runs of the probe batch per runtime, for ``--runtime auto``.
+DEFAULT_TIMING_RUNS = 2
+# Timed runs per runtime when a conversion records its timings: they decide
+# ``auto`` for every later job on the file, so they are taken with more
+# runs, alternating between the runtimes (a burst of load from other
+# processes then slows both, not one).
+RECORDED_TIMING_RUNS = 5
+
+Clock = Callable[[], float]
 
 
 @runtime_checkable
@@ -111,6 +136,18 @@ class RuntimeDecision:
       None when not timed.
     fallback: why ``auto`` did not pick ONNX; None when it did, or when
       ONNX was not asked for.
+    checked_against: what the ONNX outputs were compared with: ``tf``
+      (TensorFlow, loaded for the check) or ``recorded`` (TensorFlow's
+      outputs on the probe batch, recorded in the file when it was made,
+      so that no TensorFlow was loaded); None when ONNX never ran.
+    timed: where ``tf_seconds`` and ``onnx_seconds`` come from: ``here``
+      (timed by the launcher) or ``recorded`` (timed when the file was
+      made, on that machine); None when not timed.
+    precision: ``fp32`` or ``int8``; with ``int8``, ``onnx_path`` is the
+      quantized file and ``max_diff`` its difference from the fp32 ONNX
+      model on the probe batch (not bound by ``tolerance``).
+    agreement: for ``int8``, the figures measured against fp32 on the
+      job's held-out photos (``quantize.Agreement``); None for fp32.
   """
 
   runtime: Decided
@@ -124,12 +161,20 @@ class RuntimeDecision:
   tf_seconds: Optional[float] = None
   onnx_seconds: Optional[float] = None
   fallback: Optional[str] = None
+  checked_against: Optional[str] = None
+  timed: Optional[str] = None
+  precision: str = FP32
+  agreement: Optional[Any] = None
 
   def __post_init__(self):
     if self.runtime not in DECIDED:
       raise ValueError(
           f"a runtime decision names tf or onnx, not {self.runtime!r} "
           f"(auto is a request, decided by transforms.runtimes.chooser)")
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"precision is fp32 or int8, not {self.precision!r}")
+    if self.precision == INT8 and self.runtime != RUNTIME_ONNX:
+      raise ValueError("int8 runs on ONNX Runtime only")
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -171,6 +216,47 @@ def probe_batch(size: int = 299, n: int = PROBE_SIZE) -> np.ndarray:
   return np.stack(images)
 
 
+def best_time(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
+              runs: int, clock: Clock = time.perf_counter) -> float:
+  """The shortest of ``runs`` timed calls of ``predict(batch)``, in seconds.
+
+  Args:
+    predict: a runtime's predict.
+    batch: uint8 ``[n, size, size, 3]``.
+    runs: timed calls, at least 1.
+    clock: seconds, monotonic; ``time.perf_counter`` by default.
+  """
+  best = float("inf")
+  for _ in range(runs):
+    start = clock()
+    predict(batch)
+    best = min(best, clock() - start)
+  return best
+
+
+def best_times(predicts: Sequence[Callable[[np.ndarray], np.ndarray]],
+               batch: np.ndarray, runs: int,
+               clock: Clock = time.perf_counter) -> List[float]:
+  """The shortest of ``runs`` timed calls of each predict, alternating.
+
+  Args:
+    predicts: runtimes' predict functions, called in turn ``runs`` times.
+    batch: uint8 ``[n, size, size, 3]``.
+    runs: timed calls of each, at least 1.
+    clock: seconds, monotonic.
+
+  Returns:
+    One best time per predict, in seconds, in their order.
+  """
+  best = [float("inf")] * len(predicts)
+  for _ in range(runs):
+    for i, predict in enumerate(predicts):
+      start = clock()
+      predict(batch)
+      best[i] = min(best[i], clock() - start)
+  return best
+
+
 def output_difference(out: np.ndarray, reference: np.ndarray) -> float:
   """``max|out - reference| / max(1, max|reference|)``, as in TOLERANCES.
 
@@ -190,3 +276,70 @@ def output_difference(out: np.ndarray, reference: np.ndarray) -> float:
     return float("inf")
   scale = max(1.0, float(np.abs(reference).max(initial=0.0)))
   return float(np.abs(out - reference).max(initial=0.0)) / scale
+
+
+def model_fingerprint(local_dir: str) -> str:
+  """A hash of what defines a SavedModel: its graph and its weights.
+
+  Reads ``saved_model.pb`` and ``variables/variables.index`` (which holds a
+  checksum of every weight tensor) and the sizes of the variable shards; a
+  few MB at most, so computing it is cheap next to loading the model.
+
+  Args:
+    local_dir: a local SavedModel folder.
+
+  Returns:
+    32 hex digits.
+  """
+  digest = hashlib.sha256()
+  for rel in ("saved_model.pb", os.path.join("variables", "variables.index")):
+    path = os.path.join(local_dir, rel)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        digest.update(rel.encode() + b"\0")
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          digest.update(chunk)
+  variables = os.path.join(local_dir, "variables")
+  if os.path.isdir(variables):
+    for name in sorted(os.listdir(variables)):
+      size = os.path.getsize(os.path.join(variables, name))
+      digest.update(f"{name}:{size}\0".encode())
+  return digest.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------
+# Runtimes loaded and checked in this process.
+
+_LOADED: Dict[Hashable, Any] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def remember(key: Hashable, loaded: Any) -> None:
+  """Keeps a loaded, checked runtime for later ``recall`` in this process.
+
+  The launcher remembers the runtime it decided on; a worker running in the
+  same process (the DirectRunner) recalls it instead of loading and
+  checking the model a second time.
+
+  Args:
+    key: what identifies exactly this model file on this runtime (see
+      ``TFRuntime.key`` and ``OnnxRuntime.key``).
+    loaded: the loaded runtime.
+  """
+  with _LOADED_LOCK:
+    _LOADED[key] = loaded
+
+
+def recall(key: Hashable) -> Optional[Any]:
+  """The runtime remembered under ``key`` in this process, or None."""
+  with _LOADED_LOCK:
+    return _LOADED.get(key)
+
+
+def forget(key: Optional[Hashable] = None) -> None:
+  """Drops one remembered runtime, or all of them (``key`` None)."""
+  with _LOADED_LOCK:
+    if key is None:
+      _LOADED.clear()
+    else:
+      _LOADED.pop(key, None)

@@ -7,11 +7,26 @@
 * ``tf``: TensorFlow; the model is loaded once to check it.
 * ``onnx``: ONNX Runtime, or ``ModelError`` when the conversion or the
   check against TensorFlow fails.
-* ``auto``: ONNX Runtime when it passes the check and, timed on the probe
-  batch (best of ``timing_runs`` runs each), is faster than TensorFlow;
+* ``auto``: ONNX Runtime when it passes the check and is faster than
+  TensorFlow on the probe batch (best of ``timing_runs`` runs each);
   otherwise TensorFlow, with the reason in the decision and the log.
 
-Only the launcher (``pipelines.common.check_models``) calls this: timings
+The check of a file that recorded it when it was made
+(transforms/runtimes/onnx.py) needs no TensorFlow: ONNX Runtime's outputs
+on the probe batch are compared with TensorFlow's recorded ones.  Its
+recorded probe timings decide ``auto`` when they favour ONNX Runtime; when
+they favour TensorFlow, TensorFlow is loaded and both are timed again here
+(a file made while the machine was busy would otherwise decide every later
+job), and TensorFlow is chosen only if it is faster again.  So the launcher
+loads the model on TensorFlow only when TensorFlow may be what it decides
+on, or for a file without a recorded check, which is checked and timed
+against TensorFlow here as before.
+
+The runtime decided on stays loaded (``base.remember``): when the pipeline
+runs in this process (the DirectRunner), its worker takes it over instead
+of loading and checking the model again.
+
+Only the launcher (``pipelines.launch.check_models``) calls this: timings
 differ from one machine to the next, so workers that each timed the
 runtimes could write rows of both into one table.  A worker runs the
 runtime its model's decision names (``transforms.runtimes.for_model``).
@@ -20,38 +35,23 @@ The clock is a parameter so that tests can fix which runtime is faster.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from transforms import models as models_lib
 from transforms.runtimes import base
+from transforms.runtimes import onnx as onnx_lib
 from transforms.runtimes.onnx import OnnxRuntime
 from transforms.runtimes.tf import TFRuntime
 
-DEFAULT_TIMING_RUNS = 2
+DEFAULT_TIMING_RUNS = base.DEFAULT_TIMING_RUNS
 
-Clock = Callable[[], float]
-
-
-def best_time(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
-              runs: int, clock: Clock = time.perf_counter) -> float:
-  """The shortest of ``runs`` timed calls of ``predict(batch)``, in seconds.
-
-  Args:
-    predict: a runtime's predict.
-    batch: uint8 ``[n, size, size, 3]``.
-    runs: timed calls, at least 1.
-    clock: seconds, monotonic; ``time.perf_counter`` by default.
-  """
-  best = float("inf")
-  for _ in range(runs):
-    start = clock()
-    predict(batch)
-    best = min(best, clock() - start)
-  return best
+Clock = base.Clock
+best_time = base.best_time
 
 
 def choose(resolved: models_lib.ResolvedModel,
@@ -64,65 +64,90 @@ def choose(resolved: models_lib.ResolvedModel,
   Args:
     resolved: the model; its ``decision``, if any, is not consulted.
     timing_runs: for ``auto``, timed runs of the probe batch per runtime
-      (after the untimed check run); 0 keeps ONNX whenever it passes the
-      check.
-    clock: the clock the timings read.
+      (also what a conversion made here records); 0 keeps ONNX whenever it
+      passes the check.
+    clock: the clock the timings made here read.
     probe: uint8 batch for the check and the timings;
-      ``base.probe_batch()`` by default.
+      ``base.probe_batch()`` by default (another batch is checked against
+      TensorFlow loaded here, never against recorded outputs).
     intra_op_threads: ONNX Runtime threads; all cores by default.
 
   Returns:
     The decision, with the measured difference, the timings and a note.
+    The decided runtime stays loaded in this process for its workers.
 
   Raises:
-    ModelError: the model cannot be loaded on TensorFlow; for ``onnx``,
-      ONNX Runtime or tf2onnx is missing, the conversion fails, or the check
-      fails.
+    ModelError: the model cannot be loaded on TensorFlow (when TensorFlow is
+      decided on or needed for the check); for ``onnx``, ONNX Runtime or
+      tf2onnx is missing, the conversion fails, or the check fails.
   """
   requested = resolved.requested_runtime
+  resolved = dataclasses.replace(resolved, decision=None)
   tf_runtime = TFRuntime(resolved)
-  tf_runtime.load()
   if requested == base.RUNTIME_TF:
+    tf_runtime.load()
+    tf_runtime.remember()
     return base.RuntimeDecision(base.RUNTIME_TF,
                                 note="TensorFlow, as --runtime tf asked")
 
   onnx_runtime = OnnxRuntime(resolved, reference=tf_runtime, probe=probe,
-                             intra_op_threads=intra_op_threads)
+                             intra_op_threads=intra_op_threads,
+                             timing_runs=timing_runs)
   try:
     onnx_runtime.load()
   except models_lib.ModelError as e:
     if requested == base.RUNTIME_ONNX:
       raise
-    return _fall_back(resolved, onnx_runtime, str(e))
+    return _fall_back(resolved, tf_runtime, onnx_runtime, str(e))
 
-  tf_seconds = onnx_seconds = None
+  tf_seconds = onnx_seconds = timed = None
   if requested == base.RUNTIME_AUTO and timing_runs > 0:
-    batch = probe if probe is not None else base.probe_batch(
-        resolved.spec.input_size)
-    tf_seconds = best_time(tf_runtime.predict, batch, timing_runs, clock)
-    onnx_seconds = best_time(onnx_runtime.predict, batch, timing_runs, clock)
+    recorded = onnx_runtime.recorded
+    if (not tf_runtime.is_loaded and recorded is not None
+        and recorded.tf_seconds and recorded.onnx_seconds):
+      tf_seconds, onnx_seconds = recorded.tf_seconds, recorded.onnx_seconds
+      timed = "recorded"
+    if timed is None or onnx_seconds >= tf_seconds:
+      # TensorFlow is loaded here only to be timed (or it was, for the
+      # check): falling back to it costs its load in every worker, so
+      # recorded timings that favour it are confirmed now.
+      tf_runtime.load()
+      batch = probe if probe is not None else base.probe_batch(
+          resolved.spec.input_size)
+      tf_seconds, onnx_seconds = base.best_times(
+          [tf_runtime.predict, onnx_runtime.predict], batch, timing_runs,
+          clock)
+      timed = "here"
     if onnx_seconds >= tf_seconds:
       return _fall_back(
-          resolved, onnx_runtime,
+          resolved, tf_runtime, onnx_runtime,
           f"TF ran the probe batch in {tf_seconds:.3f} s, ONNX Runtime in "
-          f"{onnx_seconds:.3f} s", tf_seconds, onnx_seconds,
+          f"{onnx_seconds:.3f} s", tf_seconds, onnx_seconds, timed,
           level=logging.INFO)
   timing = ""
   if tf_seconds and onnx_seconds:
     timing = (f"; probe batch {onnx_seconds:.3f} s vs TensorFlow "
               f"{tf_seconds:.3f} s")
+    if timed == "recorded":
+      timing += " (timed when the file was made)"
+  from_file = (onnx_runtime.checked_against
+               == onnx_lib.CHECKED_AGAINST_RECORDED)
+  against = ("TensorFlow's outputs recorded in the file" if from_file
+             else "TensorFlow")
   logging.info(
       "model %s runs on ONNX Runtime (%s, %s file %s); max difference from "
-      "TF on the probe batch %.2g (tolerance %.0e)%s", resolved.name,
+      "%s on the probe batch %.2g (tolerance %.0e)%s", resolved.name,
       ",".join(onnx_runtime.providers), onnx_runtime.source,
-      onnx_runtime.path, onnx_runtime.max_diff, onnx_runtime.tolerance, timing)
+      onnx_runtime.path, against, onnx_runtime.max_diff,
+      onnx_runtime.tolerance, timing)
+  onnx_runtime.remember()
   return base.RuntimeDecision(
       base.RUNTIME_ONNX,
       note=(f"ONNX Runtime; max difference from TensorFlow on the probe "
             f"batch {onnx_runtime.max_diff:.2g} (tolerance "
             f"{onnx_runtime.tolerance:.0e}){timing}"),
       max_diff=onnx_runtime.max_diff, **_onnx_fields(onnx_runtime),
-      tf_seconds=tf_seconds, onnx_seconds=onnx_seconds)
+      tf_seconds=tf_seconds, onnx_seconds=onnx_seconds, timed=timed)
 
 
 def decided(resolved: models_lib.ResolvedModel,
@@ -136,16 +161,26 @@ def _onnx_fields(onnx_runtime: OnnxRuntime) -> dict:
           "onnx_max_diff": onnx_runtime.max_diff,
           "onnx_path": onnx_runtime.path,
           "onnx_source": onnx_runtime.source,
-          "fingerprint": onnx_runtime.fingerprint}
+          "fingerprint": onnx_runtime.fingerprint,
+          "checked_against": onnx_runtime.checked_against}
 
 
-def _fall_back(resolved: models_lib.ResolvedModel, onnx_runtime: OnnxRuntime,
-               reason: str, tf_seconds: Optional[float] = None,
+def _fall_back(resolved: models_lib.ResolvedModel, tf_runtime: TFRuntime,
+               onnx_runtime: OnnxRuntime, reason: str,
+               tf_seconds: Optional[float] = None,
                onnx_seconds: Optional[float] = None,
+               timed: Optional[str] = None,
                level: int = logging.WARNING) -> base.RuntimeDecision:
+  """TensorFlow instead of ONNX: loads (checks) and keeps the TF model.
+
+  Raises:
+    ModelError: the model cannot be loaded on TensorFlow either.
+  """
+  tf_runtime.load()
+  tf_runtime.remember()
   logging.log(level, "model %s runs on TensorFlow, not ONNX Runtime: %s",
               resolved.name, reason)
   return base.RuntimeDecision(
       base.RUNTIME_TF, note=f"TensorFlow; ONNX Runtime not used: {reason}",
       max_diff=0.0, **_onnx_fields(onnx_runtime), tf_seconds=tf_seconds,
-      onnx_seconds=onnx_seconds, fallback=reason)
+      onnx_seconds=onnx_seconds, fallback=reason, timed=timed)
