@@ -175,7 +175,7 @@ def memory_by_quarter(samples: Sequence[dict], photos: int) -> dict:
     and peak-so-far MiB, seconds); ``peak_ratio_100_to_25``: the peak at
     100% over the peak at 25% (1.0: no growth after the first quarter);
     ``mib_per_1000_photos``: the slope of resident memory against photos
-    between 25% and 100% (least squares).
+    between 25% and 100% (least squares, up to the first sample at 100%).
   """
   quarters = {}
   for mark in QUARTERS:
@@ -188,13 +188,26 @@ def memory_by_quarter(samples: Sequence[dict], photos: int) -> dict:
   if "25%" in quarters and "100%" in quarters:
     result["peak_ratio_100_to_25"] = round(
         quarters["100%"]["peak_mib"] / quarters["25%"]["peak_mib"], 3)
-  tail = [s for s in samples if 0.25 * photos <= s["photos"] <= photos]
+  # Up to the moment the last photo was asked for: what follows (the last
+  # batches, the commit, the run report) is not per photo.
+  end = quarters["100%"]["t_s"] if "100%" in quarters else float("inf")
+  tail = [s for s in samples
+          if s["photos"] >= 0.25 * photos and s["t_s"] <= end]
   xs = np.array([s["photos"] for s in tail], float)
   if len(tail) >= 2 and np.ptp(xs) > 0:
     ys = np.array([s["rss_mib"] for s in tail], float)
     result["mib_per_1000_photos"] = round(float(np.polyfit(xs, ys, 1)[0]) *
                                           1000, 3)
   return result
+
+
+def thin(samples: Sequence[dict], points: int = 120) -> List[dict]:
+  """At most about ``points`` samples, evenly spaced, the last one kept."""
+  step = max(1, len(samples) // points)
+  kept = list(samples[::step])
+  if samples and kept[-1] is not samples[-1]:
+    kept.append(samples[-1])
+  return kept
 
 
 def account(out: str, uris: Sequence[str], models: Sequence[str]) -> dict:
@@ -362,6 +375,7 @@ def run_under_load(photos: int, fail_share: float, work_dir: str,
       "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
       "memory": memory_by_quarter(sampler.samples, photos),
       "samples": len(sampler.samples),
+      "series": thin(sampler.samples),
       "cpus": os.cpu_count(),
   }
   result.update(_steady_rate(sampler.samples, photos))

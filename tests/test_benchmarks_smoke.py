@@ -183,6 +183,9 @@ def test_under_load_memory_by_quarter():
   samples = [{"t_s": t, "photos": n, "rss_mib": 100.0 + n / 100,
               "peak_mib": 100.0 + n / 100}
              for t, n in enumerate([0, 10, 25, 40, 50, 75, 90, 100])]
+  # After the last photo (commit, report): not part of the per-photo slope.
+  samples.append({"t_s": 9, "photos": 100, "rss_mib": 900.0,
+                  "peak_mib": 900.0})
   memory = under_load.memory_by_quarter(samples, 100)
   assert [memory["quarters"][q]["photos"] for q in
           ("25%", "50%", "75%", "100%")] == [25, 50, 75, 100]
