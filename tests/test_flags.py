@@ -62,6 +62,13 @@ def test_bad_flags_name_the_flag(args, flag):
   assert flag in str(e.value)
 
 
+def test_unknown_flag_suggests_the_one_meant():
+  with pytest.raises(FlagError, match="did you mean --output_dir"):
+    _parse(*BASE, "--output-dir", "x")
+  with pytest.raises(FlagError, match="see --help"):
+    _parse(*BASE, "--frobnicate", "x")
+
+
 def test_bad_choice_exits_with_usage():
   with pytest.raises(SystemExit):
     _parse(*BASE, "--resize", "stretch")

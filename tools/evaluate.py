@@ -623,7 +623,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluateConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  logging.basicConfig(level=logging.WARNING)
+  from pipelines import launch  # pylint: disable=import-outside-toplevel
+  launch.configure_logging()  # the jobs' quiet console
   try:
     config = parse_args(argv)
     evaluation = evaluate(config)

@@ -761,6 +761,8 @@ def _latest_partition(output_dir: str) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  from pipelines import launch  # pylint: disable=import-outside-toplevel
+  launch.configure_logging()  # the jobs' quiet console
   p = argparse.ArgumentParser(
       prog="natvision-report",
       description="Rebuild the HTML run report of an output folder "

@@ -515,6 +515,8 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-search: the nearest rows to a photo, or duplicate pairs."""
+  from pipelines import launch  # pylint: disable=import-outside-toplevel
+  launch.configure_logging()  # the jobs' quiet console
   p = argparse.ArgumentParser(
       prog="natvision-search",
       description="Print the k rows of an embeddings table nearest to a "
