@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import dataclasses
 import json
 import logging
@@ -133,9 +134,12 @@ def split_beam_args(parser: argparse.ArgumentParser,
   args, beam_args = parser.parse_known_args(argv)
   unknown = unknown_beam_flags(beam_args)
   if unknown:
+    ours = [o for a in parser._actions for o in a.option_strings]  # pylint: disable=protected-access
+    close = difflib.get_close_matches(unknown[0].split("=", 1)[0], ours, n=1)
+    hint = f"did you mean {close[0]}?" if close else "see --help"
     raise ConfigError(
         f"unknown flag {unknown[0]}: neither a natvision flag nor a Beam "
-        f"pipeline option; see --help")
+        f"pipeline option; {hint}")
   return args, PipelineOptions(beam_args)
 
 
