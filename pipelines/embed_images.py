@@ -340,6 +340,18 @@ class EmbedJob(launch.Job):
   def check_input(self, config: JobConfig) -> CheckedInput:
     return check_input(config)
 
+  def sample_photos(self, config: JobConfig, prepared: CheckedInput,
+                    count: int) -> dict:
+    """Photos spread over the glob matches or the manifest's first rows."""
+    if prepared.archive is not None:
+      raise ConfigError(
+          "--precision int8 is not offered for a Darwin Core input yet; "
+          "list the photos in a manifest, or run in fp32")
+    from transforms.runtimes import sample  # pylint: disable=import-outside-toplevel
+    refs = sample.pick(count, patterns=config.inputs,
+                       manifest=prepared.manifest)
+    return sample.prepare(refs, config.embed.photos)
+
   def plan(self, config: JobConfig, prepared: CheckedInput,
            base: dict) -> launch.Plan:
     layout = commit.plan_layout(config.output_dir, config.models,

@@ -114,6 +114,22 @@ class Job:
     del report
     return 0
 
+  def sample_photos(self, config, prepared, count: int) -> dict:
+    """``count`` of the job's photos, prepared as the job prepares them,
+    for ``--precision int8`` (``transforms.runtimes.sample``).
+
+    Returns:
+      preparation policy -> list of uint8 ``[size, size, 3]`` arrays.
+
+    Raises:
+      ConfigError: the job cannot offer its photos before it runs.
+    """
+    del config, prepared, count
+    raise ConfigError(
+        f"{self.name} does not offer --precision int8: it needs photos of "
+        f"the job to calibrate and check the quantization before the job "
+        f"runs; run in fp32")
+
 
 def add_console_flags(parser: argparse.ArgumentParser) -> None:
   """Adds --verbose (read by ``main`` before anything is parsed)."""
@@ -166,7 +182,9 @@ def unknown_beam_flags(beam_args: Sequence[str]) -> List[str]:
   return [a for a in unknown if a.startswith("-")]
 
 
-def check_models(models: Sequence[models_lib.ResolvedModel], choose=None
+def check_models(models: Sequence[models_lib.ResolvedModel], choose=None,
+                 quantization=None, read_photos=None,
+                 output_dir: Optional[str] = None
                  ) -> Tuple[models_lib.ResolvedModel, ...]:
   """Loads and probes each model, and decides the runtime each runs on.
 
@@ -180,20 +198,31 @@ def check_models(models: Sequence[models_lib.ResolvedModel], choose=None
       ``--runtime``.
     choose: ``ResolvedModel -> RuntimeDecision``; the chooser's ``choose``
       by default.
+    quantization: ``--precision`` (a ``quantize.QuantizationConfig``); for
+      int8 each model is then quantized and checked on the job's photos
+      (transforms/runtimes/quantize.py).
+    read_photos: ``n -> {policy: [uint8 photos]}``, the job's photos, read
+      only for int8.
+    output_dir: the job's output; on a bucket, int8 files are published
+      under it for the workers.
 
   Raises:
     models_lib.ModelError: a model that is missing or does not match the
-      registry, or that fails the ONNX check under ``--runtime onnx``.
+      registry, that fails the ONNX check under ``--runtime onnx``, or
+      whose int8 agreement with fp32 is below ``--min_agreement``.
   """
   from transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
+  from transforms.runtimes import quantize  # pylint: disable=import-outside-toplevel
   choose = choose or chooser.choose
+  quantization = quantization or quantize.QuantizationConfig()
   decided = []
   for model in models:
     if model.spec.kind == models_lib.CLASSIFIER:
       models_lib.read_labelmap(model.labelmap_path,
                                expected=model.spec.output_width)
-    decided.append(model.with_decision(choose(model)))
-  return tuple(decided)
+    decided.append(model.with_decision(
+        choose(quantize.fp32_request(model, quantization))))
+  return quantize.with_int8(decided, quantization, read_photos, output_dir)
 
 
 def plan_job(job: Job, argv: Optional[Sequence[str]] = None
@@ -210,8 +239,12 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   # filesystem needs the options (--s3_endpoint_url, ...) set to work.
   FileSystems.set_options(options)
   prepared = job.check_input(config)
-  config = dataclasses.replace(
-      config, embed=config.embed.with_models(check_models(config.embed.models)))
+  config = dataclasses.replace(config, embed=config.embed.with_models(
+      check_models(config.embed.models,
+                   quantization=config.embed.quantization,
+                   read_photos=lambda n: job.sample_photos(config, prepared,
+                                                           n),
+                   output_dir=config.output_dir)))
   base = {"package": {"name": "natvision", "version": transforms.__version__},
           "flags": list(argv) if argv is not None else sys.argv[1:]}
   return job.plan(config, prepared, base), options

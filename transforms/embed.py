@@ -35,6 +35,7 @@ from transforms import models as models_lib
 from transforms import photos
 from transforms import resume as resume_lib
 from transforms import sinks
+from transforms.runtimes import quantize
 
 # Keys of the dict of PCollections EmbedAndWrite returns.
 WRITTEN = "written"
@@ -53,6 +54,8 @@ class EmbedConfig:
     batch_size: photos per forward pass.
     top_k: labels kept per photo by classifiers.
     shard_rows: rows after which a table shard is closed.
+    quantization: ``--precision`` (int8 is decided by the launcher, see
+      transforms/runtimes/quantize.py).
   """
 
   models: Tuple[models_lib.ResolvedModel, ...]
@@ -60,12 +63,18 @@ class EmbedConfig:
   batch_size: int = inference.DEFAULT_BATCH_SIZE
   top_k: int = inference.DEFAULT_TOP_K
   shard_rows: int = sinks.DEFAULT_SHARD_ROWS
+  quantization: quantize.QuantizationConfig = quantize.QuantizationConfig()
 
   def __post_init__(self):
     if not self.models:
       raise config.ConfigError("--models names no model")
     if self.shard_rows < 1:
       raise config.ConfigError("--shard_rows must be at least 1")
+    if self.quantization.int8 and any(
+        m.requested_runtime == "tf" for m in self.models):
+      raise config.ConfigError(
+          "--precision int8 runs on ONNX Runtime; use --runtime auto or onnx "
+          "with it, not --runtime tf")
     for model in self.models:
       inference.check_settings(model, self.batch_size, self.top_k)
 
@@ -75,6 +84,7 @@ class EmbedConfig:
     models_lib.add_flags(parser)
     inference.add_flags(parser)
     photos.PhotoConfig.add_flags(parser)
+    quantize.QuantizationConfig.add_flags(parser)
     parser.add_argument(
         "--shard_rows", type=int, default=sinks.DEFAULT_SHARD_ROWS,
         help="rows per Parquet shard; each shard is closed when full, so a "
@@ -95,7 +105,8 @@ class EmbedConfig:
             args, photos.needed_policies([m.resize for m in models]),
             models[0].spec.input_size),
         batch_size=args.batch_size, top_k=args.top_k,
-        shard_rows=args.shard_rows)
+        shard_rows=args.shard_rows,
+        quantization=quantize.QuantizationConfig.from_args(args))
 
   @property
   def color_profile(self) -> str:

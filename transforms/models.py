@@ -236,6 +236,9 @@ class ResolvedModel:
         "source": self.spec.source,
         "runtime": self.runtime,
         "runtime_note": self.runtime_note,
+        "precision": self.decision.precision if self.decision else None,
+        "agreement": (self.decision.agreement.as_dict()
+                      if self.decision and self.decision.agreement else None),
     }
 
 

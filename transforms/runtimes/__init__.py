@@ -9,6 +9,9 @@
                 against TensorFlow
     chooser.py  the launcher's choice of runtime per model (auto|tf|onnx ->
                 a RuntimeDecision); workers never call it
+    quantize.py --precision int8: static quantization with ONNX Runtime,
+                calibrated and checked against fp32 on the job's photos
+    sample.py   the job's photos the launcher reads for int8
 
 A worker builds its model's runtime with ``for_model``, from the decision
 the launcher attached, and calls ``load()`` once per process; a runtime

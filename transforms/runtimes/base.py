@@ -139,7 +139,8 @@ class RuntimeDecision:
     checked_against: what the ONNX outputs were compared with: ``tf``
       (TensorFlow, loaded for the check) or ``recorded`` (TensorFlow's
       outputs on the probe batch, recorded in the file when it was made,
-      so that no TensorFlow was loaded); None when ONNX never ran.
+      so that no TensorFlow was loaded); for int8, ``fp32 on the job's
+      photos``; None when ONNX never ran.
     timed: where ``tf_seconds`` and ``onnx_seconds`` come from: ``here``
       (timed by the launcher) or ``recorded`` (timed when the file was
       made, on that machine); None when not timed.

@@ -305,8 +305,8 @@ class OnnxRuntime:
   @property
   def key(self) -> tuple:
     """What identifies this file on ONNX Runtime in ``base.remember``."""
-    return file_key(self.path, self.fingerprint, self.precision,
-                    self._threads)
+    return file_key(self.resolved.name, self.path, self.fingerprint,
+                    self.precision, self._threads)
 
   def remember(self) -> None:
     """Keeps the loaded runtime for the workers of this process."""
@@ -332,8 +332,9 @@ class OnnxRuntime:
       return
     decision = self.resolved.decision
     if decision is not None and decision.onnx_path and decision.fingerprint:
-      held = base.recall(file_key(decision.onnx_path, decision.fingerprint,
-                                  decision.precision, self._threads))
+      held = base.recall(file_key(self.resolved.name, decision.onnx_path,
+                                  decision.fingerprint, decision.precision,
+                                  self._threads))
       if held is not None:
         self._take_over(held)
         return
@@ -404,11 +405,18 @@ class OnnxRuntime:
     """Opens the quantized file the launcher checked, and only that one."""
     spec = self.resolved.spec
     path = decision.onnx_path
+    if path and "://" in path:  # published by the launcher for this worker
+      local = os.path.join(cache_dir(), os.path.basename(path))
+      if not os.path.exists(local) and FileSystems.exists(path):
+        with FileSystems.open(path) as f:
+          write_atomically(local, f.read())
+      path = local
     if not path or not os.path.exists(path):
       raise models_lib.ModelError(
-          f"model {spec.name}: the int8 file the launcher checked ({path}) is "
-          f"not on this machine; int8 runs where the launcher's disk is "
-          f"(the DirectRunner), or run in fp32")
+          f"model {spec.name}: the int8 file the launcher checked "
+          f"({decision.onnx_path}) cannot be found from this machine; with "
+          f"--precision int8 the output must be on a bucket (the file is "
+          f"published under it) or on the launcher's machine")
     session = OnnxSession(self.resolved, path, self._threads)
     found = (session.metadata.get(METADATA_PRECISION),
              session.metadata.get(METADATA_FINGERPRINT))
@@ -418,7 +426,7 @@ class OnnxRuntime:
           f"checked (precision, fingerprint {found}, expected int8, "
           f"{decision.fingerprint})")
     self._session = session
-    self.path, self.source = path, decision.onnx_source
+    self.path, self.source = decision.onnx_path, decision.onnx_source
     self.fingerprint, self.max_diff = decision.fingerprint, decision.max_diff
     self.checked_against = decision.checked_against
     self.remember()
@@ -447,11 +455,12 @@ class OnnxRuntime:
             "checked_against": self.checked_against}
 
 
-def file_key(path: Optional[str], fingerprint: Optional[str], precision: str,
-             threads: int) -> tuple:
-  """The ``base.remember`` key of one ONNX file opened with ``threads``."""
+def file_key(name: str, path: Optional[str], fingerprint: Optional[str],
+             precision: str, threads: int) -> tuple:
+  """The ``base.remember`` key of one model's ONNX file opened with
+  ``threads``."""
   real = os.path.realpath(path) if path and "://" not in path else path
-  return (base.RUNTIME_ONNX, real, fingerprint, precision, threads)
+  return (base.RUNTIME_ONNX, name, real, fingerprint, precision, threads)
 
 
 # --------------------------------------------------------------------------
@@ -461,7 +470,7 @@ def file_key(path: Optional[str], fingerprint: Optional[str], precision: str,
 model_fingerprint = base.model_fingerprint
 
 
-def _version(dist: str) -> str:
+def installed_version(dist: str) -> str:
   """An installed distribution's version, without importing it."""
   try:
     return importlib.metadata.version(dist)
@@ -598,7 +607,8 @@ def _check_converted(resolved: models_lib.ResolvedModel, model_bytes: bytes,
   return RecordedCheck(
       reference=expected, max_diff=base.output_difference(got, expected),
       tolerance=base.TOLERANCES[spec.kind], tf_seconds=tf_seconds,
-      onnx_seconds=onnx_seconds, onnxruntime_version=_version("onnxruntime"))
+      onnx_seconds=onnx_seconds,
+      onnxruntime_version=installed_version("onnxruntime"))
 
 
 def _convert_job(resolved: models_lib.ResolvedModel, target_path: str,
@@ -742,8 +752,8 @@ def cached_onnx_path(resolved: models_lib.ResolvedModel,
                      fingerprint: str) -> str:
   """The cache file of a model: keyed by its path, files and the converter."""
   key = hashlib.sha256("\0".join(
-      (resolved.path, fingerprint, _version("tf2onnx"), str(ONNX_OPSET),
-       CACHE_FORMAT)).encode()).hexdigest()[:16]
+      (resolved.path, fingerprint, installed_version("tf2onnx"),
+       str(ONNX_OPSET), CACHE_FORMAT)).encode()).hexdigest()[:16]
   return os.path.join(cache_dir(), f"{resolved.name}-{key}.onnx")
 
 

@@ -37,8 +37,8 @@ class TFRuntime:
   @property
   def key(self) -> tuple:
     """What identifies this model on TensorFlow in ``base.remember``: its
-    path and the fingerprint of its files (a model replaced at the same
-    path is loaded anew)."""
+    registry name (the checks differ per entry), path and the fingerprint
+    of its files (a model replaced at the same path is loaded anew)."""
     if self._key is None:
       fingerprint = None
       try:
@@ -47,7 +47,8 @@ class TFRuntime:
           fingerprint = base.model_fingerprint(local)
       except Exception:  # noqa: BLE001 - load_model says what is wrong
         pass
-      self._key = (base.RUNTIME_TF, self.resolved.path, fingerprint)
+      self._key = (base.RUNTIME_TF, self.resolved.name, self.resolved.path,
+                   fingerprint)
     return self._key
 
   @property

@@ -1,0 +1,325 @@
+"""--precision int8: flags, the agreement figures, the decision, the workers.
+
+The figures are checked against independent numpy computations (loops and
+sets, not the module's vectorised code).  The int8 decision runs on the tiny
+stand-ins with synthetic prepared photos; their random weights may quantize
+well or badly, so the tests assert what is decided from the figures (refused
+below a strict minimum, accepted above a loose one), never a figure's value.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipelines import embed_images
+from transforms import config as config_lib
+from transforms import models as models_lib
+from transforms import runtimes
+from transforms.runtimes import chooser
+from transforms.runtimes import onnx as onnx_lib
+from transforms.runtimes import quantize
+from transforms.runtimes import sample
+
+
+@pytest.fixture(autouse=True)
+def onnx_cache(tmp_path, monkeypatch):
+  cache = str(tmp_path / "onnx_cache")
+  monkeypatch.setenv("NATVISION_ONNX_CACHE", cache)
+  runtimes.forget()
+  yield cache
+  runtimes.forget()
+
+
+@pytest.fixture
+def quantizations(monkeypatch):
+  """Counts quantizations started by this process, per model name."""
+  counts = {}
+  quantize_in_child = quantize.quantize_in_child
+
+  def counting(resolved, *args, **kwargs):
+    counts[resolved.name] = counts.get(resolved.name, 0) + 1
+    return quantize_in_child(resolved, *args, **kwargs)
+
+  monkeypatch.setattr(quantize, "quantize_in_child", counting)
+  return counts
+
+
+def _photos(n=12):
+  """Varied synthetic prepared photos (noise, ramps, patches, stripes)."""
+  return list(runtimes.probe_batch(299, n))
+
+
+def _decided(root, name):
+  (resolved,) = models_lib.resolve_models([name], root,
+                                          requested_runtime="onnx")
+  return chooser.decided(resolved)
+
+
+def _config(minimum="0", calibration=4, agreement=8):
+  return quantize.QuantizationConfig(
+      precision="int8", min_agreement=quantize.parse_minimums(minimum),
+      calibration_photos=calibration, agreement_photos=agreement)
+
+
+def _session_outputs(path, photos, resolved=None):
+  """A model file's outputs on one batch: run by onnxruntime directly, or
+  (with ``resolved``) by a fresh session opened as the launcher opens it,
+  so that the int8 arithmetic (which may vary in the last digits with
+  threads and graph options) is the launcher's."""
+  if resolved is not None:
+    return onnx_lib.OnnxSession(resolved, path).predict(photos).astype(
+        np.float64)
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  (out,) = session.run(None, {"images": photos.astype(np.float32) / 255.0})
+  return out.astype(np.float64)
+
+
+# --------------------------------------------------------------------------
+# Flags.
+
+
+def test_min_agreement_parses_one_number_or_pairs():
+  assert dict(quantize.parse_minimums("")) == quantize.DEFAULT_MINIMUMS
+  assert set(dict(quantize.parse_minimums("0.5")).values()) == {0.5}
+  pairs = dict(quantize.parse_minimums("top1_agreement=0.9, mean_cosine=1"))
+  assert pairs["top1_agreement"] == 0.9 and pairs["mean_cosine"] == 1.0
+  assert pairs["p1_cosine"] == quantize.DEFAULT_MINIMUMS["p1_cosine"]
+  for bad, match in (("top1=0.9", "names 'top1'"), ("x", "takes a number"),
+                     ("top1_agreement", "takes a number")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      quantize.parse_minimums(bad)
+  with pytest.raises(config_lib.ConfigError, match="between 0 and 1"):
+    _config("1.5")
+  with pytest.raises(config_lib.ConfigError, match="--precision"):
+    quantize.QuantizationConfig(precision="int4")
+  with pytest.raises(config_lib.ConfigError, match="--agreement_photos"):
+    _config(agreement=1)
+
+
+def test_int8_flags_reach_the_job_config(tiny_models):
+  config, _ = embed_images.parse_args([
+      "--input", "x/*.jpg", "--output_dir", "out", "--model_root",
+      tiny_models, "--precision", "int8", "--min_agreement",
+      "top1_agreement=0.9", "--calibration_photos", "8",
+      "--agreement_photos", "16"])
+  q = config.embed.quantization
+  assert q.int8 and q.minimums["top1_agreement"] == 0.9
+  assert (q.calibration_photos, q.agreement_photos, q.sample_size) == (8, 16,
+                                                                       24)
+  default, _ = embed_images.parse_args([
+      "--input", "x/*.jpg", "--output_dir", "out", "--model_root",
+      tiny_models])
+  assert default.embed.quantization.precision == "fp32"
+  with pytest.raises(config_lib.ConfigError, match="not --runtime tf"):
+    embed_images.parse_args([
+        "--input", "x/*.jpg", "--output_dir", "out", "--model_root",
+        tiny_models, "--precision", "int8", "--runtime", "tf"])
+
+
+# --------------------------------------------------------------------------
+# The figures, against independent computations.
+
+
+def _top_k_set(row, k):
+  return set(sorted(range(len(row)), key=lambda j: (-row[j], j))[:k])
+
+
+def test_classifier_figures_equal_a_direct_count():
+  rng = np.random.default_rng(1)
+  fp32 = rng.random((40, 30))
+  int8 = fp32 + rng.normal(0, 0.05, fp32.shape)
+  figures = quantize.classifier_figures(fp32, int8)
+  same = sum(int(np.argmax(a) == np.argmax(b)) for a, b in zip(fp32, int8))
+  overlap = sum(len(_top_k_set(a, 5) & _top_k_set(b, 5)) / 5
+                for a, b in zip(fp32, int8))
+  assert figures["top1_agreement"] == pytest.approx(same / 40)
+  assert figures["top5_overlap"] == pytest.approx(overlap / 40)
+  assert 0 < figures["top1_agreement"] < 1  # the noise moved some
+  assert quantize.classifier_figures(fp32, fp32) == {
+      "top1_agreement": 1.0, "top5_overlap": 1.0}
+
+
+def test_embedder_figures_equal_a_direct_computation():
+  rng = np.random.default_rng(2)
+  fp32 = rng.normal(size=(25, 16))
+  int8 = fp32 + rng.normal(0, 0.3, fp32.shape)
+  figures = quantize.embedder_figures(fp32, int8)
+  cosines = sorted(
+      float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+      for a, b in zip(fp32, int8))
+  # Linear interpolation at rank 0.01 * (n - 1), as numpy's percentile.
+  rank = 0.01 * (len(cosines) - 1)
+  low = int(rank)
+  p1 = cosines[low] + (rank - low) * (cosines[low + 1] - cosines[low])
+
+  def nearest(vectors, i):
+    def cos(j):
+      return vectors[i] @ vectors[j] / (np.linalg.norm(vectors[i])
+                                        * np.linalg.norm(vectors[j]))
+    return max((j for j in range(len(vectors)) if j != i), key=cos)
+
+  same = sum(nearest(fp32, i) == nearest(int8, i) for i in range(25))
+  assert figures["mean_cosine"] == pytest.approx(np.mean(cosines))
+  assert figures["p1_cosine"] == pytest.approx(p1)
+  assert figures["nn_agreement"] == pytest.approx(same / 25)
+  assert 0 < figures["nn_agreement"] < 1
+
+
+def test_the_sample_splits_into_disjoint_parts():
+  photos = _photos(12)
+  calibration, held = quantize.split_sample(photos, 4, 6)
+  assert len(calibration) == 4 and len(held) == 6
+  np.testing.assert_array_equal(calibration, np.stack(photos[:4]))
+  np.testing.assert_array_equal(held, np.stack(photos[4:10]))
+  calibration, held = quantize.split_sample(photos[:6], 32, 64)
+  assert (len(calibration), len(held)) == (2, 4)  # the same proportion
+  with pytest.raises(models_lib.ModelError, match="at least 3"):
+    quantize.split_sample(photos[:2], 32, 64)
+
+
+def test_the_sample_is_spread_over_the_input(tmp_path):
+  assert sample.evenly_spaced(list(range(10)), 4) == [0, 3, 6, 9]
+  assert sample.evenly_spaced([1, 2], 5) == [1, 2]
+  for i in range(10):
+    (tmp_path / f"p{i}.jpg").write_bytes(b"")
+  refs = sample.pick(3, patterns=[str(tmp_path / "*.jpg")])
+  assert [os.path.basename(r.uri) for r in refs] == ["p0.jpg", "p4.jpg",
+                                                      "p9.jpg"]
+
+
+# --------------------------------------------------------------------------
+# The decision.
+
+
+@pytest.mark.parametrize("name", ["fungi_mobile_v1", "inaturalist_v2"])
+def test_int8_figures_are_measured_on_held_out_photos(tiny_models, name,
+                                                      quantizations):
+  model = _decided(tiny_models, name)
+  photos = _photos(12)
+  decision = quantize.decide_int8(model, photos, _config())
+  assert decision.runtime == "onnx" and decision.precision == "int8"
+  assert decision.onnx_source == "quantized" and quantizations == {name: 1}
+  assert decision.onnx_path.endswith(".int8.onnx")
+  assert decision.fingerprint == model.decision.fingerprint
+  agreement = decision.agreement
+  assert (agreement.calibration, agreement.held_out) == (4, 8)
+  assert set(agreement.figures) == set(quantize.FIGURES[model.spec.kind])
+  # The same figures, with numpy, from the two files' outputs on photos
+  # 4..11 (the held-out ones, one batch, as the launcher ran them).
+  held = np.stack(photos[4:12])
+  fp32 = _session_outputs(model.decision.onnx_path, held, model)
+  int8 = _session_outputs(decision.onnx_path, held, model)
+  if model.spec.kind == "classifier":
+    assert agreement.figures["top1_agreement"] == pytest.approx(
+        np.mean(fp32.argmax(1) == int8.argmax(1)))
+    assert agreement.figures["top5_overlap"] == pytest.approx(np.mean([
+        len(_top_k_set(a, 5) & _top_k_set(b, 5)) / 5
+        for a, b in zip(fp32, int8)]))
+  else:
+    cosines = [a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+               for a, b in zip(fp32, int8)]
+    assert agreement.figures["mean_cosine"] == pytest.approx(
+        np.mean(cosines), abs=1e-9)
+    assert agreement.figures["p1_cosine"] == pytest.approx(
+        np.percentile(cosines, 1), abs=1e-9)
+  assert json.dumps(decision.as_dict())  # recordable as it is
+  # The same photos again: the cached file, no second quantization.
+  runtimes.forget()
+  again = quantize.decide_int8(_decided(tiny_models, name), photos, _config())
+  assert again.onnx_source == "cached" and again.onnx_path == (
+      decision.onnx_path)
+  assert quantizations == {name: 1}
+  assert again.agreement == agreement
+
+
+def test_a_strict_minimum_refuses_naming_the_model_and_figure(tiny_models):
+  model = _decided(tiny_models, "inaturalist_v2")
+  with pytest.raises(models_lib.ModelError) as raised:
+    quantize.decide_int8(model, _photos(12), _config("mean_cosine=1"))
+  message = str(raised.value)
+  assert message.startswith("model inaturalist_v2: int8 mean_cosine 0.")
+  assert "below --min_agreement mean_cosine=1.0" in message
+  assert "8 held-out photos" in message
+
+
+def test_workers_open_the_checked_int8_file_and_only_it(tiny_models,
+                                                        tmp_path):
+  model = _decided(tiny_models, "fungi_mobile_v1")
+  decision = quantize.decide_int8(model, _photos(12), _config(),
+                                  publish_dir=str(tmp_path / "published"))
+  assert os.path.dirname(decision.onnx_path) == str(tmp_path / "published")
+  decided = model.with_decision(decision)
+  batch = np.stack(_photos(5))
+  # In the launcher's process: the launcher's session, taken over.
+  worker = runtimes.for_model(decided)
+  worker.load()
+  assert worker.precision == "int8" and worker.path == decision.onnx_path
+  expected = _session_outputs(decision.onnx_path, batch, model)
+  np.testing.assert_allclose(worker.predict(batch), expected, atol=1e-6)
+  # In another process: the file the decision names, opened and matched.
+  runtimes.forget()
+  elsewhere = runtimes.for_model(decided)
+  elsewhere.load()
+  assert elsewhere.describe()["precision"] == "int8"
+  np.testing.assert_allclose(elsewhere.predict(batch), expected, atol=1e-6)
+  # Not the file it checked (the fp32 one in its place): refused.
+  runtimes.forget()
+  wrong = model.with_decision(
+      decision.__class__(**dict(decision.__dict__,
+                                onnx_path=model.decision.onnx_path)))
+  with pytest.raises(models_lib.ModelError, match="not the int8 file"):
+    runtimes.for_model(wrong).load()
+
+
+# --------------------------------------------------------------------------
+# The whole job.
+
+
+def test_int8_job_refuses_below_the_minimum_with_exit_2(tiny_models,
+                                                        photo_dir, tmp_path,
+                                                        capsys):
+  status = embed_images.main([
+      "--input", str(photo_dir / "*"), "--output_dir", str(tmp_path / "out"),
+      "--models", "inaturalist_v2", "--model_root", tiny_models,
+      "--precision", "int8", "--min_agreement", "1",
+      "--calibration_photos", "3", "--agreement_photos", "4"])
+  assert status == 2
+  err = capsys.readouterr().err
+  assert "model inaturalist_v2: int8 mean_cosine" in err
+  assert "below --min_agreement mean_cosine=1.0" in err
+  assert not os.path.exists(tmp_path / "out" / "embeddings")
+
+
+def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from transforms import sinks  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "out")
+  report = embed_images.run([
+      "--input", str(photo_dir / "*"), "--output_dir", out,
+      "--models", "fungi_mobile_v1,inaturalist_v2", "--model_root",
+      tiny_models, "--precision", "int8", "--min_agreement", "0",
+      "--calibration_photos", "3", "--agreement_photos", "4",
+      "--runtime", "onnx"])
+  assert report["model_loads"] == {"fungi_mobile_v1": 1, "inaturalist_v2": 1}
+  recorded = {m["name"]: m for m in report["models"]}
+  for name, kind in (("fungi_mobile_v1", "predictions"),
+                     ("inaturalist_v2", "embeddings")):
+    model = recorded[name]
+    assert model["runtime"] == "onnx" and model["precision"] == "int8"
+    agreement = model["agreement"]
+    # 7 photos picked, one of them the unreadable broken.jpg.
+    assert agreement["calibration"] == 3 and agreement["held_out"] == 3
+    assert set(agreement["figures"]) == set(
+        quantize.FIGURES["classifier" if kind == "predictions"
+                         else "embedder"])
+    table_dir = os.path.join(out, kind, name)
+    schema = pq.read_schema(os.path.join(table_dir, sorted(
+        os.listdir(table_dir))[0]))
+    meta = json.loads(schema.metadata[sinks.METADATA_KEY])
+    assert meta["model"]["precision"] == "int8"
+    assert meta["model"]["agreement"] == agreement
+    assert pq.read_table(table_dir).num_rows == report["rows"][
+        f"{kind}/{name}"] > 0
