@@ -323,3 +323,11 @@ def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
     assert meta["model"]["agreement"] == agreement
     assert pq.read_table(table_dir).num_rows == report["rows"][
         f"{kind}/{name}"] > 0
+
+
+def test_jobs_that_cannot_list_photos_before_the_run_refuse_int8():
+  from pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
+  job = ingest_observations.IngestJob()
+  with pytest.raises(config_lib.ConfigError,
+                     match="natvision-ingest does not offer --precision int8"):
+    job.sample_photos(None, None, 96)
