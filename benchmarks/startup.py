@@ -14,7 +14,7 @@ started by this module's ``--child`` mode, which records after the job:
   largest of its child processes (``RUSAGE_CHILDREN``: a conversion or a
   quantization run in a child shows there, not in the job's own memory);
 * whether ``tensorflow`` was imported into the job process;
-* the seconds spent in ``pipelines.common.check_models`` (the launcher's
+* the seconds spent in ``pipelines.launch.check_models`` (the launcher's
   model checks) and in the pipeline after it.
 
 ``--cold`` first runs once with an empty ONNX cache (``$NATVISION_ONNX_CACHE``
@@ -50,10 +50,7 @@ def _child(out_path: str, job_argv: List[str]) -> int:
   from pipelines import embed_images  # pylint: disable=import-outside-toplevel
   imported = time.perf_counter()
   spans = {}
-  try:  # the launch module that holds the model check, whichever it is
-    launcher = importlib.import_module("pipelines.launch")
-  except ImportError:
-    launcher = importlib.import_module("pipelines.common")
+  launcher = importlib.import_module("pipelines.launch")
   check = launcher.check_models
 
   def timed_check(*args, **kwargs):
