@@ -64,6 +64,18 @@ class EvaluationError(ValueError):
   """Flags or tables that cannot be evaluated; the message says the fix."""
 
 
+def _label_column(table: pa.Table, label_column: str) -> pa.ChunkedArray:
+  """The table's label column.
+
+  Raises:
+    EvaluationError: the table has no such column (the message lists them).
+  """
+  if label_column not in table.column_names:
+    raise EvaluationError(f"no column {label_column!r} in the table (columns: "
+                          f"{', '.join(table.column_names)})")
+  return table.column(label_column)
+
+
 def normalize_label(value) -> Optional[str]:
   """Case-folded text with runs of whitespace collapsed; None when empty."""
   if value is None:
@@ -230,10 +242,7 @@ def evaluate_classifier(table: pa.Table, label_column: str,
     The model's entry of evaluation.json (without ``kind`` and
     ``label_column``).
   """
-  if label_column not in table.column_names:
-    raise EvaluationError(f"no column {label_column!r} in the table (columns: "
-                          f"{', '.join(table.column_names)})")
-  column = table.column(label_column)
+  column = _label_column(table, label_column)
   integer = pa.types.is_integer(column.type)
   values = column.to_pylist()
   top = table.column("top_k_label_ids").to_pylist()
@@ -397,10 +406,7 @@ def evaluate_embedder(table: pa.Table, label_column: str, ks: Sequence[int],
     The model's entry of evaluation.json (without ``kind`` and
     ``label_column``).
   """
-  if label_column not in table.column_names:
-    raise EvaluationError(f"no column {label_column!r} in the table (columns: "
-                          f"{', '.join(table.column_names)})")
-  values = table.column(label_column).to_pylist()
+  values = _label_column(table, label_column).to_pylist()
   embedding = table.column("embedding").combine_chunks()
   width = embedding.type.list_size
   vectors = embedding.flatten().to_numpy(zero_copy_only=False).reshape(
