@@ -1,4 +1,17 @@
-"""Shared fixtures: tiny stand-in models and real photos on disk."""
+"""Shared fixtures: tiny stand-in models and real photos on disk.
+
+Two tiers (README, "Tests"): ``python -m pytest -q tests`` runs the default
+tier, every test not marked ``slow``; ``python -m pytest -q -m slow tests``
+runs only the slow tier and ``--runslow`` runs both.  An explicit ``-m``
+expression always chooses for itself.
+
+Made once per session and shared by every test that does not ask for a
+fresh one: the tiny stand-in models (``tiny_models``), the photos on disk,
+the ONNX conversion cache (``$NATVISION_ONNX_CACHE``) and the cache of
+remote models (``$NATVISION_MODEL_CACHE``), both under the session's temp
+folder so that no test reads or fills the machine's own caches.  A test
+about converting or caching sets a fresh cache with ``monkeypatch``.
+"""
 
 import os
 import shutil
@@ -8,6 +21,40 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# No test may look for cloud credentials on a metadata server.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["NO_GCE_CHECK"] = "true"
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False,
+                   help="run the slow tier too (the whole suite, as CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Deselects ``slow`` tests unless ``--runslow`` or an ``-m`` is given."""
+  if config.getoption("--runslow") or config.getoption("markexpr"):
+    return
+  slow = [item for item in items if "slow" in item.keywords]
+  if slow:
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if "slow" not in item.keywords]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_caches(tmp_path_factory):
+  """The session's ONNX and model caches (see the module docstring)."""
+  root = tmp_path_factory.mktemp("caches")
+  saved = {k: os.environ.get(k)
+           for k in ("NATVISION_ONNX_CACHE", "NATVISION_MODEL_CACHE")}
+  os.environ["NATVISION_ONNX_CACHE"] = str(root / "onnx")
+  os.environ["NATVISION_MODEL_CACHE"] = str(root / "models")
+  yield root
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
 
 
 def real_photo_paths():
@@ -21,13 +68,37 @@ def real_photo_paths():
           os.path.join(sk, "rocket.jpg"), os.path.join(sk, "grass.png")]
 
 
+TINY_NAMES = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-  """The three seed models as tiny stand-ins, in the seeds' formats."""
-  from tools import standins as standin_models  # pylint: disable=import-outside-toplevel
+def tiny_models(tmp_path_factory, session_caches):
+  """The three seed models as tiny stand-ins, in the seeds' formats.
+
+  Their ONNX files are converted here, once, into the session's ONNX cache
+  (in this process: a conversion in a child would import TensorFlow and
+  tf2onnx again for each), so that a job on ``--runtime auto`` or ``onnx``
+  finds them cached.  Tests must not modify the folder.
+  """
+  # pylint: disable=import-outside-toplevel
+  from tools import standins as standin_models
+  from transforms import models as models_lib
+  from transforms.runtimes import onnx as onnx_lib
   root = str(tmp_path_factory.mktemp("models"))
   standin_models.write_standins(root, tiny=True)
+  for resolved in models_lib.resolve_models(list(TINY_NAMES), root,
+                                            requested_runtime="onnx"):
+    onnx_lib.convert_to_onnx(resolved, onnx_lib.cached_onnx_path(
+        resolved, onnx_lib.model_fingerprint(resolved.path)))
   return root
+
+
+@pytest.fixture
+def fresh_onnx_cache(tmp_path, monkeypatch):
+  """An empty ONNX cache for one test (tests about converting, caching)."""
+  cache = str(tmp_path / "onnx_cache")
+  monkeypatch.setenv("NATVISION_ONNX_CACHE", cache)
+  return cache
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,9 @@ class PhotoServer:
       server = http.server.ThreadingHTTPServer((host, 0), self._handler())
       server.daemon_threads = True
       self._servers.append(server)
-    self._threads = [threading.Thread(target=s.serve_forever, daemon=True)
+    self._threads = [threading.Thread(target=s.serve_forever,
+                                      kwargs={"poll_interval": 0.05},
+                                      daemon=True)
                      for s in self._servers]
 
   def __enter__(self) -> "PhotoServer":

@@ -194,6 +194,7 @@ def test_under_load_memory_by_quarter():
   assert memory["mib_per_1000_photos"] == pytest.approx(10.0)
 
 
+@pytest.mark.slow
 def test_under_load_small_run_loses_nothing(tiny_models, tmp_path):
   """The benchmark's code path on 300 photos, 15 of which fail once."""
   result = under_load.run_under_load(300, 0.05, str(tmp_path),

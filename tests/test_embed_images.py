@@ -137,8 +137,8 @@ def test_parquet_metadata_names_the_model(job, tiny_models):
 
 def test_onnx_job_matches_tensorflow_and_records_the_decision(
     tiny_models, photo_dir, tmp_path, monkeypatch):
-  """The one whole job on ONNX Runtime: launcher decision, worker check."""
-  monkeypatch.setenv("NATVISION_ONNX_CACHE", str(tmp_path / "onnx_cache"))
+  """The one whole job on ONNX Runtime: launcher decision, worker check
+  (on the session's converted files; converting is test_runtimes')."""
   out = str(tmp_path / "out")
   report = embed_images.run([
       "--input", str(photo_dir / "*"), "--output_dir", out,

@@ -24,6 +24,7 @@ from pipelines import embed_images
 from transforms.config import ConfigError as FlagError
 from tests.conftest import real_photo_paths
 from transforms import models as models_lib
+from transforms import runtimes
 from transforms import photos, progress, sinks, snapshots, sources, uris
 
 LATIN1_NAME = b"caf\xe9.jpg"  # "café.jpg" saved by a Latin-1 system
@@ -274,10 +275,17 @@ def test_non_utf8_file_name_gets_an_embedding_row_with_a_stable_id(
                          str(root / "chelsea.png")}
     assert rows[shown]["image_id"] == expected_id
     # The real bytes were read: the same photo under a UTF-8 name embeds
-    # the same.
-    np.testing.assert_allclose(rows[shown]["embedding"],
-                               rows[str(root / "plain.jpg")]["embedding"],
-                               rtol=1e-6)
+    # the same, within the tolerance of one runtime run on other batch
+    # shapes (the two may land in different batches, and the kernels' sums
+    # differ by batch shape and processor); another photo is far outside.
+    same = runtimes.output_difference(
+        np.array([rows[shown]["embedding"]]),
+        np.array([rows[str(root / "plain.jpg")]["embedding"]]))
+    other = runtimes.output_difference(
+        np.array([rows[shown]["embedding"]]),
+        np.array([rows[str(root / "chelsea.png")]["embedding"]]))
+    tolerance = runtimes.TOLERANCES[models_lib.EMBEDDER]
+    assert same <= tolerance < other / 100, (same, other)
     assert _table(out / "errors").num_rows == 0
     assert report["inputs"] == 3 and report["errors"]["total"] == 0
     # 10. Progress is counted per run, not summed over the process.

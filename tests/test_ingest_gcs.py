@@ -30,6 +30,11 @@ from pipelines import ingest_observations as ingest
 from tests.gcs_server import upload_dir
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
 
+# Slow tier: three ingestion runs on the loopback GCS server; ingestion
+# is in the default tier locally (test_ingest_observations) and gs:// with
+# test_gcs_job.
+pytestmark = pytest.mark.slow
+
 EMB = "inaturalist_v2"
 FUN = "fungi_mobile_v1"
 TABLES = {EMB: "embeddings/" + EMB, FUN: "predictions/" + FUN}

@@ -348,6 +348,7 @@ def test_run_summary_file(sequence):
 # A run that dies while committing, followed by a run of a later date.
 
 
+@pytest.mark.slow
 def test_half_committed_partition_is_not_processed_twice(tiny_models,
                                                          tmp_path):
   world = SyntheticINat(str(tmp_path / "world"), seed=5)

@@ -9,6 +9,7 @@ below a strict minimum, accepted above a loose one), never a figure's value.
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -24,11 +25,18 @@ from transforms.runtimes import sample
 
 
 @pytest.fixture(autouse=True)
-def onnx_cache(tmp_path, monkeypatch):
-  cache = str(tmp_path / "onnx_cache")
-  monkeypatch.setenv("NATVISION_ONNX_CACHE", cache)
+def onnx_cache(tiny_models, tmp_path, monkeypatch):
+  """A cache of this test's own, holding the session's fp32 files of the
+  tiny stand-ins (converted once, see conftest) and no int8 file."""
+  cache = tmp_path / "onnx_cache"
+  cache.mkdir()
+  session_cache = os.environ["NATVISION_ONNX_CACHE"]
+  for name in os.listdir(session_cache):
+    if name.endswith(".onnx") and not name.endswith(".int8.onnx"):
+      shutil.copy(os.path.join(session_cache, name), cache / name)
+  monkeypatch.setenv("NATVISION_ONNX_CACHE", str(cache))
   runtimes.forget()
-  yield cache
+  yield str(cache)
   runtimes.forget()
 
 

@@ -35,6 +35,10 @@ import pytest
 
 from pipelines import embed_images
 
+# Slow tier: Beam's other runners (a worker pool, processes) take a
+# minute to start; the DirectRunner is tested everywhere else.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("inaturalist_v2", "fungi_mobile_v1")
 WORKER_LOG_ENV = "NATVISION_TEST_WORKER_LOG"

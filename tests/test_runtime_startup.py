@@ -34,6 +34,9 @@ from transforms import inference, models, runtimes
 from transforms.records import ImageRef, PreparedImage
 from transforms.runtimes import chooser
 
+# Slow tier: fresh interpreters that must not import TensorFlow.
+pytestmark = pytest.mark.slow
+
 root, out_path = sys.argv[1], sys.argv[2]
 (resolved,) = models.resolve_models(["fungi_mobile_v1"], root,
                                     requested_runtime="onnx")

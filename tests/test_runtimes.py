@@ -34,11 +34,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def model_root(tmp_path_factory):
-  """Tiny stand-ins of the three seeds (seed 0); tests must not modify them."""
-  root = str(tmp_path_factory.mktemp("runtime_models"))
-  standin_models.write_standins(root, tiny=True)
-  return root
+def model_root(tiny_models):
+  """Tiny stand-ins of the three seeds (seed 0); tests must not modify them.
+
+  Each test here gets an empty ONNX cache of its own (``onnx_cache``), so
+  the session's converted files of these models are not seen.
+  """
+  return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +294,11 @@ def test_one_session_serves_many_threads(model_root, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("name", NAMES)
+# One model in the default tier; each conversion starts a child process.
+@pytest.mark.parametrize("name", [
+    "inaturalist_v2",
+    pytest.param("fungi_mobile_v1", marks=pytest.mark.slow),
+    pytest.param("inception_resnet_v2", marks=pytest.mark.slow)])
 def test_auto_picks_onnx_when_it_passes_and_workers_run_it(model_root, photos,
                                                            name, conversions,
                                                            monkeypatch):
@@ -490,6 +496,7 @@ print(decision.runtime, decision.onnx_source, len(count))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_convert_once(model_root, onnx_cache):
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   procs = [subprocess.Popen([sys.executable, "-c", _CONVERT_SCRIPT, model_root],
@@ -573,6 +580,7 @@ def test_staging_cli_writes_a_file_that_workers_use(model_root, tmp_path,
   assert conversions["inaturalist_v2"] == 2
 
 
+@pytest.mark.slow
 def test_staged_file_of_other_weights_is_ignored(model_root, other_root,
                                                  tmp_path):
   root = str(tmp_path / "models")
@@ -588,8 +596,6 @@ def test_staged_file_of_other_weights_is_ignored(model_root, other_root,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("NATVISION_SLOW") != "1",
-                    reason="full-size model; set NATVISION_SLOW=1")
 @pytest.mark.parametrize("name", NAMES)
 def test_full_size_standins_pass_the_check(tmp_path, photos, name):
   path = str(tmp_path / name)

@@ -82,6 +82,7 @@ def test_embed_glob_manifest_and_models_on_s3(anonymous_aws, tiny_models,
        f"file not found: {bucket}/p/deleted.jpg")]
 
 
+@pytest.mark.slow
 def test_ingest_straight_from_an_open_data_bucket(anonymous_aws, tiny_models,
                                                   tmp_path):
   """The bucket's layout: tables at the root, photos/<id>/<size>.<ext>."""

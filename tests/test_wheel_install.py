@@ -19,6 +19,9 @@ import pytest
 
 import transforms
 
+# Slow tier: builds and installs a wheel, then runs the demo from it.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("pipelines", "transforms", "tools")
 NOT_COPIED = {".git", "__pycache__", ".pytest_cache", "build", "dist",

@@ -7,25 +7,15 @@ the pipelines load the real seed models.
 
 import csv
 import os
-import sys
 
 import numpy as np
 import pytest
 
-# Lets `pytest tests/...` import the package without installing it.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
+from tools import standins as standin_models
+from transforms import models
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import tensorflow as tf  # noqa: E402
-import tensorflow_hub as hub  # noqa: E402
-from tensorflow.core.framework import types_pb2  # noqa: E402
-from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
-
-from tools import standins as standin_models  # noqa: E402
-from transforms import models  # noqa: E402
+# TensorFlow is imported by the tests that use it, not at collection.
+# pylint: disable=import-outside-toplevel
 
 TF1_NAMES = ["inaturalist_v2", "fungi_mobile_v1"]
 TF2_NAMES = ["inception_resnet_v2"]
@@ -69,6 +59,7 @@ def _predict_all(root_dir, batch):
 
 
 def _meta_graphs(path):
+  from tensorflow.core.protobuf import saved_model_pb2
   proto = saved_model_pb2.SavedModel()
   with open(os.path.join(path, "saved_model.pb"), "rb") as f:
     proto.ParseFromString(f.read())
@@ -91,6 +82,7 @@ def test_tf2_folder_has_no_hub_marker(root, name):
 @pytest.mark.parametrize("name", TF1_NAMES)
 def test_tf1_saved_model_has_one_empty_tag_set_and_default_signature(
     root, name):
+  from tensorflow.core.framework import types_pb2
   (meta,) = _meta_graphs(os.path.join(root, name))
   assert list(meta.meta_info_def.tags) == []
   assert set(meta.signature_def) == {"default"}
@@ -107,6 +99,8 @@ def test_tf1_saved_model_has_one_empty_tag_set_and_default_signature(
 
 @pytest.mark.parametrize("name", TF1_NAMES)
 def test_tf1_hub_load_signature(root, name, batch):
+  import tensorflow as tf
+  import tensorflow_hub as hub
   obj = hub.load(os.path.join(root, name))
   fn = obj.signatures["default"]
   args, kwargs = fn.structured_input_signature
@@ -120,6 +114,8 @@ def test_tf1_hub_load_signature(root, name, batch):
 
 
 def test_tf2_hub_load_call_and_serving_signature(root, batch):
+  import tensorflow as tf
+  import tensorflow_hub as hub
   obj = hub.load(os.path.join(root, "inception_resnet_v2"))
   images = tf.constant(batch)
   out = obj(images, training=False)
@@ -285,8 +281,6 @@ def test_cli_rejects_unknown_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("NATVISION_SLOW") != "1",
-                    reason="full-size model; set NATVISION_SLOW=1")
 def test_full_size_fungi_is_mobilenet_v2(tmp_path, batch):
   written = standin_models.write_standins(str(tmp_path),
                                           models=["fungi_mobile_v1"])
