@@ -23,6 +23,9 @@ from transforms import models as models_lib
 from transforms import runtimes
 from transforms.runtimes import onnx as onnx_lib
 
+# Slow tier: fresh interpreters that must not import TensorFlow.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = r"""
@@ -33,9 +36,6 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from transforms import inference, models, runtimes
 from transforms.records import ImageRef, PreparedImage
 from transforms.runtimes import chooser
-
-# Slow tier: fresh interpreters that must not import TensorFlow.
-pytestmark = pytest.mark.slow
 
 root, out_path = sys.argv[1], sys.argv[2]
 (resolved,) = models.resolve_models(["fungi_mobile_v1"], root,
