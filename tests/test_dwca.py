@@ -135,7 +135,8 @@ def test_gbif_download_zip(tmp_path, tiny_models, server):
   assert [(e["uri"], e["stage"]) for e in errors] == [(media[4][3], "read")]
   assert "text/html page titled 'Record page'" in errors[0]["error"]
   assert errors[0]["scientificName"] == "Corvus corax L."
-  assert run_json["skipped_not_image"] == 2
+  assert (run_json["skipped_sound"], run_json["skipped_video"]) == (1, 1)
+  assert run_json["skipped_bad_lines"] == 0 and run_json["bad_lines"] == []
   assert run_json["filtered_by_license"] == 0 and run_json["inputs"] == 5
   assert server.requests["/img/3"] == 0  # the video row is never fetched
   ids = {r["uri"]: r["image_id"] for r in emb}
@@ -148,7 +149,7 @@ def test_gbif_download_zip(tmp_path, tiny_models, server):
                                 "--license", "cc0,cc-by")
   assert sorted(r["uri"] for r in emb2) == sorted([media[0][3], media[5][3]])
   assert errors2 == [] and run2["filtered_by_license"] == 3
-  assert run2["skipped_not_image"] == 2
+  assert (run2["skipped_sound"], run2["skipped_video"]) == (1, 1)
   for m in (media[2], media[3], media[4]):
     path = "/" + m[3].split("/", 3)[3]
     assert server.requests[path] == before.get(path, 0), path
@@ -182,7 +183,7 @@ def test_audubon_core_folder_and_bare_multimedia(tmp_path, tiny_models,
   assert [(r["uri"], r["scientificName"], r["identifier"], r["UsageTerms"])
           for r in emb] == [(media[0][3], "Bellis perennis", media[0][2],
                              "CC BY 4.0")]
-  assert errors == [] and run_json["skipped_not_image"] == 1
+  assert errors == [] and run_json["skipped_sound"] == 1
 
   bare = tmp_path / "download" / "multimedia.txt"
   bare.parent.mkdir()
@@ -197,7 +198,7 @@ def test_audubon_core_folder_and_bare_multimedia(tmp_path, tiny_models,
   assert sorted((r["gbifID"], r["license"]) for r in emb) == [
       ("7", "CC_BY_NC_4_0"), ("8", "CC_BY_NC_4_0")]
   assert len({r["image_id"] for r in emb}) == 2
-  assert run_json["skipped_not_image"] == 1
+  assert run_json["skipped_sound"] == 1
 
 
 def test_license_filter_on_a_manifest(tmp_path, tiny_models, server):
