@@ -331,8 +331,9 @@ def _lines(stream: BinaryIO, path: str, name: str,
                             fed - held + e.start, e) from e
     fed += len(chunk)
     if first and text:
-      text, first = text.lstrip("\ufeff") if data.encoding.startswith(
-          "utf") else text, False
+      first = False
+      if data.encoding.startswith("utf"):
+        text = text.removeprefix("\ufeff")
     start = 0
     for m in _BREAK.finditer(text):
       if not final and m.end() == len(text) and m.group() == "\r":
@@ -432,10 +433,12 @@ def _data_file(path: str, descriptor, encoding: Optional[str]) -> DataFile:
                     if loc.text and loc.text.strip())
   declared = encoding or descriptor.file_encoding or "UTF-8"
   delimiter = descriptor.fields_terminated_by
-  if len(delimiter) != 1:
+  quote = descriptor.fields_enclosed_by or ""
+  if len(delimiter) != 1 or len(quote) > 1:
     raise sources.InputError(
-        f"{path}: meta.xml's fieldsTerminatedBy {delimiter!r} for "
-        f"{locations[0] if locations else '?'} is not one character")
+        f"{path}: meta.xml's fieldsTerminatedBy {delimiter!r} and "
+        f"fieldsEnclosedBy {quote!r} for {descriptor.file_location} must be "
+        f"one character (fieldsEnclosedBy may be empty)")
   key_index = (descriptor.id_index if descriptor.represents_corefile
                else descriptor.coreid_index)
   return DataFile(
@@ -444,7 +447,7 @@ def _data_file(path: str, descriptor, encoding: Optional[str]) -> DataFile:
       encoding=_codec(declared, f"{path}: encoding of "
                       f"{descriptor.file_location}"),
       declared_encoding=declared, delimiter=delimiter,
-      quote=descriptor.fields_enclosed_by or "",
+      quote=quote,
       header_lines=int(element.get("ignoreHeaderLines") or 0),
       key_index=key_index,
       fields=tuple((f["index"], f["term"], f["default"])
@@ -586,9 +589,9 @@ def open_archive(path: str, encoding: Optional[str] = None) -> Archive:
         f"accessURI nor identifier, so no photo URL")
   try:
     warnings = check_data_files(path, kind, [p for p in (core, media) if p])
-  except (sources.InputError, OSError, KeyError, zipfile.BadZipFile) as e:
-    if isinstance(e, sources.InputError):
-      raise
+  except sources.InputError:
+    raise
+  except (OSError, zipfile.BadZipFile) as e:
     raise sources.InputError(f"{path}: a data file cannot be read: {e}"
                              ) from e
   for warning in warnings:
