@@ -64,6 +64,7 @@ class JobConfig:
   max_error_rate: Optional[float] = None
   demo: bool = False
   manifest_encoding: str = sources.DEFAULT_ENCODING
+  archive_encoding: Optional[str] = None
   license_filter: licenses.LicenseFilter = licenses.LicenseFilter()
 
   def __post_init__(self):
@@ -74,6 +75,8 @@ class JobConfig:
     if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
       raise ConfigError("--max_error_rate must be between 0 and 1, e.g. 0.05")
     sources.check_encoding(self.manifest_encoding)
+    if self.archive_encoding is not None:
+      sources.check_encoding(self.archive_encoding)
     manifests = [i for i in self.inputs if sources.manifest_format(i)]
     if manifests and len(self.inputs) > 1:
       raise ConfigError(
@@ -112,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="character encoding of a text manifest, e.g. cp1252 "
                  "for a CSV saved by a spreadsheet program on Windows "
                  "(default utf-8)")
+  p.add_argument("--archive_encoding",
+                 help="character encoding of every data file of a Darwin "
+                 "Core input, instead of what its meta.xml declares (a bare "
+                 "multimedia.txt: UTF-8), e.g. cp1252")
   p.add_argument("--output_dir", help="folder (local or gs://) for the tables")
   embed.EmbedConfig.add_flags(p)
   licenses.LicenseFilter.add_flags(p)
@@ -155,6 +162,7 @@ def _configure(args: argparse.Namespace) -> "JobConfig":
                    embed=embed.EmbedConfig.from_args(args, model_root),
                    max_error_rate=args.max_error_rate, demo=args.demo,
                    manifest_encoding=args.manifest_encoding,
+                   archive_encoding=args.archive_encoding,
                    license_filter=licenses.LicenseFilter.from_args(args))
 
 
@@ -186,7 +194,8 @@ def check_input(config: JobConfig) -> CheckedInput:
   archive = config.archive_path()
   if archive:
     prepared = CheckedInput(manifest=None, expected_total=None,
-                        archive=dwca.open_archive(archive))
+                            archive=dwca.open_archive(
+                                archive, config.archive_encoding))
   elif config.manifest_path:
     manifest = sources.read_manifest_header(config.manifest_path,
                                             config.manifest_encoding)
@@ -223,11 +232,13 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
   The last step commits the tables and writes run.json, inside the pipeline.
   """
   config, prepared = plan.config, plan.checked
-  skipped = []
+  skipped, examples = [], []
   if prepared.archive is not None:
     read = p | "ReadInput" >> dwca.ReadArchiveRefs(prepared.archive)
-    refs = read.refs | "OnePerPhoto" >> sources.OnePerId()
+    refs = read["refs"] | "OnePerPhoto" >> sources.OnePerId()
     skipped.append(read[dwca.SKIPPED_TAG])
+    examples.append(read[dwca.BAD_LINES_TAG] | "NameBadLines" >> beam.Map(
+        lambda bad: (dwca.BAD_LINES_TAG, bad)))
   else:
     refs = p | "ReadInput" >> sources.ReadImageRefs(
         patterns=() if prepared.manifest else config.inputs,
@@ -247,7 +258,9 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
     tallies.append(reasons | f"CountSkipped{i}" >> beam.Map(lambda r: (r, 1)))
   figures = {"error_tables": out[embed.ERROR_TABLES],
              "loads": out[embed.LOADS],
-             "tallies": tallies | "AllTallies" >> beam.Flatten()
+             "tallies": tallies | "AllTallies" >> beam.Flatten(),
+             "examples": (examples or [p | "NoExamples" >> beam.Create([])])
+                         | "AllExamples" >> beam.Flatten(),
              } | "Summarize" >> summary_lib.Summarize()
   _ = out[embed.WRITTEN] | "CommitRun" >> commit.CommitRun(
       plan.layout, RunReport(plan.base, config.max_error_rate),
@@ -269,8 +282,9 @@ class RunReport:
 
   def __call__(self, layout: commit.Layout, figures: dict) -> dict:
     """Args: figures: ``summary.Summarize``'s output; its counts hold
-    ``inputs`` (photos sent on), ``skipped_not_image`` and
-    ``filtered_by_license`` (rows never fetched)."""
+    ``inputs`` (photos sent on), ``dwca.SKIP_REASONS`` and
+    ``filtered_by_license`` (rows never fetched); its examples the first
+    bad lines of an archive as (file, line, why)."""
     counts = figures["counts"]
     inputs = counts.get("inputs", 0)
     ended = time.time()
@@ -281,7 +295,10 @@ class RunReport:
         "ended": commit.iso(ended),
         "elapsed_s": round(elapsed, 3),
         "inputs": inputs,
-        dwca.SKIPPED_NOT_IMAGE: counts.get(dwca.SKIPPED_NOT_IMAGE, 0),
+        **{reason: counts.get(reason, 0) for reason in dwca.SKIP_REASONS},
+        dwca.BAD_LINES_TAG: [
+            f"{file}:{line}: {why}" for file, line, why in
+            figures.get("examples", {}).get(dwca.BAD_LINES_TAG, [])],
         licenses.FILTERED_BY_LICENSE: counts.get(
             licenses.FILTERED_BY_LICENSE, 0),
         "images_per_second": round(inputs / elapsed, 3),
@@ -306,10 +323,19 @@ def _summary(report: dict) -> str:
                  f"a dead attempt")
   for name, rows in report["rows"].items():
     lines.append(f"  {name}: {rows} row(s)")
-  for key, why in ((dwca.SKIPPED_NOT_IMAGE, "not still images"),
+  for key, why in ((dwca.SKIPPED_SOUND, "sounds"),
+                   (dwca.SKIPPED_VIDEO, "videos"),
+                   (dwca.SKIPPED_NO_IMAGE_FORMAT,
+                    "with neither a type nor an image format"),
+                   (dwca.SKIPPED_OTHER_TYPE, "of another type"),
+                   (dwca.SKIPPED_BAD_LINES, "on lines that cannot be read"),
                    (licenses.FILTERED_BY_LICENSE, "left out by --license")):
     if report.get(key):
       lines.append(f"  not fetched: {report[key]} row(s) {why}")
+  for bad in report.get(dwca.BAD_LINES_TAG) or []:
+    lines.append(f"    {bad}")
+  for warning in report.get("warnings") or []:
+    lines.append(f"  warning: {warning}")
   errs = report["errors"]
   stages = ", ".join(f"{k} {v}" for k, v in sorted(errs["by_stage"].items()))
   lines.append(f"  errors: {errs['total']} row(s)" +
@@ -370,6 +396,8 @@ class EmbedJob(launch.Job):
         "models": [dict(m.describe(), standin=config.demo)
                    for m in config.models],
         "reused_photos": resume.reused_photos,
+        "warnings": list(prepared.archive.warnings
+                         if prepared.archive is not None else ()),
     })
     return launch.Plan(config=config, checked=prepared, layout=layout,
                        resume=resume, base=base)

@@ -1,13 +1,20 @@
 """Darwin Core input: GBIF downloads and IPT archives as photo references.
 
 ``--input`` may be a Darwin Core Archive (a ``.zip``, or a folder holding
-``meta.xml``) or a bare GBIF ``multimedia.txt``.  Each row of the archive's
-multimedia extension whose type is StillImage is one photo, whatever its
-``format`` says (what the server sends back decides); rows of other types
-(Sound, MovingImage, empty) are not fetched and are counted as
-``skipped_not_image``.  The photo's URL is ``identifier`` (GBIF Simple
-Multimedia) or ``accessURI`` (Audubon Core, where ``identifier`` may be a
-UUID).
+``meta.xml``) or a bare GBIF ``multimedia.txt``.  The photo's URL is
+``identifier`` (GBIF Simple Multimedia) or ``accessURI`` (Audubon Core,
+where ``identifier`` may be a UUID).
+
+Which multimedia rows are photos (``photo_or_skip``): a row whose ``type``
+says StillImage in any spelling (``StillImage``, ``Still Image``, the DCMI
+URI ``http://purl.org/dc/dcmitype/StillImage``, ``dcmitype:StillImage``,
+``image``, ``photo``) is a photo whatever its ``format`` says (what the
+server sends back decides).  When ``type`` is empty or is itself a MIME
+type (the two columns swapped), the MIME type (``type`` then ``format``)
+decides, as GBIF does: ``image/*`` is a photo.  Every other row is counted
+by reason, never fetched: ``skipped_sound``, ``skipped_video``,
+``skipped_no_image_format`` (no type and no image MIME type) and
+``skipped_other_type`` (e.g. ``Text``, ``InteractiveResource``).
 
 Every photo carries the multimedia row's fields and a chosen set of the
 core record's fields (``CORE_FIELDS``), joined on the core id inside the
@@ -17,22 +24,54 @@ all the same, with empty core fields.  A core field whose name a
 multimedia field already takes (``license``, ``rightsHolder``, ``type``)
 is carried as ``occurrence_<name>``.
 
-``meta.xml`` and the data files are parsed by python-dwca-reader.  An
-archive on gs:// or s3:// is copied to a local temporary folder first, in
-the launcher for ``meta.xml`` alone and in the worker for its data files;
-of a zip, only the files read are extracted.
+Reading.  python-dwca-reader parses ``meta.xml`` (field indices, terms,
+defaults, delimiters, declared encoding); the data files are read here,
+streaming, by Python's ``csv`` module over a strictly decoded text stream,
+because python-dwca-reader fails the whole archive on one short line,
+reads only the first ``<location>``, splits lines on the declared
+terminator only and decodes bad bytes as U+FFFD.  So:
+
+- every ``<location>`` of the core and of the multimedia extension is read;
+- ``\\n``, ``\\r\\n`` and ``\\r`` all end a line, whatever
+  ``linesTerminatedBy`` says; a file written with another ending than the
+  declared one is read as written, with a warning (``warnings`` in
+  run.json, logged at launch);
+- a line with fewer fields than meta.xml's highest index needs, or with
+  another number of fields than the file's header, or that the csv module
+  cannot parse, is a counted skip (``skipped_bad_lines``), its first
+  ``BAD_LINE_EXAMPLES`` named as ``file:line: why`` in run.json
+  (``bad_lines``).  A bad line is a skip, not an error row, because its
+  fields are shifted or missing: no trustworthy photo URL or core id to
+  name a photo by.  The rest of the archive goes on.  A line with no
+  characters at all is not a record and is ignored, as in manifests;
+- bytes that are not valid in the declared encoding (or
+  ``--archive_encoding``) refuse the input before the job runs
+  (``ArchiveEncodingError``, exit 2), naming the file, line, byte offset
+  and encoding, as manifests do (transforms/sources.py): a replaced byte
+  would corrupt the creator and rightsHolder a CC BY licence requires in
+  every table, and a skip would lose photos that a rerun with the right
+  encoding reads whole.  So the launcher decodes every data file once,
+  streaming (``check_data_files``), and the workers decode strictly again.
+
+An archive on gs:// or s3:// is copied to a local temporary folder first;
+of a local zip, the data files are read straight from the zip.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import csv
 import dataclasses
 import hashlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (BinaryIO, Callable, Dict, Iterator, List, Optional,
+                    Sequence, Tuple, Union)
 
 import apache_beam as beam
 import pyarrow as pa
@@ -41,7 +80,6 @@ from apache_beam.io.filesystems import FileSystems
 from transforms import sources
 from transforms import storage
 from transforms import uris
-from transforms.records import ImageRef
 
 MULTIMEDIA_TYPES = ("http://rs.gbif.org/terms/1.0/Multimedia",
                     "http://rs.tdwg.org/ac/terms/Multimedia")
@@ -50,12 +88,25 @@ IDENTIFIERS = ("http://purl.org/dc/terms/identifier",
                "http://purl.org/dc/elements/1.1/identifier")
 TYPES = ("http://purl.org/dc/terms/type",
          "http://purl.org/dc/elements/1.1/type")
-STILL_IMAGE = "stillimage"
-SKIPPED_NOT_IMAGE = "skipped_not_image"
+FORMATS = ("http://purl.org/dc/terms/format",
+           "http://purl.org/dc/elements/1.1/format")
 SKIPPED_TAG = "skipped"
+BAD_LINES_TAG = "bad_lines"
+# Why a row was not fetched; each is a count in run.json.
+SKIPPED_SOUND = "skipped_sound"
+SKIPPED_VIDEO = "skipped_video"
+SKIPPED_NO_IMAGE_FORMAT = "skipped_no_image_format"
+SKIPPED_OTHER_TYPE = "skipped_other_type"
+SKIPPED_BAD_LINES = "skipped_bad_lines"
+SKIP_REASONS = (SKIPPED_SOUND, SKIPPED_VIDEO, SKIPPED_NO_IMAGE_FORMAT,
+                SKIPPED_OTHER_TYPE, SKIPPED_BAD_LINES)
+# How many bad lines run.json names (the first ones, by file and line).
+BAD_LINE_EXAMPLES = 10
 CORE_PREFIX = "occurrence_"
 MEDIA_PREFIX = "media_"
 GBIF_ID = "gbifID"
+# Bytes decoded at a time when a data file is read.
+_CHUNK = 1 << 20
 
 # Core fields carried into the tables when the core file has them.
 CORE_FIELDS = (
@@ -68,10 +119,58 @@ CORE_FIELDS = (
     "month", "day", "countryCode", "stateProvince", "locality", "recordedBy",
     "identifiedBy", "license", "rightsHolder", "type", "publisher")
 
+_log = logging.getLogger("natvision")
+
+
+class ArchiveEncodingError(sources.InputError):
+  """A data file holds bytes that are not valid in its encoding (exit 2)."""
+
 
 def short(term: str) -> str:
   """The column name of a term URI (its last path segment)."""
   return term.rstrip("/").split("/")[-1].split("#")[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+  """How to read the data files of the core or of one extension.
+
+  Attributes:
+    locations: the files, relative to the archive root, in meta.xml's order
+      (every ``<location>``).
+    encoding: the Python codec (meta.xml's ``encoding`` or
+      ``--archive_encoding``).
+    declared_encoding: the encoding as meta.xml or the flag writes it.
+    delimiter: one character (``fieldsTerminatedBy``).
+    quote: ``fieldsEnclosedBy``; empty for unquoted files.
+    header_lines: ``ignoreHeaderLines``.
+    key_index: the column of the core id (``<id>`` of the core,
+      ``<coreid>`` of an extension); None when there is none.
+    fields: (column index or None, term, default) per ``<field>``.
+    declared_ending: ``linesTerminatedBy``; None when nothing declares one.
+  """
+
+  locations: Tuple[str, ...]
+  encoding: str
+  declared_encoding: str
+  delimiter: str
+  quote: str
+  header_lines: int
+  key_index: Optional[int]
+  fields: Tuple[Tuple[Optional[int], str, Optional[str]], ...]
+  declared_ending: Optional[str] = None
+
+  @property
+  def terms(self) -> List[str]:
+    return [term for _, term, _ in self.fields]
+
+  @property
+  def needed(self) -> int:
+    """The fewest fields a line may have: the highest index used, plus one."""
+    indexes = [i for i, _, _ in self.fields if i is not None]
+    if self.key_index is not None:
+      indexes.append(self.key_index)
+    return max(indexes) + 1 if indexes else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +180,26 @@ class Archive:
   Attributes:
     path: the .zip, the folder holding meta.xml, or the multimedia.txt.
     kind: ``zip``, ``folder`` or ``multimedia``.
-    meta: meta.xml's text (empty for a bare multimedia.txt).
-    media_file: the multimedia file's location inside the archive.
+    media: how to read the multimedia files.
+    core: how to read the core files; None for a bare multimedia.txt.
     media_columns: (column, term) carried from each multimedia row.
-    core_file: the core file's location; None for a bare multimedia.txt.
     core_columns: (column, term) carried from the core record.
     url_term: the term holding the photo's URL.
     type_term: the term holding the row's type; None when there is none.
+    format_term: the term holding the row's MIME type; None when none.
+    warnings: what the launcher noticed and read through (line endings).
   """
 
   path: str
   kind: str
-  meta: str
-  media_file: str
+  media: DataFile
+  core: Optional[DataFile]
   media_columns: Tuple[Tuple[str, str], ...]
-  core_file: Optional[str]
   core_columns: Tuple[Tuple[str, str], ...]
   url_term: str
   type_term: Optional[str]
+  format_term: Optional[str] = None
+  warnings: Tuple[str, ...] = ()
 
   @property
   def carried(self) -> Tuple[Tuple[str, pa.DataType], ...]:
@@ -122,69 +223,252 @@ def is_archive_input(path: str) -> bool:
   return storage.exists(FileSystems.join(path.rstrip("/"), "meta.xml"))
 
 
+def _zip_member(z: zipfile.ZipFile, path: str, name: str) -> str:
+  """The member holding ``name``, at its path or by its base name."""
+  if name in z.namelist():
+    return name
+  members = {os.path.basename(m.filename): m.filename
+             for m in z.infolist() if not m.is_dir()}
+  member = members.get(os.path.basename(name))
+  if member is None:
+    raise sources.InputError(f"{path} has no {name}")
+  return member
+
+
 @contextlib.contextmanager
 def _local(path: str, kind: str, names: Sequence[str]) -> Iterator[str]:
-  """A local folder holding ``names`` of the archive (extracted or copied).
+  """A local folder holding ``names`` of a remote archive (copied).
 
   Yields:
-    The folder; removed afterwards when it is a temporary one.
+    The folder, removed afterwards.
   """
-  if kind == "folder" and not path.lower().startswith(("gs://", "s3://")):
-    yield path
-    return
   tmp = tempfile.mkdtemp(prefix="natvision-dwca-")
   try:
     if kind == "zip":
-      with FileSystems.open(path) if "://" in path else open(path, "rb") as f:
-        source = f
-        if "://" in path:  # zip needs a seekable local file
-          local_zip = os.path.join(tmp, "_archive.zip")
-          with open(local_zip, "wb") as out:
-            shutil.copyfileobj(f, out, 1 << 20)
-          source = local_zip
-        with zipfile.ZipFile(source) as z:
-          members = {os.path.basename(m.filename): m.filename
-                     for m in z.infolist() if not m.is_dir()}
-          for name in names:
-            member = name if name in z.namelist() else members.get(
-                os.path.basename(name))
-            if member is None:
-              raise sources.InputError(f"{path} has no {name}")
-            with z.open(member) as src, open(os.path.join(tmp, name),
-                                             "wb") as out:
-              shutil.copyfileobj(src, out, 1 << 20)
+      local_zip = os.path.join(tmp, "_archive.zip")
+      with FileSystems.open(path) as f, open(local_zip, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+      with zipfile.ZipFile(local_zip) as z:
+        for name in names:
+          _copy(z.open(_zip_member(z, path, name)), tmp, name)
     else:  # a remote folder, or a bare multimedia.txt anywhere
       for name in names:
-        src_path = (path if kind == "multimedia"
-                    else FileSystems.join(path.rstrip("/"), name))
-        with FileSystems.open(src_path) as src, open(
-            os.path.join(tmp, name), "wb") as out:
-          shutil.copyfileobj(src, out, 1 << 20)
+        _copy(FileSystems.open(path if kind == "multimedia" else
+                               FileSystems.join(path.rstrip("/"), name)),
+              tmp, name)
     yield tmp
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _descriptor(meta: str):
-  from dwca.descriptors import ArchiveDescriptor  # pylint: disable=import-outside-toplevel
-  return ArchiveDescriptor(meta)
+def _copy(src: BinaryIO, folder: str, name: str) -> None:
+  dst = os.path.join(folder, name)
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with src, open(dst, "wb") as out:
+    shutil.copyfileobj(src, out, 1 << 20)
 
 
-def _bare_descriptor(folder: str, name: str):
-  """The descriptor of a bare GBIF multimedia.txt: tab-separated, unquoted,
-  a header of short term names, gbifID as the row id."""
-  from dwca.descriptors import DataFileDescriptor  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
-    header = f.readline().rstrip("\r\n").split("\t")
-  fields = [{"index": i, "term": _gbif_term(c), "default": None}
-            for i, c in enumerate(header)]
-  id_index = header.index(GBIF_ID) if GBIF_ID in header else None
-  return DataFileDescriptor(
-      created_from_file=True, raw_element=None, represents_corefile=True,
-      datafile_type=MULTIMEDIA_TYPES[0], file_location=name,
-      file_encoding="utf-8", id_index=id_index, coreid_index=None,
-      fields=fields, lines_terminated_by="\n", fields_enclosed_by="",
-      fields_terminated_by="\t")
+Opener = Callable[[str], BinaryIO]
+
+
+@contextlib.contextmanager
+def _files(path: str, kind: str, names: Sequence[str]) -> Iterator[Opener]:
+  """A function that opens a file of the archive by its location, binary.
+
+  A local zip is read in place (its members stream); a remote archive is
+  copied to a temporary folder first (``names`` only, of a zip).
+  """
+  if "://" in path:
+    with _local(path, kind, names) as folder:
+      yield lambda name: open(os.path.join(folder, name), "rb")
+  elif kind == "zip":
+    with zipfile.ZipFile(path) as z:
+      yield lambda name: z.open(_zip_member(z, path, name))
+  elif kind == "multimedia":
+    yield lambda name: open(path, "rb")
+  else:
+    yield lambda name: open(os.path.join(path, name), "rb")
+
+
+_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _encoding_error(path: str, name: str, data: DataFile, line_no: int,
+                    offset: int, error: UnicodeDecodeError
+                    ) -> ArchiveEncodingError:
+  bad = bytes(error.object[error.start:error.end])
+  return ArchiveEncodingError(
+      f"{path}: {name} line {line_no} (byte {offset}): bytes {bad!r} are not "
+      f"valid {data.declared_encoding}, the encoding it declares; pass "
+      f"--archive_encoding with the encoding it was written in (e.g. cp1252 "
+      f"or latin-1), or save it as {data.declared_encoding}")
+
+
+def _lines(stream: BinaryIO, path: str, name: str,
+           data: DataFile) -> Iterator[str]:
+  """Decodes a data file strictly into lines, each with its ending.
+
+  ``\\n``, ``\\r\\n`` and ``\\r`` all end a line; the last line may have no
+  ending.  A UTF-8 byte order mark is dropped.  Memory holds one chunk.
+
+  Raises:
+    ArchiveEncodingError: bytes not valid in ``data.encoding``, naming the
+      file, the line (from 1) and the byte offset (from 0).
+  """
+  decoder = codecs.getincrementaldecoder(data.encoding)("strict")
+  pending, lines_done, fed, final, first = "", 0, 0, False, True
+  while not final:
+    chunk = stream.read(_CHUNK)
+    final = not chunk
+    try:
+      text = pending + decoder.decode(chunk, final=final)
+    except UnicodeDecodeError as e:
+      held = len(e.object) - len(chunk)  # bytes kept from the last chunk
+      before = pending + bytes(e.object[:e.start]).decode(data.encoding,
+                                                          "replace")
+      raise _encoding_error(path, name, data,
+                            lines_done + len(_BREAK.findall(before)) + 1,
+                            fed - held + e.start, e) from e
+    fed += len(chunk)
+    if first and text:
+      first = False
+      if data.encoding.startswith("utf"):
+        text = text.removeprefix("\ufeff")
+    start = 0
+    for m in _BREAK.finditer(text):
+      if not final and m.end() == len(text) and m.group() == "\r":
+        break  # perhaps the first half of a "\r\n" split across chunks
+      yield text[start:m.end()]
+      start = m.end()
+      lines_done += 1
+    pending = text[start:]
+    if final and pending:
+      yield pending
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+  """A data line that was not read: where, and why (a counted skip)."""
+
+  file: str
+  line: int
+  why: str
+
+  def __str__(self) -> str:
+    return f"{self.file}:{self.line}: {self.why}"
+
+
+def _records(path: str, name: str, data: DataFile
+             ) -> Iterator[Union[Tuple[str, Dict[str, Optional[str]]],
+                                 BadLine]]:
+  """(core id, {term: value}) per record of one data file, or a BadLine.
+
+  Raises:
+    ArchiveEncodingError: see ``_lines``.
+  """
+  quoting = dict(quotechar=data.quote, doublequote=True) if data.quote else (
+      dict(quoting=csv.QUOTE_NONE))
+  with _files(path, _kind(path), [name]) as open_file, open_file(name) as f:
+    reader = csv.reader(_lines(f, path, name, data),
+                        delimiter=data.delimiter, **quoting)
+    header_width, headers_left = None, data.header_lines
+    while True:
+      line_no = reader.line_num + 1
+      try:
+        record = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:
+        yield BadLine(name, line_no, f"cannot be parsed ({e})")
+        continue
+      if not record:
+        continue  # a line with no characters is not a record
+      if headers_left:
+        headers_left -= 1
+        header_width = header_width or len(record)
+        continue
+      why = _width_problem(len(record), data, header_width)
+      if why:
+        yield BadLine(name, line_no, why)
+        continue
+      values = {}
+      for index, term, default in data.fields:
+        value = record[index] if index is not None else None
+        values[term] = value if value not in (None, "") else default
+      key = record[data.key_index] if data.key_index is not None else ""
+      yield key, values
+
+
+def _width_problem(width: int, data: DataFile,
+                   header_width: Optional[int]) -> Optional[str]:
+  if width < data.needed:
+    return (f"{width} field(s), but meta.xml needs {data.needed} (it names "
+            f"column {data.needed - 1})")
+  if header_width is not None and width != header_width:
+    return f"{width} field(s), but the header has {header_width}"
+  return None
+
+
+def _kind(path: str) -> str:
+  lower = path.rstrip("/").lower()
+  return ("zip" if lower.endswith(".zip") else
+          "multimedia" if os.path.basename(lower) == "multimedia.txt"
+          else "folder")
+
+
+def _codec(encoding: str, where: str) -> str:
+  try:
+    return codecs.lookup(encoding).name
+  except LookupError as e:
+    raise sources.InputError(
+        f"{where}: {encoding!r} is not a known encoding; pass "
+        f"--archive_encoding (e.g. utf-8, cp1252)") from e
+
+
+def _data_file(path: str, descriptor, encoding: Optional[str]) -> DataFile:
+  """A DataFile from python-dwca-reader's descriptor of one meta.xml part."""
+  element = descriptor.raw_element
+  locations = tuple(loc.text.strip()
+                    for loc in element.findall("./{*}files/{*}location")
+                    if loc.text and loc.text.strip())
+  declared = encoding or descriptor.file_encoding or "UTF-8"
+  delimiter = descriptor.fields_terminated_by
+  quote = descriptor.fields_enclosed_by or ""
+  if len(delimiter) != 1 or len(quote) > 1:
+    raise sources.InputError(
+        f"{path}: meta.xml's fieldsTerminatedBy {delimiter!r} and "
+        f"fieldsEnclosedBy {quote!r} for {descriptor.file_location} must be "
+        f"one character (fieldsEnclosedBy may be empty)")
+  key_index = (descriptor.id_index if descriptor.represents_corefile
+               else descriptor.coreid_index)
+  return DataFile(
+      locations=tuple(dict.fromkeys(locations)) or (
+          descriptor.file_location,),
+      encoding=_codec(declared, f"{path}: encoding of "
+                      f"{descriptor.file_location}"),
+      declared_encoding=declared, delimiter=delimiter,
+      quote=quote,
+      header_lines=int(element.get("ignoreHeaderLines") or 0),
+      key_index=key_index,
+      fields=tuple((f["index"], f["term"], f["default"])
+                   for f in descriptor.fields),
+      declared_ending=descriptor.lines_terminated_by)
+
+
+def _bare_data_file(path: str, encoding: Optional[str]) -> DataFile:
+  """A bare GBIF multimedia.txt: tab-separated, unquoted, a header of short
+  term names, gbifID as the core id."""
+  name = "multimedia.txt"
+  declared = encoding or "UTF-8"
+  probe = DataFile(locations=(name,), encoding=_codec(declared, path),
+                   declared_encoding=declared, delimiter="\t", quote="",
+                   header_lines=1, key_index=None, fields=())
+  with _files(path, "multimedia", [name]) as open_file, open_file(name) as f:
+    header = next(_lines(f, path, name, probe), "").rstrip("\r\n").split("\t")
+  header = [c.strip() for c in header]
+  return dataclasses.replace(
+      probe, key_index=header.index(GBIF_ID) if GBIF_ID in header else None,
+      fields=tuple((i, _gbif_term(c), None) for i, c in enumerate(header)))
 
 
 _GBIF_TERMS = {
@@ -222,80 +506,106 @@ def _pick(terms: Sequence[str], wanted: Sequence[str]) -> Optional[str]:
   return next((t for t in wanted if t in terms), None)
 
 
-def open_archive(path: str) -> Archive:
-  """Reads and checks a Darwin Core input's descriptor, before the job runs.
+_ENDING_NAMES = {"\n": "\\n", "\r\n": "\\r\\n", "\r": "\\r"}
+
+
+def check_data_files(path: str, kind: str,
+                     parts: Sequence[DataFile]) -> List[str]:
+  """Decodes every data file once, streaming; returns warnings.
+
+  Returns:
+    One warning per file whose first line ends otherwise than meta.xml's
+    ``linesTerminatedBy`` says (it is read as written).
 
   Raises:
+    ArchiveEncodingError: bytes not valid in the file's encoding.
+    InputError: a data file the archive does not hold.
+  """
+  warnings = []
+  names = [n for part in parts for n in part.locations]
+  with _files(path, kind, names) as open_file:
+    for part in parts:
+      for name in part.locations:
+        ending = None
+        with open_file(name) as f:
+          for line in _lines(f, path, name, part):
+            if ending is None:
+              found = _BREAK.search(line)
+              ending = found.group() if found else ""
+        declared = part.declared_ending
+        if ending and declared is not None and ending != declared:
+          warnings.append(
+              f"{name}: meta.xml declares linesTerminatedBy "
+              f"\"{_ENDING_NAMES.get(declared, repr(declared))}\" but its "
+              f"lines end with \"{_ENDING_NAMES[ending]}\"; read as written")
+  return warnings
+
+
+def open_archive(path: str, encoding: Optional[str] = None) -> Archive:
+  """Reads and checks a Darwin Core input before the job runs.
+
+  Parses meta.xml, then decodes every data file it names once, streaming
+  (``check_data_files``).
+
+  Args:
+    path: the .zip, a folder holding meta.xml, or a multimedia.txt.
+    encoding: ``--archive_encoding``: the encoding of every data file,
+      instead of what meta.xml declares (a bare multimedia.txt: UTF-8).
+
+  Raises:
+    ArchiveEncodingError: bytes not valid in a data file's encoding,
+      naming the file, line and byte offset.
     InputError: no multimedia extension, no URL column, or an unreadable
       archive, naming the file.
   """
-  lower = path.rstrip("/").lower()
-  kind = ("zip" if lower.endswith(".zip") else
-          "multimedia" if os.path.basename(lower) == "multimedia.txt"
-          else "folder")
+  kind = _kind(path)
   try:
     if kind == "multimedia":
-      name = "multimedia.txt"
-      with _local(path, kind, [name]) as folder:
-        media = _bare_descriptor(folder, name)
-      meta, core = "", None
+      media, core = _bare_data_file(path, encoding), None
     else:
-      with _local(path, kind, ["meta.xml"]) as folder:
-        with open(os.path.join(folder, "meta.xml"), encoding="utf-8") as f:
-          meta = f.read()
-      descriptor = _descriptor(meta)
-      media = next((e for e in descriptor.extensions
+      with _files(path, kind, ["meta.xml"]) as open_file:
+        with open_file("meta.xml") as f:
+          meta = f.read().decode("utf-8-sig")
+      from dwca.descriptors import ArchiveDescriptor  # pylint: disable=import-outside-toplevel
+      descriptor = ArchiveDescriptor(meta)
+      found = next((e for e in descriptor.extensions
                     if e.type in MULTIMEDIA_TYPES), None)
-      if media is None:
+      if found is None:
         raise sources.InputError(
             f"{path} has no multimedia extension (rowType "
             f"{' or '.join(MULTIMEDIA_TYPES)}); request a download with "
             f"multimedia, or give a manifest of photo URLs")
-      core = descriptor.core
+      media = _data_file(path, found, encoding)
+      core = _data_file(path, descriptor.core, encoding)
   except sources.InputError:
     raise
   except Exception as e:  # noqa: BLE001 - any read or parse failure
     raise sources.InputError(
         f"{path} cannot be read as a Darwin Core archive: {e}") from e
-  media_terms = [f["term"] for f in media.fields]
-  url_term = _pick(media_terms, (ACCESS_URI,) + IDENTIFIERS)
+  url_term = _pick(media.terms, (ACCESS_URI,) + IDENTIFIERS)
   if url_term is None:
     raise sources.InputError(
-        f"{path}: the multimedia file {media.file_location} has neither "
+        f"{path}: the multimedia file {media.locations[0]} has neither "
         f"accessURI nor identifier, so no photo URL")
+  try:
+    warnings = check_data_files(path, kind, [p for p in (core, media) if p])
+  except sources.InputError:
+    raise
+  except (OSError, zipfile.BadZipFile) as e:
+    raise sources.InputError(f"{path}: a data file cannot be read: {e}"
+                             ) from e
+  for warning in warnings:
+    _log.warning("%s: %s", path, warning)
   taken: Dict[str, None] = {}
-  media_columns = _columns(media_terms, taken, MEDIA_PREFIX)
+  media_columns = _columns(media.terms, taken, MEDIA_PREFIX)
   core_columns: Tuple[Tuple[str, str], ...] = ()
   if core is not None:
-    core_columns = _columns([f["term"] for f in core.fields], taken,
-                            CORE_PREFIX, keep=CORE_FIELDS)
-  return Archive(path=path, kind=kind, meta=meta,
-                 media_file=media.file_location, media_columns=media_columns,
-                 core_file=core.file_location if core is not None else None,
-                 core_columns=core_columns, url_term=url_term,
-                 type_term=_pick(media_terms, TYPES))
-
-
-def _iter_rows(archive: Archive, which: str) -> Iterator[Tuple[str, dict]]:
-  """(core id, {term: value}) of each row of the core or multimedia file."""
-  from dwca.files import CSVDataFile  # pylint: disable=import-outside-toplevel
-  name = archive.core_file if which == "core" else archive.media_file
-  with _local(archive.path, archive.kind, [name]) as folder:
-    if archive.kind == "multimedia":
-      descriptor = _bare_descriptor(folder, name)
-    else:
-      desc = _descriptor(archive.meta)
-      descriptor = desc.core if which == "core" else next(
-          e for e in desc.extensions if e.file_location == name)
-    data = CSVDataFile(folder, descriptor)
-    try:
-      for row in data.iter_rows():
-        key = getattr(row, "core_id", None) if which == "media" else None
-        if key is None:
-          key = getattr(row, "id", None)
-        yield (key or ""), row.data
-    finally:
-      data.close()
+    core_columns = _columns(core.terms, taken, CORE_PREFIX, keep=CORE_FIELDS)
+  return Archive(path=path, kind=kind, media=media, core=core,
+                 media_columns=media_columns, core_columns=core_columns,
+                 url_term=url_term, type_term=_pick(media.terms, TYPES),
+                 format_term=_pick(media.terms, FORMATS),
+                 warnings=tuple(warnings))
 
 
 def image_id(core_id: str, url: str) -> str:
@@ -304,38 +614,84 @@ def image_id(core_id: str, url: str) -> str:
       uris.uri_bytes(f"{core_id}\x00{url}")).hexdigest()[:20]
 
 
-def is_still_image(value: Optional[str]) -> bool:
-  """``StillImage`` or its DCMI type URI, in any case."""
-  return bool(value) and short(value.strip()).lower() == STILL_IMAGE
+_STILL = {"stillimage", "image", "photo", "photograph", "picture"}
+_SOUND = {"sound", "audio"}
+_VIDEO = {"movingimage", "video", "movie", "film"}
+_MIME = re.compile(r"[a-z]+/[a-z0-9][\w.+-]*(\s*;.*)?")
+_MIME_SKIPS = {"audio": SKIPPED_SOUND, "video": SKIPPED_VIDEO}
+
+
+def _type_word(value: str) -> str:
+  """``http://purl.org/dc/dcmitype/StillImage``, ``dcmitype:StillImage``,
+  ``Still Image`` -> ``stillimage``."""
+  last = re.split(r"[/#:]", value.strip().rstrip("/"))[-1]
+  return re.sub(r"[\s_-]", "", last).lower()
+
+
+def photo_or_skip(type_value: Optional[str],
+                  format_value: Optional[str]) -> Optional[str]:
+  """None when a multimedia row is a photo, else the skip reason.
+
+  ``type`` decides when it names a type (StillImage in any spelling is a
+  photo; sound, video and other types are skipped); when it is empty or a
+  MIME type, the MIME type (``type``, else ``format``) decides: ``image/*``
+  is a photo.
+
+  Returns:
+    None, or one of ``SKIP_REASONS`` (not ``SKIPPED_BAD_LINES``).
+  """
+  kind = (type_value or "").strip()
+  if kind and not _MIME.fullmatch(kind.lower()):
+    word = _type_word(kind)
+    if word in _STILL:
+      return None
+    return (SKIPPED_SOUND if word in _SOUND else
+            SKIPPED_VIDEO if word in _VIDEO else SKIPPED_OTHER_TYPE)
+  mime = (kind or (format_value or "").strip()).lower()
+  if _MIME.fullmatch(mime):
+    major = mime.split("/")[0]
+    return None if major == "image" else _MIME_SKIPS.get(
+        major, SKIPPED_NO_IMAGE_FORMAT)
+  if mime and _type_word(mime) in _STILL:  # type and format swapped
+    return None
+  return SKIPPED_NO_IMAGE_FORMAT
 
 
 class _RowsFn(beam.DoFn):
+  """A data file's location -> (core id, {term: value}) per record; bad
+  lines on ``BAD_LINES_TAG`` as (file, line, why)."""
 
   def __init__(self, archive: Archive, which: str):
     self._archive = archive
     self._which = which
 
-  def process(self, path: str) -> Iterator[Tuple[str, dict]]:
-    del path
-    columns = (self._archive.core_columns if self._which == "core"
-               else self._archive.media_columns)
+  def process(self, name: str) -> Iterator:
+    archive = self._archive
+    data = archive.core if self._which == "core" else archive.media
+    columns = (archive.core_columns if self._which == "core"
+               else archive.media_columns)
     wanted = [t for _, t in columns]
-    for key, data in _iter_rows(self._archive, self._which):
-      values = {t: data.get(t) for t in wanted}
-      if self._which == "media":
-        values[self._archive.url_term] = data.get(self._archive.url_term)
-        if self._archive.type_term:
-          values[self._archive.type_term] = data.get(self._archive.type_term)
-      yield key, values
+    if self._which == "media":
+      wanted += [t for t in (archive.url_term, archive.type_term,
+                             archive.format_term) if t]
+    for item in _records(archive.path, name, data):
+      if isinstance(item, BadLine):
+        yield beam.pvalue.TaggedOutput(
+            BAD_LINES_TAG, (item.file, item.line, item.why))
+        continue
+      key, values = item
+      yield key, {t: values.get(t) for t in wanted}
 
 
 def _refs(item, archive: Archive) -> Iterator:
   key, groups = item
   core = next(iter(groups["core"]), {}) if "core" in groups else {}
   for media in groups["media"]:
-    kind = media.get(archive.type_term) if archive.type_term else None
-    if not is_still_image(kind):
-      yield beam.pvalue.TaggedOutput(SKIPPED_TAG, SKIPPED_NOT_IMAGE)
+    skip = photo_or_skip(
+        media.get(archive.type_term) if archive.type_term else None,
+        media.get(archive.format_term) if archive.format_term else None)
+    if skip:
+      yield beam.pvalue.TaggedOutput(SKIPPED_TAG, skip)
       continue
     url = (media.get(archive.url_term) or "").strip()
     extra = tuple((name, _text(media.get(term)))
@@ -352,7 +708,12 @@ def _text(value) -> Optional[str]:
 
 
 class ReadArchiveRefs(beam.PTransform):
-  """A Darwin Core input -> ImageRefs (main) and ``skipped`` reasons.
+  """A Darwin Core input -> a dict of PCollections.
+
+  ``refs``: ImageRefs; ``SKIPPED_TAG``: one skip reason (``SKIP_REASONS``)
+  per row not fetched and per bad line; ``BAD_LINES_TAG``: (file, line,
+  why) per bad line.  Each data file (every ``<location>``) is read by
+  its own worker step.
 
   Args:
     archive: from ``open_archive``.
@@ -364,15 +725,30 @@ class ReadArchiveRefs(beam.PTransform):
 
   def expand(self, pbegin):
     archive = self._archive
-    path = pbegin | "ArchivePath" >> beam.Create([uris.readable(archive.path)])
-    groups = {"media": path | "MultimediaRows" >> beam.ParDo(
-        _RowsFn(archive, "media"))}
-    if archive.core_file is not None:
-      groups["core"] = path | "CoreRows" >> beam.ParDo(_RowsFn(archive, "core"))
-    return (groups
-            | "JoinOnCoreId" >> beam.CoGroupByKey()
-            | "PhotoRefs" >> beam.FlatMap(_refs, archive).with_outputs(
-                SKIPPED_TAG, main="refs"))
+    parts = {"media": archive.media}
+    if archive.core is not None:
+      parts["core"] = archive.core
+    groups, bad = {}, []
+    for which, data in parts.items():
+      label = "Multimedia" if which == "media" else "Core"
+      rows = (pbegin
+              | f"{label}Files" >> beam.Create(list(data.locations))
+              | f"{label}Rows" >> beam.ParDo(
+                  _RowsFn(archive, which)).with_outputs(
+                      BAD_LINES_TAG, main="rows"))
+      groups[which] = rows.rows
+      bad.append(rows[BAD_LINES_TAG])
+    split = (groups
+             | "JoinOnCoreId" >> beam.CoGroupByKey()
+             | "PhotoRefs" >> beam.FlatMap(_refs, archive).with_outputs(
+                 SKIPPED_TAG, main="refs"))
+    bad_lines = bad | "AllBadLines" >> beam.Flatten()
+    skipped = ((split[SKIPPED_TAG],
+                bad_lines | "BadLineSkips" >> beam.Map(
+                    lambda _: SKIPPED_BAD_LINES))
+               | "AllSkips" >> beam.Flatten())
+    return {"refs": split.refs, SKIPPED_TAG: skipped,
+            BAD_LINES_TAG: bad_lines}
 
 
 def columns_of(archive: Archive) -> List[str]:

@@ -18,6 +18,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 TOP_REASONS = 20
+EXAMPLES = 10
 BEFORE_ANY_MODEL = "(before any model)"
 
 
@@ -75,19 +76,22 @@ def _sum_loads(pairs: Iterable[Tuple[str, int]]) -> Dict[str, int]:
 
 
 def _assemble(breakdown: dict, photos: int, loads: Dict[str, int],
-              counts: Dict[str, int]) -> dict:
+              counts: Dict[str, int], examples: Dict[str, list]) -> dict:
   return {"errors": dict(breakdown, photos=photos), "model_loads": loads,
-          "counts": counts}
+          "counts": counts, "examples": examples}
 
 
 class Summarize(beam.PTransform):
   """Counts the run's figures; a singleton dict for the commit step.
 
   Input: a dict with ``error_tables`` (pa.Table of error rows), ``loads``
-  ((model, n) pairs) and ``tallies`` ((name, n) pairs such as ``inputs``).
+  ((model, n) pairs) and ``tallies`` ((name, n) pairs such as ``inputs``),
+  and optionally ``examples`` ((name, item) pairs, e.g. the bad lines of
+  an archive as (file, line, why)).
 
   Output: one ``{"errors": {...}, "model_loads": {model: n},
-  "counts": {name: n}}``.
+  "counts": {name: n}, "examples": {name: [item, ...]}}``, the examples
+  being the ``EXAMPLES`` smallest items per name, sorted.
   """
 
   def expand(self, streams):
@@ -104,8 +108,17 @@ class Summarize(beam.PTransform):
     counts = (streams["tallies"]
               | "SumTallies" >> beam.CombinePerKey(sum)
               | "Counts" >> beam.combiners.ToDict())
+    if "examples" in streams:
+      examples = streams["examples"]
+    else:
+      examples = tables.pipeline | "NoExamples" >> beam.Create([])
+    examples = (examples
+                | "FirstExamples" >> beam.combiners.Top.SmallestPerKey(
+                    EXAMPLES)
+                | "Examples" >> beam.combiners.ToDict())
     return (breakdown
             | "Assemble" >> beam.Map(
                 _assemble, beam.pvalue.AsSingleton(photos),
                 beam.pvalue.AsSingleton(loads),
-                beam.pvalue.AsSingleton(counts)))
+                beam.pvalue.AsSingleton(counts),
+                beam.pvalue.AsSingleton(examples)))
