@@ -720,8 +720,8 @@ class HttpFetcher:
         remaining = self._remaining(deadline)
         if remaining is not None and remaining <= 0:
           failed = True
-          raise photo_timeout_error(self._config.photo_timeout, url,
-                                    f"last read: {type(e).__name__}") from e
+          # Most often the socket's read, bounded by what was left.
+          raise photo_timeout_error(self._config.photo_timeout, url) from e
         failed = _host_failed(e)
         raise self._failure(url, e) from e
       finally:
