@@ -9,7 +9,14 @@ served normally.  A scripted response is one of:
 - ``("redirect", location)``: a 302 to ``location``;
 - ``("reset",)``: headers and half of the body, then a TCP reset;
 - ``("short",)``: headers announcing the whole body, half of it, then a
-  clean close (a body shorter than its Content-Length).
+  clean close (a body shorter than its Content-Length);
+- ``("trickle", nbytes, pause)``: the file with its Content-Length, sent
+  ``nbytes`` at a time with ``pause`` seconds between (a server that never
+  goes silent long enough to trip a read timeout), until the client hangs
+  up.
+
+``always`` gives a scripted response used for every request that has none
+of its own (a host that answers 503 to everything, or trickles every photo).
 
 The server counts requests per path, records the User-Agent of each
 request, and the peak number of requests in progress per Host header, so
@@ -36,12 +43,15 @@ class PhotoServer:
     hosts: loopback addresses to listen on (one listener each); photo hosts
       differ by address, as the hosts of a GBIF download do.
     content_type: Content-Type sent with files.
+    always: a scripted response for every request without its own script.
   """
 
   def __init__(self, files: Dict[str, bytes], latency: float = 0.0,
                hosts: Sequence[str] = ("127.0.0.1",),
-               content_type: str = "image/jpeg"):
+               content_type: str = "image/jpeg",
+               always: Optional[Tuple] = None):
     self.files = dict(files)
+    self.always = always
     self.latency = latency
     self.content_type = content_type
     self.requests: Dict[str, int] = collections.Counter()
@@ -89,7 +99,7 @@ class PhotoServer:
     with self._lock:
       self.requests[path] += 1
       script = self._scripts.get(path)
-      return script.popleft() if script else None
+      return script.popleft() if script else self.always
 
   def _enter(self, host: str, user_agent: str) -> None:
     with self._lock:
@@ -140,6 +150,20 @@ class PhotoServer:
         if kind == "status":
           _, code, headers, payload = script
           self._send(code, headers, payload)
+        elif kind == "trickle":
+          _, nbytes, pause = script
+          body = body or b""
+          self.send_response(200)
+          self.send_header("Content-Type", server.content_type)
+          self.send_header("Content-Length", str(len(body)))
+          self.end_headers()
+          try:
+            for start in range(0, len(body), nbytes):
+              self.wfile.write(body[start:start + nbytes])
+              self.wfile.flush()
+              time.sleep(pause)
+          except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up
         elif kind == "redirect":
           self._send(302, {"Location": script[1]}, b"")
         elif kind in ("reset", "short"):

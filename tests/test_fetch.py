@@ -5,7 +5,9 @@ import argparse
 import concurrent.futures
 import io
 import os
+import socket
 import threading
+import time
 
 import pytest
 
@@ -304,3 +306,171 @@ def test_failed_requests_give_their_connection_back(failure):
       worker.join(timeout=20)
       assert not worker.is_alive(), f"stuck after {len(outcomes)} requests"
   assert outcomes == ["failed"] * len(files) + ["ok"] * len(files)
+
+
+# --------------------------------------------------------------------------
+# A deadline per photo, bytes over labels, the per-host breaker and pauses.
+
+
+def test_trickling_server_stops_at_photo_timeout():
+  # 4 bytes every 50 ms: never silent for a read timeout, a minute a photo.
+  with PhotoServer({"/t.jpg": JPEG}, hosts=("127.0.0.5",),
+                   always=("trickle", 4, 0.05)) as s:
+    config = fetch.FetchConfig(photo_timeout=1.5, read_timeout=60)
+    start = time.monotonic()
+    with pytest.raises(fetch.PhotoTimeout) as info:
+      _fetch(s.url("/t.jpg"), config=config)
+    elapsed = time.monotonic() - start
+  assert 1.4 <= elapsed < 3.5, elapsed
+  assert str(info.value).startswith(
+      "photo_timeout: no complete response within 1.5 s (http://127.0.0.5:")
+  assert not info.value.transient and s.requests["/t.jpg"] == 1
+
+
+def test_retries_stop_at_photo_timeout():
+  with PhotoServer({"/a.jpg": JPEG}, always=("status", 503, {}, b"")) as s:
+    config = fetch.FetchConfig(photo_timeout=1.0, host_failure_limit=0)
+    start = time.monotonic()
+    with pytest.raises(fetch.PhotoTimeout,
+                       match=r"^photo_timeout: no complete response within "
+                       r"1 s .*; last attempt: HTTP 503"):
+      fetch.fetch_bytes(s.url("/a.jpg"), 10**6, config, attempts=50,
+                        base_delay=0.2, sleep=time.sleep)
+    elapsed = time.monotonic() - start
+  assert elapsed < 1.5, elapsed
+  assert 2 <= s.requests["/a.jpg"] < 10
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/html",
+                                          "application/json"])
+def test_image_bytes_are_a_photo_whatever_the_label(content_type):
+  png = b"\x89PNG\r\n\x1a\n" + os.urandom(300)
+  with PhotoServer({"/a.jpg": JPEG, "/b.png": png},
+                   content_type=content_type) as s:
+    assert _fetch(s.url("/a.jpg")) == JPEG
+    assert _fetch(s.url("/b.png")) == png
+
+
+def test_html_labelled_as_jpeg_is_refused_with_its_title(server):
+  page = b"<!DOCTYPE html><html><head><title>Access denied</title>" + (
+      b" " * 5000) + b"</head></html>"
+  server.plan("/a.jpg", ("status", 200, {"Content-Type": "image/jpeg"}, page))
+  with pytest.raises(fetch.FetchError) as info:
+    _fetch(server.url("/a.jpg"))
+  assert str(info.value) == (
+      "the server sent HTML body labelled image/jpeg page titled 'Access "
+      f"denied', not an image: {server.url('/a.jpg')}")
+  server.plan("/b.jpg", ("status", 200, {}, b"Quota exceeded, try later"))
+  with pytest.raises(fetch.FetchError,
+                     match="text body labelled no Content-Type "
+                     r"\('Quota exceeded, try later'\)"):
+    _fetch(server.url("/b.jpg"))
+
+
+def test_binary_non_image_is_described_not_quoted(server):
+  blob = bytes(range(256)) * 20
+  server.plan("/a.jpg", ("status", 200, {"Content-Type": "text/plain"}, blob))
+  with pytest.raises(fetch.FetchError) as info:
+    _fetch(server.url("/a.jpg"))
+  assert str(info.value) == (
+      "the server sent text/plain: binary body, 5,120 bytes, starts 0x00 0x01 "
+      f"0x02 0x03, not an image: {server.url('/a.jpg')}")
+  server.plan("/b.jpg", ("status", 200, {"Content-Type": "text/html"}, b""))
+  with pytest.raises(fetch.FetchError, match="text/html: an empty body"):
+    _fetch(server.url("/b.jpg"))
+
+
+def test_breaker_opens_on_a_failing_host_and_closes_after_a_trial():
+  files = {f"/{i}.jpg": JPEG for i in range(40)}
+  with PhotoServer(files, always=("status", 503, {}, b"down")) as s:
+    config = fetch.FetchConfig(host_failure_limit=5, host_quiet_s=0.5)
+    errors = []
+    for path in files:
+      with pytest.raises(fetch.FetchError) as info:
+        _fetch(s.url(path), config=config, attempts=4)
+      errors.append(str(info.value))
+    # Photo 0: 4 attempts, photo 1: one more, then the breaker is open.
+    assert sum(s.requests.values()) == 5, dict(s.requests)
+    assert "HTTP 503" in errors[0] and "gave up after 4" in errors[0]
+    unavailable = [e for e in errors if e.startswith(
+        "host unavailable after 5 consecutive failures")]
+    assert len(unavailable) == 39
+    time.sleep(0.6)  # half-open: one trial, which fails and reopens
+    with pytest.raises(fetch.HostUnavailable):
+      _fetch(s.url("/0.jpg"), config=config)
+    with pytest.raises(fetch.HostUnavailable):
+      _fetch(s.url("/1.jpg"), config=config)
+    assert sum(s.requests.values()) == 6
+    s.always = None  # the host recovers
+    time.sleep(0.6)
+    assert [_fetch(s.url(p), config=config) for p in list(files)[:3]] == (
+        [JPEG] * 3)
+    assert sum(s.requests.values()) == 9
+
+
+def test_breaker_on_a_refusing_host():
+  dead = socket.socket()
+  dead.bind(("127.0.0.6", 0))
+  port = dead.getsockname()[1]
+  dead.close()  # nothing listens: connection refused
+  config = fetch.FetchConfig(host_failure_limit=3, host_quiet_s=60)
+  retries = []
+  errors = []
+  for i in range(30):
+    with pytest.raises(fetch.FetchError) as info:
+      fetch.fetch_bytes(f"http://127.0.0.6:{port}/{i}.jpg", 10**6, config,
+                        attempts=4, sleep=lambda s: None,
+                        on_retry=lambda: retries.append(1))
+    errors.append(str(info.value))
+  # Three refused attempts open the breaker; nothing more is retried.
+  assert len(retries) == 3
+  assert all(e.startswith("host unavailable after 3 consecutive failures "
+                          f"(connection failures, timeouts or 5xx): "
+                          f"127.0.0.6:{port}") for e in errors), errors[:2]
+
+
+def test_4xx_and_pages_do_not_count_against_the_host():
+  files = {f"/{i}.jpg": JPEG for i in range(6)}
+  with PhotoServer(files) as s:
+    config = fetch.FetchConfig(host_failure_limit=2, host_quiet_s=60)
+    for path in files:
+      s.plan(path, ("status", 403, {}, b"no"))
+      with pytest.raises(fetch.FetchError, match="HTTP 403"):
+        _fetch(s.url(path), config=config)
+    assert _fetch(s.url("/0.jpg"), config=config) == JPEG
+
+
+def test_retry_after_pauses_the_host_for_other_photos(server):
+  config = fetch.FetchConfig(user_agent="pause-test")
+  server.plan("/a.jpg", ("status", 429, {"Retry-After": "5"}, b""))
+  with pytest.raises(fetch.FetchError, match="HTTP 429"):
+    _fetch(server.url("/a.jpg"), attempts=1, config=config)
+  sleeps = []
+  assert _fetch(server.url("/b.jpg"), sleeps, attempts=1,
+                config=config) == JPEG[::-1]
+  assert len(sleeps) == 1 and 4.0 < sleeps[0] <= 5.0, sleeps
+  # A pause longer than what is left of the photo's deadline fails it now.
+  short = fetch.FetchConfig(user_agent="pause-test", photo_timeout=2)
+  server.plan("/a.jpg", ("status", 503, {"Retry-After": "30"}, b""))
+  with pytest.raises(fetch.FetchError, match="HTTP 503"):
+    _fetch(server.url("/a.jpg"), attempts=1, config=short)
+  with pytest.raises(fetch.FetchError, match="asked for a pause of 30s"):
+    _fetch(server.url("/b.jpg"), attempts=1, config=short)
+
+
+def test_photo_flags_validated():
+  parser = argparse.ArgumentParser()
+  fetch.FetchConfig.add_flags(parser)
+  config = fetch.FetchConfig.from_args(parser.parse_args(
+      ["--photo_timeout", "2.5", "--host_failure_limit", "0"]))
+  assert (config.photo_timeout, config.host_failure_limit) == (2.5, 0)
+  defaults = fetch.FetchConfig()
+  assert (defaults.photo_timeout, defaults.host_failure_limit,
+          defaults.host_quiet_s) == (120.0, 20, 60.0)
+  for bad, flag in (({"photo_timeout": 0}, "--photo_timeout"),
+                    ({"photo_timeout": -3}, "--photo_timeout"),
+                    ({"photo_timeout": float("nan")}, "--photo_timeout"),
+                    ({"photo_timeout": float("inf")}, "--photo_timeout"),
+                    ({"host_failure_limit": -1}, "--host_failure_limit")):
+    with pytest.raises(ValueError, match=flag):
+      fetch.FetchConfig(**bad)

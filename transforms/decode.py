@@ -237,6 +237,21 @@ def sniff_format(data: bytes) -> Optional[str]:
   return None
 
 
+def is_image(data: bytes) -> bool:
+  """Whether bytes start like an image file, whatever a server labelled them.
+
+  True for the formats Pillow reads here (JPEG, PNG, GIF, WebP, TIFF, BMP)
+  and for the images ``decode_image`` names as unsupported (HEIC, AVIF,
+  JPEG XL, SVG, camera raws), so that their error row names the format.
+  Looks at the first 1024 bytes only (``sniff_format``).
+  """
+  kind = sniff_format(data)
+  if kind is None:
+    return False
+  return (kind in _READABLE_KINDS or kind.startswith(_CAMERA_RAW)
+          or kind in _UNSUPPORTED_KINDS - {"PDF", "video or other ISO media"})
+
+
 def _is_text(head: bytes) -> bool:
   try:
     chars = head.decode("utf-8")

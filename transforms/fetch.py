@@ -12,9 +12,29 @@ photos exist; this module decides how their bytes are fetched, by scheme:
   ``User-Agent`` naming natvision (``--user_agent`` adds a contact) and a cap
   on requests in flight per host (``--per_host_concurrency``).  Resets,
   timeouts, 429 and 5xx are retried with exponential backoff (tenacity);
-  ``Retry-After`` on 429 and 503 is honoured.  404 and 410 mean "not found"
-  and are not retried.  A 200 whose body is a web page or JSON is refused
-  with a reason naming what came back.
+  ``Retry-After`` on 429 and 503 is honoured by the photo's retry and
+  pauses the host for the worker process's other photos too.  404 and 410
+  mean "not found" and are not retried.
+- every http(s) photo has a deadline (``--photo_timeout``): all its
+  attempts, backoff waits and redirects together.  The body is read in
+  chunks with the deadline checked between them, and each socket read may
+  block for at most what is left of it, so a server that trickles bytes
+  cannot hold a photo (or the job) for longer.  Status line and headers
+  are bounded by ``--read_timeout`` per read only.
+- the bytes of a 200 response decide what it is, not its Content-Type: a
+  body that starts like an image (``decode.is_image``) is a photo even
+  when sent as ``text/plain`` (PHP image proxies, misconfigured buckets);
+  an HTML, XML, JSON or text body is refused with its page title or first
+  characters, and a binary non-image is described, never quoted as text.
+- a per-host circuit breaker: after ``--host_failure_limit`` consecutive
+  connection failures, timeouts or 5xx answers from one host, its photos
+  fail at once ("host unavailable ...") instead of each paying the retry
+  schedule; after a quiet period one trial request is let through, and a
+  success closes the breaker again.
+
+The per-host cap, the breaker and the Retry-After pause hold per worker
+process (as the client does): a job of N processes may send a host N times
+as much.  Making them job-wide is a separate piece of work.
 
 Whether an error is transient or means "not found" is decided by its type
 (builtins, ``google.api_core``, urllib3, requests, botocore and Beam's S3
@@ -36,6 +56,7 @@ import email.utils
 import functools
 import http.client
 import logging
+import math
 import random
 import re
 import threading
@@ -50,6 +71,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import transforms
 from transforms import config
+from transforms import decode
 
 DEFAULT_FETCH_CONCURRENCY = 32
 DEFAULT_PER_HOST_CONCURRENCY = 8
@@ -57,6 +79,17 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_MAX_REDIRECTS = 5
 DEFAULT_ATTEMPTS = 4
+# The most one http(s) photo may take, all attempts and waits together.
+DEFAULT_PHOTO_TIMEOUT = 120.0
+# Consecutive connection failures, timeouts or 5xx from one host that open
+# its circuit breaker (0: never), and the quiet seconds before a trial.
+DEFAULT_HOST_FAILURE_LIMIT = 20
+DEFAULT_HOST_QUIET_S = 60.0
+# A 429 without Retry-After pauses its host this long.
+DEFAULT_429_PAUSE_S = 1.0
+# Bytes of a body read before deciding what it is (a page title fits).
+_HEAD_BYTES = 4096
+_CHUNK_BYTES = 64 * 1024
 DEFAULT_BASE_DELAY = 0.5
 # A Retry-After longer than this is not waited for: the photo fails now
 # (with the server's delay in the reason) and a later run retries it.
@@ -90,6 +123,22 @@ class FetchError(Exception):
     self.retry_after = retry_after
 
 
+class PhotoTimeout(FetchError):
+  """A photo's fetch ran past ``--photo_timeout``; not retried."""
+
+
+class HostUnavailable(FetchError):
+  """The photo's host has its circuit breaker open; no request was sent."""
+
+
+def photo_timeout_error(seconds: float, url: str,
+                        detail: str = "") -> PhotoTimeout:
+  """The error of a photo with no complete response within ``seconds``."""
+  more = f"; {detail}" if detail else ""
+  return PhotoTimeout(f"photo_timeout: no complete response within "
+                      f"{seconds:g} s ({url}){more}")
+
+
 class HttpStatusError(Exception):
   """An HTTP response whose status is not 200."""
 
@@ -119,6 +168,12 @@ class FetchConfig:
     read_timeout: seconds without a byte from the server.
     max_redirects: redirects followed before a photo fails.
     user_agent: a contact (URL or e-mail) added to natvision's User-Agent.
+    photo_timeout: seconds one http(s) photo may take, all attempts,
+      waits and redirects together.
+    host_failure_limit: consecutive connection failures, timeouts or 5xx
+      from one host after which its photos fail at once (0: never).
+    host_quiet_s: seconds after a host's last failure before one trial
+      request may go to it again (no flag; tests shorten it).
   """
 
   fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
@@ -127,6 +182,9 @@ class FetchConfig:
   read_timeout: float = DEFAULT_READ_TIMEOUT
   max_redirects: int = DEFAULT_MAX_REDIRECTS
   user_agent: str = ""
+  photo_timeout: float = DEFAULT_PHOTO_TIMEOUT
+  host_failure_limit: int = DEFAULT_HOST_FAILURE_LIMIT
+  host_quiet_s: float = DEFAULT_HOST_QUIET_S
 
   def __post_init__(self):
     if self.fetch_concurrency < 1:
@@ -146,6 +204,18 @@ class FetchConfig:
                        "numbers of seconds")
     if self.max_redirects < 0:
       raise config.ConfigError("--max_redirects must be 0 (follow none) or more")
+    if not (self.photo_timeout > 0 and math.isfinite(self.photo_timeout)):
+      raise config.ConfigError(
+          f"--photo_timeout must be a positive number of seconds (the most "
+          f"one http(s) photo may take, default {DEFAULT_PHOTO_TIMEOUT:g}); "
+          f"got {self.photo_timeout:g}")
+    if self.host_failure_limit < 0:
+      raise config.ConfigError(
+          "--host_failure_limit must be 0 (never give up on a host) or more "
+          f"(default {DEFAULT_HOST_FAILURE_LIMIT})")
+    if not self.host_quiet_s > 0:
+      raise config.ConfigError("host_quiet_s must be a positive number of "
+                               "seconds")
     if any(c in self.user_agent for c in "\r\n") or not self.user_agent.isprintable():
       raise config.ConfigError("--user_agent must be one line of printable text, e.g. "
                        "'mailto:me@example.org'")
@@ -179,6 +249,17 @@ class FetchConfig:
         "--max_redirects", type=int, default=DEFAULT_MAX_REDIRECTS,
         help=f"redirects followed per photo (default {DEFAULT_MAX_REDIRECTS})")
     parser.add_argument(
+        "--photo_timeout", type=float, default=DEFAULT_PHOTO_TIMEOUT,
+        help="seconds one http(s) photo may take, all attempts, waits and "
+        "redirects together; past it the photo is an error row (default "
+        f"{DEFAULT_PHOTO_TIMEOUT:g})")
+    parser.add_argument(
+        "--host_failure_limit", type=int, default=DEFAULT_HOST_FAILURE_LIMIT,
+        help="consecutive connection failures, timeouts or 5xx from one host "
+        "after which its photos fail at once, per worker process, until a "
+        f"trial request succeeds (0: never; default "
+        f"{DEFAULT_HOST_FAILURE_LIMIT})")
+    parser.add_argument(
         "--user_agent", default="",
         help="a contact (URL or e-mail) added to the User-Agent natvision "
         "sends, as photo hosts ask of crawlers")
@@ -195,7 +276,9 @@ class FetchConfig:
                connect_timeout=args.connect_timeout,
                read_timeout=args.read_timeout,
                max_redirects=args.max_redirects,
-               user_agent=args.user_agent.strip())
+               user_agent=args.user_agent.strip(),
+               photo_timeout=args.photo_timeout,
+               host_failure_limit=args.host_failure_limit)
 
 
 # --------------------------------------------------------------------------
@@ -459,16 +542,84 @@ def _retry_after(value: Optional[str], now: Callable[[], float]
 _NOT_AN_IMAGE = re.compile(
     r"^(text/|application/(json|[-.\w]*\+json|xml|[-.\w]*\+xml|xhtml|"
     r"javascript|pdf))", re.I)
+# What decode.sniff_format calls a body that is text, not an image.
+_TEXT_KINDS = ("HTML", "XML", "JSON", "text")
 
 
-def _describe_page(content_type: str, head: bytes) -> str:
-  """What a non-image body is, for the error row."""
+def _describe_text(label: str, head: bytes) -> str:
+  """A text body for the error row: its page title or first characters."""
   text = head.decode("utf-8", "replace")
   title = re.search(r"<title[^>]*>([^<]{1,120})", text, re.I)
   if title:
-    return f"{content_type} page titled {title.group(1).strip()!r}"
+    return f"{label} page titled {title.group(1).strip()!r}"
   snippet = " ".join(text.split())[:80]
-  return f"{content_type} ({snippet!r})" if snippet else content_type
+  return f"{label} ({snippet!r})" if snippet else label
+
+
+def _describe_binary(head: bytes, length: Optional[int]) -> str:
+  """A binary body that is no image, described (never quoted as text)."""
+  kind = decode.sniff_format(head)
+  size = (f"{length:,} bytes" if length is not None
+          else f"{len(head):,} bytes or more" if len(head) >= _HEAD_BYTES
+          else f"{len(head):,} bytes")
+  start = " ".join(f"0x{b:02x}" for b in head[:4])
+  named = f" ({kind})" if kind else ""
+  return f"binary body{named}, {size}, starts {start}"
+
+
+def check_body(content_type: str, head: bytes, length: Optional[int],
+               url: str) -> None:
+  """Refuses a 200 body that is not a photo; its bytes decide, not its label.
+
+  Args:
+    content_type: the response's media type, lower case, no parameters.
+    head: the body's first bytes (up to 4096: enough to sniff a format and
+      find a page title).
+    length: the body's declared length in bytes, when known.
+    url: for the reason.
+
+  Raises:
+    FetchError: an HTML, XML, JSON or text body (with its title or first
+      characters), or, under a non-image Content-Type, a binary body that
+      is not an image (described by size and first bytes).  A body that
+      starts like an image passes whatever its Content-Type; so does an
+      unrecognised binary body labelled as an image, for the decoder to
+      name.
+  """
+  if decode.is_image(head):
+    return
+  kind = decode.sniff_format(head)
+  labelled = content_type or "no Content-Type"
+  if kind in _TEXT_KINDS:
+    label = (content_type if _NOT_AN_IMAGE.match(content_type)
+             else f"{kind} body labelled {labelled}")
+    raise FetchError(f"the server sent {_describe_text(label, head)}, not an "
+                     f"image: {url}")
+  if _NOT_AN_IMAGE.match(content_type):
+    what = _describe_binary(head, length) if head else "an empty body"
+    raise FetchError(f"the server sent {content_type}: {what}, not an image: "
+                     f"{url}")
+
+
+@dataclasses.dataclass
+class _Host:
+  """What the fetcher knows of one host (guarded by the fetcher's lock).
+
+  Attributes:
+    slot: ``per_host_concurrency`` slots for requests in flight.
+    failures: consecutive connection failures, timeouts and 5xx.
+    opened_at: monotonic time the breaker opened (or a trial failed);
+      None while closed.
+    trial: a half-open trial request is in flight.
+    not_before: monotonic time before which no first attempt starts
+      (Retry-After, 429).
+  """
+
+  slot: threading.BoundedSemaphore
+  failures: int = 0
+  opened_at: Optional[float] = None
+  trial: bool = False
+  not_before: float = 0.0
 
 
 class HttpFetcher:
@@ -476,13 +627,23 @@ class HttpFetcher:
 
   One per worker process and configuration (``http_fetcher``); thread-safe.
   Each attempt holds one of ``per_host_concurrency`` slots of its host.
+  Per host, it also keeps the circuit breaker (``host_failure_limit``,
+  ``host_quiet_s``) and the pause a 429 or Retry-After asked for.  All of
+  this is per process: each worker process of a job keeps its own.
+
+  Args:
+    config: the fetch flags.
+    now: wall-clock seconds (for Retry-After dates).
+    clock: monotonic seconds (deadlines, breaker, pauses).
   """
 
   def __init__(self, config: FetchConfig,
-               now: Callable[[], float] = time.time):
+               now: Callable[[], float] = time.time,
+               clock: Callable[[], float] = time.monotonic):
     import urllib3  # pylint: disable=import-outside-toplevel
     self._config = config
     self._now = now
+    self._clock = clock
     self._pool = urllib3.PoolManager(
         num_pools=256, maxsize=config.per_host_concurrency, block=True,
         headers={"User-Agent": config.user_agent_header},
@@ -493,16 +654,16 @@ class HttpFetcher:
                               raise_on_redirect=True,
                               raise_on_status=False))
     self._lock = threading.Lock()
-    self._slots: Dict[str, threading.BoundedSemaphore] = {}
+    self._hosts: Dict[str, _Host] = {}
     self._in_flight: Dict[str, int] = {}
     self.peak_in_flight: Dict[str, int] = {}
 
-  def _slot(self, host: str) -> threading.BoundedSemaphore:
+  def _host(self, host: str) -> _Host:
     with self._lock:
-      if host not in self._slots:
-        self._slots[host] = threading.BoundedSemaphore(
-            self._config.per_host_concurrency)
-      return self._slots[host]
+      if host not in self._hosts:
+        self._hosts[host] = _Host(threading.BoundedSemaphore(
+            self._config.per_host_concurrency))
+      return self._hosts[host]
 
   def _count(self, host: str, delta: int) -> None:
     with self._lock:
@@ -510,28 +671,150 @@ class HttpFetcher:
       self._in_flight[host] = now
       self.peak_in_flight[host] = max(self.peak_in_flight.get(host, 0), now)
 
-  def fetch(self, url: str, max_bytes: int) -> bytes:
+  def _remaining(self, deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else deadline - self._clock()
+
+  def fetch(self, url: str, max_bytes: int, deadline: Optional[float] = None,
+            wait_for_host: bool = True,
+            sleep: Callable[[float], None] = time.sleep) -> bytes:
     """One attempt at a photo's bytes.
+
+    Args:
+      url: the photo's http(s) URL.
+      max_bytes: larger bodies are refused.
+      deadline: monotonic time by which the photo must be complete; None:
+        no deadline beyond the connect and read timeouts.
+      wait_for_host: wait out a pause the host asked for (a first attempt;
+        a retry has waited in its own schedule).
+      sleep: how that wait is slept (tests).
 
     Raises:
       FetchError: with ``transient``, ``not_found`` and ``retry_after`` set
-        from the response or the failure's type.
+        from the response or the failure's type; ``PhotoTimeout`` past the
+        deadline; ``HostUnavailable`` while the host's breaker is open.
     """
     host = (urllib.parse.urlsplit(url).netloc or url).lower()
-    with self._slot(host):
-      self._count(host, 1)
+    state = self._host(host)
+    if wait_for_host:
+      self._wait_for_host(host, state, url, deadline, sleep)
+    trial = self._admit(host, state)
+    failed = None  # no answer and no failure yet: the breaker is told nothing
+    try:
+      remaining = self._remaining(deadline)
+      if not state.slot.acquire(timeout=None if remaining is None
+                                else max(remaining, 0)):
+        raise photo_timeout_error(self._config.photo_timeout, url,
+                                  f"waited for one of the "
+                                  f"{self._config.per_host_concurrency} "
+                                  f"request slots of {host}")
       try:
-        return self._attempt(url, max_bytes)
-      except FetchError:
+        self._count(host, 1)
+        data = self._attempt(url, max_bytes, deadline)
+        failed = False
+        return data
+      except FetchError as e:
+        failed = isinstance(e, PhotoTimeout)
         raise
       except Exception as e:  # noqa: BLE001 - classified by type below
+        self._pause(state, e)
+        remaining = self._remaining(deadline)
+        if remaining is not None and remaining <= 0:
+          failed = True
+          # Most often the socket's read, bounded by what was left.
+          raise photo_timeout_error(self._config.photo_timeout, url) from e
+        failed = _host_failed(e)
         raise self._failure(url, e) from e
       finally:
         self._count(host, -1)
+        state.slot.release()
+    finally:
+      self._record(host, state, failed, trial)
 
-  def _attempt(self, url: str, max_bytes: int) -> bytes:
+  def _wait_for_host(self, host: str, state: _Host, url: str,
+                     deadline: Optional[float],
+                     sleep: Callable[[float], None]) -> None:
+    with self._lock:
+      wait = state.not_before - self._clock()
+    if wait <= 0:
+      return
+    remaining = self._remaining(deadline)
+    if remaining is not None and wait >= remaining:
+      raise FetchError(f"{host} asked for a pause of {wait:.0f}s (429 or "
+                       f"Retry-After), longer than what is left of "
+                       f"--photo_timeout {self._config.photo_timeout:g}: "
+                       f"{url}")
+    sleep(wait)
+
+  def _pause(self, state: _Host, e: BaseException) -> None:
+    """A 429 or a Retry-After pauses the host's next first attempts."""
+    if not isinstance(e, HttpStatusError) or (
+        e.status not in _RETRY_AFTER_STATUS):
+      return
+    pause = e.retry_after
+    if pause is None and e.status == 429:
+      pause = DEFAULT_429_PAUSE_S
+    if pause:
+      with self._lock:
+        state.not_before = max(state.not_before, self._clock() +
+                               min(pause, MAX_RETRY_AFTER_S))
+
+  def _admit(self, host: str, state: _Host) -> bool:
+    """Whether this attempt is the half-open trial of an open breaker.
+
+    Raises:
+      HostUnavailable: the breaker is open (or its trial is in flight).
+    """
+    limit = self._config.host_failure_limit
+    with self._lock:
+      if not limit or state.opened_at is None:
+        return False
+      if (self._clock() - state.opened_at >= self._config.host_quiet_s
+          and not state.trial):
+        state.trial = True
+        return True
+    raise HostUnavailable(
+        f"host unavailable after {limit} consecutive failures (connection "
+        f"failures, timeouts or 5xx): {host}; this worker process tries it "
+        f"again {self._config.host_quiet_s:g} s after its last failure")
+
+  def _record(self, host: str, state: _Host, failed: Optional[bool],
+              trial: bool) -> None:
+    """Counts an attempt's outcome towards the host's breaker (None: the
+    attempt never reached the host)."""
+    limit = self._config.host_failure_limit
+    with self._lock:
+      if trial:
+        state.trial = False
+      if failed is None:
+        return
+      if not failed:
+        if state.opened_at is not None:
+          logging.info("host %s answers again: its photos are fetched", host)
+        state.failures, state.opened_at = 0, None
+        return
+      state.failures += 1
+      if limit and (trial or (state.opened_at is None
+                              and state.failures >= limit)):
+        if state.opened_at is None:
+          logging.warning(
+              "host %s unavailable after %d consecutive failures: its photos "
+              "fail at once for %g s", host, state.failures,
+              self._config.host_quiet_s)
+        state.opened_at = self._clock()
+
+  def _attempt(self, url: str, max_bytes: int,
+               deadline: Optional[float]) -> bytes:
+    import urllib3  # pylint: disable=import-outside-toplevel
+    timeout = None
+    remaining = self._remaining(deadline)
+    if remaining is not None:
+      if remaining <= 0:
+        raise photo_timeout_error(self._config.photo_timeout, url)
+      timeout = urllib3.Timeout(
+          connect=min(self._config.connect_timeout, remaining),
+          read=min(self._config.read_timeout, remaining))
     resp = self._pool.request("GET", url, preload_content=False,
-                              redirect=True)
+                              redirect=True, timeout=timeout)
     done = False
     try:
       if resp.status != 200:
@@ -541,15 +824,15 @@ class HttpFetcher:
             if resp.status in _RETRY_AFTER_STATUS else None)
       content_type = (resp.headers.get("Content-Type") or "").split(";")[0]
       content_type = content_type.strip().lower()
-      if _NOT_AN_IMAGE.match(content_type):
-        head = resp.read(4096)
-        raise FetchError(
-            f"the server sent {_describe_page(content_type, head)}, not an "
-            f"image: {url}")
       length = resp.headers.get("Content-Length")
-      if length and length.isdigit() and int(length) > max_bytes:
+      length = int(length) if length and length.isdigit() else None
+      if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
-      data = resp.read(max_bytes + 1)
+      head = self._read(resp, min(_HEAD_BYTES, max_bytes + 1), deadline, url)
+      check_body(content_type, head, length, url)
+      data = head
+      if len(head) == min(_HEAD_BYTES, max_bytes + 1):  # more may follow
+        data += self._read(resp, max_bytes + 1 - len(head), deadline, url)
       if len(data) > max_bytes:
         raise _too_large(max_bytes)
       done = True
@@ -562,6 +845,34 @@ class HttpFetcher:
         # blocks when it has none left: a few failures would hang the job).
         resp.close()
       resp.release_conn()
+
+  def _read(self, resp, limit: int, deadline: Optional[float],
+            url: str) -> bytes:
+    """Up to ``limit`` bytes of the body, fewer only at its end.
+
+    Read in chunks of what the server has sent; before each, the deadline
+    is checked and the socket may block for at most what is left of it.
+
+    Raises:
+      PhotoTimeout: the deadline passed; urllib3's errors otherwise.
+    """
+    chunks, size = [], 0
+    while size < limit:
+      remaining = self._remaining(deadline)
+      if remaining is not None:
+        if remaining <= 0:
+          raise photo_timeout_error(
+              self._config.photo_timeout, url,
+              f"{size:,} bytes of the body read by then")
+        sock = getattr(resp.connection, "sock", None)
+        if sock is not None:
+          sock.settimeout(min(self._config.read_timeout, remaining))
+      chunk = resp.read1(min(_CHUNK_BYTES, limit - size))
+      if not chunk:
+        break
+      chunks.append(chunk)
+      size += len(chunk)
+    return b"".join(chunks)
 
   def _failure(self, url: str, e: BaseException) -> FetchError:
     import urllib3.exceptions as uexc  # pylint: disable=import-outside-toplevel
@@ -583,6 +894,19 @@ class HttpFetcher:
       reason = e.reason
     return FetchError(f"{type(reason).__name__}: {reason} ({url})",
                       transient=is_transient(e))
+
+
+def _host_failed(e: BaseException) -> bool:
+  """Whether an attempt's failure counts against its host's breaker: 5xx,
+  or no answer at all (refused, reset, timed out); a 4xx or too many
+  redirects is an answer."""
+  import urllib3.exceptions as uexc  # pylint: disable=import-outside-toplevel
+  if isinstance(e, HttpStatusError):
+    return 500 <= e.status < 600
+  if isinstance(e, uexc.MaxRetryError) and isinstance(
+      e.reason, uexc.ResponseError):
+    return False
+  return True
 
 
 _SHARED_LOCK = threading.Lock()
@@ -634,7 +958,10 @@ def _retryable(e: BaseException) -> bool:
 def with_retries(attempt: Callable[[], bytes], uri: str, attempts: int,
                  base_delay: float = DEFAULT_BASE_DELAY,
                  sleep: Callable[[float], None] = time.sleep,
-                 on_retry: Optional[Callable[[], None]] = None) -> bytes:
+                 on_retry: Optional[Callable[[], None]] = None,
+                 deadline: Optional[float] = None,
+                 timeout_s: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic) -> bytes:
   """Calls ``attempt`` until it succeeds, fails for good, or ``attempts``
   tries have failed transiently.
 
@@ -645,11 +972,25 @@ def with_retries(attempt: Callable[[], bytes], uri: str, attempts: int,
     base_delay: seconds before the first retry without Retry-After.
     sleep: injectable for tests.
     on_retry: called before each retry (to count them).
+    deadline: monotonic time past which no retry starts: when the wait
+      before the next try would reach it, the photo fails now.
+    timeout_s: the seconds ``deadline`` stands for, for the reason.
+    clock: monotonic seconds (tests).
 
   Raises:
     FetchError: the last failure; "(gave up after N attempts)" added when
-      every try failed transiently.
+      every try failed transiently; ``PhotoTimeout`` (naming the last
+      failure) when the deadline stopped the retries.
   """
+  out_of_time = []
+
+  def stop(state: tenacity.RetryCallState) -> bool:
+    if state.attempt_number >= attempts:
+      return True
+    if deadline is not None and clock() + state.upcoming_sleep >= deadline:
+      out_of_time.append(True)
+      return True
+    return False
 
   def before_sleep(state: tenacity.RetryCallState) -> None:
     if on_retry is not None:
@@ -659,13 +1000,17 @@ def with_retries(attempt: Callable[[], bytes], uri: str, attempts: int,
                     state.next_action.sleep if state.next_action else 0)
 
   retrying = tenacity.Retrying(
-      stop=tenacity.stop_after_attempt(attempts),
+      stop=stop,
       wait=_backoff(base_delay),
       retry=tenacity.retry_if_exception(_retryable),
       sleep=sleep, before_sleep=before_sleep, reraise=True)
   try:
     return retrying(attempt)
   except FetchError as e:
+    if out_of_time:
+      raise photo_timeout_error(
+          timeout_s if timeout_s is not None else 0, uri,
+          f"last attempt: {e}") from e
     if e.transient and attempts > 1 and _retryable(e):
       raise FetchError(f"{e} (gave up after {attempts} attempts)",
                        transient=True) from e
@@ -681,7 +1026,7 @@ def fetch_bytes(uri: str, max_bytes: int, config: Optional[FetchConfig] = None,
   """A photo's bytes, fetched the way its scheme needs.
 
   http(s) is fetched by the process's pooled client, retrying transient
-  failures; gs:// and s3:// go through Beam's FileSystems, whose clients
+  failures, all within ``config.photo_timeout``; gs:// and s3:// go through Beam's FileSystems, whose clients
   have already retried what they raise, so they are tried once here; other
   paths are retried like http(s).
 
@@ -699,12 +1044,21 @@ def fetch_bytes(uri: str, max_bytes: int, config: Optional[FetchConfig] = None,
     raise FetchError("empty uri")
   scheme = scheme_of(uri)
   if scheme in HTTP_SCHEMES and opener is None:
-    fetcher = http_fetcher(config or FetchConfig())
-    attempt = functools.partial(fetcher.fetch, uri, max_bytes)
-  else:
-    attempt = functools.partial(read_filesystem, uri, max_bytes, opener)
-    if scheme in SELF_RETRYING_SCHEMES:
-      attempts = 1
+    config = config or FetchConfig()
+    fetcher = http_fetcher(config)
+    deadline = time.monotonic() + config.photo_timeout
+    tries = []
+
+    def attempt() -> bytes:
+      tries.append(1)  # only a first try waits out a pause of its host
+      return fetcher.fetch(uri, max_bytes, deadline=deadline,
+                           wait_for_host=len(tries) == 1, sleep=sleep)
+
+    return with_retries(attempt, uri, attempts, base_delay, sleep, on_retry,
+                        deadline=deadline, timeout_s=config.photo_timeout)
+  attempt = functools.partial(read_filesystem, uri, max_bytes, opener)
+  if scheme in SELF_RETRYING_SCHEMES:
+    attempts = 1
   return with_retries(attempt, uri, attempts, base_delay, sleep, on_retry)
 
 

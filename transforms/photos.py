@@ -297,8 +297,24 @@ class ReadDecodePrepareFn(beam.DoFn):
     self._in_flight = collections.deque()
 
   def _work(self, ref: ImageRef):
-    return read_decode_prepare(ref, self._config, self._min_side,
-                               self._opener)
+    return decode_step(ref, self._fetch(ref), self._config, self._min_side)
+
+  def _fetch(self, ref: ImageRef):
+    """``fetch_step``, with the photo in the progress counter's in-flight
+    list meanwhile (so that a slow host shows in the progress lines)."""
+    token = self._progress.started(ref.uri)
+    try:
+      return fetch_step(ref, self._config, self._opener)
+    finally:
+      self._progress.finished(token)
+
+  def _result(self, future: concurrent.futures.Future):
+    """The photo's outcome; while waiting, a progress line every interval
+    (naming slow photos) even when none completes."""
+    while not future.done():
+      concurrent.futures.wait([future], timeout=progress.DEFAULT_INTERVAL_S)
+      self._progress.tick(0)
+    return future.result()
 
   def _submit(self, ref: ImageRef) -> concurrent.futures.Future:
     """Fetch on the shared fetch pool, then decode on this DoFn's pool."""
@@ -317,8 +333,7 @@ class ReadDecodePrepareFn(beam.DoFn):
       except BaseException as e:  # noqa: BLE001 - e.g. pool shut down
         done.set_exception(e)
 
-    self._fetch_pool.submit(fetch_step, ref, self._config,
-                            self._opener).add_done_callback(decode)
+    self._fetch_pool.submit(self._fetch, ref).add_done_callback(decode)
     return done
 
   def _emit(self, outcome, windowed: bool = False):
@@ -342,11 +357,12 @@ class ReadDecodePrepareFn(beam.DoFn):
     self._in_flight.append(self._submit(ref))
     while self._in_flight and (len(self._in_flight) > self._window
                                or self._in_flight[0].done()):
-      yield self._emit(self._in_flight.popleft().result())
+      yield self._emit(self._result(self._in_flight.popleft()))
 
   def finish_bundle(self) -> Iterator:
     while self._in_flight:
-      yield self._emit(self._in_flight.popleft().result(), windowed=True)
+      yield self._emit(self._result(self._in_flight.popleft()),
+                       windowed=True)
 
 
 def _reason(e: BaseException) -> str:

@@ -15,6 +15,15 @@ DirectRunner's ``multi_processing`` mode) sees only its share of the photos,
 and says so instead of dividing its count by the whole job's total::
 
     progress: this worker: 1200 photos, 41.3 photos/s, elapsed 29s
+
+The per-photo stage also tells the counter which photos are being fetched
+(``started`` / ``finished``).  A line then names those in flight for more
+than 30 s, so that a run waiting on a slow host says so; and while photos
+are in flight the stage asks for a line (``tick(0)``) every interval even
+when none completes::
+
+    progress: 1200 of 5000 photos (24%), 41.3 photos/s, elapsed 129s;
+    2 photo(s) in flight over 30 s, oldest 95 s: https://host/a.jpg
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 LOGGER = logging.getLogger("natvision.progress")
 DEFAULT_INTERVAL_S = 5.0
+# Photos in flight longer than this are named in progress lines.
+SLOW_PHOTO_S = 30.0
 
 
 class Progress:
@@ -53,8 +64,26 @@ class Progress:
     self.done = 0
     self._start: Optional[float] = None
     self._last_report = 0.0
+    self._in_flight: Dict[object, Tuple[float, str]] = {}
+
+  def started(self, what: str) -> object:
+    """Records that a photo's fetch started; returns its token.
+
+    Args:
+      what: the photo's URI, named in lines while it is slow.
+    """
+    token = object()
+    with self._lock:
+      self._in_flight[token] = (self._clock(), what)
+    return token
+
+  def finished(self, token: object) -> None:
+    """Records that the fetch of ``started``'s token ended (either way)."""
+    with self._lock:
+      self._in_flight.pop(token, None)
 
   def tick(self, n: int = 1) -> None:
+    """Counts ``n`` photos done (0: only report if a line is due)."""
     with self._lock:
       now = self._clock()
       if self._start is None:
@@ -82,8 +111,15 @@ class Progress:
       done = f"{self.done} photos ({total} expected)"
     else:
       done = f"{self.done} photos"
-    return (f"progress: {done}, {rate:.1f} photos/s, "
+    line = (f"progress: {done}, {rate:.1f} photos/s, "
             f"elapsed {elapsed:.0f}s")
+    in_flight = list(self._in_flight.values())  # one snapshot
+    slow = [t for t, _ in in_flight if now - t > SLOW_PHOTO_S]
+    if slow:
+      oldest = min(in_flight)
+      line += (f"; {len(slow)} photo(s) in flight over {SLOW_PHOTO_S:.0f} s, "
+               f"oldest {now - oldest[0]:.0f} s: {oldest[1]}")
+    return line
 
 
 # The counters of the most recent runs in this process, by run id, newest
