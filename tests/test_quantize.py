@@ -21,7 +21,6 @@ from transforms import runtimes
 from transforms.runtimes import chooser
 from transforms.runtimes import onnx as onnx_lib
 from transforms.runtimes import quantize
-from transforms.runtimes import sample
 
 
 @pytest.fixture(autouse=True)
@@ -186,16 +185,6 @@ def test_the_sample_splits_into_disjoint_parts():
   assert (len(calibration), len(held)) == (2, 4)  # the same proportion
   with pytest.raises(models_lib.ModelError, match="at least 3"):
     quantize.split_sample(photos[:2], 32, 64)
-
-
-def test_the_sample_is_spread_over_the_input(tmp_path):
-  assert sample.evenly_spaced(list(range(10)), 4) == [0, 3, 6, 9]
-  assert sample.evenly_spaced([1, 2], 5) == [1, 2]
-  for i in range(10):
-    (tmp_path / f"p{i}.jpg").write_bytes(b"")
-  refs = sample.pick(3, patterns=[str(tmp_path / "*.jpg")])
-  assert [os.path.basename(r.uri) for r in refs] == ["p0.jpg", "p4.jpg",
-                                                      "p9.jpg"]
 
 
 # --------------------------------------------------------------------------

@@ -1,9 +1,23 @@
-"""Models on gs:// are copied to a local cache keyed by what the folder holds."""
+"""transforms/models.py: resolving models and the cache of remote models.
+
+Models on gs:// are copied to a local cache keyed by what the folder holds,
+so a model replaced at the same path is fetched again (through the loopback
+GCS server, tests/gcs_server.py).  A --runtime that names no runtime is
+refused when the models are resolved, before anything is loaded.
+"""
 
 import os
 
-from transforms import models
+import pytest
+
 from tests.gcs_server import upload_dir
+from transforms import models
+
+
+def test_unknown_runtime_is_refused(tiny_models):
+  with pytest.raises(models.ModelError, match="--runtime must be one of"):
+    models.resolve_models(["fungi_mobile_v1"], tiny_models,
+                          requested_runtime="tensorrt")
 
 
 def test_model_replaced_at_the_same_path_is_fetched_again(

@@ -1,0 +1,188 @@
+"""transforms/runtimes/onnx.py: conversion, sessions, the check, the cache.
+
+Tiny stand-ins in the seeds' three formats are converted by tf2onnx and run
+by onnxruntime; TensorFlow's outputs are the reference, within the
+tolerance of the model's kind.  Conversions are counted by wrapping the
+converter (tests/runtime_helpers.py); each test has an ONNX cache of its
+own.  The slow tier adds a conversion raced by two processes, a staged file
+of other weights and the full-size stand-ins.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from tests.runtime_helpers import (  # noqa: F401  (fixtures)
+    NAMES, REPO, conversions, loaded_tf, model_root, noise,
+    nothing_remembered, onnx_cache, other_root, photos, plant_wrong_onnx,
+    resolve)
+from tools import standins as standin_models
+from transforms import models as models_lib
+from transforms import runtimes
+from transforms.runtimes import chooser
+from transforms.runtimes import onnx as onnx_lib
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_conversion_matches_tf_on_photos_and_noise(model_root, photos, tmp_path,
+                                                   name):
+  resolved = resolve(model_root, name)
+  tf_runtime = loaded_tf(resolved)
+  path = onnx_lib.convert_to_onnx(resolved, str(tmp_path / "m.onnx"),
+                                  tf_runtime)
+  assert os.listdir(tmp_path) == ["m.onnx"]  # no temporary file left behind
+  assert "TF2ONNX_CATCH_ERRORS" not in os.environ  # restored
+  session = onnx_lib.OnnxSession(resolved, path)
+  assert session.metadata["natvision_fingerprint"] == (
+      onnx_lib.model_fingerprint(model_root + "/" + name))
+  tolerance = runtimes.TOLERANCES[resolved.spec.kind]
+  # The batch dimension is dynamic: 1, 2 and 3 photos through one file.
+  diffs = []
+  for batch in (photos, photos[:1], noise(3)):
+    expected = tf_runtime.predict(batch)
+    got = session.predict(batch)
+    assert got.dtype == np.float32
+    assert got.shape == (len(batch), resolved.spec.output_width)
+    diffs.append(runtimes.output_difference(got, expected))
+    assert diffs[-1] <= tolerance
+  # The two photos' outputs differ far more than the runtimes do, so the
+  # comparison is not trivially passed.
+  out = session.predict(photos)
+  assert np.abs(out[0] - out[1]).max() > 100 * max(diffs)
+
+
+def test_uint8_and_float_inputs_agree(model_root, photos, tmp_path):
+  resolved = resolve(model_root, "inception_resnet_v2")
+  path = onnx_lib.convert_to_onnx(resolved, str(tmp_path / "m.onnx"))
+  session = onnx_lib.OnnxSession(resolved, path, intra_op_threads=1)
+  np.testing.assert_allclose(
+      session.predict(photos),
+      session.predict(photos.astype(np.float32) / 255), rtol=1e-6,
+      atol=1e-6)
+
+
+def test_one_session_serves_many_threads(model_root, tmp_path):
+  resolved = resolve(model_root, "fungi_mobile_v1")
+  session = onnx_lib.OnnxSession(
+      resolved, onnx_lib.convert_to_onnx(resolved, str(tmp_path / "m.onnx")))
+  batches = [noise(2, seed) for seed in range(6)]
+  expected = [session.predict(b) for b in batches]
+  results = [None] * len(batches)
+
+  def work(i):
+    for _ in range(3):
+      results[i] = session.predict(batches[i])
+
+  threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for got, want in zip(results, expected):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_onnx_refuses_a_model_that_differs(model_root, other_root):
+  resolved, slot = plant_wrong_onnx(model_root, other_root, "onnx")
+  with pytest.raises(models_lib.ModelError) as raised:
+    chooser.choose(resolved)
+  message = str(raised.value)
+  assert "inaturalist_v2" in message
+  assert "differ from TensorFlow's by" in message
+  assert "tolerance 1e-04" in message and slot in message
+  diff = float(message.split("by ")[1].split(" ")[0])
+  assert diff > 10 * runtimes.TOLERANCES[models_lib.EMBEDDER]
+  # A worker told to run ONNX refuses the same file rather than choosing.
+  worker = runtimes.for_model(resolved.with_decision(
+      runtimes.RuntimeDecision("onnx", note="")))
+  with pytest.raises(models_lib.ModelError, match="differ from TensorFlow"):
+    worker.load()
+  assert worker.max_diff == pytest.approx(diff, rel=1e-2)
+
+
+def test_conversion_happens_once_per_cache(model_root, onnx_cache,
+                                           conversions):
+  resolved = resolve(model_root, "inaturalist_v2", requested="onnx")
+  first = chooser.choose(resolved)
+  assert first.runtime == "onnx" and first.onnx_source == "converted"
+  assert os.path.dirname(first.onnx_path) == onnx_cache
+  mtime = os.stat(first.onnx_path).st_mtime_ns
+  second = chooser.choose(resolved)
+  assert second.runtime == "onnx" and second.onnx_source == "cached"
+  assert second.onnx_path == first.onnx_path
+  assert os.stat(second.onnx_path).st_mtime_ns == mtime
+  assert conversions == {"inaturalist_v2": 1}
+
+
+_CONVERT_SCRIPT = """
+import sys
+from transforms import models
+from transforms.runtimes import chooser
+from transforms.runtimes import onnx as onnx_lib
+count = []
+convert = onnx_lib.convert_in_child
+def counting(*args, **kwargs):
+  count.append(1)
+  return convert(*args, **kwargs)
+onnx_lib.convert_in_child = counting
+(resolved,) = models.resolve_models(["inception_resnet_v2"], sys.argv[1],
+                                    requested_runtime="onnx")
+decision = chooser.choose(resolved)
+print(decision.runtime, decision.onnx_source, len(count))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_convert_once(model_root, onnx_cache):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  procs = [subprocess.Popen([sys.executable, "-c", _CONVERT_SCRIPT, model_root],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  outputs = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    outputs.append(out.split()[-3:])
+  assert sorted(o[0] for o in outputs) == ["onnx", "onnx"]
+  assert sorted(o[1] for o in outputs) == ["cached", "converted"]
+  assert sorted(int(o[2]) for o in outputs) == [0, 1]
+  assert [f for f in os.listdir(onnx_cache) if f.endswith(".onnx")] == [
+      os.path.basename(onnx_lib.cached_onnx_path(
+          resolve(model_root, "inception_resnet_v2"),
+          onnx_lib.model_fingerprint(
+              os.path.join(model_root, "inception_resnet_v2"))))]
+
+
+@pytest.mark.slow
+def test_staged_file_of_other_weights_is_ignored(model_root, other_root,
+                                                 tmp_path):
+  root = str(tmp_path / "models")
+  shutil.copytree(os.path.join(model_root, "inaturalist_v2"),
+                  os.path.join(root, "inaturalist_v2"))
+  # Staged from the seed-1 model, then the folder got the seed-0 model.
+  onnx_lib.convert_to_onnx(
+      resolve(other_root, "inaturalist_v2"),
+      os.path.join(root, "inaturalist_v2", onnx_lib.STAGED_ONNX))
+  decision = chooser.choose(resolve(root, "inaturalist_v2", "onnx"))
+  assert decision.runtime == "onnx" and decision.onnx_source == "converted"
+  assert decision.max_diff <= decision.tolerance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_full_size_standins_pass_the_check(tmp_path, photos, name):
+  path = str(tmp_path / name)
+  standin_models.write_standin(path, name)
+  resolved = resolve(str(tmp_path), name, "onnx")
+  decision = chooser.choose(resolved)
+  assert decision.runtime == "onnx" and decision.max_diff <= decision.tolerance
+  worker = runtimes.for_model(resolved.with_decision(decision))
+  worker.load()
+  assert runtimes.output_difference(
+      worker.predict(photos),
+      loaded_tf(resolved).predict(photos)) <= decision.tolerance
