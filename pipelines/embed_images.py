@@ -39,6 +39,7 @@ from transforms import models as models_lib
 from transforms import resume as resume_lib
 from transforms import sinks
 from transforms import sources
+from transforms import spec as spec_lib
 from transforms import summary as summary_lib
 from transforms.config import ConfigError
 
@@ -379,13 +380,12 @@ class EmbedJob(launch.Job):
     return sample.prepare(refs, config.embed.photos)
 
   def plan(self, config: JobConfig, prepared: CheckedInput,
-           base: dict) -> launch.Plan:
+           base: dict, run: spec_lib.RunSpec) -> launch.Plan:
     layout = commit.plan_layout(config.output_dir, config.models,
                                 prepared.carried, commit.new_run_id(),
-                                color_profile=config.embed.color_profile)
+                                run=run)
     resume = resume_lib.plan_resume(config.output_dir, layout.run_id,
-                                    layout.tables,
-                                    [m.name for m in config.models])
+                                    layout.tables, run)
     layout = dataclasses.replace(layout, reused_from=resume.dead_runs)
     started = time.time()
     base = dict(base, **{
@@ -399,8 +399,8 @@ class EmbedJob(launch.Job):
         "warnings": list(prepared.archive.warnings
                          if prepared.archive is not None else ()),
     })
-    return launch.Plan(config=config, checked=prepared, layout=layout,
-                       resume=resume, base=base)
+    return launch.Plan(config=config, spec=run, checked=prepared,
+                       layout=layout, resume=resume, base=base)
 
   def build(self, p: beam.Pipeline, plan: launch.Plan) -> None:
     build_pipeline(p, plan)

@@ -58,6 +58,7 @@ from transforms import fetch
 from transforms import licenses
 from transforms import sinks
 from transforms import snapshots
+from transforms import spec as spec_lib
 from transforms import summary as summary_lib
 from transforms.config import ConfigError
 
@@ -472,16 +473,15 @@ class IngestJob(launch.Job):
     return check_input(config)
 
   def plan(self, config: IngestConfig, prepared: CheckedInput,
-           base: dict) -> launch.Plan:
+           base: dict, run: spec_lib.RunSpec) -> launch.Plan:
     run_id = f"{RUN_ID_PREFIX}-{config.date}-{commit.new_run_id()}"
     layout = commit.plan_layout(config.output_dir, config.models,
                                 snapshots.CARRIED, run_id,
-                                partition=config.partition,
-                                color_profile=config.embed.color_profile)
+                                partition=config.partition, run=run)
     base = dict(base, **report_base(config, prepared, run_id, time.time(),
                                     base.get("flags", [])))
-    return launch.Plan(config=config, checked=prepared, layout=layout,
-                       resume=None, base=base)
+    return launch.Plan(config=config, spec=run, checked=prepared,
+                       layout=layout, resume=None, base=base)
 
   def build(self, p: beam.Pipeline, plan: launch.Plan) -> None:
     build_pipeline(p, plan.config, plan.checked, plan.layout, plan.base)

@@ -1,8 +1,9 @@
 """The one launch sequence both jobs follow, and the command-line wrapper.
 
     parse flags -> check the input -> decide each model's runtime
-      -> plan the tables (and what a dead attempt left) -> build the graph
-      -> run it -> print the summary the pipeline wrote
+      -> the run's spec (transforms/spec.py) -> plan the tables (and what a
+      dead attempt left) -> build the graph -> run it -> print the summary
+      the pipeline wrote
 
 A job (pipelines/embed_images.py, pipelines/ingest_observations.py) says
 only what differs: its flags and config, how its input is checked, where
@@ -41,6 +42,7 @@ from transforms import commit
 from transforms import config as config_lib
 from transforms import models as models_lib
 from transforms import progress
+from transforms import spec as spec_lib
 from transforms import storage
 from transforms.config import ConfigError
 
@@ -51,6 +53,9 @@ class Plan:
 
   Attributes:
     config: the job's config, its models carrying their runtime decisions.
+    spec: the run's spec (``transforms.spec.RunSpec``), built once here
+      from the decided models; the tables' metadata and the summary record
+      it, and resume compares dead attempts' shards with it.
     checked: what the job's input check learned (job-specific).
     layout: where the tables are staged and committed.
     resume: what a dead attempt left that this run reuses, or None.
@@ -58,6 +63,7 @@ class Plan:
   """
 
   config: Any
+  spec: spec_lib.RunSpec
   checked: Any
   layout: commit.Layout
   resume: Any
@@ -88,8 +94,10 @@ class Job:
     """
     raise NotImplementedError
 
-  def plan(self, config, prepared, base: dict) -> Plan:
-    """Names the tables (``commit.plan_layout``) and the summary's base."""
+  def plan(self, config, prepared, base: dict, run: spec_lib.RunSpec
+           ) -> Plan:
+    """Names the tables (``commit.plan_layout``, recording ``run``) and the
+    summary's base (holding ``run.to_dict()`` as ``spec``)."""
     raise NotImplementedError
 
   def build(self, p: beam.Pipeline, plan: Plan) -> None:
@@ -245,9 +253,11 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
                    read_photos=lambda n: job.sample_photos(config, prepared,
                                                            n),
                    output_dir=config.output_dir)))
+  run_spec = spec_lib.for_run(config.embed)
   base = {"package": {"name": "natvision", "version": transforms.__version__},
-          "flags": list(argv) if argv is not None else sys.argv[1:]}
-  return job.plan(config, prepared, base), options
+          "flags": list(argv) if argv is not None else sys.argv[1:],
+          "spec": run_spec.to_dict()}
+  return job.plan(config, prepared, base, run_spec), options
 
 
 def run(job: Job, argv: Optional[Sequence[str]] = None,

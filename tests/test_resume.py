@@ -5,9 +5,12 @@ once about half of its photos sit in closed shards, then runs the same
 command again and checks exactly-once against a clean run.
 """
 
+import dataclasses
 import glob
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import transforms
 from pipelines import embed_images
-from transforms import commit, models, resume
+from transforms import commit, models, resume, runtimes, sinks
+from transforms import spec as spec_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = 60
@@ -121,10 +126,40 @@ def test_killed_run_resumes_exactly_once(tiny_models, many_photos, tmp_path):
     assert json.load(f)["reused_photos"] == report["reused_photos"]
 
 
-def _layout(tmp_path, run_id):
-  resolved = models.resolve_models(["inaturalist_v2", "fungi_mobile_v1"],
-                                   "/m", requested_runtime="tf")
-  return commit.plan_layout(str(tmp_path), resolved, (), run_id), resolved
+NAMES = ["inaturalist_v2", "fungi_mobile_v1"]
+INT8_FILE = "/cache/inaturalist_v2-0123456789abcdef.int8.onnx"
+
+
+def _decided(location="/m", runtime="tf", precision="fp32", resize=None):
+  """The two models as a launcher would have decided them (no model files
+  are read: the decisions are made here)."""
+  decided = []
+  for model in models.resolve_models(NAMES, location, resize=resize,
+                                     requested_runtime=runtime):
+    int8 = precision == "int8"
+    decided.append(model.with_decision(runtimes.RuntimeDecision(
+        runtime, note="made by the test", precision=precision,
+        onnx_path=INT8_FILE if int8 else None)))
+  return decided
+
+
+def _run_spec(decided, fingerprint="a" * 32, top_k=5, color_profile="ignore",
+              max_pixels=50_000_000):
+  return spec_lib.RunSpec(
+      models=tuple(spec_lib.decided_model(m, top_k, fingerprint)
+                   for m in decided),
+      color_profile=color_profile, max_file_bytes=100_000_000,
+      max_pixels=max_pixels, version=transforms.__version__)
+
+
+def _layout(tmp_path, run_id, **changes):
+  """A run's layout and spec; ``changes`` go to ``_decided`` (location,
+  runtime, precision, resize) or to ``_run_spec`` (the rest)."""
+  decided_args = {k: changes.pop(k) for k in list(changes)
+                  if k in ("location", "runtime", "precision", "resize")}
+  decided = _decided(**decided_args)
+  run = _run_spec(decided, **changes)
+  return commit.plan_layout(str(tmp_path), decided, (), run_id, run=run), run
 
 
 def _write(spec, name, ids, model=None):
@@ -154,7 +189,7 @@ def _write(spec, name, ids, model=None):
 
 
 def test_plan_reuses_only_complete_photos_from_whole_shards(tmp_path):
-  dead, names = _layout(tmp_path, "dead")
+  dead, dead_run = _layout(tmp_path, "dead")
   emb = dead.table("embeddings/inaturalist_v2")
   pred = dead.table("predictions/fungi_mobile_v1")
   err = dead.table("errors")
@@ -168,9 +203,9 @@ def test_plan_reuses_only_complete_photos_from_whole_shards(tmp_path):
   with open(cut, "r+b") as f:  # killed while writing: no footer
     f.truncate(os.path.getsize(cut) // 2)
 
-  now, _ = _layout(tmp_path, "now")
-  plan = resume.plan_resume(str(tmp_path), "now", now.tables,
-                            [m.name for m in names])
+  now, run = _layout(tmp_path, "now")
+  assert run == dead_run  # the same command: the same spec
+  plan = resume.plan_resume(str(tmp_path), "now", now.tables, run)
   assert plan.complete == {"p1", "p2", "p3", "p5"}
   assert plan.dead_runs == (commit.staging_dir(str(tmp_path), "dead"),)
   keep = {(s.table, os.path.basename(s.path)): s.keep for s in plan.shards}
@@ -181,13 +216,128 @@ def test_plan_reuses_only_complete_photos_from_whole_shards(tmp_path):
   assert keep[("errors", "part-b.parquet")] == {("p5", None)}
 
 
-def test_plan_ignores_shards_of_another_command(tmp_path):
-  dead, _ = _layout(tmp_path, "dead")
-  _write(dead.table("embeddings/inaturalist_v2"), "part-a.parquet", ["p1"])
-  _write(dead.table("predictions/fungi_mobile_v1"), "part-a.parquet", ["p1"])
-  resolved = models.resolve_models(["inaturalist_v2", "fungi_mobile_v1"],
-                                   "/other", requested_runtime="tf")
-  now = commit.plan_layout(str(tmp_path), resolved, (), "now")
-  plan = resume.plan_resume(str(tmp_path), "now", now.tables,
-                            [m.name for m in resolved])
+# Every field of the spec that changes rows: (the flags of one run, those
+# of another that differs from it in that field alone), as changes to
+# _layout's defaults (fp32 on tf, ignore, the registry's preparation,
+# top-k 5, fingerprint aaa..., location /m).
+OTHER_RUNS = {
+    "precision": (dict(runtime="onnx"), dict(runtime="onnx",
+                                              precision="int8")),
+    "color_profile": ({}, dict(color_profile="srgb")),
+    "resize": ({}, dict(resize="center_crop")),  # fungi's default: squash
+    "fingerprint": ({}, dict(fingerprint="b" * 32)),
+    "runtime": ({}, dict(runtime="onnx")),
+    "top_k": ({}, dict(top_k=3)),
+    "location": ({}, dict(location="/other")),
+    "max_pixels": ({}, dict(max_pixels=1_000_000)),
+}
+
+
+@pytest.mark.parametrize("field", sorted(OTHER_RUNS))
+def test_a_dead_attempt_made_another_way_is_not_reused(tmp_path, field,
+                                                       caplog):
+  """Both ways round: a run never takes over rows made another way."""
+  one, other = OTHER_RUNS[field]
+  for dead_changes, now_changes in ((one, other), (other, one)):
+    out = tmp_path / ("a" if dead_changes is one else "b")
+    dead, dead_run = _layout(out, "dead", **dict(dead_changes))
+    for table in dead.tables:
+      model = "fungi_mobile_v1" if table.name == "errors" else None
+      _write(table, "part-a.parquet", ["p1", "p2"], model=model)
+    now, run = _layout(out, "now", **dict(now_changes))
+    assert dead_run != run
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      plan = resume.plan_resume(str(out), "now", now.tables, run)
+    assert plan.complete == frozenset() and plan.shards == ()
+    # The log line names what differs.
+    lines = [r.getMessage() for r in caplog.records
+             if "not reusing 3 shard(s)" in r.getMessage()]
+    assert len(lines) == 1 and "made another way" in lines[0], lines
+    assert f"{field}: " in lines[0], lines[0]
+    # The same dead shards are reused by a run made their way (the test
+    # can tell reuse from refusal).
+    again = resume.plan_resume(str(out), "now", _layout(
+        out, "now", **dict(dead_changes))[0].tables, dead_run)
+    assert again.complete == {"p1", "p2"}
+
+
+def test_a_shard_without_a_recorded_spec_is_not_reused(tmp_path, caplog):
+  old, run = _layout(tmp_path, "dead")
+  for table in old.tables:
+    # As an older natvision wrote it: the same columns, no spec.
+    meta = json.loads(table.schema.metadata[sinks.METADATA_KEY])
+    del meta["spec"]
+    schema = table.schema.with_metadata(
+        {sinks.METADATA_KEY: json.dumps(meta).encode()})
+    model = "fungi_mobile_v1" if table.name == "errors" else None
+    _write(dataclasses.replace(table, schema=schema), "part-a.parquet",
+           ["p1"], model=model)
+  now, _ = _layout(tmp_path, "now")
+  with caplog.at_level(logging.INFO):
+    plan = resume.plan_resume(str(tmp_path), "now", now.tables, run)
   assert plan.complete == frozenset()
+  assert any("records no run spec" in r.getMessage() for r in caplog.records)
+
+
+def test_the_spec_round_trips_through_json_and_table_metadata(tmp_path):
+  layout, run = _layout(tmp_path, "r", runtime="onnx", precision="int8",
+                        color_profile="srgb", top_k=3)
+  assert spec_lib.RunSpec.from_json(run.to_json()) == run
+  assert run.to_json() == spec_lib.RunSpec.from_json(run.to_json()).to_json()
+  assert run.model("inaturalist_v2").int8_file == INT8_FILE
+  assert run.model("inaturalist_v2").top_k is None  # embedders keep none
+  assert run.model("fungi_mobile_v1").top_k == 3
+  for table in layout.tables:
+    path = _write(table, "part-a.parquet", ["p1"])
+    assert sinks.recorded_spec(pq.read_schema(path)) == run
+  with pytest.raises(spec_lib.SpecError, match="not a run spec"):
+    spec_lib.RunSpec.from_json('{"models": []}')
+
+
+def _plain_args(photos, out, model_root, *more):
+  return ["--input", str(photos / "*.png"), "--output_dir", str(out),
+          "--models", "inaturalist_v2", "--model_root", model_root,
+          "--runtime", "tf", "--batch_size", "4", "--decode_threads", "0",
+          *more]
+
+
+def test_a_plain_rerun_does_not_take_over_a_dead_srgb_attempt(tiny_models,
+                                                               tmp_path):
+  """A dead --color_profile srgb attempt, then the plain command again."""
+  from tests import corpus  # pylint: disable=import-outside-toplevel
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  rng = np.random.default_rng(11)
+  for i in range(6):  # saturated colours: Adobe RGB -> sRGB moves them
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).save(
+        photos / f"a{i}.png", icc_profile=corpus.icc_matrix_profile("Adobe"))
+  # The dead attempt's closed shards, as a killed srgb run leaves them in
+  # its staging folder (here: the shards of a finished srgb run, moved
+  # there, which are the same closed files).
+  srgb = tmp_path / "srgb"
+  embed_images.run(_plain_args(photos, srgb, tiny_models,
+                               "--color_profile", "srgb"))
+  out = tmp_path / "out"
+  for table in ("embeddings/inaturalist_v2", "errors"):
+    shutil.copytree(srgb / table, out / "_staging" / "dead-srgb" / table)
+  report = embed_images.run(_plain_args(photos, out, tiny_models))
+  assert report["reused_photos"] == 0
+  assert report["spec"]["color_profile"] == "ignore"
+  assert not os.path.exists(out / "_staging")
+  got = {r["image_id"]: r["embedding"]
+         for r in _rows(out / "embeddings/inaturalist_v2").to_pylist()}
+  dead = {r["image_id"]: r["embedding"]
+          for r in _rows(srgb / "embeddings/inaturalist_v2").to_pylist()}
+  assert set(got) == set(dead) and len(got) == 6
+  # Made again, without the profile: every row differs from the srgb one by
+  # far more than one runtime's recomputation of a row may (its tolerance).
+  tolerance = runtimes.TOLERANCES[models.EMBEDDER]
+  for image_id, row in got.items():
+    diff = runtimes.output_difference(np.array([row]),
+                                      np.array([dead[image_id]]))
+    assert diff > 10 * tolerance, image_id
+  meta = json.loads(pq.read_schema(glob.glob(str(
+      out / "embeddings/inaturalist_v2/*.parquet"))[0]).metadata[
+          sinks.METADATA_KEY])
+  assert spec_lib.RunSpec.from_dict(meta["spec"]).color_profile == "ignore"

@@ -41,6 +41,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms import decode as decode_lib
 from transforms import models as models_lib
 from transforms import sinks
+from transforms import spec as spec_lib
 from transforms import storage
 
 STAGING = "_staging"
@@ -267,14 +268,27 @@ def new_run_id() -> str:
 def plan_layout(output_dir: str, models: Sequence[models_lib.ResolvedModel],
                 carried: sinks.Carried, run_id: str,
                 partition: Optional[str] = None,
-                color_profile: str = decode_lib.COLOR_PROFILE_IGNORE) -> Layout:
+                color_profile: Optional[str] = None,
+                run: Optional[spec_lib.RunSpec] = None) -> Layout:
   """Names every table's staging and final folder.
 
   Args:
     partition: a sub-folder under each table (``snapshot_date=...``), for
       jobs that add one partition per run.
-    color_profile: ``--color_profile``, recorded in every table's metadata.
+    color_profile: ``--color_profile``, recorded in every table's metadata;
+      by default the run's (``ignore`` without a run).
+    run: the run's spec (``transforms.spec.for_run``), recorded in every
+      table's metadata; the launcher always passes it.
+
+  Raises:
+    ValueError: ``color_profile`` differs from the run's.
   """
+  if run is not None:
+    if color_profile not in (None, run.color_profile):
+      raise ValueError(f"colour profile {color_profile!r} differs from the "
+                       f"run spec's {run.color_profile!r}")
+    color_profile = run.color_profile
+  color_profile = color_profile or decode_lib.COLOR_PROFILE_IGNORE
   staging = staging_dir(output_dir, run_id)
 
   def under(root, *parts):
@@ -287,11 +301,11 @@ def plan_layout(output_dir: str, models: Sequence[models_lib.ResolvedModel],
     tables.append(TableSpec(
         name=table_name(model), staged=under(staging, kind, name),
         final=under(output_dir, kind, name),
-        schema=sinks.schema_for(model, carried, color_profile)))
+        schema=sinks.schema_for(model, carried, color_profile, run)))
   tables.append(TableSpec(
       name=sinks.ERRORS, staged=under(staging, sinks.ERRORS),
       final=under(output_dir, sinks.ERRORS),
-      schema=sinks.errors_schema(carried, models, color_profile)))
+      schema=sinks.errors_schema(carried, models, color_profile, run)))
   return Layout(output_dir=output_dir, run_id=run_id, tables=tuple(tables))
 
 

@@ -7,10 +7,14 @@ staging folder stays behind.  Running the same command again into the same
 ``--output_dir`` takes over the complete shards of such dead attempts:
 
 1. ``plan_resume`` (launcher) lists the dead attempts' shards, keeps those
-   whose footer reads and whose schema matches this run's table (same
-   columns and types, same model, path, preparation and runtime), and reads
+   whose footer reads, whose columns and types are this run's table's, and
+   whose recorded run spec (``transforms.spec.RunSpec``: every model as
+   decided, with its fingerprint, runtime, precision, preparation and
+   top-k, and the colour-profile handling) equals this run's, and reads
    only their id columns.  A shard cut short by the kill has no footer and
-   is ignored.
+   is ignored; so is a shard that records no spec (written by an older
+   natvision): whether its rows were made the way this run makes them
+   cannot be told.
 2. A photo is *complete* when every model of the job has its row (or an
    error row for that model) in such shards, or when a photo-level error row
    (``model`` null: read, decode or prepare failed) is there.  Only complete
@@ -35,7 +39,6 @@ import collections
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
@@ -46,11 +49,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import commit
 from transforms import sinks
+from transforms import spec as spec_lib
 from transforms import storage
 
-# Model fields that must agree for a dead attempt's rows to be reused.
-_SAME_MODEL_FIELDS = ("name", "path", "output_width", "input_size", "resize",
-                      "labelmap", "runtime")
+# The launcher's console shows natvision's INFO and WARNING lines.
+_LOG = logging.getLogger("natvision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,25 +85,37 @@ class ResumePlan:
     return len(self.complete)
 
 
-def _same_table(found: pa.Schema, wanted: pa.Schema) -> bool:
-  """Same columns and types, and the same model behind them."""
+def _why_not_reused(found: pa.Schema, wanted: pa.Schema,
+                    run: spec_lib.RunSpec) -> Optional[str]:
+  """Why a dead attempt's shard cannot be reused; None when it can.
+
+  It can when its columns and types are the table's and its recorded spec
+  equals this run's.
+  """
   if found.remove_metadata() != wanted.remove_metadata():
-    return False
+    return "its columns differ from this run's"
+  try:
+    recorded = sinks.recorded_spec(found)
+  except spec_lib.SpecError as e:
+    return f"its run spec cannot be read ({e})"
+  if recorded is None:
+    return ("it records no run spec (written by an older natvision), so "
+            "how its rows were made cannot be compared")
+  if recorded != run:
+    return ("it was made another way (" +
+            "; ".join(recorded.differences(run)) + ", recorded != this run)")
+  return None
 
-  def model_of(schema):
-    meta = json.loads((schema.metadata or {}).get(sinks.METADATA_KEY, b"{}"))
-    model = meta.get("model") or {}
-    models = [{k: m.get(k) for k in _SAME_MODEL_FIELDS}
-              for m in meta.get("models", [])]
-    return ({k: model.get(k) for k in _SAME_MODEL_FIELDS}, models,
-            meta.get("version"))
 
-  return model_of(found) == model_of(wanted)
+def _read_ids(path: str, schema: pa.Schema, run: spec_lib.RunSpec,
+              with_model: bool
+              ) -> Tuple[Optional[List[Tuple[str, Optional[str]]]],
+                         Optional[str]]:
+  """(image_id, model) of every row of a complete, matching shard.
 
-
-def _read_ids(path: str, schema: pa.Schema, with_model: bool
-              ) -> Optional[List[Tuple[str, Optional[str]]]]:
-  """(image_id, model) of every row of a complete, matching shard; else None.
+  Returns:
+    (rows, None) for a shard this run reuses; (None, why) for one it does
+    not: cut short (no footer), other columns, or another run spec.
 
   Raises:
     storage.StorageError: the shard could not be opened (a storage fault,
@@ -115,16 +130,16 @@ def _read_ids(path: str, schema: pa.Schema, with_model: bool
       shard = pq.ParquetFile(f)
     except pa.ArrowInvalid as e:  # no footer: cut short by the kill
       logging.info("resume: ignoring %s, cut short (%s)", path, e)
-      return None
-    if not _same_table(shard.schema_arrow, schema):
-      logging.info("resume: ignoring %s, written by another command", path)
-      return None
+      return None, None
+    why = _why_not_reused(shard.schema_arrow, schema, run)
+    if why is not None:
+      return None, why
     columns = ["image_id", "model"] if with_model else ["image_id"]
     table = shard.read(columns=columns)
   ids = table.column("image_id").to_pylist()
   models = (table.column("model").to_pylist() if with_model
             else [None] * len(ids))
-  return list(zip(ids, models))
+  return list(zip(ids, models)), None
 
 
 def dead_attempts(output_dir: str, current_run_id: str) -> List[str]:
@@ -140,7 +155,7 @@ def dead_attempts(output_dir: str, current_run_id: str) -> List[str]:
 
 
 def plan_resume(output_dir: str, run_id: str,
-                tables: Sequence[commit.TableSpec], models: Sequence[str]
+                tables: Sequence[commit.TableSpec], run: spec_lib.RunSpec
                 ) -> ResumePlan:
   """Finds the complete photos of dead attempts and the shards holding them.
 
@@ -149,7 +164,7 @@ def plan_resume(output_dir: str, run_id: str,
     run_id: this run's id (its own staging folder is not a dead attempt).
     tables: this run's tables; each dead attempt's tables are found at the
       same place under its staging folder.
-    models: the job's model names, in order.
+    run: this run's spec; only shards recording an equal one are reused.
 
   Raises:
     storage.StorageError: a listing or a read failed.
@@ -163,14 +178,17 @@ def plan_resume(output_dir: str, run_id: str,
   first: Dict[Tuple[str, str, Optional[str]], str] = {}
   covered: Dict[str, set] = collections.defaultdict(set)
   photo_errors = set()
-  model_set = frozenset(models)
-  for run in dead:
+  model_set = frozenset(m.name for m in run.models)
+  refused: Dict[str, List[str]] = collections.defaultdict(list)
+  for dead_run in dead:
     for table in tables:
-      folder = run + table.staged[len(own):]
+      folder = dead_run + table.staged[len(own):]
       is_errors = table.name == sinks.ERRORS
       table_model = None if is_errors else table.name.split("/", 1)[1]
       for path in commit.list_parquet(folder):
-        rows = _read_ids(path, table.schema, with_model=is_errors)
+        rows, why = _read_ids(path, table.schema, run, with_model=is_errors)
+        if why is not None:
+          refused[why].append(path)
         if rows is None:
           continue
         for image_id, model in rows:
@@ -191,6 +209,10 @@ def plan_resume(output_dir: str, run_id: str,
     keep[(table, path)].add((image_id, model))
   shards = tuple(ReusedShard(table=t, path=p, keep=frozenset(ids))
                  for (t, p), ids in sorted(keep.items()))
+  for why, paths in sorted(refused.items()):
+    _LOG.warning("resume: not reusing %d shard(s) of dead attempts in %s "
+                 "(first %s): %s; their photos are made again",
+                 len(paths), staging_root, paths[0], why)
   if complete:
     logging.info("resume: reusing %d photo(s) from %d dead attempt(s) in %s",
                  len(complete), len(dead), staging_root)

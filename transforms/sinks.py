@@ -14,9 +14,12 @@ Tables (``DIR`` is ``--output_dir``)::
 each followed by the manifest's carried columns.  The sizes are upright (EXIF
 orientation applied): ``source_*`` as stored in the file, ``decoded_*`` as
 decoded (after any DCT-domain draft of a big JPEG).  Every file carries
-key-value metadata (key ``natvision``, a JSON object) naming the model, its
-path, width, preparation, runtime, how embedded colour profiles were treated
-(``color_profile``) and the package version.
+key-value metadata (key ``natvision``, a JSON object).  Its ``spec`` field is
+the run's ``transforms.spec.RunSpec`` (every model as decided and the
+settings that change rows), which resume and search read back
+(``recorded_spec``); the other fields (the model's description, runtime,
+``color_profile``, the package version) are for people and are not read to
+decide anything.
 
 A run writes into ``DIR/_staging/<run_id>/`` and, only once the pipeline has
 succeeded, ``commit_tables`` moves the files into place and removes what an
@@ -42,6 +45,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 import transforms
 from transforms import decode as decode_lib
 from transforms import models as models_lib
+from transforms import spec as spec_lib
 from transforms import storage
 from transforms.records import ErrorRecord, ImageRef
 
@@ -81,39 +85,70 @@ def _size_fields() -> List[pa.Field]:
 
 def table_metadata(model: Optional[models_lib.ResolvedModel],
                    color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                   run: Optional[spec_lib.RunSpec] = None,
                    **extra) -> dict:
   """The JSON stored under ``natvision`` in every file's metadata.
 
   Args:
     model: the model whose table this is; None for the errors table.
     color_profile: how embedded ICC profiles were treated when decoding
-      (``--color_profile``: ``ignore`` or ``srgb``).
+      (``--color_profile``: ``ignore`` or ``srgb``); with ``run``, the
+      run's.
+    run: the run's spec, recorded as ``spec``; None records none (such a
+      table is never reused by resume, nor searched by photo).
     extra: further keys.
   """
+  if run is not None:
+    color_profile = run.color_profile
   meta = {"package": "natvision", "version": transforms.__version__,
           "color_profile": color_profile}
   if model is not None:
     meta["model"] = model.describe()
     meta["runtime"] = model.runtime
+  if run is not None:
+    meta["spec"] = run.to_dict()
   meta.update(extra)
   return meta
 
 
+def recorded_spec(schema: pa.Schema) -> Optional[spec_lib.RunSpec]:
+  """The run spec a file's metadata records; None when it records none.
+
+  Args:
+    schema: a Parquet file's Arrow schema (its footer's metadata).
+
+  Raises:
+    spec_lib.SpecError: a ``spec`` is there but cannot be read.
+  """
+  raw = (schema.metadata or {}).get(METADATA_KEY)
+  if not raw:
+    return None
+  try:
+    meta = json.loads(raw)
+  except ValueError as e:
+    raise spec_lib.SpecError(f"unreadable {METADATA_KEY.decode()} "
+                             f"metadata: {e}") from e
+  if not isinstance(meta, dict) or meta.get("spec") is None:
+    return None
+  return spec_lib.RunSpec.from_dict(meta["spec"])
+
+
 def embeddings_schema(model: models_lib.ResolvedModel,
                       carried: Carried = (),
-                      color_profile: str = decode_lib.COLOR_PROFILE_IGNORE
-                      ) -> pa.Schema:
+                      color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                      run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("embedding",
                pa.list_(pa.float32(), model.spec.output_width), nullable=False),
   ] + _size_fields()
-  return _with_metadata(fields, carried, table_metadata(model, color_profile))
+  return _with_metadata(fields, carried,
+                        table_metadata(model, color_profile, run))
 
 
 def predictions_schema(model: models_lib.ResolvedModel,
                        carried: Carried = (),
-                       color_profile: str = decode_lib.COLOR_PROFILE_IGNORE
-                       ) -> pa.Schema:
+                       color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                       run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("label_id", pa.int32(), nullable=False),
       pa.field("label", pa.string()),
@@ -122,29 +157,30 @@ def predictions_schema(model: models_lib.ResolvedModel,
       pa.field("top_k_labels", pa.list_(pa.string())),
       pa.field("top_k_scores", pa.list_(pa.float32())),
   ] + _size_fields()
-  return _with_metadata(fields, carried, table_metadata(model, color_profile))
+  return _with_metadata(fields, carried,
+                        table_metadata(model, color_profile, run))
 
 
 def errors_schema(carried: Carried = (),
                   models: Sequence[models_lib.ResolvedModel] = (),
-                  color_profile: str = decode_lib.COLOR_PROFILE_IGNORE
-                  ) -> pa.Schema:
+                  color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                  run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("stage", pa.string(), nullable=False),
       pa.field("error", pa.string(), nullable=False),
   ]
-  meta = table_metadata(None, color_profile,
+  meta = table_metadata(None, color_profile, run,
                         models=[m.describe() for m in models])
   return _with_metadata(fields, carried, meta)
 
 
 def schema_for(model: models_lib.ResolvedModel, carried: Carried = (),
-               color_profile: str = decode_lib.COLOR_PROFILE_IGNORE
-               ) -> pa.Schema:
+               color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+               run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   """The embeddings or predictions schema of a model, by its kind."""
   if model.spec.kind == models_lib.EMBEDDER:
-    return embeddings_schema(model, carried, color_profile)
-  return predictions_schema(model, carried, color_profile)
+    return embeddings_schema(model, carried, color_profile, run)
+  return predictions_schema(model, carried, color_profile, run)
 
 
 def output_columns() -> Tuple[str, ...]:
