@@ -249,6 +249,18 @@ def _join(root: str, *parts: str) -> str:
   return FileSystems.join(root.rstrip("/"), *parts)
 
 
+def absolute_location(location: str) -> str:
+  """A model's location as the tables record it: one that travels.
+
+  A local path becomes absolute and resolved (symbolic links followed), so
+  that a table written from one folder names a model that ``natvision-search``
+  finds from any other; a URI (gs://, s3://, ...) stays as it is.
+  """
+  if "://" in location:
+    return location
+  return os.path.realpath(os.path.expanduser(location))
+
+
 def resolve_models(
     names: Sequence[str],
     model_root: Optional[str],
@@ -257,7 +269,8 @@ def resolve_models(
     resize: Optional[str] = None,
     requested_runtime: str = "auto",
 ) -> List[ResolvedModel]:
-  """Binds registry names to locations; no I/O.
+  """Binds registry names to locations (absolute, see
+  ``absolute_location``); no I/O beyond resolving local links.
 
   Args:
     names: registry names, in the order the user gave them.
@@ -276,8 +289,12 @@ def resolve_models(
     ModelError: unknown name, no location for a model, or an unknown
       runtime.
   """
-  handles = dict(handles or {})
-  labelmaps = dict(labelmaps or {})
+  handles = {name: absolute_location(path)
+             for name, path in (handles or {}).items()}
+  labelmaps = {name: absolute_location(path)
+               for name, path in (labelmaps or {}).items()}
+  if model_root:
+    model_root = absolute_location(model_root)
   if resize is not None and resize not in RESIZE_POLICIES:
     raise ModelError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}")
   for mapping, flag in ((handles, "--model_handle"), (labelmaps, "--labelmap")):
