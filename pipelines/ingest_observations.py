@@ -27,7 +27,8 @@ steps, once every table is written: removes the date's ``_SUCCESS`` markers,
 moves the files into the date's partitions (replacing what an earlier run of
 the same date left there), removes what dead runs of the date left under
 ``_staging``, writes ``DIR/runs/<date>.json`` and finally one ``_SUCCESS``
-per partition.  The job thus commits itself, also when launched from a
+per partition, under ``DIR/_markers/<table>/`` (outside the tables, so that
+every Parquet reader opens a table folder).  The job thus commits itself, also when launched from a
 Dataflow template whose launcher does not wait for it; the launcher, when it
 does wait, only reads the summary back and prints it.  "Already processed"
 ignores the partition of the date being run, so rerunning a date recomputes

@@ -1,9 +1,9 @@
 """The one launch sequence both jobs follow, and the command-line wrapper.
 
-    parse flags -> check the input -> decide each model's runtime
-      -> the run's spec (transforms/spec.py) -> plan the tables (and what a
-      dead attempt left) -> build the graph -> run it -> print the summary
-      the pipeline wrote
+    parse flags -> check the input and the models' folders
+      -> decide each model's runtime -> the run's spec (transforms/spec.py)
+      -> plan the tables (and what a dead attempt left) -> build the graph
+      -> run it -> print the summary the pipeline wrote
 
 A job (pipelines/embed_images.py, pipelines/ingest_observations.py) says
 only what differs: its flags and config, how its input is checked, where
@@ -247,6 +247,9 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   # filesystem needs the options (--s3_endpoint_url, ...) set to work.
   FileSystems.set_options(options)
   prepared = job.check_input(config)
+  # Cheap existence checks before anything imports TensorFlow, so that a
+  # wrong --model_root fails in seconds, naming the folder.
+  models_lib.check_locations(config.embed.models)
   config = dataclasses.replace(config, embed=config.embed.with_models(
       check_models(config.embed.models,
                    quantization=config.embed.quantization,

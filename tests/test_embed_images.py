@@ -221,8 +221,25 @@ def test_demo_command_as_readme_gives_it(tmp_path, capsys, monkeypatch):
   rows = _read(os.path.join(out, "embeddings", "inaturalist_v2"))
   assert sorted(os.path.basename(u) for u in rows.column("uri").to_pylist()) == [
       "chelsea_cat.jpg", "coffee.webp", "flower.jpg", "grass_grayscale.png"]
+  # The ids README quotes: the same wherever the package is installed.
+  ids = dict(zip((os.path.basename(u) for u in rows.column("uri").to_pylist()),
+                 rows.column("image_id").to_pylist()))
+  assert ids["flower.jpg"] == "af8807e112ab223c98ad"
+  assert ids["coffee.webp"] == "62c823cb047535bee020"
+  assert ids["chelsea_cat.jpg"] == "738628193f234897307d"
   with open(os.path.join(out, "run.json")) as f:
-    assert json.load(f)["error_rate"] == pytest.approx(0.2)
+    report = json.load(f)
+  assert report["error_rate"] == pytest.approx(0.2)
+  # The relative --output_dir's models, recorded where they really are.
+  models_dir = os.path.join(os.path.realpath(tmp_path), "natvision_demo",
+                            "_standin_models")
+  assert [m["path"] for m in report["models"]] == [
+      os.path.join(models_dir, name) for name in ALL.split(",")]
+  meta = json.loads(pq.read_schema(next(
+      os.path.join(out, "embeddings", "inaturalist_v2", f)
+      for f in os.listdir(os.path.join(out, "embeddings", "inaturalist_v2"))
+      if f.endswith(".parquet"))).metadata[sinks.METADATA_KEY])
+  assert meta["model"]["path"] == os.path.join(models_dir, "inaturalist_v2")
 
 
 def test_exit_status_follows_max_error_rate():

@@ -1,5 +1,7 @@
 """Flag parsing: a pure function; bad values fail naming the flag."""
 
+import os
+
 import pytest
 
 from pipelines import embed_images
@@ -95,3 +97,35 @@ def test_color_profile_flag_reaches_the_photo_config():
   assert config.embed.photo_config().color_profile == "srgb"
   with pytest.raises(SystemExit):
     _parse(*BASE, "--color_profile", "p3")
+
+
+def test_demo_ids_are_relative_to_the_sample_folder_only_for_its_photos():
+  config, _ = _parse("--demo")
+  assert config.ids_relative_to == embed_images.SAMPLE_PHOTOS_DIR
+  assert os.path.isabs(embed_images.SAMPLE_PHOTOS_DIR)
+  config, _ = _parse("--demo", "--input", "photos/*.jpg")
+  assert config.ids_relative_to is None
+  config, _ = _parse(*BASE)
+  assert config.ids_relative_to is None
+
+
+def test_model_locations_are_absolute_and_resolved(tmp_path, monkeypatch):
+  real = tmp_path / "real_models"
+  real.mkdir()
+  (tmp_path / "link").symlink_to(real)
+  monkeypatch.chdir(tmp_path)
+  config, _ = _parse("--input", "a/*.jpg", "--output_dir", "o",
+                     "--model_root", "link",
+                     "--model_handle", "inception_resnet_v2=irv2",
+                     "--labelmap", "fungi_mobile_v1=maps/l.csv")
+  root = os.path.realpath(real)
+  assert [m.path for m in config.models] == [
+      f"{root}/inaturalist_v2", f"{root}/fungi_mobile_v1",
+      os.path.join(os.path.realpath(tmp_path), "irv2")]
+  assert config.models[1].labelmap_path == os.path.join(
+      os.path.realpath(tmp_path), "maps", "l.csv")
+  # What the tables' metadata and run.json record.
+  assert config.models[0].describe()["path"] == f"{root}/inaturalist_v2"
+  config, _ = _parse("--input", "a/*.jpg", "--output_dir", "o",
+                     "--model_root", "gs://bucket/models")
+  assert config.models[0].path == "gs://bucket/models/inaturalist_v2"

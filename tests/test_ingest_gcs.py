@@ -5,7 +5,7 @@ Snapshot tables, the photo store (at --photo_uri_template), the models
 server (tests/gcs_server.py).  The same snapshots are run a second time on
 local disk; after each step the gs:// tables are read back with
 FileSystems.match and pyarrow and must hold exactly the photos they should,
-each once, with a ``_SUCCESS`` marker per partition, nothing left under
+each once, with a ``_SUCCESS`` marker per partition (under ``_markers/``), nothing left under
 ``_staging`` and the same rows (embeddings compared by image_id) as the local
 run.
 
@@ -96,7 +96,7 @@ def snapshot_state(out):
   tables = {t: read_table(out, t) for t in ALL_TABLES}
   markers = {}
   for table in ALL_TABLES:
-    for path in _match(f"{out}/{table}/snapshot_date=*/_SUCCESS"):
+    for path in _match(f"{out}/_markers/{table}/snapshot_date=*/_SUCCESS"):
       with FileSystems.open(path) as f:
         markers[(table, path.rsplit("/", 2)[-2])] = json.loads(f.read())
   partitions = {}
@@ -254,7 +254,8 @@ def test_gs_partitions_are_marked_and_staging_is_gone(sequence, step):
   out = sequence["gs_out"]
   assert state["everything"] == sorted(
       [f"{out}/{t}/{p}/{name}" for (t, p), files in state["partitions"].items()
-       for name in files + ["_SUCCESS"]] +
+       for name in files] +
+      [f"{out}/_markers/{t}/{p}/_SUCCESS" for t, p in state["partitions"]] +
       [f"{out}/runs/{d}.{ext}" for d in dates for ext in ("html", "json")])
   report = sequence["steps"][step]["gs"]
   summary = f"{sequence['gs_out']}/runs/{dates[-1]}.json"

@@ -40,6 +40,12 @@ D1, D2, D3, D4, D5 = ("2024-01-07", "2024-01-14", "2024-01-21", "2024-01-28",
                       "2024-02-04")
 
 
+def _marker(out, table, partition_folder):
+  """Where a committed partition's _SUCCESS lies: outside the table."""
+  return os.path.join(out, "_markers", table,
+                      os.path.basename(partition_folder), "_SUCCESS")
+
+
 def _files(out, table):
   return sorted(glob.glob(os.path.join(out, table, "snapshot_date=*",
                                        "*.parquet")))
@@ -324,12 +330,48 @@ def test_partitions_read_as_one_table(sequence):
       expected[EMB])
   for model, table_name in TABLES.items():
     for folder in glob.glob(os.path.join(out, table_name, "snapshot_date=*")):
-      with open(os.path.join(folder, "_SUCCESS")) as f:
+      assert not os.path.exists(os.path.join(folder, "_SUCCESS"))
+      with open(_marker(out, table_name, folder)) as f:
         marker = json.load(f)
       assert marker["table"] == table_name, model
       assert marker["rows"] == sum(
           pq.ParquetFile(p).metadata.num_rows
           for p in glob.glob(os.path.join(folder, "*.parquet")))
+
+
+def _date(value):
+  """A snapshot_date as each reader gives it (date, Timestamp, str)."""
+  return str(value)[:10]
+
+
+@pytest.mark.parametrize("table_name", sorted(TABLES.values()) + ["errors"])
+def test_every_reader_opens_the_table_folders(sequence, table_name):
+  """Polars, pandas, pyarrow and DuckDB read a table folder (its
+  snapshot_date= partitions) and get the same rows; markers live outside
+  the tables, so no folder holds anything but Parquet files."""
+  import pandas  # pylint: disable=import-outside-toplevel
+  import polars  # pylint: disable=import-outside-toplevel
+  folder = os.path.join(sequence["out"], table_name)
+  assert {os.path.splitext(name)[1] for _, _, names in os.walk(folder)
+          for name in names} == {".parquet"}
+  via_arrow = ds.dataset(folder, partitioning="hive").to_table()
+  expected = sorted(zip(via_arrow.column("image_id").to_pylist(),
+                        map(_date, via_arrow.column("snapshot_date")
+                            .to_pylist())))
+  assert len(expected) >= 2 and len({d for _, d in expected}) >= 2
+  readers = {
+      "polars folder": polars.read_parquet(folder),
+      "polars glob": polars.read_parquet(
+          os.path.join(folder, "**", "*.parquet"), hive_partitioning=True),
+      "pandas": pandas.read_parquet(folder),
+      "duckdb": duckdb.connect().execute(
+          f"select * from read_parquet('{folder}/**/*.parquet', "
+          f"hive_partitioning=true)").df(),
+  }
+  for reader, frame in readers.items():
+    rows = sorted(zip(list(frame["image_id"]),
+                      map(_date, list(frame["snapshot_date"]))))
+    assert rows == expected, reader
 
 
 def test_run_summary_file(sequence):
@@ -379,7 +421,7 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
       ingest.run(argv(s2, D2))
   half = os.path.join(out, TABLES[EMB], f"snapshot_date={D2}")
   assert glob.glob(os.path.join(half, "*.parquet"))
-  assert not os.path.exists(os.path.join(half, "_SUCCESS"))
+  assert not os.path.exists(_marker(out, TABLES[EMB], half))
 
   # A later date counts the half-committed rows as done: no duplicates.
   world.observe(SPECIES["bolete"])
@@ -393,18 +435,19 @@ def test_half_committed_partition_is_not_processed_twice(tiny_models,
 
   # Readers that want committed partitions only check the markers.
   strict = duckdb.connect().execute(
-      "select count(*) from read_parquet(?, hive_partitioning=true, "
-      "filename=true) where parse_dirpath(filename) in "
-      "(select parse_dirpath(file) from glob(?))",
+      "select count(*) from read_parquet(?, hive_partitioning=true) "
+      "where snapshot_date in (select cast(regexp_extract(file, "
+      "'snapshot_date=([^/]+)', 1) as date) from glob(?))",
       [os.path.join(out, TABLES[EMB], "*", "*.parquet"),
-       os.path.join(out, TABLES[EMB], "*", "_SUCCESS")]).fetchone()[0]
+       os.path.join(out, "_markers", TABLES[EMB], "*", "_SUCCESS")]
+  ).fetchone()[0]
   assert strict == 2
 
   # The rerun of the dead date completes it and cleans its staging.
   again = ingest.run(argv(s2, D2))
   assert again["models"][EMB]["new"] == 1
   assert placed(out, EMB) == ids
-  assert os.path.exists(os.path.join(half, "_SUCCESS"))
+  assert os.path.exists(_marker(out, TABLES[EMB], half))
   assert not os.path.exists(os.path.join(out, "_staging"))
 
 
@@ -475,7 +518,9 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, tmp_path):
   for table in (TABLES[EMB], TABLES[FUN], "errors"):
     folder = os.path.join(out, table, partition)
     files = glob.glob(os.path.join(folder, "*.parquet"))
-    with open(os.path.join(folder, "_SUCCESS")) as f:
+    # The marker an earlier version left inside the partition is gone.
+    assert sorted(os.listdir(folder)) == sorted(map(os.path.basename, files))
+    with open(_marker(out, table, folder)) as f:
       marker = json.load(f)
     assert marker["run_id"] == run_id, table
     assert marker["table"] == table
@@ -483,7 +528,7 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, tmp_path):
     assert marker["rows"] == sum(pq.ParquetFile(p).metadata.num_rows
                                  for p in files)
     # The markers come last, after the summary.
-    assert (os.stat(os.path.join(folder, "_SUCCESS")).st_mtime_ns >=
+    assert (os.stat(_marker(out, table, folder)).st_mtime_ns >=
             os.stat(summary).st_mtime_ns), table
 
 

@@ -1,17 +1,25 @@
-"""transforms/models.py: resolving models and the cache of remote models.
+"""transforms/models.py: resolving models, and caches keyed by what a model
+holds, never by where it lies.
 
-Models on gs:// are copied to a local cache keyed by what the folder holds,
-so a model replaced at the same path is fetched again (through the loopback
-GCS server, tests/gcs_server.py).  A --runtime that names no runtime is
-refused when the models are resolved, before anything is loaded.
+Models on gs:// are copied to a local cache keyed by the folder's listing
+(through the loopback GCS server, tests/gcs_server.py), so a model replaced
+at the same path is fetched again; converted ONNX files are cached by the
+model's fingerprint, so a moved or copied model folder reuses them
+(tests/test_runtimes_quantize.py checks the same for int8 files).  A
+--runtime that names no runtime is refused when the models are resolved,
+before anything is loaded.
 """
 
 import os
+import shutil
 
 import pytest
 
 from tests.gcs_server import upload_dir
 from transforms import models
+from transforms import runtimes
+from transforms.runtimes import chooser
+from transforms.runtimes import onnx as onnx_lib
 
 
 def test_unknown_runtime_is_refused(tiny_models):
@@ -43,3 +51,38 @@ def test_model_replaced_at_the_same_path_is_fetched_again(
     assert f.read() == b"second, longer version"
   with open(os.path.join(second, "variables", "variables.index"), "rb") as f:
     assert f.read() == b"index 1"
+
+
+def test_a_copied_model_folder_reuses_the_converted_file(
+    tiny_models, fresh_onnx_cache, tmp_path, monkeypatch):
+  name = "inaturalist_v2"
+  conversions = []
+
+  def convert_here(resolved, target_path, *args, **kwargs):
+    # In this process (TensorFlow is loaded already), counted.
+    conversions.append(resolved.path)
+    return onnx_lib.convert_to_onnx(resolved, target_path)
+
+  monkeypatch.setattr(onnx_lib, "convert_in_child", convert_here)
+  copy_root = tmp_path / "copied"
+  shutil.copytree(os.path.join(tiny_models, name), copy_root / name)
+
+  def decide(root):
+    runtimes.forget()  # no runtime remembered from the other folder
+    (resolved,) = models.resolve_models([name], str(root),
+                                        requested_runtime="onnx")
+    return chooser.choose(resolved)
+
+  try:
+    original = decide(tiny_models)
+    copied = decide(copy_root)
+  finally:
+    runtimes.forget()
+  assert original.onnx_source == "converted"
+  assert os.path.dirname(original.onnx_path) == fresh_onnx_cache
+  assert copied.onnx_source == "cached"
+  assert copied.onnx_path == original.onnx_path
+  assert copied.fingerprint == original.fingerprint
+  assert conversions == [os.path.join(tiny_models, name)]
+  assert [f for f in os.listdir(fresh_onnx_cache)
+          if f.endswith(".onnx")] == [os.path.basename(original.onnx_path)]

@@ -232,6 +232,30 @@ def test_int8_figures_are_measured_on_held_out_photos(tiny_models, name,
   assert again.agreement == agreement
 
 
+def test_a_copied_model_folder_reuses_the_int8_file(tiny_models, tmp_path,
+                                                    quantizations):
+  name = "fungi_mobile_v1"
+  first = tmp_path / "first"
+  shutil.copytree(os.path.join(tiny_models, name), first / name)
+  # The fp32 file staged next to the model, as natvision-stage-onnx leaves it.
+  shutil.copy(_decided(tiny_models, name).decision.onnx_path,
+              first / name / onnx_lib.STAGED_ONNX)
+  copy = tmp_path / "copy"
+  shutil.copytree(first, copy)  # cp -r: another path, the same bytes
+  photos = _photos(12)
+  runtimes.forget()
+  model = _decided(str(first), name)
+  assert model.decision.onnx_source == "staged"
+  made = quantize.decide_int8(model, photos, _config())
+  runtimes.forget()
+  copied = _decided(str(copy), name)
+  assert copied.decision.onnx_path == str(copy / name / onnx_lib.STAGED_ONNX)
+  again = quantize.decide_int8(copied, photos, _config())
+  assert made.onnx_source == "quantized" and again.onnx_source == "cached"
+  assert again.onnx_path == made.onnx_path
+  assert quantizations == {name: 1}
+
+
 def test_a_strict_minimum_refuses_naming_the_model_and_figure(tiny_models):
   model = _decided(tiny_models, "inaturalist_v2")
   with pytest.raises(models_lib.ModelError) as raised:

@@ -171,3 +171,28 @@ def test_pipeline_dedup_does_not_depend_on_row_order(tmp_path):
 def test_pattern_matching_nothing_names_it(tmp_path):
   with pytest.raises(sources.InputError, match="nothing.jpg"):
     sources.count_pattern_matches([str(tmp_path / "nothing.jpg")])
+
+
+def test_sample_photo_ids_do_not_depend_on_the_folder(tmp_path):
+  names = ["a.jpg", "b.png"]
+  for place in ("venv_one/sample_photos", "elsewhere/x/sample_photos"):
+    folder = tmp_path / place
+    folder.mkdir(parents=True)
+    for name in names:
+      (folder / name).write_bytes(b"not read here")
+    with TestPipeline() as p:
+      refs = p | sources.ReadImageRefs(patterns=[str(folder / "*")],
+                                       ids_relative_to=str(folder))
+      # The id hashes the name relative to the folder, nothing else.
+      assert_that(refs | beam.Map(lambda r: (r.image_id, r.uri)), equal_to(
+          [(sources.image_id_for_uri(n), str(folder / n)) for n in names]))
+  # User inputs keep ids of the whole URI.
+  folder = tmp_path / "venv_one/sample_photos"
+  with TestPipeline() as p:
+    refs = p | sources.ReadImageRefs(patterns=[str(folder / "*")])
+    assert_that(refs | beam.Map(lambda r: r.image_id), equal_to(
+        [sources.image_id_for_uri(str(folder / n)) for n in names]))
+  assert sources.image_id_relative_to("/else/a.jpg", str(folder)) == (
+      sources.image_id_for_uri("/else/a.jpg"))
+  assert sources.image_id_for_uri("a.jpg") != sources.image_id_for_uri(
+      str(folder / "a.jpg"))

@@ -155,8 +155,9 @@ def table_ids(out, table):
 def marker_problems(out, table):
   """Partitions whose ``_SUCCESS`` does not name exactly their files."""
   bad = []
-  for marker in storage.match(f"{out}/{table}/*/_SUCCESS"):
-    folder = marker.rsplit("/", 1)[0]
+  for marker in storage.match(f"{out}/_markers/{table}/*/_SUCCESS"):
+    partition = marker.rsplit("/", 2)[-2]
+    folder = f"{out}/{table}/{partition}"
     files = sorted(p.rsplit("/", 1)[1]
                    for p in storage.match(f"{folder}/*.parquet"))
     named = sorted(json.loads(storage.read_bytes(marker))["files"])

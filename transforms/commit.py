@@ -13,7 +13,8 @@ written:
    before the step fails, so a table never holds two runs' rows);
 3. removes the staging folder and those of dead attempts it took over
    (transforms/resume.py), then calls the job's ``finish`` (run.json,
-   ingestion's ``_SUCCESS`` markers).
+   ingestion's ``_SUCCESS`` markers, under ``OUT/_markers/``, outside the
+   tables' folders).
 
 A retried commit follows the plan, so it finishes the same commit.  Every
 storage call goes through transforms/storage.py: a failed listing is an
@@ -46,6 +47,8 @@ from transforms import storage
 
 STAGING = "_staging"
 SUCCESS_MARKER = "_SUCCESS"
+# Where ingestion's markers go, outside the tables (``marker_path``).
+MARKERS = "_markers"
 
 
 def staging_dir(output_dir: str, run_id: str) -> str:
@@ -370,24 +373,46 @@ def iso(ts: float) -> str:
 
 
 
-# Ingestion marks each committed partition with a _SUCCESS file.
+# Ingestion marks each committed partition with a _SUCCESS file, kept
+# outside the tables' folders: OUT/_markers/<table>/<partition>/_SUCCESS.
+# A table folder then holds Parquet files only, which every reader opens
+# (Polars refuses a folder holding files of other extensions).
 
 
-def _marker(table: TableSpec) -> str:
-  return FileSystems.join(table.final, SUCCESS_MARKER)
+def marker_path(output_dir: str, table_name: str, partition: str) -> str:
+  """Where the ``_SUCCESS`` of one committed partition lies.
+
+  Args:
+    output_dir: the job's ``--output_dir``.
+    table_name: e.g. ``embeddings/inaturalist_v2`` or ``errors``.
+    partition: e.g. ``snapshot_date=2024-01-07``.
+  """
+  return FileSystems.join(output_dir, MARKERS, *table_name.split("/"),
+                          partition, SUCCESS_MARKER)
+
+
+def _marker(layout: Layout, table: TableSpec) -> str:
+  return marker_path(layout.output_dir, table.name, _basename(table.final))
 
 
 def unmark_partition(layout: Layout) -> None:
-  """Removes the date's ``_SUCCESS`` markers, before its files are replaced."""
-  markers = [_marker(t) for t in layout.tables if storage.exists(_marker(t))]
+  """Removes the date's ``_SUCCESS`` markers, before its files are replaced.
+
+  Also the ones earlier versions wrote inside the partition folders, so a
+  rerun of a date leaves its table folders holding Parquet files only.
+  """
+  candidates = [path for t in layout.tables
+                for path in (_marker(layout, t),
+                             FileSystems.join(t.final, SUCCESS_MARKER))]
+  markers = [path for path in candidates if storage.exists(path)]
   if markers:
     FileSystems.delete(markers)
 
 
 def write_markers(layout: Layout, report: dict) -> None:
-  """Writes ``_SUCCESS`` (a small JSON manifest) into each partition, last."""
+  """Writes each partition's ``_SUCCESS`` (a small JSON manifest), last."""
   for table in layout.tables:
-    write_json(_marker(table), {
+    write_json(_marker(layout, table), {
         "run_id": layout.run_id,
         "snapshot_date": report["snapshot_date"],
         "table": table.name,

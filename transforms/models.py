@@ -170,6 +170,8 @@ class ResolvedModel:
       ``transforms.runtimes.RuntimeDecision``, attached by
       ``transforms.runtimes.chooser``); None until then.  Workers run the
       runtime it names and refuse a model without one.
+    model_root: the ``--model_root`` the folder was found under; None for a
+      ``--model_handle``.  Only for messages: which flag to fix.
   """
 
   spec: ModelSpec
@@ -178,6 +180,7 @@ class ResolvedModel:
   labelmap_path: Optional[str] = None
   requested_runtime: str = "auto"
   decision: Optional[RuntimeDecision] = None
+  model_root: Optional[str] = None
 
   def __post_init__(self):
     if self.requested_runtime not in RUNTIME_REQUESTS:
@@ -246,6 +249,18 @@ def _join(root: str, *parts: str) -> str:
   return FileSystems.join(root.rstrip("/"), *parts)
 
 
+def absolute_location(location: str) -> str:
+  """A model's location as the tables record it: one that travels.
+
+  A local path becomes absolute and resolved (symbolic links followed), so
+  that a table written from one folder names a model that ``natvision-search``
+  finds from any other; a URI (gs://, s3://, ...) stays as it is.
+  """
+  if "://" in location:
+    return location
+  return os.path.realpath(os.path.expanduser(location))
+
+
 def resolve_models(
     names: Sequence[str],
     model_root: Optional[str],
@@ -254,7 +269,8 @@ def resolve_models(
     resize: Optional[str] = None,
     requested_runtime: str = "auto",
 ) -> List[ResolvedModel]:
-  """Binds registry names to locations; no I/O.
+  """Binds registry names to locations (absolute, see
+  ``absolute_location``); no I/O beyond resolving local links.
 
   Args:
     names: registry names, in the order the user gave them.
@@ -273,8 +289,12 @@ def resolve_models(
     ModelError: unknown name, no location for a model, or an unknown
       runtime.
   """
-  handles = dict(handles or {})
-  labelmaps = dict(labelmaps or {})
+  handles = {name: absolute_location(path)
+             for name, path in (handles or {}).items()}
+  labelmaps = {name: absolute_location(path)
+               for name, path in (labelmaps or {}).items()}
+  if model_root:
+    model_root = absolute_location(model_root)
   if resize is not None and resize not in RESIZE_POLICIES:
     raise ModelError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}")
   for mapping, flag in ((handles, "--model_handle"), (labelmaps, "--labelmap")):
@@ -286,12 +306,13 @@ def resolve_models(
   for name in names:
     spec = get_spec(name)
     path = handles.get(name)
+    root = None
     if path is None:
       if not model_root:
         raise ModelError(
             f"model {name}: no location; pass --model_root (a folder holding "
             f"{name}/) or --model_handle {name}=PATH")
-      path = _join(model_root, name)
+      path, root = _join(model_root, name), model_root
     labelmap = None
     if spec.kind == CLASSIFIER:
       labelmap = labelmaps.get(name) or _join(path, spec.labelmap)
@@ -300,8 +321,56 @@ def resolve_models(
     resolved.append(
         ResolvedModel(spec=spec, path=path, resize=resize or spec.resize,
                       labelmap_path=labelmap,
-                      requested_runtime=requested_runtime))
+                      requested_runtime=requested_runtime, model_root=root))
   return resolved
+
+
+def _holds_saved_model(path: str) -> bool:
+  return (storage.exists(_join(path, "saved_model.pb"))
+          or storage.exists(_join(path, "saved_model.pbtxt")))
+
+
+def check_locations(models: Sequence[ResolvedModel]) -> None:
+  """Checks that each model's folder holds a SavedModel; no TensorFlow.
+
+  Existence checks only, run by the launcher before any model is loaded,
+  so that a wrong ``--model_root`` or ``--model_handle`` fails in seconds
+  (not after TensorFlow has been imported) and the message names the
+  folder and the flag to fix, once.
+
+  Raises:
+    ModelError: a ``--model_root`` that does not exist or holds none of
+      the models, a model missing under it, or a ``--model_handle`` with no
+      SavedModel.
+    storage.StorageError: storage could not say whether a file exists.
+  """
+  missing = [m for m in models if not _holds_saved_model(m.path)]
+  if not missing:
+    return
+  for root in dict.fromkeys(m.model_root for m in missing if m.model_root):
+    wanted = [m.name for m in models if m.model_root == root]
+    absent = [m.name for m in missing if m.model_root == root]
+    folders = ", ".join(f"{n}/" for n in wanted)
+    if "://" not in root and not os.path.isdir(root):
+      raise ModelError(
+          f"--model_root {root} does not exist; pass the folder that holds "
+          f"one folder per model ({folders})")
+    if absent == wanted:
+      raise ModelError(
+          f"--model_root {root} holds none of the models (no SavedModel in "
+          f"{folders} under it); pass the folder that holds them, or "
+          f"--model_handle NAME=PATH for each")
+  model = missing[0]
+  if model.model_root:
+    raise ModelError(
+        f"model {model.name}: no SavedModel at {model.path} (no "
+        f"saved_model.pb); put a copy of the model ({model.spec.source}) "
+        f"in {model.name}/ under --model_root {model.model_root}, or pass "
+        f"--model_handle {model.name}=PATH")
+  raise ModelError(
+      f"--model_handle {model.name}={model.path}: no SavedModel there (no "
+      f"saved_model.pb); pass the folder of a copy of the model "
+      f"({model.spec.source})")
 
 
 def read_labelmap(path: str, expected: Optional[int] = None) -> List[str]:

@@ -6,7 +6,9 @@ with a ``uri`` column, an optional ``image_id`` column and any other columns,
 which are carried into every output row for that photo.
 
 Without an ``image_id`` column the id is derived from the URI (a hash), so it
-is stable across runs.  Photos listed twice (same id) are processed once,
+is stable across runs.  The demo's sample photos, which lie wherever the
+package is installed, hash their path relative to the sample folder
+instead (``image_id_relative_to``), so their ids are the same everywhere.  Photos listed twice (same id) are processed once,
 as the row that sorts first by ``duplicate_order`` (URI, then the carried
 values as text), whatever order the rows come in.
 
@@ -82,6 +84,20 @@ def image_id_for_uri(uri: str) -> str:
     20 hex digits of the SHA-256 of the URI's bytes.
   """
   return hashlib.sha256(uris.uri_bytes(uri)).hexdigest()[:20]
+
+
+def image_id_relative_to(uri: str, folder: str) -> str:
+  """A photo's id that does not depend on where ``folder`` lies.
+
+  For photos shipped with the package (the demo's sample photos): the id
+  hashes the path relative to ``folder`` (``flower.jpg``), so the same
+  photo has the same id on every machine and in every virtualenv.  A URI
+  outside ``folder`` keeps the id of ``image_id_for_uri``.
+  """
+  prefix = folder.rstrip("/") + "/"
+  if uri.startswith(prefix):
+    return image_id_for_uri(uri[len(prefix):])
+  return image_id_for_uri(uri)
 
 
 def ref_for_uri(uri: str, image_id: Optional[str] = None,
@@ -485,12 +501,21 @@ class _ReadManifestFn(beam.DoFn):
 
 
 class _MatchFn(beam.DoFn):
-  """A glob pattern (as bytes) -> the ImageRef of every file it matches."""
+  """A glob pattern (as bytes) -> the ImageRef of every file it matches.
+
+  With ``ids_relative_to`` (a folder), ids hash the path relative to it
+  (``image_id_relative_to``); else the whole URI.
+  """
+
+  def __init__(self, ids_relative_to: Optional[str] = None):
+    self._base = ids_relative_to
 
   def process(self, pattern: bytes) -> Iterator[ImageRef]:
     text = pattern.decode("utf-8", "surrogateescape")
     for metadata in FileSystems.match([text])[0].metadata_list:
-      yield ref_for_uri(metadata.path)
+      image_id = (image_id_relative_to(metadata.path, self._base)
+                  if self._base else None)
+      yield ref_for_uri(metadata.path, image_id)
 
 
 def _text_or_none_first(value: Any) -> Tuple[bool, str]:
@@ -544,15 +569,19 @@ class ReadImageRefs(beam.PTransform):
   Args:
     patterns: glob patterns (used when ``manifest`` is None).
     manifest: a checked Manifest, from read_manifest_header.
+    ids_relative_to: a folder whose photos get ids that hash their path
+      relative to it (the demo's sample photos); None: ids hash the URI.
   """
 
   def __init__(self, patterns: Sequence[str] = (),
-               manifest: Optional[Manifest] = None):
+               manifest: Optional[Manifest] = None,
+               ids_relative_to: Optional[str] = None):
     super().__init__()
     if not patterns and manifest is None:
       raise ValueError("ReadImageRefs needs patterns or a manifest")
     self._patterns = list(patterns)
     self._manifest = manifest
+    self._ids_relative_to = ids_relative_to
 
   def expand(self, pbegin):
     if self._manifest is not None:
@@ -566,7 +595,7 @@ class ReadImageRefs(beam.PTransform):
       refs = (pbegin
               | "Patterns" >> beam.Create(
                   [uris.uri_bytes(p) for p in self._patterns])
-              | "MatchFiles" >> beam.ParDo(_MatchFn()))
+              | "MatchFiles" >> beam.ParDo(_MatchFn(self._ids_relative_to)))
     return (refs
             | "KeyById" >> beam.Map(lambda r: (r.image_id, r))
             | "GroupById" >> beam.GroupByKey()

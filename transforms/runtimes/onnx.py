@@ -13,7 +13,10 @@ How a model gets its ONNX file, first found wins:
    ``natvision-stage-onnx`` (tools/stage_onnx.py), so that no worker
    converts anything;
 2. cached: ``<cache>/<name>-<key>.onnx`` on the machine's disk, where the
-   key hashes the model path and a fingerprint of its files.  The first
+   key hashes what the file is made from, never where the model lies: the
+   fingerprint of its files, the converter's version, the opset and the
+   cache format.  A moved or copied model folder finds the file made for
+   the original, so it is not converted again.  The first
    process of a machine converts (under a file lock) and the others of
    that machine wait and reuse the file.
 
@@ -750,10 +753,17 @@ def cache_dir() -> str:
 
 def cached_onnx_path(resolved: models_lib.ResolvedModel,
                      fingerprint: str) -> str:
-  """The cache file of a model: keyed by its path, files and the converter."""
+  """The cache file of a model, keyed by content only.
+
+  The key is the fingerprint of the model files, tf2onnx's version, the
+  opset and ``CACHE_FORMAT``; the model's path is left out on purpose, so
+  that a model folder moved or copied (``cp -r``) reuses the file converted
+  for the original (a conversion takes 20-50 s and several GB for a
+  full-size model).
+  """
   key = hashlib.sha256("\0".join(
-      (resolved.path, fingerprint, installed_version("tf2onnx"),
-       str(ONNX_OPSET), CACHE_FORMAT)).encode()).hexdigest()[:16]
+      (fingerprint, installed_version("tf2onnx"), str(ONNX_OPSET),
+       CACHE_FORMAT)).encode()).hexdigest()[:16]
   return os.path.join(cache_dir(), f"{resolved.name}-{key}.onnx")
 
 

@@ -19,8 +19,8 @@ How (``decide_int8``, called by the launcher after the fp32 decision):
    (global pooling, dense layer, softmax) stays float32 (``head_nodes``).
    It runs
    in a child process, like a conversion, and the result is cached like a
-   converted file, keyed by the fp32 file, the calibration photos and the
-   settings;
+   converted file, keyed by content (the fp32 file's bytes, the
+   calibration photos and the settings), never by a path;
 2. ``--agreement_photos`` other photos of the job (held out from the
    calibration) go through the fp32 and the int8 model, and the agreement
    is measured (``measure_agreement``): for a classifier the share of
@@ -362,19 +362,29 @@ def _digest(array: np.ndarray) -> str:
 
 def quantized_path(resolved: models_lib.ResolvedModel, fp32_path: str,
                    fingerprint: str, calibration_digest: str) -> str:
-  """The cache file of a quantized model.
+  """The cache file of a quantized model, keyed by content only.
 
-  Keyed by the fp32 file (path, size, modification time), the model's
-  fingerprint, the calibration photos, the settings and ONNX Runtime's
-  version.
+  Keyed by the fp32 file's bytes (a hash, read once per call; a fraction of
+  a second for a full-size model, next to minutes of quantization), the
+  model's fingerprint, the calibration photos, the settings and ONNX
+  Runtime's version.  Not by the fp32 file's path or modification time: a
+  model folder moved or copied with its staged file reuses the int8 file.
   """
-  stat = os.stat(fp32_path)
   key = hashlib.sha256("\0".join((
-      os.path.realpath(fp32_path), str(stat.st_size), str(stat.st_mtime_ns),
-      fingerprint, calibration_digest, json.dumps(SETTINGS, sort_keys=True),
+      _file_digest(fp32_path), fingerprint, calibration_digest,
+      json.dumps(SETTINGS, sort_keys=True),
       onnx_lib.installed_version("onnxruntime"),
   )).encode()).hexdigest()[:16]
   return os.path.join(onnx_lib.cache_dir(), f"{resolved.name}-{key}.int8.onnx")
+
+
+def _file_digest(path: str) -> str:
+  """sha256 of a local file's bytes, read in 4 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def head_nodes(model) -> List[str]:
