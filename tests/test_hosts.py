@@ -112,8 +112,9 @@ def test_cap_holds_for_the_job_with_two_worker_processes(tmp_path,
                                                          tiny_models,
                                                          monkeypatch):
   """22 loopback hosts, 10 photos each, --per_host_concurrency 2, two worker
-  processes: no server ever has more than 2 requests in flight (with one
-  cap per process, both processes fetching a host at once would make 4)."""
+  processes: no server ever has more than 2 requests in flight.  Each
+  process may have every photo in flight (--fetch_concurrency 64, --prefetch
+  256), so with a cap per process both would fetch a host at once: 4."""
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [REPO] + ([os.environ["PYTHONPATH"]] if "PYTHONPATH" in os.environ
                 else [])))
@@ -121,14 +122,15 @@ def test_cap_holds_for_the_job_with_two_worker_processes(tmp_path,
   data = _photo_bytes()
   files = {f"/p/{i}.jpg": data for i in range(10)}
   addresses = [f"127.0.0.{i}" for i in range(2, 24)]
-  with PhotoServer(files, latency=0.05, hosts=addresses) as server:
+  with PhotoServer(files, latency=0.2, hosts=addresses) as server:
     uris = [server.url(f"/p/{i}.jpg", h)
             for h in range(len(addresses)) for i in range(10)]
     out = str(tmp_path / "out")
     report = embed_images.run([
         "--input", _manifest(tmp_path / "m.csv", uris), "--output_dir", out,
         "--model_root", tiny_models, "--models", EMB, "--runtime", "tf",
-        "--per_host_concurrency", "2",
+        "--per_host_concurrency", "2", "--fetch_concurrency", "64",
+        "--prefetch", "256",
         "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
   assert len(server.peak) == len(addresses)
   assert max(server.peak.values()) == 2, dict(server.peak)
