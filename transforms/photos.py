@@ -10,6 +10,13 @@ Bytes are fetched by ``transforms.fetch`` (by scheme: Beam's FileSystems or
 a pooled HTTP client), on a pool of fetch threads shared by the worker
 process (``--fetch_concurrency``) and apart from the decode threads, so that
 many slow requests can be in flight while a few threads decode.
+
+http(s) photos are keyed by host and slot first (transforms/hosts.py) and
+go through ``HostKeyedReadDecodePrepareFn``, a stateful DoFn that fetches
+one photo of a key at a time, so that ``--per_host_concurrency`` holds for
+the whole job; local, gs:// and s3:// photos go through
+``ReadDecodePrepareFn`` as they are.  Both decode and prepare the same way,
+once per photo for all models.
 """
 
 from __future__ import annotations
