@@ -455,11 +455,12 @@ class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
         self._ready.append(key)
       else:
         del self._waiting[key]
-    done = [f for f in self._results if f.done()]
-    if done:
-      self._results = [f for f in self._results if not f.done()]
-      for future in done:
-        yield self._emit(future.result(), windowed=windowed)
+    done, pending = [], []
+    for future in self._results:  # one look at each: it may end meanwhile
+      (done if future.done() else pending).append(future)
+    self._results = pending
+    for future in done:
+      yield self._emit(future.result(), windowed=windowed)
     while self._ready and len(self._results) < self._window:
       key = self._ready.popleft()
       ref = self._waiting[key].popleft()
