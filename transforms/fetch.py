@@ -32,9 +32,12 @@ photos exist; this module decides how their bytes are fetched, by scheme:
   schedule; after a quiet period one trial request is let through, and a
   success closes the breaker again.
 
-The per-host cap, the breaker and the Retry-After pause hold per worker
-process (as the client does): a job of N processes may send a host N times
-as much.  Making them job-wide is a separate piece of work.
+The client's per-host semaphore, the breaker and the Retry-After pause hold
+per worker process (as the client does).  ``--per_host_concurrency`` is
+made a limit for the whole job before photos reach this module: http(s)
+photos are keyed by host and slot and fetched one per key at a time
+(transforms/hosts.py); the semaphore here then never binds across
+processes.  The breaker and the pause stay per process.
 
 Whether an error is transient or means "not found" is decided by its type
 (builtins, ``google.api_core``, urllib3, requests, botocore and Beam's S3
@@ -163,7 +166,8 @@ class FetchConfig:
 
   Attributes:
     fetch_concurrency: requests in flight per worker process.
-    per_host_concurrency: requests in flight per host per worker process.
+    per_host_concurrency: requests in flight per host, for the whole job
+      (transforms/hosts.py; the client also caps it per process).
     connect_timeout: seconds to open a connection.
     read_timeout: seconds without a byte from the server.
     max_redirects: redirects followed before a photo fails.
@@ -235,8 +239,9 @@ class FetchConfig:
     parser.add_argument(
         "--per_host_concurrency", type=int,
         default=DEFAULT_PER_HOST_CONCURRENCY,
-        help="http(s) requests in flight to one host per worker process "
-        f"(default {DEFAULT_PER_HOST_CONCURRENCY})")
+        help="http(s) requests in flight to one host, for the whole job: "
+        "across every worker process and machine (default "
+        f"{DEFAULT_PER_HOST_CONCURRENCY})")
     parser.add_argument(
         "--connect_timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
         help="seconds to connect to an http(s) server (default "

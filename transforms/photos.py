@@ -10,6 +10,13 @@ Bytes are fetched by ``transforms.fetch`` (by scheme: Beam's FileSystems or
 a pooled HTTP client), on a pool of fetch threads shared by the worker
 process (``--fetch_concurrency``) and apart from the decode threads, so that
 many slow requests can be in flight while a few threads decode.
+
+http(s) photos are keyed by host and slot first (transforms/hosts.py) and
+go through ``HostKeyedReadDecodePrepareFn``, a stateful DoFn that fetches
+one photo of a key at a time, so that ``--per_host_concurrency`` holds for
+the whole job; local, gs:// and s3:// photos go through
+``ReadDecodePrepareFn`` as they are.  Both decode and prepare the same way,
+once per photo for all models.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import concurrent.futures
 import dataclasses
 import time
 import uuid
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam import coders
+from apache_beam.transforms import userstate
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
@@ -29,6 +38,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms import config
 from transforms import decode as decode_lib
 from transforms import fetch as fetch_lib
+from transforms import hosts
 from transforms import preprocess
 from transforms import progress
 from transforms import uris
@@ -317,7 +327,15 @@ class ReadDecodePrepareFn(beam.DoFn):
     return future.result()
 
   def _submit(self, ref: ImageRef) -> concurrent.futures.Future:
-    """Fetch on the shared fetch pool, then decode on this DoFn's pool."""
+    """Fetch on the shared fetch pool, then decode on this DoFn's pool;
+    the future of the photo's outcome."""
+    return self._submit_both(ref)[1]
+
+  def _submit_both(self, ref: ImageRef) -> Tuple[concurrent.futures.Future,
+                                                  concurrent.futures.Future]:
+    """As ``_submit``; also the future of the fetch alone (done when the
+    bytes are in, before they are decoded).  With no decode pool, the
+    photo is decoded on the fetch thread."""
     done = concurrent.futures.Future()
 
     def settle(step: concurrent.futures.Future) -> None:
@@ -328,13 +346,18 @@ class ReadDecodePrepareFn(beam.DoFn):
 
     def decode(fetched: concurrent.futures.Future) -> None:
       try:
+        if self._pool is None:
+          done.set_result(decode_step(ref, fetched.result(), self._config,
+                                      self._min_side))
+          return
         self._pool.submit(decode_step, ref, fetched.result(), self._config,
                           self._min_side).add_done_callback(settle)
       except BaseException as e:  # noqa: BLE001 - e.g. pool shut down
         done.set_exception(e)
 
-    self._fetch_pool.submit(self._fetch, ref).add_done_callback(decode)
-    return done
+    fetching = self._fetch_pool.submit(self._fetch, ref)
+    fetching.add_done_callback(decode)
+    return fetching, done
 
   def _emit(self, outcome, windowed: bool = False):
     # Counters are updated here, on the bundle's thread: Beam's metrics
@@ -365,6 +388,97 @@ class ReadDecodePrepareFn(beam.DoFn):
                        windowed=True)
 
 
+# Photos of a bundle read ahead, waiting for their key, before the bundle
+# stops taking more: an ImageRef is small (under a kilobyte), and a runner
+# may hand a bundle its keys one after another (Dataflow batch groups a
+# stateful DoFn's input by key), so reading this far ahead is what lets
+# many keys of a bundle fetch at once.
+MAX_WAITING_PER_BUNDLE = 10_000
+
+# Declared, never read or written: a DoFn with state is what runners process
+# key by key, one bundle at a time per key (see transforms/hosts.py).
+_KEYED = userstate.ReadModifyWriteStateSpec("keyed", coders.BooleanCoder())
+
+
+class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
+  """(host#slot, ImageRef) -> as ``ReadDecodePrepareFn``, one fetch per key.
+
+  The job-wide per-host cap (transforms/hosts.py): at most one photo of a
+  key is being fetched at a time in this bundle, and ``finish_bundle``
+  returns only when every fetch of the bundle is over, so no key is
+  fetching in two bundles (two workers) at once.  Fetches of different keys
+  run together on the process's fetch pool; a key's other photos wait in a
+  queue.  All the bookkeeping is done on the bundle's thread (``process``
+  and ``finish_bundle``); pool threads only fetch and decode.
+
+  At most max(``prefetch``, ``fetch_concurrency``) photos are fetched or
+  decoded ahead of what has been emitted; results are emitted as they are
+  done, not in input order.
+  """
+
+  def setup(self):
+    super().setup()
+    self._fetch_pool = fetch_lib.fetch_pool(
+        self._config.fetch.fetch_concurrency)
+
+  def start_bundle(self):
+    self._waiting = collections.defaultdict(collections.deque)  # key -> refs
+    self._ready = collections.deque()  # keys with photos waiting, none out
+    self._fetching = {}  # key -> the future of its one fetch in flight
+    self._results = []  # futures of started photos not yet emitted
+    self._waiting_count = 0
+
+  def process(self, element, unused_keyed=beam.DoFn.StateParam(_KEYED)):
+    key, ref = element
+    queue = self._waiting[key]
+    queue.append(ref)
+    self._waiting_count += 1
+    if len(queue) == 1 and key not in self._fetching:
+      self._ready.append(key)
+    yield from self._advance()
+    while self._waiting_count > MAX_WAITING_PER_BUNDLE:
+      self._wait()
+      yield from self._advance()
+
+  def finish_bundle(self):
+    yield from self._advance(windowed=True)
+    while self._results or self._waiting_count:
+      self._wait()
+      yield from self._advance(windowed=True)
+
+  def _advance(self, windowed: bool = False) -> Iterator:
+    """Frees the keys whose fetch is over, emits the photos that are done,
+    and starts the next photo of ready keys while there is room."""
+    for key in [k for k, f in self._fetching.items() if f.done()]:
+      del self._fetching[key]
+      if self._waiting[key]:
+        self._ready.append(key)
+      else:
+        del self._waiting[key]
+    done, pending = [], []
+    for future in self._results:  # one look at each: it may end meanwhile
+      (done if future.done() else pending).append(future)
+    self._results = pending
+    for future in done:
+      yield self._emit(future.result(), windowed=windowed)
+    while self._ready and len(self._results) < self._window:
+      key = self._ready.popleft()
+      ref = self._waiting[key].popleft()
+      self._waiting_count -= 1
+      self._fetching[key], result = self._submit_both(ref)
+      self._results.append(result)
+
+  def _wait(self) -> None:
+    """Until a fetch or a photo is done, with a progress line every
+    interval (naming slow photos) meanwhile."""
+    pending = set(self._results) | set(self._fetching.values())
+    _, not_done = concurrent.futures.wait(
+        pending, timeout=progress.DEFAULT_INTERVAL_S,
+        return_when=concurrent.futures.FIRST_COMPLETED)
+    if len(not_done) == len(pending):
+      self._progress.tick(0)
+
+
 def _reason(e: BaseException) -> str:
   # A file name that is not UTF-8 may be quoted in the message: keep the
   # message valid text for the errors table.
@@ -373,8 +487,21 @@ def _reason(e: BaseException) -> str:
   return uris.readable(f"{type(e).__name__}: {e}")
 
 
+class PhotoOutputs(NamedTuple):
+  """What ``ReadAndPrepare`` gives: PreparedImage and ErrorRecord values."""
+
+  prepared: beam.PCollection
+  errors: beam.PCollection
+
+
 class ReadAndPrepare(beam.PTransform):
-  """PCollection[ImageRef] -> (prepared, errors) tagged outputs."""
+  """PCollection[ImageRef] -> ``PhotoOutputs`` (prepared, errors).
+
+  http(s) photos are keyed by host and slot and fetched by
+  ``HostKeyedReadDecodePrepareFn`` (the job-wide per-host cap,
+  transforms/hosts.py); other photos by ``ReadDecodePrepareFn``.
+  ``opener`` replaces FileSystems.open for non-http photos (tests).
+  """
 
   def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None):
     super().__init__()
@@ -382,9 +509,18 @@ class ReadAndPrepare(beam.PTransform):
     self._opener = opener
 
   def expand(self, refs):
-    return refs | "ReadDecodePrepare" >> beam.ParDo(
+    keyed, unkeyed = hosts.key_by_host(
+        refs, self._config.fetch.per_host_concurrency)
+    files = unkeyed | "ReadDecodePrepare" >> beam.ParDo(
         ReadDecodePrepareFn(self._config, self._opener)).with_outputs(
             ERRORS_TAG, main="prepared")
+    web = keyed | "ReadDecodePrepareByHost" >> beam.ParDo(
+        HostKeyedReadDecodePrepareFn(self._config, self._opener)).with_outputs(
+            ERRORS_TAG, main="prepared")
+    return PhotoOutputs(
+        prepared=(files.prepared, web.prepared) | "Prepared" >> beam.Flatten(),
+        errors=(files[ERRORS_TAG], web[ERRORS_TAG])
+        | "PhotoErrors" >> beam.Flatten())
 
 
 def needed_policies(resize_policies: Sequence[str]) -> Tuple[str, ...]:
