@@ -78,6 +78,7 @@ EXAMPLES = {
     "color_profile": "srgb",
     "max_error_rate": "0.05",
     "manifest_encoding": "cp1252",
+    "archive_encoding": "cp1252",
     "snapshot_dir": "gs://my-bucket/inat/2024-05-27",
     "photo_uri_template":
         "gs://my-mirror/photos/{photo_id}/medium.{extension}",
@@ -116,6 +117,7 @@ BAD = {
     "color_profile": ["sRGB", "adobe", ""],
     "max_error_rate": ["1.5", "-0.1", "5%"],
     "manifest_encoding": ["", "utf 8", "cp1252;rm"],
+    "archive_encoding": ["", "latin 1", "cp1252;rm"],
     "photo_uri_template": ["gs://my-mirror/photos/medium.jpg",
                            "/photos/{photo_id}.jpg"],
     "snapshot_date": ["2024-5-27", "27/05/2024", "latest"],
