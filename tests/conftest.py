@@ -29,6 +29,9 @@ os.environ["NO_GCE_CHECK"] = "true"
 def pytest_addoption(parser):
   parser.addoption("--runslow", action="store_true", default=False,
                    help="run the slow tier too (the whole suite, as CI does)")
+  parser.addoption("--all-storage-calls", action="store_true", default=False,
+                   help="tests/test_storage_faults.py: fail every storage call "
+                   "of each job in turn, not a spread of them (about 20 min)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ of other weights and the full-size stand-ins.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
