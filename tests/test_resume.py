@@ -80,6 +80,9 @@ _SLOW_RUN = textwrap.dedent("""
 """)
 
 
+# Slow tier: a real run killed mid-way in a child process; the default tier
+# resumes from shards a test writes (below).
+@pytest.mark.slow
 def test_killed_run_resumes_exactly_once(tiny_models, many_photos, tmp_path):
   clean = tmp_path / "clean"
   embed_images.run(_args(many_photos, clean, tiny_models))

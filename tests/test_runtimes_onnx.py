@@ -105,6 +105,9 @@ def test_onnx_refuses_a_model_that_differs(model_root, other_root):
   assert worker.max_diff == pytest.approx(diff, rel=1e-2)
 
 
+# Slow tier: a second child conversion; the default tier converts once
+# in test_runtimes_chooser and reuses a copied folder's file in test_models.
+@pytest.mark.slow
 def test_conversion_happens_once_per_cache(model_root, onnx_cache,
                                            conversions):
   resolved = resolve(model_root, "inaturalist_v2", requested="onnx")

@@ -314,6 +314,9 @@ def test_int8_job_refuses_below_the_minimum_with_exit_2(tiny_models,
   assert not os.path.exists(tmp_path / "out" / "embeddings")
 
 
+# Slow tier: a whole int8 job on two models; the default tier runs the
+# int8 job that is refused and the decision's figures.
+@pytest.mark.slow
 def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from transforms import sinks  # pylint: disable=import-outside-toplevel

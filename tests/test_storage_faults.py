@@ -487,6 +487,9 @@ def test_a_failed_write_names_its_path_and_stays_failed(gcs_server, faults):
 # The reproduction from the issue.
 
 
+# Slow tier: the issue's reproduction; the default tier keeps one 403
+# that must fail the run and the transient faults that must be retried.
+@pytest.mark.slow
 def test_failed_commit_listing_fails_the_run_and_keeps_the_rows(embed_job,
                                                                  faults):
   """7 photos, 7 rows; a 403 on the commit's listing of the table's files
