@@ -96,6 +96,20 @@ def tiny_models(tmp_path_factory, session_caches):
   return root
 
 
+def copy_session_onnx_files(folder) -> str:
+  """Fills ``folder`` (made if needed) with the session cache's fp32 ONNX
+  files of the tiny stand-ins and no int8 file: a cache of a test's own
+  that converts nothing.  Needs ``tiny_models`` to have run.  Returns the
+  folder as a string."""
+  os.makedirs(folder, exist_ok=True)
+  session_cache = os.environ["NATVISION_ONNX_CACHE"]
+  for name in os.listdir(session_cache):
+    if name.endswith(".onnx") and not name.endswith(".int8.onnx"):
+      shutil.copy(os.path.join(session_cache, name),
+                  os.path.join(folder, name))
+  return str(folder)
+
+
 @pytest.fixture
 def fresh_onnx_cache(tmp_path, monkeypatch):
   """An empty ONNX cache for one test (tests about converting, caching)."""

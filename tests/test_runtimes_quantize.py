@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipelines import embed_images
+from tests.conftest import copy_session_onnx_files
 from transforms import config as config_lib
 from transforms import models as models_lib
 from transforms import runtimes
@@ -27,15 +28,10 @@ from transforms.runtimes import quantize
 def onnx_cache(tiny_models, tmp_path, monkeypatch):
   """A cache of this test's own, holding the session's fp32 files of the
   tiny stand-ins (converted once, see conftest) and no int8 file."""
-  cache = tmp_path / "onnx_cache"
-  cache.mkdir()
-  session_cache = os.environ["NATVISION_ONNX_CACHE"]
-  for name in os.listdir(session_cache):
-    if name.endswith(".onnx") and not name.endswith(".int8.onnx"):
-      shutil.copy(os.path.join(session_cache, name), cache / name)
-  monkeypatch.setenv("NATVISION_ONNX_CACHE", str(cache))
+  cache = copy_session_onnx_files(tmp_path / "onnx_cache")
+  monkeypatch.setenv("NATVISION_ONNX_CACHE", cache)
   runtimes.forget()
-  yield str(cache)
+  yield cache
   runtimes.forget()
 
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tests.conftest import copy_session_onnx_files
 from tools import search
 
 MODEL = "inaturalist_v2"
@@ -244,12 +245,7 @@ def int8_out(tiny_models, photo_dir, tmp_path_factory):
   from pipelines import embed_images  # pylint: disable=import-outside-toplevel
   from transforms import runtimes  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("int8")
-  cache = root / "onnx_cache"
-  cache.mkdir()
-  session_cache = os.environ["NATVISION_ONNX_CACHE"]
-  for name in os.listdir(session_cache):
-    if name.endswith(".onnx") and not name.endswith(".int8.onnx"):
-      shutil.copy(os.path.join(session_cache, name), cache / name)
+  cache = copy_session_onnx_files(root / "onnx_cache")
   saved = os.environ["NATVISION_ONNX_CACHE"]
   os.environ["NATVISION_ONNX_CACHE"] = str(cache)
   out = str(root / "out")
