@@ -52,9 +52,6 @@ class Faults:
       self.rule = (operation, k, for_good)
       self.fired = 0
 
-  def calls(self, operation: str) -> int:
-    return sum(1 for op, _ in self.log if op == operation)
-
   def call(self, operation: str, path: str) -> None:
     with self._lock:
       self.log.append((operation, path))
