@@ -8,9 +8,10 @@ which are carried into every output row for that photo.
 Without an ``image_id`` column the id is derived from the URI (a hash), so it
 is stable across runs.  The demo's sample photos, which lie wherever the
 package is installed, hash their path relative to the sample folder
-instead (``image_id_relative_to``), so their ids are the same everywhere.  Photos listed twice (same id) are processed once,
-as the row that sorts first by ``duplicate_order`` (URI, then the carried
-values as text), whatever order the rows come in.
+instead (``image_id_relative_to``), so their ids are the same everywhere.
+Photos listed twice (same id) are processed once, as the row that sorts
+first by ``duplicate_order`` (URI, then the carried values as text),
+whatever order the rows come in.
 
 The manifest is checked when the pipeline is built, so that bad input fails
 before any work starts: a Parquet manifest's footer is read (not its rows); a
