@@ -212,9 +212,13 @@ def check_input(config: JobConfig) -> CheckedInput:
     prepared = CheckedInput(manifest=manifest, expected_total=manifest.row_count)
   else:
     sources.check_listable(config.inputs)
-    prepared = CheckedInput(
-        manifest=None,
-        expected_total=sources.count_pattern_matches(config.inputs))
+    count = sources.count_pattern_matches(config.inputs)
+    if count.at_least:
+      logging.getLogger("natvision").info(
+          "--input matches over %d files (counted no further); progress "
+          "lines show photos done without a total", count.files)
+    prepared = CheckedInput(manifest=None,
+                            expected_total=count.expected_total)
   return _with_license_column(config, prepared)
 
 
