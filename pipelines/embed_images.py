@@ -212,9 +212,13 @@ def check_input(config: JobConfig) -> CheckedInput:
     prepared = CheckedInput(manifest=manifest, expected_total=manifest.row_count)
   else:
     sources.check_listable(config.inputs)
-    prepared = CheckedInput(
-        manifest=None,
-        expected_total=sources.count_pattern_matches(config.inputs))
+    count = sources.count_pattern_matches(config.inputs)
+    if count.at_least:
+      logging.getLogger("natvision").info(
+          "--input matches over %d files (counted no further); progress "
+          "lines show photos done without a total", count.files)
+    prepared = CheckedInput(manifest=None,
+                            expected_total=count.expected_total)
   return _with_license_column(config, prepared)
 
 
@@ -258,11 +262,12 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
     refs = split.kept
     skipped.append(split[licenses.SKIPPED_TAG])
   expected = prepared.expected_total
-  if expected is not None:
-    expected = max(expected - plan.resume.reused_photos, 0)
+  if plan.resume.shards:
+    expected = None  # the photos reused are known in the graph only
   out = refs | "EmbedAndWrite" >> embed.EmbedAndWrite(
       config.embed, plan.layout, prepared.carried, expected, plan.resume)
-  tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1))]
+  tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1)),
+             out[embed.TALLIES]]
   for i, reasons in enumerate(skipped):
     tallies.append(reasons | f"CountSkipped{i}" >> beam.Map(lambda r: (r, 1)))
   figures = {"error_tables": out[embed.ERROR_TABLES],
@@ -291,7 +296,8 @@ class RunReport:
 
   def __call__(self, layout: commit.Layout, figures: dict) -> dict:
     """Args: figures: ``summary.Summarize``'s output; its counts hold
-    ``inputs`` (photos sent on), ``dwca.SKIP_REASONS`` and
+    ``inputs`` (photos sent on, reused ones included), ``reused_photos``
+    (photos whose rows resume copied), ``dwca.SKIP_REASONS`` and
     ``filtered_by_license`` (rows never fetched); its examples the first
     bad lines of an archive as (file, line, why)."""
     counts = figures["counts"]
@@ -304,6 +310,7 @@ class RunReport:
         "ended": commit.iso(ended),
         "elapsed_s": round(elapsed, 3),
         "inputs": inputs,
+        resume_lib.REUSED_PHOTOS: counts.get(resume_lib.REUSED_PHOTOS, 0),
         **{reason: counts.get(reason, 0) for reason in dwca.SKIP_REASONS},
         dwca.BAD_LINES_TAG: [
             f"{file}:{line}: {why}" for file, line, why in
@@ -403,7 +410,6 @@ class EmbedJob(launch.Job):
         "output_dir": config.output_dir,
         "models": [dict(m.describe(), standin=config.demo)
                    for m in config.models],
-        "reused_photos": resume.reused_photos,
         "warnings": list(prepared.archive.warnings
                          if prepared.archive is not None else ()),
     })

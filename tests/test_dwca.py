@@ -475,3 +475,39 @@ def test_photos_by_type_or_image_format(tmp_path, tiny_models, server):
 ])
 def test_photo_or_skip(kind, fmt, expected):
   assert dwca.photo_or_skip(kind, fmt) == expected
+
+
+def test_the_launcher_checks_a_bounded_prefix_and_workers_the_rest(
+    tmp_path, tiny_models, capsys, monkeypatch):
+  """The launcher decodes the first CHECK_BYTES of a data file; a bad byte
+  after them fails the job on the workers with the launcher's message."""
+  rows = [[i, "StillImage", "image/jpeg", f"http://127.0.0.1:9/{i}.jpg", "",
+           "Ann", "CC-BY", "Ann"] for i in range(1, 200)]
+  rows.append([200, "StillImage", "image/jpeg", "http://127.0.0.1:9/200.jpg",
+               "", "José", "CC-BY", "José"])
+  media = _lines_of(MEDIA_TERMS, rows).encode("cp1252")
+  offset = media.index("é".encode("cp1252"))
+  folder = _folder(tmp_path, "late", _archive_meta(
+      _part("core", ["occurrence.txt"], SMALL_CORE, 0),
+      _part("extension", ["multimedia.txt"], MEDIA_TERMS, 0)), {
+          "occurrence.txt": _lines_of(SMALL_CORE, [[1, "Bellis", "A"]]),
+          "multimedia.txt": media})
+  message = (f"multimedia.txt line 201 (byte {offset}): bytes b'\\xe9' are "
+             "not valid UTF-8")
+  # Checked whole (the default bound is far larger): refused at launch.
+  with pytest.raises(dwca.ArchiveEncodingError, match=r"line 201 \(byte"):
+    dwca.open_archive(folder)
+  monkeypatch.setattr(dwca, "CHECK_BYTES", 4096)
+  monkeypatch.setattr(dwca, "_CHUNK", 1024)
+  assert offset > 4096 + 1024
+  assert dwca.open_archive(folder).media is not None  # launch check passes
+  out = str(tmp_path / "late_out")
+  flags = ["--input", folder, "--output_dir", out, "--model_root",
+           tiny_models, "--models", EMB, "--runtime", "tf"]
+  status = embed_images.main(flags)
+  err = capsys.readouterr().err
+  assert status == 2, err
+  assert message in err, err
+  assert "--archive_encoding" in err
+  assert not os.path.exists(os.path.join(out, "run.json"))
+  assert not os.path.exists(os.path.join(out, "embeddings"))

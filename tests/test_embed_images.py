@@ -4,6 +4,7 @@ Values are checked against a direct ``hub.load(...)`` call on the same
 prepared pixels, computed here without the pipeline.
 """
 
+import dataclasses
 import json
 import os
 
@@ -324,3 +325,75 @@ def test_sizes_colour_profile_and_raws_in_the_tables(tiny_models, tmp_path):
   assert "camera raw (DNG)" in errors.column("error")[0].as_py()
   meta = json.loads(errors.schema.metadata[sinks.METADATA_KEY])
   assert meta["color_profile"] == "srgb"
+
+
+def _column(field, ids):
+  """A column of len(ids) values for a shard: the ids for strings, else
+  zeros, empty lists or nulls."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  n = len(ids)
+  if pa.types.is_string(field.type):
+    return ids
+  if pa.types.is_fixed_size_list(field.type):
+    value = [0.0] * field.type.list_size
+  elif pa.types.is_list(field.type):
+    value = []
+  elif pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
+    value = 0
+  else:
+    return pa.nulls(n, field.type)
+  return pa.repeat(pa.scalar(value, field.type), n)
+
+
+def _launch_peak(tmp_path, n):
+  """The launcher's steps before the graph (parse, check the input, plan the
+  tables and resume) on a glob of ``n`` empty files and a dead attempt
+  whose shards hold ``n`` photos; returns their peak Python allocation."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from transforms import spec as spec_lib  # pylint: disable=import-outside-toplevel
+  photos = tmp_path / f"photos{n}"
+  photos.mkdir()
+  for i in range(n):
+    (photos / f"p{i:06d}.jpg").touch()
+  out = str(tmp_path / f"out{n}")
+  config, _ = embed_images.parse_args([
+      "--input", str(photos / "*.jpg"), "--output_dir", out,
+      "--models", "inaturalist_v2", "--model_root", str(tmp_path / "m"),
+      "--runtime", "tf"])
+  decided = [m.with_decision(runtimes.RuntimeDecision("tf", note="test"))
+             for m in config.models]
+  config = dataclasses.replace(config, embed=config.embed.with_models(decided))
+  run = spec_lib.for_run(config.embed)
+  dead = commit.plan_layout(out, decided, (), "dead", run=run)
+  ids = pa.array([f"p{i:06d}" for i in range(n)])
+  for table in dead.tables:  # one shard of n rows a table
+    os.makedirs(table.staged, exist_ok=True)
+    columns = [_column(f, ids) for f in table.schema]
+    pq.write_table(pa.Table.from_arrays(columns, schema=table.schema),
+                   os.path.join(table.staged, "part-0.parquet"))
+  del ids, columns
+  tracemalloc.start()
+  try:
+    checked = embed_images.check_input(config)
+    plan = embed_images.JOB.plan(config, checked, {}, run)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert checked.expected_total == n
+  assert {os.path.basename(s.path) for s in plan.resume.shards} == {
+      "part-0.parquet"}
+  assert len(plan.resume.shards) == len(dead.tables)
+  return peak
+
+
+def test_the_launcher_holds_nothing_per_photo(tmp_path):
+  """Issue 16 part 5: the launch steps' peak allocation does not grow with
+  the number of photos (on main the glob count kept every path in a set
+  and resume every reused id)."""
+  _launch_peak(tmp_path, 200)  # imports and caches filled once
+  small = _launch_peak(tmp_path, 2_000)
+  large = _launch_peak(tmp_path, 20_000)
+  assert large < 5_000_000, (small, large)
+  assert large / small < 1.1, (small, large)

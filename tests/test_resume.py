@@ -20,13 +20,17 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import apache_beam as beam
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 import transforms
 from pipelines import embed_images
 from transforms import commit, models, resume, runtimes, sinks
 from transforms import spec as spec_lib
+from transforms.records import ImageRef
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = 60
@@ -209,14 +213,64 @@ def test_plan_reuses_only_complete_photos_from_whole_shards(tmp_path):
   now, run = _layout(tmp_path, "now")
   assert run == dead_run  # the same command: the same spec
   plan = resume.plan_resume(str(tmp_path), "now", now.tables, run)
-  assert plan.complete == {"p1", "p2", "p3", "p5"}
+  # The launcher lists whole shards, footers only; no photo ids.
+  assert {(s.table, os.path.basename(s.path)) for s in plan.shards} == {
+      ("embeddings/inaturalist_v2", "part-a.parquet"),
+      ("embeddings/inaturalist_v2", "part-b.parquet"),
+      ("embeddings/inaturalist_v2", "part-c.parquet"),
+      ("predictions/fungi_mobile_v1", "part-a.parquet"),
+      ("errors", "part-a.parquet"), ("errors", "part-b.parquet")}
   assert plan.dead_runs == (commit.staging_dir(str(tmp_path), "dead"),)
-  keep = {(s.table, os.path.basename(s.path)): s.keep for s in plan.shards}
-  assert keep[("embeddings/inaturalist_v2", "part-a.parquet")] == {
-      ("p1", "inaturalist_v2"), ("p2", "inaturalist_v2"),
-      ("p3", "inaturalist_v2")}
-  assert ("embeddings/inaturalist_v2", "part-b.parquet") not in keep
-  assert keep[("errors", "part-b.parquet")] == {("p5", None)}
+  assert plan.models == tuple(NAMES)
+
+  # The graph joins them with the input: p6 is new, p4 has one model's
+  # row only (the other shard was cut short), p7 is no longer an input.
+  _write(emb, "part-d.parquet", ["p7"])
+  _write(pred, "part-d.parquet", ["p7"])
+  plan = resume.plan_resume(str(tmp_path), "now", now.tables, run)
+  refs = [ImageRef(image_id=f"p{i}", uri=f"/p/p{i}") for i in range(1, 7)]
+  with TestPipeline() as p:
+    out = (p | beam.Create(refs)
+           | resume.LeaveOutReused(plan, now.tables))
+    assert_that(out[resume.TODO] | "Ids" >> beam.Map(lambda r: r.image_id),
+                equal_to(["p4", "p6"]), label="todo")
+    assert_that(out[resume.TALLIES], equal_to(
+        [(resume.REUSED_PHOTOS, 1)] * 4), label="tallies")
+    assert_that(out[resume.ERROR_ROWS] | beam.FlatMap(
+        lambda t: zip(t.column("image_id").to_pylist(),
+                      t.column("model").to_pylist())),
+                equal_to([("p2", "fungi_mobile_v1"), ("p5", None)]),
+                label="error_rows")
+  copied = {}
+  for table in now.tables:
+    for path in glob.glob(os.path.join(table.staged, "*.parquet")):
+      got = pq.read_table(path)
+      assert got.schema == table.schema
+      copied.setdefault(table.name, []).append(
+          sorted(got.column("image_id").to_pylist()))
+  # p3's second copy (part-b) is not taken; p4 and p7 are not copied.
+  assert {name: sorted(ids) for name, ids in copied.items()} == {
+      "embeddings/inaturalist_v2": [["p1", "p2", "p3"]],
+      "predictions/fungi_mobile_v1": [["p1", "p3"]],
+      "errors": [["p2"], ["p5"]]}
+
+
+def test_reused_rows_of_one_photo():
+  models = frozenset(NAMES)
+  emb = resume.DeadRow("embeddings/inaturalist_v2", "/d/emb-b", None)
+  emb = emb._replace(model="inaturalist_v2")
+  emb_first = emb._replace(path="/d/emb-a")
+  pred = resume.DeadRow("predictions/fungi_mobile_v1", "/d/pred",
+                        "fungi_mobile_v1")
+  err = resume.DeadRow("errors", "/d/err", "fungi_mobile_v1")
+  photo_err = resume.DeadRow("errors", "/d/err", None)
+  assert resume.reused_rows([emb], models) == []  # one model missing
+  assert resume.reused_rows([emb, emb_first, pred], models) == [
+      ("/d/emb-a", "inaturalist_v2"), ("/d/pred", "fungi_mobile_v1")]
+  assert resume.reused_rows([emb, err], models) == [
+      ("/d/emb-b", "inaturalist_v2"), ("/d/err", "fungi_mobile_v1")]
+  # A photo-level error row wins over the photo's other rows.
+  assert resume.reused_rows([emb, photo_err], models) == [("/d/err", None)]
 
 
 # Every field of the spec that changes rows: (the flags of one run, those
@@ -252,7 +306,7 @@ def test_a_dead_attempt_made_another_way_is_not_reused(tmp_path, field,
     caplog.clear()
     with caplog.at_level(logging.INFO):
       plan = resume.plan_resume(str(out), "now", now.tables, run)
-    assert plan.complete == frozenset() and plan.shards == ()
+    assert plan.shards == ()
     # The log line names what differs.
     lines = [r.getMessage() for r in caplog.records
              if "not reusing 3 shard(s)" in r.getMessage()]
@@ -262,7 +316,7 @@ def test_a_dead_attempt_made_another_way_is_not_reused(tmp_path, field,
     # can tell reuse from refusal).
     again = resume.plan_resume(str(out), "now", _layout(
         out, "now", **dict(dead_changes))[0].tables, dead_run)
-    assert again.complete == {"p1", "p2"}
+    assert len(again.shards) == 3  # one per table
 
 
 def test_a_shard_without_a_recorded_spec_is_not_reused(tmp_path, caplog):
@@ -279,7 +333,7 @@ def test_a_shard_without_a_recorded_spec_is_not_reused(tmp_path, caplog):
   now, _ = _layout(tmp_path, "now")
   with caplog.at_level(logging.INFO):
     plan = resume.plan_resume(str(tmp_path), "now", now.tables, run)
-  assert plan.complete == frozenset()
+  assert plan.shards == ()
   assert any("records no run spec" in r.getMessage() for r in caplog.records)
 
 

@@ -109,7 +109,7 @@ def test_pipeline_globs_match_each_file_once(tmp_path):
     (tmp_path / name).write_bytes(b"x")
   patterns = [str(tmp_path / "*.jpg"), str(tmp_path / "*"),]
   # a.jpg matches both patterns: three files, counted as they are read.
-  assert sources.count_pattern_matches(patterns) == 3
+  assert sources.count_pattern_matches(patterns) == sources.InputCount(3)
   with TestPipeline() as p:
     uris = (p | sources.ReadImageRefs(patterns=patterns)
             | beam.Map(lambda r: r.uri.rsplit("/", 1)[-1]))
@@ -120,8 +120,9 @@ def test_overlapping_patterns_count_each_file_once(tmp_path):
   for name in ("a1.jpg", "a2.jpg", "b.jpg", "a.txt"):
     (tmp_path / name).write_bytes(b"x")
   patterns = [str(tmp_path / "*.jpg"), str(tmp_path / "a*")]
-  assert sources.count_pattern_matches(patterns) == 4
-  assert sources.count_pattern_matches(patterns + patterns[:1]) == 4
+  assert sources.count_pattern_matches(patterns) == sources.InputCount(4)
+  assert sources.count_pattern_matches(
+      patterns + patterns[:1]) == sources.InputCount(4)
 
 
 def _ref(uri, image_id="same", path=None, **extra):
@@ -196,3 +197,26 @@ def test_sample_photo_ids_do_not_depend_on_the_folder(tmp_path):
       sources.image_id_for_uri("/else/a.jpg"))
   assert sources.image_id_for_uri("a.jpg") != sources.image_id_for_uri(
       str(folder / "a.jpg"))
+
+
+def test_the_count_stops_at_its_bound_and_says_so(tmp_path):
+  (tmp_path / "sub").mkdir()
+  for i in range(5):
+    (tmp_path / f"a{i}.jpg").write_bytes(b"")
+  (tmp_path / "sub" / "b.jpg").write_bytes(b"")
+  one = [str(tmp_path / "*.jpg")]
+  assert sources.count_pattern_matches(one, limit=5) == sources.InputCount(5)
+  over = sources.count_pattern_matches(one, limit=4)
+  assert over == sources.InputCount(4, at_least=True)
+  assert over.expected_total is None
+  # "**" enters sub-folders; "*" does not (Beam's pattern syntax).
+  deep = [str(tmp_path / "**.jpg")]
+  assert sources.count_pattern_matches(deep) == sources.InputCount(6)
+  # Files counted under an earlier pattern do not use up the bound.
+  both = one + deep
+  assert sources.count_pattern_matches(both, limit=6) == sources.InputCount(6)
+  with TestPipeline() as p:
+    names = (p | sources.ReadImageRefs(patterns=both)
+             | beam.Map(lambda r: r.uri[len(str(tmp_path)) + 1:]))
+    assert_that(names, equal_to(
+        [f"a{i}.jpg" for i in range(5)] + ["sub/b.jpg"]))

@@ -50,8 +50,11 @@ terminator only and decodes bad bytes as U+FFFD.  So:
   and encoding, as manifests do (transforms/sources.py): a replaced byte
   would corrupt the creator and rightsHolder a CC BY licence requires in
   every table, and a skip would lose photos that a rerun with the right
-  encoding reads whole.  So the launcher decodes every data file once,
-  streaming (``check_data_files``), and the workers decode strictly again.
+  encoding reads whole.  The launcher decodes the first ``CHECK_BYTES``
+  (16 MiB) of every data file (``check_data_files``), so a wrong encoding
+  fails in seconds whatever the archive's size; the workers decode every
+  byte strictly again, so a bad byte further on fails the job (nothing is
+  committed) with the same message.
 
 An archive on gs:// or s3:// is copied to a local temporary folder first;
 of a local zip, the data files are read straight from the zip.
@@ -305,11 +308,13 @@ def _encoding_error(path: str, name: str, data: DataFile, line_no: int,
 
 
 def _lines(stream: BinaryIO, path: str, name: str,
-           data: DataFile) -> Iterator[str]:
+           data: DataFile, limit: Optional[int] = None) -> Iterator[str]:
   """Decodes a data file strictly into lines, each with its ending.
 
   ``\\n``, ``\\r\\n`` and ``\\r`` all end a line; the last line may have no
   ending.  A UTF-8 byte order mark is dropped.  Memory holds one chunk.
+  With ``limit``, only about the first ``limit`` bytes are read (whole
+  chunks; a character or line cut at the end is not an error).
 
   Raises:
     ArchiveEncodingError: bytes not valid in ``data.encoding``, naming the
@@ -318,6 +323,8 @@ def _lines(stream: BinaryIO, path: str, name: str,
   decoder = codecs.getincrementaldecoder(data.encoding)("strict")
   pending, lines_done, fed, final, first = "", 0, 0, False, True
   while not final:
+    if limit is not None and fed >= limit:
+      return  # the rest is decoded (strictly) by the workers
     chunk = stream.read(_CHUNK)
     final = not chunk
     try:
@@ -509,9 +516,19 @@ def _pick(terms: Sequence[str], wanted: Sequence[str]) -> Optional[str]:
 _ENDING_NAMES = {"\n": "\\n", "\r\n": "\\r\\n", "\r": "\\r"}
 
 
+# Bytes of each data file the launcher decodes (``check_data_files``);
+# the workers decode every byte strictly, so a bad byte further on fails
+# the job with the same message.
+CHECK_BYTES = 16 << 20
+
+
 def check_data_files(path: str, kind: str,
                      parts: Sequence[DataFile]) -> List[str]:
-  """Decodes every data file once, streaming; returns warnings.
+  """Decodes the first ``CHECK_BYTES`` of every data file; returns warnings.
+
+  The launcher's time does not grow with the archive past that; a byte
+  invalid in the file's encoding further on is found by the workers
+  (``_records``), which fail the job with the same ``ArchiveEncodingError``.
 
   Returns:
     One warning per file whose first line ends otherwise than meta.xml's
@@ -528,7 +545,7 @@ def check_data_files(path: str, kind: str,
       for name in part.locations:
         ending = None
         with open_file(name) as f:
-          for line in _lines(f, path, name, part):
+          for line in _lines(f, path, name, part, limit=CHECK_BYTES):
             if ending is None:
               found = _BREAK.search(line)
               ending = found.group() if found else ""

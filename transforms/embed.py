@@ -3,8 +3,9 @@
 ``EmbedAndWrite`` takes ``ImageRef`` values from any reader (globs,
 manifests, Darwin Core archives, snapshots) and:
 
-1. leaves out the photos a dead attempt already finished (``resume``) and
-   copies their rows instead;
+1. leaves out the photos a dead attempt already finished and copies their
+   rows instead (``resume.LeaveOutReused``: a join with the dead attempts'
+   shards, in the graph);
 2. reads, decodes and prepares each photo once (``photos.ReadAndPrepare``);
 3. runs each model on the photos routed to it, in batches
    (``inference.RunModel``), on the runtime the launcher decided;
@@ -41,6 +42,7 @@ from transforms.runtimes import quantize
 WRITTEN = "written"
 ERROR_TABLES = "error_tables"
 LOADS = "loads"
+TALLIES = "tallies"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +138,9 @@ class EmbedAndWrite(beam.PTransform):
   Returns:
     A dict of PCollections: ``written`` (paths of the closed shards),
     ``error_tables`` (the error rows, as pyarrow Tables, reused ones
-    included) and ``loads`` ((model name, loads) per worker process).
+    included), ``loads`` ((model name, loads) per worker process) and
+    ``tallies`` (``("reused_photos", 1)`` per photo resume reused, for the
+    run summary).
   """
 
   def __init__(self, embed_config: EmbedConfig, layout: commit.Layout,
@@ -152,15 +156,16 @@ class EmbedAndWrite(beam.PTransform):
 
   def expand(self, refs):
     cfg, layout, carried = self._config, self._layout, self._carried
-    written, error_tables = [], []
-    if self._resume.complete:
-      complete = self._resume.complete
-      refs = refs | "LeaveOutReused" >> beam.Filter(
-          lambda r: r.image_id not in complete)
-      reused = refs.pipeline | "ReuseShards" >> resume_lib.ReuseShards(
+    written, error_tables, tallies = [], [], []
+    if self._resume.shards:
+      reused = refs | "LeaveOutReused" >> resume_lib.LeaveOutReused(
           self._resume, layout.tables)
+      refs = reused[resume_lib.TODO]
       written.append(reused[resume_lib.WRITTEN])
       error_tables.append(reused[resume_lib.ERROR_ROWS])
+      tallies.append(reused[resume_lib.TALLIES])
+    else:
+      tallies.append(refs.pipeline | "NoReused" >> beam.Create([]))
     prepped = refs | "ReadAndPrepare" >> photos.ReadAndPrepare(
         cfg.photo_config(self._expected_total, layout.run_id))
     error_streams, loads = [prepped.errors], []
@@ -191,4 +196,5 @@ class EmbedAndWrite(beam.PTransform):
         WRITTEN: tuple(written) | "AllWritten" >> beam.Flatten(),
         ERROR_TABLES: tuple(error_tables) | "AllErrorRows" >> beam.Flatten(),
         LOADS: tuple(loads) | "AllLoads" >> beam.Flatten(),
+        TALLIES: tallies[0],
     }
