@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import console
 from transforms import models as models_lib
 from transforms import storage
 from tools import tables as tables_lib
@@ -761,8 +762,7 @@ def _latest_partition(output_dir: str) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from pipelines import launch  # pylint: disable=import-outside-toplevel
-  launch.configure_logging()  # the jobs' quiet console
+  console.configure_logging()  # the jobs' quiet console
   p = argparse.ArgumentParser(
       prog="natvision-report",
       description="Rebuild the HTML run report of an output folder "
