@@ -12,6 +12,11 @@ pipeline commits its own tables and writes the summary in its last step,
 so a template launch that does not wait is safe; when the job has ended
 here, the summary is read back and printed.
 
+The run report (report.html) is written in the pipeline's last step too,
+by a writer the jobs are given (``set_report_writer``; tools/report.py
+sets it when imported, and the commands import it): pipelines/ never
+import tools/, which build on them.
+
 Exit status (``main``): 0 the job ran (even if some photos failed); 2 bad
 flags, input or models, found before anything runs (``ConfigError``);
 1 a storage error (nothing committed, the same command resumes); 3 a job
@@ -25,7 +30,7 @@ import difflib
 import dataclasses
 import json
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -64,6 +69,29 @@ class Plan:
   layout: commit.Layout
   resume: Any
   base: dict
+
+
+# ``writer(output_dir, snapshot_date)``: writes the run's HTML report once
+# the summary is written; never raises (snapshot_date None: a plain run).
+ReportWriter = Callable[[str, Optional[str]], None]
+
+_report_writer: Optional[ReportWriter] = None
+
+
+def set_report_writer(writer: Optional[ReportWriter]) -> None:
+  """Makes ``writer`` the last step of every job built from now on.
+
+  tools/report.py calls it when imported.  A job takes the writer when its
+  graph is built, and the writer travels pickled with the graph, so a
+  worker needs no call of its own.  None: the jobs write no report.
+  """
+  global _report_writer  # pylint: disable=global-statement
+  _report_writer = writer
+
+
+def report_writer() -> Optional[ReportWriter]:
+  """The writer set by ``set_report_writer``; None when none was."""
+  return _report_writer
 
 
 class Job:

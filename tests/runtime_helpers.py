@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from tools import stage_onnx
-from tools import standins as standin_models
+from transforms import standins as standin_models
 from transforms import models as models_lib
 from transforms import runtimes
 from transforms.runtimes import tf as tf_runtime

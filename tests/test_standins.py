@@ -1,4 +1,5 @@
-"""Tests of tools.standins: formats, signatures, shapes, seeds.
+"""transforms/standins.py (the writer) and tools/standins.py (its command):
+formats, signatures, shapes, seeds.
 
 Real TensorFlow throughout: tiny stand-ins are written once per module and
 loaded with tensorflow_hub and with transforms.runtimes.tf.load_model,
@@ -11,8 +12,9 @@ import os
 import numpy as np
 import pytest
 
-from tools import standins as standin_models
+from tools import standins as standins_cli
 from transforms import models
+from transforms import standins as standin_models
 from transforms.runtimes import tf as tf_runtime
 
 # TensorFlow is imported by the tests that use it, not at collection.
@@ -266,7 +268,7 @@ def test_overwrite_replaces_standins_but_never_other_folders(tmp_path):
 
 
 def test_cli_prints_one_line_per_model_and_the_warning(tmp_path, capsys):
-  rc = standin_models.main(["--output_dir", str(tmp_path), "--tiny",
+  rc = standins_cli.main(["--output_dir", str(tmp_path), "--tiny",
                             "--models", "inaturalist_v2,inception_resnet_v2"])
   assert rc == 0
   lines = capsys.readouterr().out.strip().splitlines()
@@ -279,7 +281,7 @@ def test_cli_prints_one_line_per_model_and_the_warning(tmp_path, capsys):
 
 
 def test_cli_rejects_unknown_model(tmp_path, capsys):
-  assert standin_models.main(["--output_dir", str(tmp_path), "--tiny",
+  assert standins_cli.main(["--output_dir", str(tmp_path), "--tiny",
                               "--models", "nope"]) == 2
   assert "unknown model" in capsys.readouterr().err
 
