@@ -97,8 +97,8 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "natvision-embed=pipelines.embed_images:main",
-            "natvision-ingest=pipelines.ingest_observations:main",
+            "natvision-embed=tools.report:embed_main",
+            "natvision-ingest=tools.report:ingest_main",
             "natvision-standins=tools.standins:main",
             "natvision-evaluate=tools.evaluate:main",
             "natvision-index=tools.search:index_main",

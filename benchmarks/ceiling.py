@@ -114,8 +114,8 @@ def measure(resolved, runtime: str, batches: List[np.ndarray], warmup: int,
   start = time.perf_counter()
   detail = {}
   if runtime == RUNTIME_TF:
-    from transforms import models as models_lib  # pylint: disable=import-outside-toplevel
-    model = models_lib.load_model(resolved)
+    from transforms.runtimes import tf as tf_runtime  # pylint: disable=import-outside-toplevel
+    model = tf_runtime.load_model(resolved)
   elif runtime == RUNTIME_ONNX:
     model, path = _onnx_model(resolved, onnx_path)
     detail["onnx_path"] = path

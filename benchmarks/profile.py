@@ -21,7 +21,7 @@ Each sample goes to the innermost stage it is in:
   top-k, result records);
 * to Arrow, Parquet write: ``sinks.results_to_table``, Beam's
   ``parquetio`` and file sink;
-* model loading: ``models.load_model`` and the runtimes' ``load``;
+* model loading: the TF runtime's ``load_model`` and the runtimes' ``load``;
 * Beam: everything else inside ``Pipeline.run`` (bundle and element
   handling, coders, BatchElements, ...);
 * outside the pipeline: Python start, imports, flag parsing, the model
@@ -45,13 +45,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (stage, file suffix, function name or None for any), innermost match wins.
 RULES: Tuple[Tuple[str, str, Optional[str]], ...] = (
-    ("model loading", "transforms/models.py", "load_model"),
+    ("model loading", "transforms/runtimes/tf.py", "load_model"),
     ("model loading", "transforms/runtimes/onnx.py", "load"),
     ("model loading", "transforms/runtimes/tf.py", "load"),
     ("read", "transforms/photos.py", "read_with_retries"),
     ("decode", "transforms/decode.py", "decode_image"),
     ("prepare", "transforms/preprocess.py", "prepare_all"),
-    ("inference", "transforms/models.py", "predict"),
     ("inference", "transforms/runtimes/onnx.py", "predict"),
     ("inference", "transforms/runtimes/tf.py", "predict"),
     ("batch assembly", "transforms/inference.py", "process"),

@@ -452,7 +452,7 @@ class Bench:
     if missing:
       print(f"writing full-size stand-ins of {', '.join(sorted(missing))} to "
             f"{self.s.model_root} (once)", flush=True)
-      from tools import standins as standin_models  # pylint: disable=import-outside-toplevel
+      from transforms import standins as standin_models  # pylint: disable=import-outside-toplevel
       standin_models.write_standins(self.s.model_root, tiny=False,
                                     models=sorted(missing))
 

@@ -48,6 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           file=sys.stderr)
     return 2
   module = importlib.import_module(f"pipelines.{name}")
+  # The run report is tools/report.py's, the jobs' last step once imported
+  # (the pipelines never import tools/).
+  importlib.import_module("tools.report")
   if is_template_launch(argv) and not getattr(module, "COMMITS_IN_PIPELINE",
                                               False):
     print(f"natvision launch: pipelines.{name} commits its tables after "

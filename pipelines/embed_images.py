@@ -10,8 +10,9 @@ The graph: read the input (globs, a manifest or a Darwin Core archive) into
 one ``ImageRef`` per distinct photo; leave out photos under other licences
 (``--license``); embed and write (transforms/embed.py); count the run's
 figures (transforms/summary.py); commit the tables and write ``run.json``
-and ``report.html`` in the last step (transforms/commit.py).  The launch
-steps around it are pipelines/launch.py's.
+and ``report.html`` (the writer ``launch.report_writer()`` names) in the
+last step (transforms/commit.py).  The launch steps around it are
+pipelines/launch.py's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import launch
-from tools import report as html_report
 from transforms import commit
 from transforms import dwca
 from transforms import embed
@@ -277,7 +277,8 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
                          | "AllExamples" >> beam.Flatten(),
              } | "Summarize" >> summary_lib.Summarize()
   _ = out[embed.WRITTEN] | "CommitRun" >> commit.CommitRun(
-      plan.layout, RunReport(plan.base, config.max_error_rate),
+      plan.layout, RunReport(plan.base, config.max_error_rate,
+                             launch.report_writer()),
       beam.pvalue.AsSingleton(figures))
 
 
@@ -287,12 +288,15 @@ class RunReport:
   Called in the pipeline's last step.  Everything known before the run
   (models, flags, start time) comes in ``base``; the figures are counted
   in the graph (transforms/summary.py); rows per table are read from the
-  committed files' footers.
+  committed files' footers.  report.html is ``write_report``'s
+  (``launch.report_writer()``, tools/report.py's); None writes none.
   """
 
-  def __init__(self, base: dict, max_error_rate: Optional[float]):
+  def __init__(self, base: dict, max_error_rate: Optional[float],
+               write_report: Optional[launch.ReportWriter] = None):
     self._base = base
     self._max_error_rate = max_error_rate
+    self._write_report = write_report
 
   def __call__(self, layout: commit.Layout, figures: dict) -> dict:
     """Args: figures: ``summary.Summarize``'s output; its counts hold
@@ -326,7 +330,8 @@ class RunReport:
         "model_loads": figures["model_loads"],
     })
     commit.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
-    html_report.write_report(layout.output_dir)  # logs, never raises
+    if self._write_report:
+      self._write_report(layout.output_dir, None)  # logs, never raises
     return report
 
 
@@ -453,7 +458,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
 
 def _ensure_demo_models(config: JobConfig) -> None:
   """Writes tiny stand-in models for --demo unless they are there already."""
-  from tools import standins  # pylint: disable=import-outside-toplevel
+  from transforms import standins  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(config.models[0].path.rstrip("/"))
   missing = [m.name for m in config.models
              if not FileSystems.exists(FileSystems.join(m.path,

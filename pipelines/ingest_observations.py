@@ -51,7 +51,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import transforms
 from pipelines import launch
-from tools import report as html_report
 from transforms import commit
 from transforms import config as config_lib
 from transforms import embed
@@ -325,8 +324,8 @@ def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: CheckedInpu
              "tallies": found[snapshots.STATS]
              } | "Summarize" >> summary_lib.Summarize()
   _ = out[embed.WRITTEN] | "CommitRun" >> commit.CommitRun(
-      layout, FinishPartition(config, base), beam.pvalue.AsSingleton(figures),
-      before=commit.unmark_partition)
+      layout, FinishPartition(config, base, launch.report_writer()),
+      beam.pvalue.AsSingleton(figures), before=commit.unmark_partition)
 
 
 # --------------------------------------------------------------------------
@@ -377,14 +376,18 @@ class FinishPartition:
   """The run's last step, after the commit (called by commit.CommitRun).
 
   Removes what dead runs of the date left under ``_staging``, writes
-  ``runs/<date>.json`` and then the ``_SUCCESS`` markers.  The counts come
-  from the pipeline's own STATS (summed into ``stats``) and from the
-  committed tables; nothing is read from Beam metrics.
+  ``runs/<date>.json``, the ``_SUCCESS`` markers and then the partition's
+  report (``write_report``, ``launch.report_writer()``: tools/report.py's;
+  None writes none).  The counts come from the pipeline's own STATS
+  (summed into ``stats``) and from the committed tables; nothing is read
+  from Beam metrics.
   """
 
-  def __init__(self, config: IngestConfig, base: dict):
+  def __init__(self, config: IngestConfig, base: dict,
+               write_report: Optional[launch.ReportWriter] = None):
     self._config = config
     self._base = base
+    self._write_report = write_report
 
   def __call__(self, layout: commit.Layout, figures: dict) -> dict:
     config = self._config
@@ -407,7 +410,8 @@ class FinishPartition:
     })
     commit.write_json(self._base["summary_path"], report)
     commit.write_markers(layout, report)
-    html_report.write_report(layout.output_dir, config.date)  # never raises
+    if self._write_report:
+      self._write_report(layout.output_dir, config.date)  # never raises
     return report
 
 

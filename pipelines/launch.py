@@ -12,6 +12,11 @@ pipeline commits its own tables and writes the summary in its last step,
 so a template launch that does not wait is safe; when the job has ended
 here, the summary is read back and printed.
 
+The run report (report.html) is written in the pipeline's last step too,
+by a writer the jobs are given (``set_report_writer``; tools/report.py
+sets it when imported, and the commands import it): pipelines/ never
+import tools/, which build on them.
+
 Exit status (``main``): 0 the job ran (even if some photos failed); 2 bad
 flags, input or models, found before anything runs (``ConfigError``);
 1 a storage error (nothing committed, the same command resumes); 3 a job
@@ -21,16 +26,11 @@ rule such as ``--max_error_rate`` (``Job.exit_status``).
 from __future__ import annotations
 
 import argparse
-import atexit
 import difflib
 import dataclasses
 import json
-import logging
-import os
-import re
 import sys
-import threading
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -40,6 +40,7 @@ from apache_beam.runners.runner import PipelineState
 import transforms
 from transforms import commit
 from transforms import config as config_lib
+from transforms import console
 from transforms import models as models_lib
 from transforms import progress
 from transforms import spec as spec_lib
@@ -68,6 +69,29 @@ class Plan:
   layout: commit.Layout
   resume: Any
   base: dict
+
+
+# ``writer(output_dir, snapshot_date)``: writes the run's HTML report once
+# the summary is written; never raises (snapshot_date None: a plain run).
+ReportWriter = Callable[[str, Optional[str]], None]
+
+_report_writer: Optional[ReportWriter] = None
+
+
+def set_report_writer(writer: Optional[ReportWriter]) -> None:
+  """Makes ``writer`` the last step of every job built from now on.
+
+  tools/report.py calls it when imported.  A job takes the writer when its
+  graph is built, and the writer travels pickled with the graph, so a
+  worker needs no call of its own.  None: the jobs write no report.
+  """
+  global _report_writer  # pylint: disable=global-statement
+  _report_writer = writer
+
+
+def report_writer() -> Optional[ReportWriter]:
+  """The writer set by ``set_report_writer``; None when none was."""
+  return _report_writer
 
 
 class Job:
@@ -140,7 +164,8 @@ class Job:
 
 
 def add_console_flags(parser: argparse.ArgumentParser) -> None:
-  """Adds --verbose (read by ``main`` before anything is parsed)."""
+  """Adds --verbose (read by ``main`` before anything is parsed, see
+  transforms/console.py)."""
   parser.add_argument(
       "--verbose", action="store_true",
       help="show INFO logs of Beam, TensorFlow and tf2onnx (default: "
@@ -297,8 +322,7 @@ def run(job: Job, argv: Optional[Sequence[str]] = None,
 
 def main(job: Job, argv: Optional[Sequence[str]] = None) -> int:
   """The command: runs the job and turns what happened into an exit status."""
-  configure_logging(
-      verbose="--verbose" in (argv if argv is not None else sys.argv[1:]))
+  console.configure_logging(verbose=console.verbose_requested(argv))
   try:
     report = run(job, argv)
   except ConfigError as e:
@@ -309,89 +333,6 @@ def main(job: Job, argv: Optional[Sequence[str]] = None) -> int:
           f"running the same command again resumes", file=sys.stderr)
     return 1
   return job.exit_status(report)
-
-
-def configure_logging(verbose: bool = False) -> None:
-  """A quiet console: natvision's progress lines and warnings from the rest.
-
-  TensorFlow's C++ start-up notices are silenced too (``TF_CPP_MIN_LOG_LEVEL``
-  before TensorFlow is imported).  ``--verbose`` brings back INFO lines from
-  Beam, TensorFlow and tf2onnx.  Workers on Dataflow configure their own
-  logging and keep full logs.
-  """
-  if not verbose:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _filter_native_stderr()
-  logging.basicConfig(level=logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  if not verbose:
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("natvision").setLevel(logging.INFO)
-    for noisy in ("apache_beam", "absl", "tf2onnx", "h5py"):
-      logging.getLogger(noisy).setLevel(logging.WARNING)
-    # TensorFlow's deprecation notices concern its API, not the user's run.
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-
-
-# TensorFlow's C++ start-up notices (absl's format), written before absl is
-# initialised, so TF_CPP_MIN_LOG_LEVEL does not reach them.
-_NATIVE_NOTICE = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] "
-    r"|E\d{4} [\d:.]+ +\d+ \S+:\d+\] failed call to cuInit)")
-
-
-def _filter_native_stderr() -> None:
-  """Drops TensorFlow's native start-up notices from this process's stderr.
-
-  The file descriptor 2 (inherited by child processes, such as model
-  conversions) becomes a pipe; a thread copies every other line to the real
-  stderr, so errors and tracebacks still show.  At exit the real stderr is
-  put back and the thread drains what is left, so no last line is lost.
-  """
-  if getattr(_filter_native_stderr, "installed", False):
-    return
-  try:
-    real = os.dup(2)
-    restore = os.dup(2)
-    read_end, write_end = os.pipe()
-    sys.stderr.flush()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-  except OSError:
-    return  # no usable stderr descriptor (an embedded interpreter)
-
-  def pump():
-    with os.fdopen(read_end, "rb", buffering=0) as src, os.fdopen(
-        real, "wb", buffering=0) as dst:
-      pending = b""
-      while True:
-        chunk = src.read(65536)
-        if not chunk:
-          break
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-          if not _NATIVE_NOTICE.match(line.decode("utf-8", "replace")):
-            dst.write(line + b"\n")
-      if pending and not _NATIVE_NOTICE.match(
-          pending.decode("utf-8", "replace")):
-        dst.write(pending)
-
-  thread = threading.Thread(target=pump, name="natvision-stderr",
-                            daemon=True)
-  thread.start()
-
-  def drain():
-    try:
-      sys.stderr.flush()
-    except (OSError, ValueError):
-      pass
-    os.dup2(restore, 2)  # closes this process's end of the pipe
-    thread.join(timeout=5)
-
-  atexit.register(drain)
-  _filter_native_stderr.installed = True
 
 
 # Kept for the callers that build keyed flags without importing config.

@@ -86,6 +86,7 @@ def make_labelled_photos(root: str, source_paths: List[str],
     classifier_dir: the tiny fungi stand-in, used to pick the labels.
   """
   from transforms import models, preprocess  # pylint: disable=import-outside-toplevel
+  from transforms.runtimes import tf as tf_runtime  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.join(root, "photos"), exist_ok=True)
   crops = []
   for s, path in enumerate(source_paths[:len(CROPS)]):
@@ -94,7 +95,7 @@ def make_labelled_photos(root: str, source_paths: List[str],
       crops.append((s, c, _crop(photo, BOXES[c])))
   resolved = models.resolve_models(["fungi_mobile_v1"], None, handles={
       "fungi_mobile_v1": classifier_dir})[0]
-  classifier = models.load_model(resolved)
+  classifier = tf_runtime.load_model(resolved)
   labelmap = models.read_labelmap(resolved.labelmap_path)
   probs = classifier.predict(np.stack([
       preprocess.prepare(img, "squash", 299) for _, _, img in crops]))

@@ -24,9 +24,10 @@ import pytest
 from PIL import Image
 
 from tools import stage_onnx
-from tools import standins as standin_models
+from transforms import standins as standin_models
 from transforms import models as models_lib
 from transforms import runtimes
+from transforms.runtimes import tf as tf_runtime
 from transforms.runtimes import onnx as onnx_lib
 
 NAMES = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")
@@ -103,13 +104,13 @@ def conversions(monkeypatch):
 def tf_loads(monkeypatch):
   """Counts models loaded on TensorFlow in this process."""
   loads = []
-  load = models_lib.load_model
+  load = tf_runtime.load_model
 
   def counting(resolved, *args, **kwargs):
     loads.append(resolved.name)
     return load(resolved, *args, **kwargs)
 
-  monkeypatch.setattr(models_lib, "load_model", counting)
+  monkeypatch.setattr(tf_runtime, "load_model", counting)
   return loads
 
 

@@ -141,7 +141,7 @@ def test_profile_stages_by_thread(tmp_path):
       "thread (1): MainThread;run (pipelines/embed_images.py:1);"
       "Pipeline.run (apache_beam/pipeline.py:2);"
       "RunModelFn.process (transforms/inference.py:3);"
-      "LoadedModel.predict (transforms/models.py:4) 7\n"
+      "LoadedModel.predict (transforms/runtimes/tf.py:4) 7\n"
       "thread (2): natvision-decode_0;_worker (concurrent/futures/thread.py:5);"
       "read_decode_prepare (transforms/photos.py:6);"
       "decode_image (transforms/decode.py:7) 3\n"

@@ -16,6 +16,7 @@ import tensorflow_hub as hub
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import embed_images
+from tools import report as html_report
 from transforms import commit, decode, models, preprocess, sinks
 
 ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
@@ -210,10 +211,11 @@ def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
 
 
 def test_demo_command_as_readme_gives_it(tmp_path, capsys, monkeypatch):
-  # README's quickstart: a relative --output_dir in the current folder.
+  # README's quickstart: a relative --output_dir in the current folder,
+  # through natvision-embed's entry point (setup.py).
   monkeypatch.chdir(tmp_path)
-  assert embed_images.main(["--demo", "--output_dir", "natvision_demo",
-                            "--runtime", "tf"]) == 0
+  assert html_report.embed_main(["--demo", "--output_dir", "natvision_demo",
+                                 "--runtime", "tf"]) == 0
   printed = capsys.readouterr().out
   assert "stand-in models were used" in printed
   out = str(tmp_path / "natvision_demo")
@@ -231,6 +233,8 @@ def test_demo_command_as_readme_gives_it(tmp_path, capsys, monkeypatch):
   with open(os.path.join(out, "run.json")) as f:
     report = json.load(f)
   assert report["error_rate"] == pytest.approx(0.2)
+  with open(os.path.join(out, "report.html"), encoding="utf-8") as f:
+    assert f.read().startswith("<!DOCTYPE html>")
   # The relative --output_dir's models, recorded where they really are.
   models_dir = os.path.join(os.path.realpath(tmp_path), "natvision_demo",
                             "_standin_models")

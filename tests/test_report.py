@@ -17,9 +17,11 @@ import shutil
 
 import pytest
 
+from pipelines import launch
 from tools import evaluate
 from tools import report
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 needs_chromium = pytest.mark.skipif(
@@ -56,6 +58,16 @@ def _section(page, name):
   match = re.search(rf"<section[^>]*id='{name}'.*?</section>", page, re.S)
   assert match, name
   return match.group(0)
+
+
+def test_the_jobs_get_the_writer_from_here():
+  # pipelines/ never import tools/ (tests/test_imports.py): this module
+  # hands them its writer when imported, and the commands start here.
+  assert launch.report_writer() is report.write_after_run
+  with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+    setup = f.read()
+  assert '"natvision-embed=tools.report:embed_main"' in setup
+  assert '"natvision-ingest=tools.report:ingest_main"' in setup
 
 
 def test_the_job_writes_the_report(labelled_job):

@@ -73,7 +73,7 @@ with open(out_path, "w") as f:
 
 @pytest.fixture(scope="module")
 def fungi_root(tmp_path_factory):
-  from tools import standins  # pylint: disable=import-outside-toplevel
+  from transforms import standins  # pylint: disable=import-outside-toplevel
   root = str(tmp_path_factory.mktemp("startup_models"))
   standins.write_standins(root, tiny=True, models=["fungi_mobile_v1"])
   return root

@@ -21,7 +21,7 @@ from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     NAMES, REPO, conversions, loaded_tf, model_root, noise,
     nothing_remembered, onnx_cache, other_root, photos, plant_wrong_onnx,
     resolve)
-from tools import standins as standin_models
+from transforms import standins as standin_models
 from transforms import models as models_lib
 from transforms import runtimes
 from transforms.runtimes import chooser

@@ -1,8 +1,9 @@
-"""Tests of tools.standins: formats, signatures, shapes, seeds.
+"""transforms/standins.py (the writer) and tools/standins.py (its command):
+formats, signatures, shapes, seeds.
 
 Real TensorFlow throughout: tiny stand-ins are written once per module and
-loaded with tensorflow_hub and with transforms.models.load_model, exactly as
-the pipelines load the real seed models.
+loaded with tensorflow_hub and with transforms.runtimes.tf.load_model,
+exactly as the pipelines load the real seed models.
 """
 
 import csv
@@ -11,8 +12,10 @@ import os
 import numpy as np
 import pytest
 
-from tools import standins as standin_models
+from tools import standins as standins_cli
 from transforms import models
+from transforms import standins as standin_models
+from transforms.runtimes import tf as tf_runtime
 
 # TensorFlow is imported by the tests that use it, not at collection.
 # pylint: disable=import-outside-toplevel
@@ -54,7 +57,8 @@ def _resolve(name, root_dir=None, handle=None):
 
 
 def _predict_all(root_dir, batch):
-  return {name: models.load_model(_resolve(name, root_dir)).predict(batch)
+  return {name: tf_runtime.load_model(_resolve(name, root_dir)).predict(
+      batch)
           for name in ALL_NAMES}
 
 
@@ -129,7 +133,8 @@ def test_tf2_hub_load_call_and_serving_signature(root, batch):
 
 
 def test_fungi_output_is_a_softmax(root, batch):
-  out = models.load_model(_resolve("fungi_mobile_v1", root)).predict(batch)
+  out = tf_runtime.load_model(_resolve("fungi_mobile_v1", root)).predict(
+      batch)
   assert out.shape == (3, 4128)
   assert (out >= 0).all()
   np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
@@ -148,7 +153,7 @@ def test_fungi_labelmap(root):
 
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_load_model_accepts_standins(root, name, batch):
-  loaded = models.load_model(_resolve(name, root))
+  loaded = tf_runtime.load_model(_resolve(name, root))
   out = loaded.predict((batch * 255).astype(np.uint8))
   assert out.shape == (3, WIDTHS[name])
   assert np.isfinite(out).all()
@@ -164,7 +169,8 @@ def test_same_seed_same_outputs_other_seed_other_outputs(roots, batch):
 
 
 def test_outputs_depend_on_the_input(root, batch):
-  out = models.load_model(_resolve("inaturalist_v2", root)).predict(batch)
+  out = tf_runtime.load_model(_resolve("inaturalist_v2", root)).predict(
+      batch)
   assert not np.allclose(out[0], out[1])
 
 
@@ -192,7 +198,7 @@ def test_tiny_standins_tell_photos_apart(root, name):
   (Before calibration every photo had cosine > 0.9998 with every other.)
   """
   images, sources = _crops_of_real_photos()
-  out = models.load_model(_resolve(name, root)).predict(images)
+  out = tf_runtime.load_model(_resolve(name, root)).predict(images)
   if name == "fungi_mobile_v1":
     top1 = out.argmax(axis=1)
     assert len(set(top1[sources == s][0] for s in set(sources))) >= 4
@@ -211,14 +217,14 @@ def test_load_model_rejects_tf1_standin_where_tf2_expected(root):
   resolved = _resolve("inception_resnet_v2",
                       handle=os.path.join(root, "inaturalist_v2"))
   with pytest.raises(models.ModelError, match="TF1 Hub module"):
-    models.load_model(resolved)
+    tf_runtime.load_model(resolved)
 
 
 def test_load_model_rejects_tf2_standin_where_tf1_expected(root):
   resolved = _resolve("inaturalist_v2",
                       handle=os.path.join(root, "inception_resnet_v2"))
   with pytest.raises(models.ModelError, match="tfhub_module.pb"):
-    models.load_model(resolved)
+    tf_runtime.load_model(resolved)
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -262,7 +268,7 @@ def test_overwrite_replaces_standins_but_never_other_folders(tmp_path):
 
 
 def test_cli_prints_one_line_per_model_and_the_warning(tmp_path, capsys):
-  rc = standin_models.main(["--output_dir", str(tmp_path), "--tiny",
+  rc = standins_cli.main(["--output_dir", str(tmp_path), "--tiny",
                             "--models", "inaturalist_v2,inception_resnet_v2"])
   assert rc == 0
   lines = capsys.readouterr().out.strip().splitlines()
@@ -275,7 +281,7 @@ def test_cli_prints_one_line_per_model_and_the_warning(tmp_path, capsys):
 
 
 def test_cli_rejects_unknown_model(tmp_path, capsys):
-  assert standin_models.main(["--output_dir", str(tmp_path), "--tiny",
+  assert standins_cli.main(["--output_dir", str(tmp_path), "--tiny",
                               "--models", "nope"]) == 2
   assert "unknown model" in capsys.readouterr().err
 
@@ -287,7 +293,7 @@ def test_full_size_fungi_is_mobilenet_v2(tmp_path, batch):
   network = standin_models.build_network("fungi_mobile_v1")
   mobilenet_v2_no_top = 2_257_984  # tf_keras, alpha 1.0, include_top=False
   assert network.count_params() == mobilenet_v2_no_top + 1280 * 4128 + 4128
-  loaded = models.load_model(_resolve("fungi_mobile_v1",
-                                      handle=written["fungi_mobile_v1"]))
+  loaded = tf_runtime.load_model(_resolve("fungi_mobile_v1",
+                                          handle=written["fungi_mobile_v1"]))
   out = loaded.predict(batch)
   np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)

@@ -49,6 +49,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 import transforms
+from transforms import console
 from transforms import models as models_lib
 from tools import tables as tables_lib
 from tools.search import unit_rows
@@ -629,8 +630,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluateConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from pipelines import launch  # pylint: disable=import-outside-toplevel
-  launch.configure_logging()  # the jobs' quiet console
+  console.configure_logging()  # the jobs' quiet console
   try:
     config = parse_args(argv)
     evaluation = evaluate(config)

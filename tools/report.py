@@ -27,6 +27,12 @@ Photo sizes come from the tables' ``source_width`` and ``source_height``
 columns where the tables have them; for older tables the headers of up to
 ``--size_sample`` photos are read (only the header, not the pixels).
 
+The jobs get the writer from here (``write_after_run``, registered with
+``pipelines.launch.set_report_writer`` when this module is imported): the
+pipelines never import tools/.  So natvision-embed and natvision-ingest
+start here (``embed_main``, ``ingest_main``), and every job run from them
+writes its report.
+
 Inside a job, ``write_report`` never raises: a report that cannot be
 written is logged as an error (the tables are committed before) and the run
 goes on.  Without matplotlib (``pip install 'natvision[tools]'``) the report
@@ -49,6 +55,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines import launch
+from transforms import console
 from transforms import models as models_lib
 from transforms import storage
 from tools import tables as tables_lib
@@ -754,6 +762,30 @@ def write_report(output_dir: str, snapshot_date: Optional[str] = None,
   return path
 
 
+def write_after_run(output_dir: str,
+                    snapshot_date: Optional[str] = None) -> None:
+  """The jobs' last step after the summary (a ``launch.ReportWriter``):
+  ``write_report``, which logs a failure and never raises."""
+  write_report(output_dir, snapshot_date)
+
+
+# Every job built once this module is imported writes its report.
+launch.set_report_writer(write_after_run)
+
+
+def embed_main(argv: Optional[Sequence[str]] = None) -> int:
+  """natvision-embed: the job (pipelines/embed_images.py) with its report."""
+  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  return embed_images.main(argv)
+
+
+def ingest_main(argv: Optional[Sequence[str]] = None) -> int:
+  """natvision-ingest: the job (pipelines/ingest_observations.py) with its
+  report."""
+  from pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
+  return ingest_observations.main(argv)
+
+
 def _latest_partition(output_dir: str) -> Optional[str]:
   summaries = storage.match(FileSystems.join(output_dir, RUNS_DIR, "*.json"))
   dates = sorted(p.rsplit("/", 1)[-1][:-len(".json")] for p in summaries)
@@ -761,8 +793,7 @@ def _latest_partition(output_dir: str) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from pipelines import launch  # pylint: disable=import-outside-toplevel
-  launch.configure_logging()  # the jobs' quiet console
+  console.configure_logging()  # the jobs' quiet console
   p = argparse.ArgumentParser(
       prog="natvision-report",
       description="Rebuild the HTML run report of an output folder "

@@ -47,6 +47,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 import transforms
+from transforms import console
 from transforms import models as models_lib
 from transforms import sinks
 from transforms import spec as spec_lib
@@ -581,8 +582,7 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-search: the nearest rows to a photo, or duplicate pairs."""
-  from pipelines import launch  # pylint: disable=import-outside-toplevel
-  launch.configure_logging()  # the jobs' quiet console
+  console.configure_logging()  # the jobs' quiet console
   p = argparse.ArgumentParser(
       prog="natvision-search",
       description="Print the k rows of an embeddings table nearest to a "

@@ -1,14 +1,16 @@
-"""Registry of the known models, and the code that finds, checks and loads them.
+"""Registry of the known models, and the code that finds and checks them.
 
-The three seed models (../shared/seeds) are registered by name.  A model is
-found at ``<model_root>/<name>/`` (a local folder or a bucket) or at an
-explicit handle given per model.  Loading goes through ``tensorflow_hub.load``,
-which understands both the legacy TF1 Hub format (a SavedModel with the empty
-tag set, a ``tfhub_module.pb`` marker and a ``default`` signature taking
-``images=``) and TF2 SavedModels.
+The three seed models (../shared/seeds) are registered by name, each with
+its format: the legacy TF1 Hub format (a SavedModel with the empty tag set,
+a ``tfhub_module.pb`` marker and a ``default`` signature taking
+``images=``) or a TF2 SavedModel.  A model is found at
+``<model_root>/<name>/`` (a local folder or a bucket) or at an explicit
+handle given per model; a remote folder is copied to a local cache
+(``stage_locally``).  Classifiers' labelmaps are read here too.
 
-Nothing here runs at import time beyond building the registry; TensorFlow is
-imported lazily so that flag parsing and graph construction stay cheap.
+Loading is the runtimes' (transforms/runtimes/: TensorFlow in ``tf.py``),
+which build on this module; nothing here imports them, nor TensorFlow, so
+flag parsing and graph construction stay cheap.
 """
 
 from __future__ import annotations
@@ -16,12 +18,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import logging
 import os
-from typing import (TYPE_CHECKING, Callable, Dict, List, Mapping, Optional,
-                    Sequence, Tuple)
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import config
@@ -30,9 +29,6 @@ from transforms import storage
 # they stay importable from here.
 from transforms.preprocess import (RESIZE_CENTER_CROP, RESIZE_POLICIES,
                                    RESIZE_SQUASH)
-
-if TYPE_CHECKING:
-  from transforms.runtimes.base import RuntimeDecision
 
 EMBEDDER = "embedder"
 CLASSIFIER = "classifier"
@@ -179,7 +175,7 @@ class ResolvedModel:
   resize: str
   labelmap_path: Optional[str] = None
   requested_runtime: str = "auto"
-  decision: Optional[RuntimeDecision] = None
+  decision: Optional[Any] = None  # a transforms.runtimes.RuntimeDecision
   model_root: Optional[str] = None
 
   def __post_init__(self):
@@ -202,15 +198,24 @@ class ResolvedModel:
     """Why the model runs where it runs; empty before the decision."""
     return self.decision.note if self.decision is not None else ""
 
-  def with_decision(self, decision: RuntimeDecision) -> "ResolvedModel":
-    """This model, to run on the runtime ``decision`` names."""
-    from transforms.runtimes import base  # pylint: disable=import-outside-toplevel
-    if not isinstance(decision, base.RuntimeDecision):
+  def with_decision(self, decision) -> "ResolvedModel":
+    """This model, to run on the runtime ``decision`` names.
+
+    Args:
+      decision: a ``transforms.runtimes.RuntimeDecision``.  The runtimes
+        import this module, never the reverse, so a decision is recognised
+        by the fields it holds.
+
+    Raises:
+      TypeError: anything else.
+    """
+    if not all(hasattr(decision, field)
+               for field in ("runtime", "note", "precision")):
       raise TypeError(f"model {self.name}: a decision is a RuntimeDecision, "
                       f"not {type(decision).__name__}")
     return dataclasses.replace(self, decision=decision)
 
-  def require_decision(self) -> RuntimeDecision:
+  def require_decision(self):
     """The decision, for code that runs the model.
 
     Raises:
@@ -403,120 +408,6 @@ def read_labelmap(path: str, expected: Optional[int] = None) -> List[str]:
         f"labelmap {path} has {len(names)} labels; the model has {expected} "
         f"outputs")
   return [names[i] for i in range(len(names))]
-
-
-class LoadedModel:
-  """A loaded model behind one call: uint8 or float batch in, numpy out.
-
-  ``predict`` takes a ``[n, size, size, 3]`` uint8 batch, scales it to
-  float32 in [0, 1] inside TensorFlow and returns a float32 ``[n, width]``
-  array.
-
-  Attributes:
-    resolved: the model.
-    float_call: the model's own call, float32 images in [0, 1] -> output
-      tensor; what ``predict`` runs and what an ONNX conversion converts.
-  """
-
-  def __init__(self, resolved: ResolvedModel, obj, fn: Callable):
-    self.resolved = resolved
-    self._obj = obj  # keeps the loaded variables alive
-    self.float_call = fn
-
-  def predict(self, batch: np.ndarray) -> np.ndarray:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    images = tf.convert_to_tensor(batch)
-    if images.dtype == tf.uint8:
-      images = tf.cast(images, tf.float32) * (1.0 / 255.0)
-    return np.asarray(self.float_call(images), dtype=np.float32)
-
-
-def _tf1_call(resolved: ResolvedModel, obj) -> Callable:
-  spec = resolved.spec
-  signatures = getattr(obj, "signatures", {})
-  if spec.signature not in signatures:
-    raise ModelError(
-        f"model {spec.name} at {resolved.path}: no signature "
-        f"{spec.signature!r} (found {sorted(signatures)}); is this the "
-        f"{spec.model_format} module {spec.source}?")
-  fn = signatures[spec.signature]
-  args, kwargs = fn.structured_input_signature
-  if args or set(kwargs) != {spec.input_key}:
-    raise ModelError(
-        f"model {spec.name} at {resolved.path}: signature {spec.signature!r} "
-        f"takes {sorted(kwargs)}, expected only {spec.input_key!r}")
-  if spec.output_key not in fn.structured_outputs:
-    raise ModelError(
-        f"model {spec.name} at {resolved.path}: signature {spec.signature!r} "
-        f"has outputs {sorted(fn.structured_outputs)}, expected "
-        f"{spec.output_key!r}")
-  key_in, key_out = spec.input_key, spec.output_key
-  return lambda images: fn(**{key_in: images})[key_out]
-
-
-def _tf2_call(resolved: ResolvedModel, obj) -> Callable:
-  if not callable(obj):
-    raise ModelError(
-        f"model {resolved.name} at {resolved.path}: the SavedModel is not "
-        f"callable; expected a TF2 SavedModel whose object takes images")
-  return lambda images: obj(images, training=False)
-
-
-def load_model(resolved: ResolvedModel, check: bool = True) -> LoadedModel:
-  """Loads a model with ``tensorflow_hub.load`` and checks it.
-
-  The check runs one zero image through the model and compares the output
-  width with the registry, so a wrong folder fails here, not in a worker.
-
-  Raises:
-    ModelError: the folder is missing, is not the expected format, or the
-      model's signature or output width differ from the registry.
-  """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import tensorflow_hub as hub  # pylint: disable=import-outside-toplevel
-
-  spec = resolved.spec
-  path = resolved.path
-  if not (FileSystems.exists(_join(path, "saved_model.pb"))
-          or FileSystems.exists(_join(path, "saved_model.pbtxt"))):
-    raise ModelError(
-        f"model {spec.name}: no SavedModel at {path} (no saved_model.pb); put "
-        f"a copy of {spec.source} there or pass --model_handle "
-        f"{spec.name}=PATH")
-  is_tf1 = FileSystems.exists(_join(path, TF1_MODULE_MARKER))
-  if spec.model_format == TF1_HUB and not is_tf1:
-    raise ModelError(
-        f"model {spec.name} at {path}: no {TF1_MODULE_MARKER}; expected the "
-        f"TF1 Hub format module {spec.source}")
-  if spec.model_format == TF2_SAVED_MODEL and is_tf1:
-    raise ModelError(
-        f"model {spec.name} at {path}: found {TF1_MODULE_MARKER}, a TF1 Hub "
-        f"module; expected a TF2 SavedModel ({spec.source})")
-  local = stage_locally(path)
-  try:
-    obj = hub.load(local)
-  except Exception as e:  # noqa: BLE001 - TF raises many kinds
-    raise ModelError(f"model {spec.name} at {path} cannot be loaded: {e}") from e
-  if spec.model_format == TF1_HUB:
-    fn = _tf1_call(resolved, obj)
-  else:
-    fn = _tf2_call(resolved, obj)
-  model = LoadedModel(resolved, obj, fn)
-  if check:
-    size = spec.input_size
-    try:
-      out = model.predict(np.zeros((1, size, size, 3), np.uint8))
-    except Exception as e:  # noqa: BLE001
-      raise ModelError(
-          f"model {spec.name} at {path}: a probe batch of shape "
-          f"[1, {size}, {size}, 3] failed: {e}") from e
-    if out.shape != (1, spec.output_width):
-      raise ModelError(
-          f"model {spec.name} at {path}: output shape {list(out.shape)} for one "
-          f"image; the registry expects width {spec.output_width}")
-  logging.info("loaded model %s from %s", spec.name, path)
-  del tf
-  return model
 
 
 _LOCAL_CACHE_ENV = "NATVISION_MODEL_CACHE"

@@ -45,14 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import transforms
 from transforms import models as models_lib
 from transforms.runtimes import base
-
-if TYPE_CHECKING:
-  from transforms.embed import EmbedConfig
 
 
 class SpecError(ValueError):
@@ -226,13 +223,14 @@ def decided_model(model: models_lib.ResolvedModel, top_k: int,
       tolerance=base.TOLERANCES[model.spec.kind])
 
 
-def for_run(config: "EmbedConfig") -> RunSpec:
+def for_run(config) -> RunSpec:
   """The run's spec, from its decided models and photo settings.
 
   Called once, by the launcher, after the runtimes are decided.
 
   Args:
-    config: the job's ``EmbedConfig`` with decided models.
+    config: the job's ``transforms.embed.EmbedConfig`` with decided models
+      (not imported: embed builds on this module, through commit).
 
   Raises:
     ValueError: a model carries no decision.
