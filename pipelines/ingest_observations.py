@@ -56,6 +56,7 @@ from transforms import commit
 from transforms import config as config_lib
 from transforms import embed
 from transforms import fetch
+from transforms import helptext
 from transforms import licenses
 from transforms import sinks
 from transforms import snapshots
@@ -120,9 +121,21 @@ class IngestConfig:
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="natvision-ingest",
+      formatter_class=helptext.HelpFormatter,
       description="Process the photos of an iNaturalist open-data snapshot "
-      "that earlier runs did not, appending one partition per run. Flags not "
-      "listed here go to Apache Beam (e.g. --runner).")
+      "that earlier runs did not, appending one partition per run "
+      "(snapshot_date=YYYY-MM-DD) to the tables under --output_dir: "
+      "embeddings or predictions per model, and errors. Observations are "
+      "filtered by quality grade, taxon subtree and licence; a photo that "
+      "failed --max_attempts times is not retried. Run it on a schedule and "
+      "the tables stay current for the cost of the new photos only.",
+      epilog=helptext.epilog([
+          "natvision-ingest --snapshot_dir gs://b/inat/2024-05-27 "
+          "--snapshot_date 2024-05-27 \\",
+          "    --photo_uri_template "
+          "'gs://b/photos/{photo_id}/medium.{extension}' \\",
+          "    --output_dir gs://b/tables --model_root gs://b/models",
+      ], beam=True))
   p.add_argument("--snapshot_dir",
                  help="folder (local or gs://) holding photos, observations "
                  "and optionally taxa tables: tab-separated .csv or .csv.gz "
@@ -139,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
   launch.add_console_flags(p)
   p.add_argument("--quality_grade", default="research",
                  help="comma-separated grades to keep (research, needs_id, "
-                 "casual), or 'any' (default: research)")
+                 "casual), or 'any'")
   p.add_argument("--taxon_id",
                  help="keep only observations inside the subtree of these "
                  "taxa (comma-separated ids; needs a taxa table)")
@@ -151,7 +164,11 @@ def _parser() -> argparse.ArgumentParser:
   licenses.LicenseFilter.add_flags(p)
   p.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
                  help="a photo with this many error rows for a model in "
-                 "earlier partitions is not retried for it (default: 3)")
+                 "earlier partitions is not retried for it")
+  for flag in ("--snapshot_dir", "--photo_uri_template", "--output_dir"):
+    helptext.mark_required(p, flag)
+  helptext.mark_required(p, "--model_root",
+                         unless="--model_handle names every model")
   return p
 
 
