@@ -309,8 +309,9 @@ class RunReport:
     self._base = base
     self._max_error_rate = max_error_rate
 
-  def __call__(self, layout: commit.Layout, figures: dict) -> dict:
-    """Args: figures: ``summary.Summarize``'s output; its counts hold
+  def __call__(self, layout: commit.Layout, figures: dict,
+               commit_started: Optional[float] = None) -> dict:
+    """Args: commit_started: when the commit step began.  figures: ``summary.Summarize``'s output; its counts hold
     ``inputs`` (photos sent on), ``dwca.SKIP_REASONS`` and
     ``filtered_by_license`` (rows never fetched); its examples the first
     bad lines of an archive as (file, line, why)."""
@@ -337,6 +338,7 @@ class RunReport:
         "error_rate": round(errors["photos"] / inputs, 6) if inputs else 0.0,
         "max_error_rate": self._max_error_rate,
         "model_loads": figures["model_loads"],
+        "timings": commit.run_timings(self._base, commit_started, ended),
     })
     commit.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
     html_report.write_report(layout.output_dir)  # logs, never raises
@@ -371,6 +373,8 @@ def _summary(report: dict) -> str:
                (f" ({stages})" if stages else ""))
   loads = ", ".join(f"{k} {v}" for k, v in sorted(report["model_loads"].items()))
   lines.append(f"  model loads: {loads or 'none'}")
+  if report.get("timings"):
+    lines.append(f"  timings: {commit.format_timings(report['timings'])}")
   lines.append(f"  tables in {report['output_dir']} (run.json and "
                f"report.html have the details)")
   if any(m.get("standin") for m in report["models"]):

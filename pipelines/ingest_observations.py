@@ -403,7 +403,8 @@ class FinishPartition:
     self._config = config
     self._base = base
 
-  def __call__(self, layout: commit.Layout, figures: dict) -> dict:
+  def __call__(self, layout: commit.Layout, figures: dict,
+               commit_started: Optional[float] = None) -> dict:
     config = self._config
     stats = figures["counts"]
     stale = commit.remove_dead_attempts(
@@ -421,6 +422,7 @@ class FinishPartition:
         "errors": figures["errors"],
         "model_loads": figures["model_loads"],
         "stale_staging_removed": stale,
+        "timings": commit.run_timings(self._base, commit_started, ended),
     })
     commit.write_json(self._base["summary_path"], report)
     commit.write_markers(layout, report)
@@ -458,6 +460,8 @@ def _summary(report: dict) -> str:
   if bad:
     lines.append("  unusable snapshot rows skipped: " + ", ".join(
         f"{k} {v}" for k, v in sorted(bad.items())))
+  if report.get("timings"):
+    lines.append(f"  timings: {commit.format_timings(report['timings'])}")
   lines.append(f"  partition {report['partition']} committed under "
                f"{report['output_dir']} (summary: {report['summary_path']})")
   return "\n".join(lines)
