@@ -370,6 +370,10 @@ def write_json(path: str, payload: dict) -> None:
 
 
 
+# The phases of a run's ``timings``, in the order they happen.
+TIMING_PHASES = ("launch", "model_checks", "pipeline", "commit")
+
+
 def run_timings(base: dict, commit_started: Optional[float],
                 ended: float) -> dict:
   """Seconds per phase of a run, for its summary.
@@ -390,8 +394,8 @@ def run_timings(base: dict, commit_started: Optional[float],
 
 def format_timings(timings: dict) -> str:
   """'launch 1.2s, model checks 30.1s, pipeline 8.0s, commit 0.4s'."""
-  return ", ".join(f"{phase.replace('_', ' ')} {seconds:.1f}s"
-                   for phase, seconds in timings.items())
+  return ", ".join(f"{phase.replace('_', ' ')} {timings[phase]:.1f}s"
+                   for phase in TIMING_PHASES if phase in timings)
 
 
 def iso(ts: float) -> str:

@@ -115,10 +115,16 @@ class Progress:
     self._emit(line)
 
   def close(self) -> None:
-    """Ends the bar, if any, leaving its last state on the terminal."""
+    """Called by the launcher when the pipeline has ended: the bar's last
+    state stays on the terminal; without a bar, a last line is logged when
+    photos were counted (a short run would otherwise show none)."""
     with self._lock:
       if self.bar is not None:
         self.bar.close()
+        return
+      line = self.line() if self.done else None
+    if line:
+      self._emit(line)
 
   def line(self, now: Optional[float] = None) -> str:
     now = self._clock() if now is None else now
