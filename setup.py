@@ -43,6 +43,8 @@ setuptools.setup(
         # http(s) photos: one pooled client per worker process; retries.
         "urllib3>=1.26.18,<3",
         "tenacity>=8.2,<10",
+        # The progress bar of local runs on a terminal.
+        "tqdm>=4.66,<5",
         # Darwin Core Archives (GBIF downloads, IPT archives) as --input.
         "python-dwca-reader>=0.17,<1",
         # --runtime auto|onnx: the TF Hub models converted and run on ONNX

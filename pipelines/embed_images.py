@@ -34,6 +34,7 @@ from transforms import commit
 from transforms import dwca
 from transforms import embed
 from transforms import fetch
+from transforms import helptext
 from transforms import licenses
 from transforms import models as models_lib
 from transforms import resume as resume_lib
@@ -109,8 +110,23 @@ class JobConfig:
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="natvision-embed",
-      description="Embed and classify photos with TF Hub models into Parquet "
-      "tables. Flags not listed here go to Apache Beam (e.g. --runner).")
+      formatter_class=helptext.HelpFormatter,
+      description="Embed and classify photos with the seed models "
+      "(inaturalist_v2, fungi_mobile_v1, inception_resnet_v2) into Parquet "
+      "tables under --output_dir: one table of embeddings or predictions per "
+      "model, one of errors, run.json and report.html. The photos come from "
+      "glob patterns, a manifest or a Darwin Core archive, on local disk, "
+      "gs://, s3:// or http(s); one bad photo never stops the run. --demo "
+      "runs on the bundled sample photos with tiny stand-in models.",
+      epilog=helptext.epilog([
+          "natvision-embed --demo",
+          "natvision-embed --input 'photos/*.jpg' --output_dir out "
+          "--model_root /models",
+          "natvision-embed --input manifest.csv --output_dir gs://b/tables "
+          "\\",
+          "    --model_root gs://b/models --runner DataflowRunner "
+          "--project my-project ...",
+      ], beam=True))
   p.add_argument("--input", action="append", default=[],
                  help="glob pattern on any Beam filesystem (repeatable), or "
                  "one manifest (.csv, .tsv, .jsonl, .parquet, optionally .gz) "
@@ -118,22 +134,26 @@ def _parser() -> argparse.ArgumentParser:
                  "folder holding meta.xml, or a GBIF multimedia.txt)")
   p.add_argument("--manifest_encoding", default=sources.DEFAULT_ENCODING,
                  help="character encoding of a text manifest, e.g. cp1252 "
-                 "for a CSV saved by a spreadsheet program on Windows "
-                 "(default utf-8)")
+                 "for a CSV saved by a spreadsheet program on Windows")
   p.add_argument("--archive_encoding",
                  help="character encoding of every data file of a Darwin "
                  "Core input, instead of what its meta.xml declares (a bare "
                  "multimedia.txt: UTF-8), e.g. cp1252")
-  p.add_argument("--output_dir", help="folder (local or gs://) for the tables")
+  p.add_argument("--output_dir", help="folder (local or gs://) for the "
+                 f"tables (with --demo: {DEFAULT_DEMO_OUTPUT})")
   embed.EmbedConfig.add_flags(p)
   licenses.LicenseFilter.add_flags(p)
   launch.add_console_flags(p)
   p.add_argument("--max_error_rate", type=float,
                  help="exit with status 3 when the share of photos with an "
-                 "error exceeds this")
+                 "error exceeds this (default: never)")
   p.add_argument("--demo", action="store_true",
                  help="run on the bundled sample photos with tiny stand-in "
                  "models (their outputs mean nothing)")
+  helptext.mark_required(p, "--input", unless="--demo")
+  helptext.mark_required(p, "--output_dir", unless="--demo")
+  helptext.mark_required(p, "--model_root", unless="--demo, or --model_handle "
+                         "names every model")
   return p
 
 
@@ -298,8 +318,10 @@ class RunReport:
     self._max_error_rate = max_error_rate
     self._write_report = write_report
 
-  def __call__(self, layout: commit.Layout, figures: dict) -> dict:
-    """Args: figures: ``summary.Summarize``'s output; its counts hold
+  def __call__(self, layout: commit.Layout, figures: dict,
+               commit_started: Optional[float] = None) -> dict:
+    """Args: commit_started: when the commit step began (``time.time()``).
+    figures: ``summary.Summarize``'s output; its counts hold
     ``inputs`` (photos sent on, reused ones included), ``reused_photos``
     (photos whose rows resume copied), ``dwca.SKIP_REASONS`` and
     ``filtered_by_license`` (rows never fetched); its examples the first
@@ -328,6 +350,7 @@ class RunReport:
         "error_rate": round(errors["photos"] / inputs, 6) if inputs else 0.0,
         "max_error_rate": self._max_error_rate,
         "model_loads": figures["model_loads"],
+        "timings": commit.run_timings(self._base, commit_started, ended),
     })
     commit.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
     if self._write_report:
@@ -363,6 +386,8 @@ def _summary(report: dict) -> str:
                (f" ({stages})" if stages else ""))
   loads = ", ".join(f"{k} {v}" for k, v in sorted(report["model_loads"].items()))
   lines.append(f"  model loads: {loads or 'none'}")
+  if report.get("timings"):
+    lines.append(f"  timings: {commit.format_timings(report['timings'])}")
   lines.append(f"  tables in {report['output_dir']} (run.json and "
                f"report.html have the details)")
   if any(m.get("standin") for m in report["models"]):

@@ -55,6 +55,7 @@ from transforms import commit
 from transforms import config as config_lib
 from transforms import embed
 from transforms import fetch
+from transforms import helptext
 from transforms import licenses
 from transforms import sinks
 from transforms import snapshots
@@ -119,9 +120,21 @@ class IngestConfig:
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="natvision-ingest",
+      formatter_class=helptext.HelpFormatter,
       description="Process the photos of an iNaturalist open-data snapshot "
-      "that earlier runs did not, appending one partition per run. Flags not "
-      "listed here go to Apache Beam (e.g. --runner).")
+      "that earlier runs did not, appending one partition per run "
+      "(snapshot_date=YYYY-MM-DD) to the tables under --output_dir: "
+      "embeddings or predictions per model, and errors. Observations are "
+      "filtered by quality grade, taxon subtree and licence; a photo that "
+      "failed --max_attempts times is not retried. Run it on a schedule and "
+      "the tables stay current for the cost of the new photos only.",
+      epilog=helptext.epilog([
+          "natvision-ingest --snapshot_dir gs://b/inat/2024-05-27 "
+          "--snapshot_date 2024-05-27 \\",
+          "    --photo_uri_template "
+          "'gs://b/photos/{photo_id}/medium.{extension}' \\",
+          "    --output_dir gs://b/tables --model_root gs://b/models",
+      ], beam=True))
   p.add_argument("--snapshot_dir",
                  help="folder (local or gs://) holding photos, observations "
                  "and optionally taxa tables: tab-separated .csv or .csv.gz "
@@ -138,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
   launch.add_console_flags(p)
   p.add_argument("--quality_grade", default="research",
                  help="comma-separated grades to keep (research, needs_id, "
-                 "casual), or 'any' (default: research)")
+                 "casual), or 'any'")
   p.add_argument("--taxon_id",
                  help="keep only observations inside the subtree of these "
                  "taxa (comma-separated ids; needs a taxa table)")
@@ -150,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
   licenses.LicenseFilter.add_flags(p)
   p.add_argument("--max_attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
                  help="a photo with this many error rows for a model in "
-                 "earlier partitions is not retried for it (default: 3)")
+                 "earlier partitions is not retried for it")
+  for flag in ("--snapshot_dir", "--photo_uri_template", "--output_dir"):
+    helptext.mark_required(p, flag)
+  helptext.mark_required(p, "--model_root",
+                         unless="--model_handle names every model")
   return p
 
 
@@ -389,7 +406,8 @@ class FinishPartition:
     self._base = base
     self._write_report = write_report
 
-  def __call__(self, layout: commit.Layout, figures: dict) -> dict:
+  def __call__(self, layout: commit.Layout, figures: dict,
+               commit_started: Optional[float] = None) -> dict:
     config = self._config
     stats = figures["counts"]
     stale = commit.remove_dead_attempts(
@@ -407,6 +425,7 @@ class FinishPartition:
         "errors": figures["errors"],
         "model_loads": figures["model_loads"],
         "stale_staging_removed": stale,
+        "timings": commit.run_timings(self._base, commit_started, ended),
     })
     commit.write_json(self._base["summary_path"], report)
     commit.write_markers(layout, report)
@@ -445,6 +464,8 @@ def _summary(report: dict) -> str:
   if bad:
     lines.append("  unusable snapshot rows skipped: " + ", ".join(
         f"{k} {v}" for k, v in sorted(bad.items())))
+  if report.get("timings"):
+    lines.append(f"  timings: {commit.format_timings(report['timings'])}")
   lines.append(f"  partition {report['partition']} committed under "
                f"{report['output_dir']} (summary: {report['summary_path']})")
   return "\n".join(lines)

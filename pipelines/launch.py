@@ -29,12 +29,16 @@ import argparse
 import difflib
 import dataclasses
 import json
+import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, List, Optional, Sequence, TextIO, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
 import transforms
@@ -266,6 +270,7 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
     ConfigError: bad flags, input or models.
     storage.StorageError: a listing or read of earlier output failed.
   """
+  launched = time.time()
   args, options = split_beam_args(job.parser(), argv)
   config = job.configure(args)
   # The launcher reads inputs before the pipeline exists; Beam's S3
@@ -275,6 +280,7 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   # Cheap existence checks before anything imports TensorFlow, so that a
   # wrong --model_root fails in seconds, naming the folder.
   models_lib.check_locations(config.embed.models)
+  checking = time.time()
   config = dataclasses.replace(config, embed=config.embed.with_models(
       check_models(config.embed.models,
                    quantization=config.embed.quantization,
@@ -282,9 +288,13 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
                                                            n),
                    output_dir=config.output_dir)))
   run_spec = spec_lib.for_run(config.embed)
+  # The start-up phases; the pipeline's last step adds "pipeline" (from
+  # the job's started_ts) and "commit" (commit.run_timings).
+  timings = {"launch": round(checking - launched, 3),
+             "model_checks": round(time.time() - checking, 3)}
   base = {"package": {"name": "natvision", "version": transforms.__version__},
           "flags": list(argv) if argv is not None else sys.argv[1:],
-          "spec": run_spec.to_dict()}
+          "spec": run_spec.to_dict(), "timings": timings}
   return job.plan(config, prepared, base, run_spec), options
 
 
@@ -306,10 +316,15 @@ def run(job: Job, argv: Optional[Sequence[str]] = None,
   job.build(p, plan)
   # Progress lines count this run alone; when the pipeline runs in this
   # process, they are the whole job's.
-  progress.start_run(plan.layout.run_id,
-                     getattr(plan.checked, "expected_total", None))
-  result = p.run()
-  state = result.wait_until_finish()
+  counter = progress.start_run(plan.layout.run_id,
+                               getattr(plan.checked, "expected_total", None),
+                               terminal=progress_terminal(options,
+                                                          test_pipeline))
+  try:
+    result = p.run()
+    state = result.wait_until_finish()
+  finally:
+    counter.close()
   if state != PipelineState.DONE:
     # A template launch or an asynchronous runner: the job commits its own
     # tables and writes its summary when it ends.
@@ -320,8 +335,42 @@ def run(job: Job, argv: Optional[Sequence[str]] = None,
   return report
 
 
+def progress_terminal(options: PipelineOptions, test_pipeline=None
+                      ) -> Optional[TextIO]:
+  """Where the progress bar is drawn, or None for plain progress lines.
+
+  A bar needs stderr on a terminal and the photos counted in this process:
+  the DirectRunner in memory or with threads (not ``multi_processing``,
+  nor Dataflow, whose workers log their own lines).
+  """
+  if test_pipeline is not None:
+    options = test_pipeline.options
+  runner = options.view_as(StandardOptions).runner
+  if runner not in (None, "DirectRunner", "direct"):
+    return None
+  if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+    return None
+  stream = _TERMINAL[0] if _TERMINAL else sys.stderr
+  try:
+    return stream if stream.isatty() else None
+  except (AttributeError, ValueError):
+    return None  # a replaced or closed stderr
+
+
+# The terminal stderr was on before the console filter made fd 2 a pipe
+# (see ``_filter_native_stderr``): the progress bar is drawn on it directly,
+# since the filter passes whole lines only and a bar redraws one line.
+_TERMINAL: List[TextIO] = []
+
+
+def _keep_terminal() -> None:
+  if not _TERMINAL and os.isatty(2):
+    _TERMINAL.append(os.fdopen(os.dup(2), "w", buffering=1))
+
+
 def main(job: Job, argv: Optional[Sequence[str]] = None) -> int:
   """The command: runs the job and turns what happened into an exit status."""
+  _keep_terminal()
   console.configure_logging(verbose=console.verbose_requested(argv))
   try:
     report = run(job, argv)

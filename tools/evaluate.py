@@ -40,7 +40,6 @@ import dataclasses
 import datetime
 import io
 import json
-import logging
 import sys
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -50,6 +49,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import transforms
 from transforms import console
+from transforms import helptext
 from transforms import models as models_lib
 from tools import tables as tables_lib
 from tools.search import unit_rows
@@ -590,32 +590,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluateConfig:
   Raises:
     EvaluationError: a flag that cannot work, naming it.
   """
-  p = argparse.ArgumentParser(
-      prog="natvision-evaluate",
-      description="Recall@k of each model's table against a label column; "
-      "writes OUT/evaluation.json.")
-  p.add_argument("--output_dir", required=True,
-                 help="the job's --output_dir (local or gs://)")
-  p.add_argument("--label_column", required=True,
-                 help="carried column with the true label (a labelmap name, "
-                 "a labelmap id, or a taxon id with --taxa)")
-  p.add_argument("--models", default="",
-                 help="comma-separated model names (default: every table)")
-  p.add_argument("--k", default=",".join(str(k) for k in DEFAULT_K),
-                 help="comma-separated k values (default 1,5)")
-  p.add_argument("--taxa",
-                 help="iNaturalist taxa table (taxon_id, ancestry, rank, "
-                 "name; tab-separated): adds genus and family figures")
-  p.add_argument("--queries", type=int,
-                 help="embedders: evaluate this many random queries against "
-                 "all photos (for very large tables)")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the --queries draw (default 0)")
-  p.add_argument("--labelmap", action="append", default=[],
-                 metavar="NAME=PATH",
-                 help="labelmap of a classifier, instead of the one the "
-                 "table's metadata names")
-  args = p.parse_args(argv)
+  args = parser().parse_args(argv)
   labelmaps = []
   for value in args.labelmap:
     name, sep, path = value.partition("=")
@@ -627,6 +602,45 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluateConfig:
       models=tuple(n.strip() for n in args.models.split(",") if n.strip()),
       ks=_ints(args.k, "--k"), taxa=args.taxa, queries=args.queries,
       seed=args.seed, labelmaps=tuple(labelmaps))
+
+
+def parser() -> argparse.ArgumentParser:
+  """natvision-evaluate's flags."""
+  p = argparse.ArgumentParser(
+      prog="natvision-evaluate",
+      formatter_class=helptext.HelpFormatter,
+      description="Recall@k of each model's table against a label column "
+      "the tables carry (from the manifest, archive or snapshot): for a "
+      "classifier, whether the true label is among its top k predictions; "
+      "for an embedder, whether one of a photo's k nearest other photos "
+      "has the same label. With --taxa, genus and family figures too. "
+      "Writes OUT/evaluation.json, which natvision-report shows.",
+      epilog=helptext.epilog([
+          "natvision-evaluate --output_dir out --label_column species",
+          "natvision-evaluate --output_dir out --label_column taxon_id "
+          "--taxa taxa.csv --k 1,5,10"]))
+  p.add_argument("--output_dir", required=True,
+                 help="the job's --output_dir (local or gs://)")
+  p.add_argument("--label_column", required=True,
+                 help="carried column with the true label (a labelmap name, "
+                 "a labelmap id, or a taxon id with --taxa)")
+  p.add_argument("--models", default="",
+                 help="comma-separated model names (default: every table)")
+  p.add_argument("--k", default=",".join(str(k) for k in DEFAULT_K),
+                 help="comma-separated k values")
+  p.add_argument("--taxa",
+                 help="iNaturalist taxa table (taxon_id, ancestry, rank, "
+                 "name; tab-separated): adds genus and family figures")
+  p.add_argument("--queries", type=int,
+                 help="embedders: evaluate this many random queries against "
+                 "all photos (for very large tables)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the --queries draw")
+  p.add_argument("--labelmap", action="append", default=[],
+                 metavar="NAME=PATH",
+                 help="labelmap of a classifier, instead of the one the "
+                 "table's metadata names")
+  return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -57,6 +57,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import launch
 from transforms import console
+from transforms import helptext
 from transforms import models as models_lib
 from transforms import storage
 from tools import tables as tables_lib
@@ -792,14 +793,23 @@ def _latest_partition(output_dir: str) -> Optional[str]:
   return dates[-1] if dates else None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  console.configure_logging()  # the jobs' quiet console
+def parser() -> argparse.ArgumentParser:
+  """natvision-report's flags."""
   p = argparse.ArgumentParser(
       prog="natvision-report",
+      formatter_class=helptext.HelpFormatter,
       description="Rebuild the HTML run report of an output folder "
       "(OUT/report.html, or OUT/runs/<date>.html for an ingestion "
-      "partition), with the evaluation when OUT/evaluation.json exists.")
-  p.add_argument("--output_dir", required=True)
+      "partition), with the evaluation when OUT/evaluation.json exists. "
+      "Every run writes its report itself; this command rebuilds it, for "
+      "example after natvision-evaluate.",
+      epilog=helptext.epilog([
+          "natvision-report --output_dir out",
+          "natvision-report --output_dir gs://b/tables "
+          "--snapshot_date 2024-05-27"]))
+  p.add_argument("--output_dir", required=True,
+                 help="a natvision-embed or natvision-ingest --output_dir "
+                 "(local or gs://)")
   p.add_argument("--snapshot_date",
                  help="ingestion output: the partition to report (default: "
                  "the latest run under OUT/runs/)")
@@ -808,7 +818,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "(default: a label-like carried column)")
   p.add_argument("--size_sample", type=int, default=DEFAULT_SIZE_SAMPLE,
                  help="photo headers read when the tables carry no sizes")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  console.configure_logging()  # the jobs' quiet console
+  args = parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   date = args.snapshot_date
   if date is None and not storage.exists(

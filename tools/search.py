@@ -48,6 +48,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import transforms
 from transforms import console
+from transforms import helptext
 from transforms import models as models_lib
 from transforms import sinks
 from transforms import spec as spec_lib
@@ -550,20 +551,35 @@ def _emit(records: Sequence[dict], as_json: bool) -> None:
 # Commands.
 
 
-def index_main(argv: Optional[Sequence[str]] = None) -> int:
-  """natvision-index: builds OUT/embeddings/<model>/_index/."""
+OUTPUT_DIR_HELP = ("the --output_dir of the natvision-embed or natvision-ingest "
+                   "run whose tables are searched (local or gs://)")
+
+
+def index_parser() -> argparse.ArgumentParser:
+  """natvision-index's flags."""
   p = argparse.ArgumentParser(
       prog="natvision-index",
+      formatter_class=helptext.HelpFormatter,
       description="Build a nearest-neighbour index of one model's embeddings "
-      "table, next to the table.")
-  p.add_argument("--output_dir", required=True)
+      "table, next to the table (OUT/embeddings/<model>/_index/), so that "
+      "natvision-search answers from it instead of scanning every row. A "
+      "small table gets an exact index; a large one an approximate index "
+      "tuned to reach --target_recall.",
+      epilog=helptext.epilog([
+          "natvision-index --output_dir out --model inaturalist_v2"]))
+  p.add_argument("--output_dir", required=True, help=OUTPUT_DIR_HELP)
   p.add_argument("--model", required=True, help="an embedder's name")
   p.add_argument("--exact_below", type=float, default=EXACT_BELOW_FLOATS,
-                 help="rows x dims under which the index is exact (default "
-                 f"{EXACT_BELOW_FLOATS}, measured)")
+                 help="rows x dims under which the index is exact (a "
+                 "measured threshold)")
   p.add_argument("--target_recall", type=float, default=TARGET_RECALL,
                  help="Recall@10 an approximate index must reach")
-  args = p.parse_args(argv)
+  return p
+
+
+def index_main(argv: Optional[Sequence[str]] = None) -> int:
+  """natvision-index: builds OUT/embeddings/<model>/_index/."""
+  args = index_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   try:
     meta = build_index(args.output_dir, args.model, args.exact_below,
@@ -580,20 +596,32 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """natvision-search: the nearest rows to a photo, or duplicate pairs."""
-  console.configure_logging()  # the jobs' quiet console
+def parser() -> argparse.ArgumentParser:
+  """natvision-search's flags."""
   p = argparse.ArgumentParser(
       prog="natvision-search",
+      formatter_class=helptext.HelpFormatter,
       description="Print the k rows of an embeddings table nearest to a "
-      "photo (cosine similarity), or pairs of near-duplicate photos.")
-  p.add_argument("--output_dir", required=True)
+      "photo (cosine similarity), or pairs of near-duplicate photos. The "
+      "query is a photo, embedded here with the model the table records, "
+      "or a row of the table; the answer comes from the table's index "
+      "(natvision-index) when there is one, else from every row. One of "
+      "--photo, --image_id and --duplicates is required.",
+      epilog=helptext.epilog([
+          "natvision-search --output_dir out --model inaturalist_v2 "
+          "--photo cat.jpg --k 5",
+          "natvision-search --output_dir out --model inaturalist_v2 "
+          "--duplicates --threshold 0.98"]))
+  p.add_argument("--output_dir", required=True, help=OUTPUT_DIR_HELP)
   p.add_argument("--model", required=True, help="an embedder's name")
   query = p.add_mutually_exclusive_group(required=True)
-  query.add_argument("--photo", help="a photo file or URI to embed and search")
-  query.add_argument("--image_id", help="a row of the table to search from")
+  query.add_argument("--photo", help="a photo file or URI to embed and "
+                     "search (one of the three is required)")
+  query.add_argument("--image_id", help="a row of the table to search from "
+                     "(one of the three is required)")
   query.add_argument("--duplicates", action="store_true",
-                     help="list pairs with cosine similarity >= --threshold")
+                     help="list pairs with cosine similarity >= --threshold "
+                     "(one of the three is required)")
   p.add_argument("--threshold", type=float,
                  help="with --duplicates: the cosine similarity, e.g. 0.98")
   p.add_argument("--k", type=int, default=10, help="rows to print")
@@ -607,6 +635,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--runtime", choices=("tf", "onnx"),
                  help="with --photo: run the model in fp32 on this runtime "
                  "instead of the runtime and precision the table records")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """natvision-search: the nearest rows to a photo, or duplicate pairs."""
+  console.configure_logging()  # the jobs' quiet console
+  p = parser()
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # --photo loads TF

@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import helptext
 from transforms import models as models_lib
 from transforms.runtimes import base
 from transforms.runtimes import onnx as onnx_lib
@@ -73,10 +74,16 @@ def stage_onnx(resolved: models_lib.ResolvedModel,
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="natvision-stage-onnx",
+      formatter_class=helptext.HelpFormatter,
       description=(
           "Convert models to ONNX once, check them against TensorFlow and "
           "write <model_dir>/natvision.onnx next to each, so that workers "
-          "with --runtime auto|onnx load it instead of converting."))
+          "with --runtime auto|onnx load it instead of converting. Run it "
+          "once where the models live (a bucket shared by Dataflow "
+          "workers, say) after copying them there."),
+      epilog=helptext.epilog([
+          "natvision-stage-onnx --model_root gs://b/models "
+          "--models inaturalist_v2,fungi_mobile_v1"]))
   parser.add_argument("--model_root",
                       help="folder (local or gs://) holding <name>/ copies")
   parser.add_argument("--models", required=True,
@@ -87,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="explicit model folder; repeatable")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace natvision.onnx files staged earlier")
+  helptext.mark_required(parser, "--model_root",
+                         unless="--model_handle names every model")
   return parser
 
 

@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from transforms import helptext
 from transforms import models as registry
 from transforms import standins
 # The writer, for callers that know it as tools.standins.
@@ -23,24 +24,33 @@ from transforms.standins import build_network, write_standin, write_standins
 __all__ = ["build_network", "main", "write_standin", "write_standins"]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m tools.standins",
+def parser() -> argparse.ArgumentParser:
+  """natvision-standins's flags."""
+  p = argparse.ArgumentParser(
+      prog="natvision-standins",
+      formatter_class=helptext.HelpFormatter,
       description=(
           "Write stand-ins of the seed models (same formats, signatures and "
-          "shapes; random weights) for tests and benchmarks. " + standins.MEANINGLESS
-          + "."))
-  parser.add_argument("--output_dir", required=True,
-                      help="local folder; stand-ins go to <output_dir>/<name>/")
-  parser.add_argument("--tiny", action="store_true",
-                      help="small networks instead of the real architectures")
-  parser.add_argument("--models", default=",".join(standins.STANDINS),
-                      help="comma-separated registry names (default: all)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the random weights (default 0)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace stand-ins written earlier")
-  args = parser.parse_args(argv)
+          "shapes; random weights) for tests and benchmarks, one folder per "
+          "model, which --model_root can name: " + standins.MEANINGLESS + "."),
+      epilog=helptext.epilog([
+          "natvision-standins --output_dir standins          # full size",
+          "natvision-standins --output_dir standins --tiny   # for tests"]))
+  p.add_argument("--output_dir", required=True,
+                 help="local folder; stand-ins go to <output_dir>/<name>/")
+  p.add_argument("--tiny", action="store_true",
+                 help="small networks instead of the real architectures")
+  p.add_argument("--models", default=",".join(standins.STANDINS),
+                 help="comma-separated registry names")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the random weights")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace stand-ins written earlier")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parser().parse_args(argv)
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   try:
     write_standins(args.output_dir, tiny=args.tiny, models=names,

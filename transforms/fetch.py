@@ -235,35 +235,30 @@ class FetchConfig:
     parser.add_argument(
         "--fetch_concurrency", type=int, default=DEFAULT_FETCH_CONCURRENCY,
         help="photo requests in flight per worker process, apart from the "
-        f"decode threads (default {DEFAULT_FETCH_CONCURRENCY})")
+        "decode threads")
     parser.add_argument(
         "--per_host_concurrency", type=int,
         default=DEFAULT_PER_HOST_CONCURRENCY,
         help="http(s) requests in flight to one host, for the whole job: "
-        "across every worker process and machine (default "
-        f"{DEFAULT_PER_HOST_CONCURRENCY})")
+        "across every worker process and machine")
     parser.add_argument(
         "--connect_timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
-        help="seconds to connect to an http(s) server (default "
-        f"{DEFAULT_CONNECT_TIMEOUT:g})")
+        help="seconds to connect to an http(s) server")
     parser.add_argument(
         "--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
-        help="seconds an http(s) server may stay silent (default "
-        f"{DEFAULT_READ_TIMEOUT:g})")
+        help="seconds an http(s) server may stay silent")
     parser.add_argument(
         "--max_redirects", type=int, default=DEFAULT_MAX_REDIRECTS,
-        help=f"redirects followed per photo (default {DEFAULT_MAX_REDIRECTS})")
+        help="redirects followed per photo")
     parser.add_argument(
         "--photo_timeout", type=float, default=DEFAULT_PHOTO_TIMEOUT,
         help="seconds one http(s) photo may take, all attempts, waits and "
-        "redirects together; past it the photo is an error row (default "
-        f"{DEFAULT_PHOTO_TIMEOUT:g})")
+        "redirects together; past it the photo is an error row")
     parser.add_argument(
         "--host_failure_limit", type=int, default=DEFAULT_HOST_FAILURE_LIMIT,
         help="consecutive connection failures, timeouts or 5xx from one host "
         "after which its photos fail at once, per worker process, until a "
-        f"trial request succeeds (0: never; default "
-        f"{DEFAULT_HOST_FAILURE_LIMIT})")
+        "trial request succeeds (0: never)")
     parser.add_argument(
         "--user_agent", default="",
         help="a contact (URL or e-mail) added to the User-Agent natvision "

@@ -101,7 +101,8 @@ class LicenseFilter:
         "--license", default="",
         help="keep only photos under these licences, comma-separated, from "
         f"{', '.join(NAMES)} (e.g. cc0,cc-by,cc-by-nc); read from the "
-        "input's license column; the others are never fetched")
+        "input's license column; the others are never fetched (default: "
+        "every licence)")
 
   @classmethod
   def from_args(cls, args: argparse.Namespace) -> "LicenseFilter":

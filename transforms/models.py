@@ -477,7 +477,7 @@ def add_flags(parser) -> None:
   --runtime to an argparse parser."""
   parser.add_argument(
       "--models", default=",".join(DEFAULT_MODELS),
-      help="comma-separated registry names (default: all three)")
+      help="comma-separated registry names")
   parser.add_argument(
       "--model_root",
       help="folder (local, gs:// or s3://) holding one folder per model")
@@ -486,11 +486,12 @@ def add_flags(parser) -> None:
       help="explicit location of one model (repeatable)")
   parser.add_argument(
       "--labelmap", action="append", default=[], metavar="NAME=PATH",
-      help="labelmap CSV (id,name) for a classifier, instead of "
-      "labelmap.csv in its folder")
+      help="labelmap CSV (id,name) for a classifier (default: "
+      "labelmap.csv in its folder)")
   parser.add_argument(
       "--resize", choices=RESIZE_POLICIES,
-      help="override every model's default photo preparation")
+      help="override every model's default photo preparation (default: "
+      "each model's own)")
   parser.add_argument(
       "--runtime", choices=REQUESTED_RUNTIMES, default="auto",
       help="auto: ONNX Runtime where it passes the check against "

@@ -24,6 +24,16 @@ when none completes::
 
     progress: 1200 of 5000 photos (24%), 41.3 photos/s, elapsed 129s;
     2 photo(s) in flight over 30 s, oldest 95 s: https://host/a.jpg
+
+On a terminal (the launcher passes ``start_run`` one when stderr is a
+terminal and the pipeline runs in its process) the run's counter draws a
+tqdm bar there instead of the lines: photos done of the total (without a
+total: done and rate only), rate and time left, and the photos in flight
+over 30 s after it::
+
+    photos:  24%|####      | 1200/5000 [00:29<01:32, 41.3photo/s, 2 in flight over 30 s, oldest 95 s: https://host/a.jpg]
+
+Workers never draw one: their counters come from ``for_run``.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, TextIO, Tuple
 
 LOGGER = logging.getLogger("natvision.progress")
 DEFAULT_INTERVAL_S = 5.0
@@ -49,12 +59,14 @@ class Progress:
     emit: where lines go (default: the ``natvision.progress`` logger).
     whole_job: whether this counter sees every photo of the run; when
       False its lines count this worker's photos only, without a share.
+    bar: a tqdm bar that ticks update and that shows the slow photos,
+      instead of lines (``start_run`` makes it on a terminal).
   """
 
   def __init__(self, interval: float = DEFAULT_INTERVAL_S,
                clock: Callable[[], float] = time.monotonic,
                emit: Optional[Callable[[str], None]] = None,
-               whole_job: bool = True):
+               whole_job: bool = True, bar=None):
     self._interval = interval
     self._clock = clock
     self._emit = emit or LOGGER.info
@@ -65,6 +77,7 @@ class Progress:
     self._start: Optional[float] = None
     self._last_report = 0.0
     self._in_flight: Dict[object, Tuple[float, str]] = {}
+    self.bar = bar
 
   def started(self, what: str) -> object:
     """Records that a photo's fetch started; returns its token.
@@ -90,11 +103,28 @@ class Progress:
         self._start = now
         self._last_report = now
       self.done += n
+      if self.bar is not None and n:
+        self.bar.update(n)  # tqdm redraws at most every mininterval
       if now - self._last_report < self._interval:
         return
       self._last_report = now
+      if self.bar is not None:
+        self.bar.set_postfix_str(self.slow_photos(now))
+        return
       line = self.line(now)
     self._emit(line)
+
+  def close(self) -> None:
+    """Called by the launcher when the pipeline has ended: the bar's last
+    state stays on the terminal; without a bar, a last line is logged when
+    photos were counted (a short run would otherwise show none)."""
+    with self._lock:
+      if self.bar is not None:
+        self.bar.close()
+        return
+      line = self.line() if self.done else None
+    if line:
+      self._emit(line)
 
   def line(self, now: Optional[float] = None) -> str:
     now = self._clock() if now is None else now
@@ -113,13 +143,18 @@ class Progress:
       done = f"{self.done} photos"
     line = (f"progress: {done}, {rate:.1f} photos/s, "
             f"elapsed {elapsed:.0f}s")
+    slow = self.slow_photos(now)
+    return f"{line}; {slow}" if slow else line
+
+  def slow_photos(self, now: float) -> str:
+    """'N photo(s) in flight over 30 s, oldest S s: URI', or ''."""
     in_flight = list(self._in_flight.values())  # one snapshot
     slow = [t for t, _ in in_flight if now - t > SLOW_PHOTO_S]
-    if slow:
-      oldest = min(in_flight)
-      line += (f"; {len(slow)} photo(s) in flight over {SLOW_PHOTO_S:.0f} s, "
-               f"oldest {now - oldest[0]:.0f} s: {oldest[1]}")
-    return line
+    if not slow:
+      return ""
+    oldest = min(in_flight)
+    return (f"{len(slow)} photo(s) in flight over {SLOW_PHOTO_S:.0f} s, "
+            f"oldest {now - oldest[0]:.0f} s: {oldest[1]}")
 
 
 # The counters of the most recent runs in this process, by run id, newest
@@ -137,20 +172,32 @@ def _keep(run_id: str, bar: Progress) -> Progress:
   return bar
 
 
-def start_run(run_id: str, expected_total: Optional[int] = None) -> Progress:
+def start_run(run_id: str, expected_total: Optional[int] = None,
+              terminal: Optional[TextIO] = None) -> Progress:
   """Called by the launcher: a fresh counter for ``run_id``, seeing all of it.
 
   Args:
     run_id: the run's id.
     expected_total: number of inputs when known.
+    terminal: where to draw a progress bar instead of logging lines
+      (the launcher's stderr when it is a terminal); None: lines.
 
   Returns:
     The run's counter; a pipeline that runs in this process ticks it.
+    The launcher closes it when the pipeline has ended.
   """
   with _RUNS_LOCK:
-    bar = Progress(whole_job=True)
-    bar.expected_total = expected_total or None
-    return _keep(run_id, bar)
+    counter = Progress(whole_job=True, bar=_bar(terminal, expected_total))
+    counter.expected_total = expected_total or None
+    return _keep(run_id, counter)
+
+
+def _bar(terminal: Optional[TextIO], total: Optional[int]):
+  if terminal is None:
+    return None
+  import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm.tqdm(total=total or None, unit="photo", desc="photos",
+                   file=terminal, dynamic_ncols=True, mininterval=0.5)
 
 
 def for_run(run_id: str, expected_total: Optional[int] = None) -> Progress:

@@ -168,7 +168,7 @@ class QuantizationConfig:
     --agreement_photos."""
     parser.add_argument(
         "--precision", choices=base.PRECISIONS, default=base.FP32,
-        help="fp32 (default): the models' own arithmetic; int8: ONNX "
+        help="fp32: the models' own arithmetic; int8: ONNX "
         "Runtime's static quantization, calibrated on the job's photos and "
         "checked against fp32 on others before the job runs")
     parser.add_argument(
@@ -176,7 +176,8 @@ class QuantizationConfig:
         help="with --precision int8, the least agreement with fp32 to run: "
         "one number for every figure, or FIGURE=VALUE pairs, comma-"
         "separated, from " + ", ".join(
-            f"{k}={v}" for k, v in DEFAULT_MINIMUMS.items()) + " (defaults)")
+            f"{k}={v}" for k, v in DEFAULT_MINIMUMS.items()) + " (default: "
+        "those values)")
     parser.add_argument(
         "--calibration_photos", type=int, default=DEFAULT_CALIBRATION_PHOTOS,
         help="with --precision int8, photos of the job that calibrate the "

@@ -1,0 +1,140 @@
+"""--help of every command: defaults once, required flags marked, examples."""
+
+import argparse
+import re
+
+import pytest
+
+from pipelines import embed_images
+from pipelines import ingest_observations
+from tools import evaluate
+from tools import report
+from tools import search
+from tools import stage_onnx
+from tools import standins
+from transforms import helptext
+
+PARSERS = {
+    "natvision-embed": embed_images._parser,  # pylint: disable=protected-access
+    "natvision-ingest": ingest_observations._parser,  # pylint: disable=protected-access
+    "natvision-evaluate": evaluate.parser,
+    "natvision-search": search.parser,
+    "natvision-index": search.index_parser,
+    "natvision-report": report.parser,
+    "natvision-standins": standins.parser,
+    "natvision-stage-onnx": stage_onnx._parser,  # pylint: disable=protected-access
+}
+
+# Flags a command needs although argparse does not require them (another
+# flag can stand in), and what --help says of each.
+CONDITIONALLY_REQUIRED = {
+    "natvision-embed": {
+        "--input": "(required unless --demo)",
+        "--output_dir": "(required unless --demo)",
+        "--model_root": "(required unless --demo, or --model_handle names "
+                        "every model)"},
+    "natvision-ingest": {
+        "--snapshot_dir": "(required)",
+        "--photo_uri_template": "(required)",
+        "--output_dir": "(required)",
+        "--model_root": "(required unless --model_handle names every model)"},
+    "natvision-stage-onnx": {
+        "--model_root": "(required unless --model_handle names every model)"},
+}
+
+
+def _help(command):
+  parser = PARSERS[command]()
+  # A fixed width, so that the text does not depend on the terminal.
+  parser.formatter_class = lambda prog: helptext.HelpFormatter(prog, width=100)
+  return parser, parser.format_help()
+
+
+def _blocks(text):
+  """Option string -> its entry in --help, joined into one line."""
+  blocks, current = {}, None
+  for line in text.splitlines():
+    if re.match(r"^  -", line):
+      current = []
+      for flag in re.findall(r"(--?[\w-]+)", line.split("  ")[1]):
+        blocks.setdefault(flag, current)
+      current.append(line.strip())
+    elif current is not None and line.startswith("    "):
+      current.append(line.strip())
+    else:
+      current = None
+  return {flag: " ".join(" ".join(lines).split())
+          for flag, lines in blocks.items()}
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_every_default_shown_once_and_required_flags_marked(command):
+  parser, text = _help(command)
+  blocks = _blocks(text)
+  checked = 0
+  for action in parser._actions:  # pylint: disable=protected-access
+    if isinstance(action, argparse._HelpAction):  # pylint: disable=protected-access
+      continue
+    flag = action.option_strings[-1]
+    entry = blocks[flag]
+    default = action.default
+    if default not in (None, False, "", []):
+      assert f"(default: {default})" in entry, (flag, entry)
+      assert entry.count("(default") == 1, (flag, entry)
+      assert entry.count("default") == 1, (flag, entry)
+      checked += 1
+    if action.required:
+      assert entry.endswith("(required)"), (flag, entry)
+  for flag, mark in CONDITIONALLY_REQUIRED.get(command, {}).items():
+    assert blocks[flag].endswith(mark), (flag, blocks[flag])
+  assert checked or command in ("natvision-search", "natvision-stage-onnx")
+
+
+def test_embed_shows_the_defaults_that_were_missing():
+  _, text = _help("natvision-embed")
+  blocks = _blocks(text)
+  assert blocks["--batch_size"].endswith("(default: 16)")
+  assert blocks["--runtime"].endswith("(default: auto)")
+  assert blocks["--shard_rows"].endswith("(default: 5000)")
+  assert blocks["--manifest_encoding"].endswith("(default: utf-8)")
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_description_paragraph_and_an_example(command):
+  parser, text = _help(command)
+  assert parser.prog == command
+  description = parser.description
+  assert len(description) > 150 and "\n\n" not in description, description
+  examples = text.split("examples:\n", 1)[1].splitlines()
+  assert examples[0].startswith(f"  {command} --"), examples
+  assert "--output_dir" in _blocks(text) or command == "natvision-stage-onnx"
+  for flag in ("--output_dir",):
+    if flag in _blocks(text):
+      assert len(_blocks(text)[flag]) > len(flag) + 30, _blocks(text)[flag]
+
+
+@pytest.mark.parametrize("command", ["natvision-embed", "natvision-ingest"])
+def test_beam_flags_are_pointed_to_not_listed(command):
+  _, text = _help(command)
+  assert "Beam pipeline options such as --runner" in text
+  assert "https://beam.apache.org/documentation/runners/" in text
+  assert "--runner" not in _blocks(text)
+  assert "--temp_location" not in _blocks(text)
+
+
+def test_formatter_marks_and_defaults():
+  parser = argparse.ArgumentParser(
+      prog="x", formatter_class=lambda prog: helptext.HelpFormatter(
+          prog, width=100))
+  parser.add_argument("--a", type=int, default=3, help="three")
+  parser.add_argument("--b", required=True, help="bee")
+  parser.add_argument("--c", help="sea")
+  parser.add_argument("--d", action="store_true", help="dee")
+  parser.add_argument("--e", default="50%", help="half")
+  helptext.mark_required(parser, "--c", unless="--d")
+  blocks = _blocks(parser.format_help())
+  assert blocks["--a"] == "--a A three (default: 3)"
+  assert blocks["--b"] == "--b B bee (required)"
+  assert blocks["--c"] == "--c C sea (required unless --d)"
+  assert blocks["--d"] == "--d dee"
+  assert blocks["--e"] == "--e E half (default: 50%)"
