@@ -229,6 +229,12 @@ def check_input(config: JobConfig) -> CheckedInput:
     manifest = sources.read_manifest_header(config.manifest_path,
                                             config.manifest_encoding)
     fetch.check_schemes(sources.sample_uris(manifest))
+    if manifest.row_count is None:
+      logging.getLogger("natvision").info(
+          "manifest %s: about %s rows (estimated from its first %d, which "
+          "were checked; the workers check the rest); progress lines show "
+          "photos done without a total", manifest.path,
+          manifest.estimated_rows or "?", sources.CHECK_ROWS)
     prepared = CheckedInput(manifest=manifest, expected_total=manifest.row_count)
   else:
     sources.check_listable(config.inputs)

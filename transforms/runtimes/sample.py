@@ -5,8 +5,9 @@ checks it against fp32 on others (transforms/runtimes/quantize.py).  Before
 the pipeline exists, the launcher picks them from the job's input and reads,
 decodes and prepares them exactly as the job will (``transforms.photos``):
 
-* ``pick``: evenly spaced over the input's photos (sorted by URI for glob
-  patterns, in file order for a manifest's first rows), so that one folder
+* ``pick``: evenly spaced over the input's first photos (the first
+  ``GLOB_FILES`` a glob lists, sorted by URI; a manifest's first
+  ``MANIFEST_ROWS`` rows, in file order), so that one folder
   or one day of photos does not make up the whole sample;
 * ``prepare``: the picked photos through read, decode and prepare, a few
   at a time; a photo that fails is left out (the job will report it).
@@ -19,7 +20,6 @@ import logging
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
 from transforms import decode as decode_lib
 from transforms import photos as photos_lib
@@ -28,6 +28,9 @@ from transforms.records import ImageRef, PreparedImage
 
 # Rows of a manifest the sample is picked from (read before the job runs).
 MANIFEST_ROWS = 2000
+# Files of a glob the sample is picked from: the first listed, sorted (the
+# launcher holds no more paths than that, whatever the glob matches).
+GLOB_FILES = 2000
 READ_THREADS = 8
 
 
@@ -58,10 +61,8 @@ def pick(count: int, patterns: Sequence[str] = (),
     uris = sources.sample_uris(manifest, limit=max(MANIFEST_ROWS, count))
     return [sources.ref_for_uri(u) for u in evenly_spaced(
         list(dict.fromkeys(uris)), count)]
-  paths = set()
-  for result in FileSystems.match(list(patterns)):
-    paths.update(m.path for m in result.metadata_list)
-  return [sources.ref_for_uri(p) for p in evenly_spaced(sorted(paths), count)]
+  paths = sources.first_matches(patterns, max(GLOB_FILES, count))
+  return [sources.ref_for_uri(p) for p in evenly_spaced(paths, count)]
 
 
 def prepare(refs: Sequence[ImageRef], config: photos_lib.PhotoConfig
