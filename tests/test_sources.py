@@ -23,75 +23,6 @@ def _write(path, text, gz=False):
   return str(path)
 
 
-def test_image_id_is_stable_and_distinct():
-  a = sources.image_id_for_uri("gs://b/x.jpg")
-  assert a == sources.image_id_for_uri("gs://b/x.jpg")
-  assert a != sources.image_id_for_uri("gs://b/y.jpg")
-  assert len(a) == 20
-
-
-@pytest.mark.parametrize("name,fmt", [
-    ("m.csv", "csv"), ("m.TSV", "tsv"), ("m.jsonl", "jsonl"),
-    ("m.parquet", "parquet"), ("m.csv.gz", "csv"), ("photos/*.jpg", None),
-])
-def test_manifest_format(name, fmt):
-  assert sources.manifest_format(name) == fmt
-
-
-def test_missing_uri_column_names_file_and_column(tmp_path):
-  path = _write(tmp_path / "m.csv", "path,site\na.jpg,1\n")
-  with pytest.raises(sources.InputError) as e:
-    sources.read_manifest_header(path)
-  assert "m.csv" in str(e.value) and "'uri'" in str(e.value)
-
-
-def test_reserved_column_is_refused(tmp_path):
-  path = _write(tmp_path / "m.csv", "uri,label\na.jpg,x\n")
-  with pytest.raises(sources.InputError, match="label"):
-    sources.read_manifest_header(path)
-
-
-def test_missing_manifest_fails(tmp_path):
-  with pytest.raises(sources.InputError, match="does not exist"):
-    sources.read_manifest_header(str(tmp_path / "nope.csv"))
-
-
-def _rows(path):
-  manifest = sources.read_manifest_header(path)
-  return manifest, [sources.ref_from_row(r, manifest)
-                    for r in sources.iter_manifest_rows(manifest)]
-
-
-def test_csv_with_quotes_and_ids(tmp_path):
-  path = _write(tmp_path / "m.csv",
-                'uri,image_id,site\n"a b,c.jpg",id1,"Øresund, DK"\nb.jpg,,north\n')
-  manifest, refs = _rows(path)
-  assert manifest.carried == (("site", pa.string()),)
-  assert refs[0].uri == "a b,c.jpg" and refs[0].image_id == "id1"
-  assert refs[0].extra == (("site", "Øresund, DK"),)
-  assert refs[1].image_id == sources.image_id_for_uri("b.jpg")
-
-
-def test_inaturalist_style_gzipped_tsv_is_unquoted(tmp_path):
-  text = 'uri\tphoto_id\tnote\nx.jpg\t12\tsays "hi\n'
-  path = _write(tmp_path / "m.tsv.gz", text, gz=True)
-  _, refs = _rows(path)
-  assert refs[0].extra == (("photo_id", "12"), ("note", 'says "hi'))
-
-
-def test_jsonl_and_parquet_keep_columns(tmp_path):
-  path = _write(tmp_path / "m.jsonl",
-                json.dumps({"uri": "a.jpg", "n": 3, "tags": ["x"]}) + "\n\n")
-  _, refs = _rows(path)
-  assert refs[0].extra == (("n", "3"), ("tags", '["x"]'))
-  table = pa.table({"uri": ["a.jpg", "b.jpg"], "lat": [1.5, None]})
-  pq.write_table(table, tmp_path / "m.parquet")
-  manifest, refs = _rows(str(tmp_path / "m.parquet"))
-  assert manifest.row_count == 2
-  assert manifest.carried == (("lat", pa.float64()),)
-  assert [r.extra for r in refs] == [(("lat", 1.5),), (("lat", None),)]
-
-
 def test_pipeline_dedups_manifest_rows(tmp_path):
   path = _write(tmp_path / "m.csv",
                 "uri,image_id\na.jpg,1\na2.jpg,1\nb.jpg,2\nb.jpg,\nb.jpg,\n")
@@ -114,15 +45,6 @@ def test_pipeline_globs_match_each_file_once(tmp_path):
     uris = (p | sources.ReadImageRefs(patterns=patterns)
             | beam.Map(lambda r: r.uri.rsplit("/", 1)[-1]))
     assert_that(uris, equal_to(["a.jpg", "b.png", "c.txt"]))
-
-
-def test_overlapping_patterns_count_each_file_once(tmp_path):
-  for name in ("a1.jpg", "a2.jpg", "b.jpg", "a.txt"):
-    (tmp_path / name).write_bytes(b"x")
-  patterns = [str(tmp_path / "*.jpg"), str(tmp_path / "a*")]
-  assert sources.count_pattern_matches(patterns) == sources.InputCount(4)
-  assert sources.count_pattern_matches(
-      patterns + patterns[:1]) == sources.InputCount(4)
 
 
 def _ref(uri, image_id="same", path=None, **extra):

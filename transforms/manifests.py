@@ -344,8 +344,7 @@ def _file_size(path: str) -> Optional[int]:
   return found[0].size_in_bytes if found else None
 
 
-def _scan_text(path: str, fmt: str, encoding: str,
-               most: Optional[int] = CHECK_ROWS
+def _scan_text(path: str, fmt: str, encoding: str, most: Optional[int]
                ) -> Tuple[List[str], Optional[int], Optional[int]]:
   """Reads a text manifest's first ``most`` rows, streaming, checking each.
 
@@ -446,7 +445,8 @@ def read_manifest_header(path: str,
       columns = list(schema.names)
       types = {n: schema.field(n).type for n in columns}
     else:
-      columns, row_count, estimate = _scan_text(path, fmt, encoding)
+      columns, row_count, estimate = _scan_text(path, fmt, encoding,
+                                                CHECK_ROWS)
       types = {n: pa.string() for n in columns}
   except InputError:
     raise
@@ -479,7 +479,8 @@ def iter_manifest_rows(manifest: Manifest,
                        ) -> Iterator[dict]:
   """Streams a manifest's rows as dicts, without loading it whole.
 
-  Parquet manifests are read a page at a time, text ones a block at a time.
+  Parquet manifests are read one row group at a time, text ones a block
+  at a time.
 
   Args:
     manifest: the checked manifest.
@@ -488,9 +489,11 @@ def iter_manifest_rows(manifest: Manifest,
   """
   if manifest.fmt == "parquet":
     with _parquet(manifest.path) as pf:
-      for batch in pf.iter_batches(batch_size=10_000,
-                                   columns=list(columns) if columns else None):
-        yield from batch.to_pylist()
+      for group in range(pf.num_row_groups):  # one row group at a time
+        for batch in pf.iter_batches(
+            batch_size=10_000, row_groups=[group],
+            columns=list(columns) if columns else None):
+          yield from batch.to_pylist()
     return
   if manifest.fmt == "jsonl":
     with _open(manifest.path) as f:
