@@ -58,7 +58,9 @@ RESERVED_COLUMNS = frozenset(sinks.output_columns())
 
 DEFAULT_ENCODING = "utf-8"
 # Bytes decoded at a time when a text manifest is scanned or read.
-_TEXT_CHUNK = 1 << 20
+_TEXT_CHUNK = 1 << 16
+# Rows turned into dicts at a time (of an Arrow batch of megabytes).
+_ROWS_AT_A_TIME = 1000
 # Rows of a text manifest the launcher checks (and counts); the workers
 # check the rest.  About a second of launch time at most, whatever the
 # manifest's size.
@@ -493,7 +495,7 @@ def iter_manifest_rows(manifest: Manifest,
         for batch in pf.iter_batches(
             batch_size=10_000, row_groups=[group],
             columns=list(columns) if columns else None):
-          yield from batch.to_pylist()
+          yield from _rows_of(batch)
     return
   if manifest.fmt == "jsonl":
     with _open(manifest.path) as f:
@@ -513,7 +515,14 @@ def iter_manifest_rows(manifest: Manifest,
         f, read_options=read, parse_options=_csv_options(manifest.fmt),
         convert_options=convert)
     for batch in reader:
-      yield from batch.to_pylist()
+      yield from _rows_of(batch)
+
+
+def _rows_of(batch: pa.RecordBatch) -> Iterator[dict]:
+  """A batch's rows as dicts, ``_ROWS_AT_A_TIME`` made at a time, so that a
+  reader that stops early has not made them all."""
+  for start in range(0, batch.num_rows, _ROWS_AT_A_TIME):
+    yield from batch.slice(start, _ROWS_AT_A_TIME).to_pylist()
 
 
 def ref_from_row(row: dict, manifest: Manifest) -> ImageRef:
@@ -541,11 +550,30 @@ def _as_text(value: Any, dtype: pa.DataType) -> Any:
   return uris.readable(as_str(value))
 
 
+def _table_rows(manifest: Manifest) -> Iterator[dict]:
+  """A CSV's or TSV's rows as {column: text}, parsed as the launcher's check
+  parses them, one chunk in memory (Arrow's CSV reader reads tens of
+  megabytes ahead, so it is for the workers only)."""
+  import csv  # pylint: disable=import-outside-toplevel
+  with _open(manifest.path) as f:
+    lines = _text_lines(f, manifest.path, manifest.encoding)
+    if manifest.fmt == "csv":
+      records = (r for r in csv.reader(line + "\n" for _, line in lines) if r)
+    else:
+      records = (line.rstrip("\r").split("\t") for _, line in lines
+                 if line.strip("\r"))
+    header = [c.strip() for c in next(records, [])]
+    for record in records:
+      yield dict(zip(header, record))
+
+
 def sample_uris(manifest: Manifest, limit: int = 1000) -> List[str]:
   """The URIs of a manifest's first ``limit`` rows, to check their schemes
   before the job starts (only the ``uri`` column is read)."""
   found = []
-  for row in iter_manifest_rows(manifest, columns=[URI_COLUMN]):
+  rows = (iter_manifest_rows(manifest, columns=[URI_COLUMN])
+          if manifest.fmt in ("parquet", "jsonl") else _table_rows(manifest))
+  for row in rows:
     uri = row.get(URI_COLUMN)
     if uri not in (None, "", b""):
       found.append(as_str(uri).strip())
