@@ -10,6 +10,7 @@ every plot must have a size.  An ingestion run writes one report per
 partition.
 """
 
+import collections
 import json
 import os
 import re
@@ -238,3 +239,62 @@ def test_ingestion_writes_a_report_per_partition(tiny_models, tmp_path):
   m = got["models"]["inaturalist_v2"]
   assert m["photos"] + m["skipped"] == 6
   assert m["skipped_labels"] == {str(SPECIES["bolete"]): 1}
+
+
+def test_the_report_reads_tables_one_file_at_a_time(tmp_path, monkeypatch):
+  """Issue 16: the run's last step holds one file's rows at a time, never a
+  whole table (on main the errors, sizes and classifier sections read
+  every file into one table); its figures stay exact."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from tools import tables as tables_lib  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  files, per_file, n_files = [], 3000, 4
+  scores_all, labels_all, errors = [], [], []
+  for i in range(n_files):
+    scores = rng.random(per_file)
+    labels = [f"sp{j % 5}" for j in rng.integers(0, 50, per_file)]
+    path = tmp_path / f"part-{i}.parquet"
+    pq.write_table(pa.table({
+        "image_id": [f"{i}-{j}" for j in range(per_file)],
+        "uri": [f"p{i}-{j}.jpg" for j in range(per_file)],
+        "label": labels, "score": scores,
+        "source_width": rng.integers(100, 5000, per_file),
+        "source_height": rng.integers(100, 5000, per_file),
+        "model": ["m"] * per_file,
+        "stage": ["fetch" if j % 3 else "decode" for j in range(per_file)],
+        "error": [f"p{i}-{j}.jpg: gone" for j in range(per_file)]}), path)
+    files.append(tables_lib.TableFile(str(path)))
+    scores_all.append(scores)
+    labels_all += labels
+  read_rows = []
+  real = tables_lib.read_files
+
+  def recording(found, columns=None):
+    table = real(found, columns)
+    read_rows.append(table.num_rows)
+    return table
+
+  monkeypatch.setattr(tables_lib, "read_files", recording)
+  monkeypatch.setattr(tables_lib, "errors_files", lambda *_: files)
+  monkeypatch.setattr(report, "SAMPLE_POINTS", 5000)
+  table = tables_lib.ModelTable("m", "classifier", str(tmp_path),
+                                tuple(files), {})
+  plots = report.Plots()
+  page = report._section_classifier(table, plots)  # pylint: disable=protected-access
+  page += report._section_errors(str(tmp_path), None, plots)  # pylint: disable=protected-access
+  page += report._section_sizes({"m": table}, plots, 10)  # pylint: disable=protected-access
+  assert read_rows and max(read_rows) == per_file, read_rows
+  total = per_file * n_files
+  assert f"{total} photo(s)." in page
+  top, count = collections.Counter(labels_all).most_common(1)[0]
+  assert f"<td>{top}</td><td>{count}</td>" in page
+  assert f"{total} error row(s) for {total} photo(s)" in page
+  decode_rows = n_files * len(range(0, per_file, 3))
+  assert f"<td>decode</td><td>{decode_rows}</td>" in page
+  assert "a uniform sample of 5000" in page
+  # The sampled median of 12,000 uniform scores is within 0.02 of the true.
+  median = float(re.search(r"<td></td><td>[\d.]+</td><td>[\d.]+</td>"
+                           r"<td>([\d.]+)</td>", page).group(1))
+  assert abs(median - np.median(np.concatenate(scores_all))) < 0.02

@@ -272,26 +272,91 @@ def _section_speed(run: dict, tables: Dict[str, tables_lib.ModelTable],
   return "".join(out)
 
 
+# Values kept for a plot, a median or quantiles: a uniform sample of at most
+# this many per figure, so the report's memory does not grow with the run.
+SAMPLE_POINTS = 20_000
+
+
+class _Sample:
+  """A uniform sample without replacement of at most ``size`` rows of a
+  stream of arrays (bottom-k of seeded random keys); exact (every row)
+  while the stream holds fewer.
+
+  Attributes:
+    seen: rows offered so far.
+  """
+
+  def __init__(self, size: Optional[int] = None, seed: int = 0):
+    self._size = SAMPLE_POINTS if size is None else size
+    self._rng = np.random.default_rng(seed)
+    self._keys = np.empty(0)
+    self._rows: Optional[np.ndarray] = None
+    self.seen = 0
+
+  def add(self, rows: np.ndarray) -> None:
+    """Offers ``rows`` (``[n]`` or ``[n, k]``)."""
+    rows = np.asarray(rows)
+    self.seen += len(rows)
+    keys = np.concatenate([self._keys, self._rng.random(len(rows))])
+    kept = (rows if self._rows is None
+            else np.concatenate([self._rows, rows]))
+    if len(keys) > self._size:
+      best = np.sort(np.argpartition(keys, self._size)[:self._size])
+      keys, kept = keys[best], kept[best]
+    self._keys, self._rows = keys, kept
+
+  @property
+  def rows(self) -> np.ndarray:
+    return self._rows if self._rows is not None else np.empty(0)
+
+  @property
+  def whole(self) -> bool:
+    return self.seen <= self._size
+
+
+def _file_by_file(files, columns: Sequence[str]):
+  """Each file's rows (an Arrow table), one file in memory at a time."""
+  for table_file in files:
+    yield tables_lib.read_files([table_file], columns)
+
+
 def _section_errors(output_dir: str, partition: Optional[str],
-                    plots: Plots) -> str:
+                    plots: Plots, error_photos: Optional[int] = None) -> str:
+  """Error rows by stage and by reason, with examples, read file by file.
+
+  Args:
+    error_photos: photos with any error, from the run's summary (counted
+      in the graph); None: counted here from the ids (natvision-report on
+      tables without a summary).
+  """
   out = ["<section id='errors'><h2>Errors</h2>"]
   files = tables_lib.errors_files(output_dir, partition)
   if not files:
     out.append("<p>No errors table.</p></section>")
     return "".join(out)
-  rows = tables_lib.read_files(
-      files, ["image_id", "uri", "model", "stage", "error"]).to_pylist()
-  if not rows:
+  by_stage: collections.Counter = collections.Counter()
+  reasons: collections.Counter = collections.Counter()
+  examples: Dict[Tuple[str, str], List[dict]] = collections.defaultdict(list)
+  ids = set() if error_photos is None else None
+  for part in _file_by_file(files, ["image_id", "uri", "model", "stage",
+                                    "error"]):
+    for r in part.to_pylist():
+      by_stage[r["stage"]] += 1
+      reason = (r["error"].replace(r["uri"], "<uri>") if r["uri"]
+                else r["error"])
+      key = (r["stage"], reason)
+      reasons[key] += 1
+      if len(examples[key]) < EXAMPLES_PER_REASON:
+        examples[key].append(r)
+      if ids is not None:
+        ids.add(r["image_id"])
+  total = sum(by_stage.values())
+  if not total:
     out.append("<p>No errors: every photo has a row in every model's "
                "table.</p></section>")
     return "".join(out)
-  by_stage = collections.Counter(r["stage"] for r in rows)
-  reasons: Dict[Tuple[str, str], List[dict]] = collections.defaultdict(list)
-  for r in rows:
-    reason = r["error"].replace(r["uri"], "<uri>") if r["uri"] else r["error"]
-    reasons[(r["stage"], reason)].append(r)
-  photos = len({r["image_id"] for r in rows})
-  out.append(f"<p>{len(rows)} error row(s) for {photos} photo(s).</p>")
+  photos = len(ids) if ids is not None else error_photos
+  out.append(f"<p>{total} error row(s) for {photos} photo(s).</p>")
   fig = plots.new(6.4, 0.6 + 0.35 * len(by_stage))
   if fig is not None:
     ax = fig.add_subplot()
@@ -301,13 +366,13 @@ def _section_errors(output_dir: str, partition: Optional[str],
   out.append(plots.html(fig, "errors-by-stage", "Error rows by stage"))
   out.append(_table_html(("stage", "rows"),
                          sorted(by_stage.items(), key=lambda kv: -kv[1])))
-  ranked = sorted(reasons.items(), key=lambda kv: -len(kv[1]))
+  ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
   table_rows = []
-  for (stage, reason), items in ranked[:REASONS_SHOWN]:
-    examples = "; ".join(
+  for (stage, reason), count in ranked[:REASONS_SHOWN]:
+    shown = "; ".join(
         f"{i['uri']}" + (f" ({i['model']})" if i["model"] else "")
-        for i in items[:EXAMPLES_PER_REASON])
-    table_rows.append((stage, reason, len(items), examples))
+        for i in examples[(stage, reason)])
+    table_rows.append((stage, reason, count, shown))
   out.append("<h3>By reason</h3>")
   out.append(_table_html(("stage", "reason", "rows", "examples"), table_rows,
                          "wide"))
@@ -327,48 +392,58 @@ def _header_size(uri: str) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _sizes_from_columns(table: tables_lib.ModelTable
+                        ) -> Tuple[np.ndarray, int, str]:
+  """(sampled ``[n, 2]`` widths and heights, photos with a size, note)."""
+  sample = _Sample()
+  for part in _file_by_file(table.files, ["source_width", "source_height"]):
+    wh = np.stack([part.column(c).to_numpy(zero_copy_only=False)
+                   for c in ("source_width", "source_height")], axis=1)
+    wh = wh[np.all(np.nan_to_num(wh.astype(float)) > 0, axis=1)]
+    sample.add(wh.astype(np.int64))
+  note = ("Width and height as stored in each file (EXIF orientation "
+          "applied), from the source_width and source_height columns of "
+          f"the {table.name} table: {sample.seen} photo(s)")
+  if not sample.whole:
+    note += (f"; the plots and figures are of a uniform sample of "
+             f"{len(sample.rows)}")
+  return sample.rows, sample.seen, note + "."
+
+
+def _sizes_from_headers(table: tables_lib.ModelTable, size_sample: int
+                        ) -> Tuple[np.ndarray, str]:
+  """Reads the headers of a uniform sample of ``size_sample`` photos."""
+  sample = _Sample(size_sample)
+  for part in _file_by_file(table.files, ["uri"]):
+    sample.add(np.array(part.column("uri").to_pylist(), dtype=object))
+  chosen = sorted(sample.rows)
+  sizes = [s for s in (_header_size(u) for u in chosen) if s]
+  note = ("These tables do not record photo sizes, so the headers of "
+          f"{len(chosen)} of {sample.seen} photo(s) were read (a random "
+          f"sample when there are more than {size_sample}); sizes are as "
+          f"stored, before EXIF orientation; {len(sizes)} could be read.")
+  return np.array(sizes, np.int64).reshape(-1, 2), note
+
+
 def _section_sizes(tables: Dict[str, tables_lib.ModelTable], plots: Plots,
                    size_sample: int) -> str:
+  """Source photo sizes, from one table (the models share their photos),
+  read file by file."""
   out = ["<section id='sizes'><h2>Source photo sizes</h2>"]
-  sizes: Dict[str, Tuple[int, int]] = {}
-  note = ""
+  wh, note = np.empty((0, 2), np.int64), ""
   for table in tables.values():
     names = table.schema().names
     if "source_width" in names and "source_height" in names:
-      data = table.read(["image_id", "source_width", "source_height"])
-      for image_id, w, h in zip(*(data.column(c).to_pylist() for c in (
-          "image_id", "source_width", "source_height"))):
-        if w and h:
-          sizes.setdefault(image_id, (int(w), int(h)))
-      note = ("Width and height as stored in each file (EXIF orientation "
-              "applied), from the source_width and source_height columns of "
-              f"the {table.name} table: {len(sizes)} photo(s).")
-      break  # the models share their photos; one table is enough
-  if not sizes:
-    uris = {}
-    for table in tables.values():
-      data = table.read(["image_id", "uri"])
-      for image_id, uri in zip(data.column("image_id").to_pylist(),
-                               data.column("uri").to_pylist()):
-        uris.setdefault(image_id, uri)
-    chosen = sorted(uris)
-    if len(chosen) > size_sample:
-      rng = np.random.default_rng(0)
-      chosen = sorted(rng.choice(chosen, size_sample, replace=False))
-    for image_id in chosen:
-      size = _header_size(uris[image_id])
-      if size:
-        sizes[image_id] = size
-    note = ("These tables do not record photo sizes, so the headers of "
-            f"{len(chosen)} of {len(uris)} photo(s) were read (a random "
-            f"sample when there are more than {size_sample}); sizes are as "
-            f"stored, before EXIF orientation; {len(sizes)} could be read.")
+      wh, _, note = _sizes_from_columns(table)
+      break
+  if not len(wh) and tables:
+    wh, note = _sizes_from_headers(next(iter(tables.values())), size_sample)
   out.append(f"<p class='note'>{_e(note)}</p>")
-  if not sizes:
+  if not len(wh):
     out.append("</section>")
     return "".join(out)
-  w = np.array([s[0] for s in sizes.values()], float)
-  h = np.array([s[1] for s in sizes.values()], float)
+  w = wh[:, 0].astype(float)
+  h = wh[:, 1].astype(float)
   mp = w * h / 1e6
   fig = plots.new(6.4, 2.8)
   if fig is not None:
@@ -391,16 +466,24 @@ def _section_sizes(tables: Dict[str, tables_lib.ModelTable], plots: Plots,
 
 
 def _section_classifier(table: tables_lib.ModelTable, plots: Plots) -> str:
-  data = table.read(["label", "label_id", "score"])
-  labels = data.column("label").to_pylist()
-  scores = np.array(data.column("score").to_pylist(), float)
+  """Top-1 labels (counted exactly) and scores (histogram exact; quantiles
+  of a uniform sample past ``SAMPLE_POINTS``), read file by file."""
+  labels: collections.Counter = collections.Counter()
+  bins = np.zeros(20, np.int64)
+  sample = _Sample()
+  for part in _file_by_file(table.files, ["label", "score"]):
+    labels.update(part.column("label").to_pylist())
+    scores = np.array(part.column("score").to_pylist(), float)
+    bins += np.histogram(scores, bins=20, range=(0.0, 1.0))[0]
+    sample.add(scores)
+  photos = sample.seen
   out = [f"<section class='model' id='classifier-{_e(table.name)}'>"
          f"<h2>Classifier {_e(table.name)}</h2>"
-         f"<p>{len(labels)} photo(s).</p>"]
-  if not labels:
+         f"<p>{photos} photo(s).</p>"]
+  if not photos:
     out.append("</section>")
     return "".join(out)
-  counts = collections.Counter(labels).most_common(TOP_LABELS)
+  counts = labels.most_common(TOP_LABELS)
   fig = plots.new(6.4, 0.6 + 0.28 * len(counts))
   if fig is not None:
     ax = fig.add_subplot()
@@ -411,20 +494,24 @@ def _section_classifier(table: tables_lib.ModelTable, plots: Plots) -> str:
   out.append(plots.html(fig, f"{table.name}-top-labels",
                         f"{table.name}: most frequent top-1 labels"))
   out.append(_table_html(("top-1 label", "photos", "share"),
-                         [(n, c, f"{c / len(labels):.1%}")
+                         [(n, c, f"{c / photos:.1%}")
                           for n, c in counts]))
   fig = plots.new(6.4, 2.6)
   if fig is not None:
     ax = fig.add_subplot()
-    ax.hist(scores, bins=20, range=(0.0, 1.0), color="#8064a2")
+    edges = np.linspace(0.0, 1.0, 21)
+    ax.stairs(bins, edges, fill=True, color="#8064a2")
     ax.set_xlabel("top-1 score")
     ax.set_ylabel("photos")
   out.append(plots.html(fig, f"{table.name}-scores",
                         f"{table.name}: distribution of top-1 scores"))
-  quantiles = np.quantile(scores, [0.0, 0.25, 0.5, 0.75, 1.0])
+  quantiles = np.quantile(sample.rows, [0.0, 0.25, 0.5, 0.75, 1.0])
   out.append(_table_html(("top-1 score", "min", "25%", "median", "75%",
                           "max"),
                          [["", *(f"{q:.4f}" for q in quantiles)]]))
+  if not sample.whole:
+    out.append(f"<p class='note'>Quantiles of a uniform sample of "
+               f"{len(sample.rows)} of the {photos} scores.</p>")
   out.append("</section>")
   return "".join(out)
 
@@ -704,7 +791,10 @@ def build_report(output_dir: str, snapshot_date: Optional[str] = None,
   else:
     body.append(f"<p class='note'>No run summary at {_e(run_path)}.</p>")
   body.append(_section_speed(run, tables, plots))
-  body.append(_section_errors(output_dir, snapshot_date, plots))
+  errors = run.get("errors")
+  body.append(_section_errors(
+      output_dir, snapshot_date, plots,
+      errors.get("photos") if isinstance(errors, dict) else None))
   body.append(_section_sizes(tables, plots, size_sample))
   for table in tables.values():
     if table.kind == models_lib.CLASSIFIER:
