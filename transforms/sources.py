@@ -40,6 +40,22 @@ from transforms.refs import (InputError, duplicate_order,  # noqa: F401  pylint:
                              image_id_for_uri, image_id_relative_to,
                              ref_for_uri)
 
+__all__ = [
+    # transforms/refs.py
+    "InputError", "duplicate_order", "image_id_for_uri",
+    "image_id_relative_to", "ref_for_uri",
+    # transforms/manifests.py
+    "CHECK_ROWS", "DEFAULT_ENCODING", "ID_COLUMN", "MANIFEST_FORMATS",
+    "RESERVED_COLUMNS", "URI_COLUMN", "Manifest", "check_all_rows",
+    "check_encoding", "iter_manifest_rows", "manifest_format",
+    "read_manifest_header", "ref_from_row", "sample_uris",
+    # transforms/globs.py
+    "COUNT_LIMIT", "InputCount", "check_listable", "count_pattern_matches",
+    "first_matches",
+    # here
+    "OnePerId", "ReadImageRefs",
+]
+
 
 class _ReadManifestFn(beam.DoFn):
 
