@@ -63,6 +63,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "scale.json")
 MODEL = "fungi_mobile_v1"
 PHOTO_SIZE = (128, 96)
+LINKS_PER_FILE = 60_000
 FIRST_PHOTO_TIMEOUT_S = 240.0
 # Seconds a healthy host takes to answer in the in-flight measurement, so
 # that requests overlap as they do over a network.
@@ -172,15 +173,22 @@ def write_manifest(path: str, bases: Sequence[str], n: int) -> str:
 
 
 def make_glob(folder: str, n: int, photos: Sequence[bytes]) -> str:
-  """``n`` hard links of the photos in ``folder``; returns the pattern."""
+  """``n`` hard links of the photos in ``folder`` (made again from scratch
+  unless the folder holds them already); returns the pattern."""
   os.makedirs(folder, exist_ok=True)
   sources = []
-  for i, data in enumerate(photos):
+  # ext4 allows 65,000 links to a file: copies of the photos, each linked
+  # at most LINKS_PER_FILE times.
+  copies = max(len(photos), -(-n // LINKS_PER_FILE))
+  for i in range(copies):
+    data = photos[i % len(photos)]
     path = os.path.join(folder, f"_src{i}.jpeg")
     with open(path, "wb") as f:
       f.write(data)
     sources.append(path)
   have = sum(1 for e in os.scandir(folder) if e.name.endswith(".jpg"))
+  if have > n:
+    raise ValueError(f"{folder} holds {have} links, more than {n}")
   for i in range(have, n):
     os.link(sources[i % len(sources)], os.path.join(folder, f"{i:08d}.jpg"))
   return os.path.join(folder, "*.jpg")
