@@ -68,6 +68,7 @@ FIRST_PHOTO_TIMEOUT_S = 240.0
 # Seconds a healthy host takes to answer in the in-flight measurement, so
 # that requests overlap as they do over a network.
 HOST_LATENCY_S = 0.1
+FAULT_RUNS = ("healthy", "dead", "trickle")
 # Short timeouts for the fault runs, so that a dead host costs seconds,
 # not minutes; the same flags in the healthy run they are compared with.
 FAULT_FLAGS = ("--connect_timeout", "2", "--read_timeout", "3",
@@ -118,13 +119,19 @@ class Farm:
     if not 0 < hosts <= 240:
       raise ValueError("1 to 240 hosts: 127.0.0.2 to 127.0.0.241")
     addresses = [f"127.0.0.{i + 2}" for i in range(hosts)]
-    self.server = PhotoServer({}, hosts=addresses, latency=latency)
+    # http.server looks each address's name up (socket.getfqdn): with no
+    # DNS server that takes seconds per listener.
+    real_getfqdn, socket.getfqdn = socket.getfqdn, lambda name="": name
+    try:
+      self.server = PhotoServer({}, hosts=addresses, latency=latency)
+      self.trickler = (PhotoServer({}, hosts=["127.0.0.250"],
+                                   always=("trickle", 64, 0.5))
+                       if trickle else None)
+    finally:
+      socket.getfqdn = real_getfqdn
     self.server.files = _AnyName(photos)
     self._servers = [self.server]
-    self.trickler = None
-    if trickle:
-      self.trickler = PhotoServer({}, hosts=["127.0.0.250"],
-                                  always=("trickle", 64, 0.5))
+    if self.trickler is not None:
       self.trickler.files = _AnyName(photos)
       self._servers.append(self.trickler)
     for s in self._servers:  # 200 listeners: poll rarely (shutdown only)
@@ -354,15 +361,29 @@ def part_launcher(sizes: Sequence[int], hosts: int, work: str,
 
 
 def part_cost(sizes: Sequence[int], work: str, model_root: str,
-              photos) -> dict:
+              photos, source: str = "glob", hosts: int = 200) -> dict:
+  """The job at each size: core-ms per photo, peak RSS.
+
+  Args:
+    source: ``glob`` (hard links) or ``manifest`` (URLs over ``hosts``
+      loopback hosts; the servers' CPU is this process's, not the job's).
+  """
   rows = {}
   for n in sizes:
-    pattern = make_glob(os.path.join(work, f"g{n}"), n, photos)
-    row = run_job(_job_cmd(pattern, os.path.join(work, f"cost-{n}"),
-                           model_root), os.path.join(work, f"cost-{n}.log"))
+    label = f"cost-{source}-{n}"
+    if source == "glob":
+      inp = make_glob(os.path.join(work, f"g{n}"), n, photos)
+      row = run_job(_job_cmd(inp, os.path.join(work, label), model_root),
+                    os.path.join(work, f"{label}.log"))
+    else:
+      with Farm(hosts, photos) as farm:
+        inp = write_manifest(os.path.join(work, f"{label}.csv"),
+                             farm.bases(), n)
+        row = run_job(_job_cmd(inp, os.path.join(work, label), model_root),
+                      os.path.join(work, f"{label}.log"))
     row["core_ms_per_photo"] = round(row["cpu_s"] / n * 1000, 3)
     rows[str(n)] = row
-    print("cost", n, row, flush=True)
+    print("cost", source, n, row, flush=True)
   ns = sorted(sizes)
   small, large = rows[str(ns[0])], rows[str(ns[-1])]
   result = {"sizes": rows,
@@ -410,6 +431,8 @@ def part_faults(photos_n: int, hosts: int, work: str, model_root: str,
   for name, dead, trickle in (("healthy", False, False),
                               ("dead", True, False),
                               ("trickle", False, True)):
+    if name not in FAULT_RUNS:
+      continue
     with Farm(hosts, photos, dead=dead, trickle=trickle) as farm:
       manifest = write_manifest(os.path.join(work, f"faults-{name}.csv"),
                                 farm.bases(), photos_n)
@@ -426,9 +449,10 @@ def part_faults(photos_n: int, hosts: int, work: str, model_root: str,
           dead or trickle) else 0
       result[name] = row
       print("faults", name, row, flush=True)
-  base = result["healthy"]["wall_s"]
+  base = result.get("healthy", {}).get("wall_s")
   for name in ("dead", "trickle"):
-    result[name]["added_s"] = round(result[name]["wall_s"] - base, 1)
+    if name in result and base is not None:
+      result[name]["added_s"] = round(result[name]["wall_s"] - base, 1)
   return result
 
 
@@ -446,6 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  help="hosts of each in-flight run")
   p.add_argument("--faults_photos", type=int, default=2000)
   p.add_argument("--parts", default="launcher,cost,hosts,faults")
+  p.add_argument("--cost_source", choices=("glob", "manifest"),
+                 default="glob")
   p.add_argument("--work_dir")
   p.add_argument("--output", default=DEFAULT_OUTPUT)
   args = p.parse_args(argv)
@@ -467,7 +493,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model_root, photos)
   if "cost" in parts:
     result["cost"] = part_cost([int(n) for n in args.job_sizes.split(",")],
-                               work, model_root, photos)
+                               work, model_root, photos, args.cost_source,
+                               args.hosts)
   if "hosts" in parts:
     result["hosts"] = part_hosts(
         args.hosts_photos, [int(n) for n in args.host_counts.split(",")],
