@@ -68,7 +68,8 @@ FIRST_PHOTO_TIMEOUT_S = 240.0
 # Seconds a healthy host takes to answer in the in-flight measurement, so
 # that requests overlap as they do over a network.
 HOST_LATENCY_S = 0.1
-FAULT_RUNS = ("healthy", "dead", "trickle")
+FAULT_RUNS = tuple(os.environ.get("NATVISION_SCALE_FAULTS",
+                                  "healthy,dead,trickle").split(","))
 # Short timeouts for the fault runs, so that a dead host costs seconds,
 # not minutes; the same flags in the healthy run they are compared with.
 FAULT_FLAGS = ("--connect_timeout", "2", "--read_timeout", "3",
@@ -131,6 +132,8 @@ class Farm:
       socket.getfqdn = real_getfqdn
     self.server.files = _AnyName(photos)
     self._servers = [self.server]
+    if self.trickler is not None:
+      self._servers.append(self.trickler)
     if self.trickler is not None:
       self.trickler.files = _AnyName(photos)
       self._servers.append(self.trickler)
