@@ -133,8 +133,6 @@ class Farm:
     self.server.files = _AnyName(photos)
     self._servers = [self.server]
     if self.trickler is not None:
-      self._servers.append(self.trickler)
-    if self.trickler is not None:
       self.trickler.files = _AnyName(photos)
       self._servers.append(self.trickler)
     for s in self._servers:  # 200 listeners: poll rarely (shutdown only)
