@@ -13,9 +13,9 @@ so a template launch that does not wait is safe; when the job has ended
 here, the summary is read back and printed.
 
 The run report (report.html) is written in the pipeline's last step too,
-by a writer the jobs are given (``set_report_writer``; tools/report.py
-sets it when imported, and the commands import it): pipelines/ never
-import tools/, which build on them.
+by a writer the command hands to ``run``/``main`` (tools/report.py's
+``embed_main``/``ingest_main`` give theirs; called directly, ``run`` writes
+no report): pipelines/ never import tools/, which build on them.
 
 Exit status (``main``): 0 the job ran (even if some photos failed); 2 bad
 flags, input or models, found before anything runs (``ConfigError``);
@@ -52,6 +52,11 @@ from transforms import storage
 from transforms.config import ConfigError
 
 
+# ``writer(output_dir, snapshot_date)``: writes the run's HTML report once
+# the summary is written; never raises (snapshot_date None: a plain run).
+ReportWriter = Callable[[str, Optional[str]], None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What the launcher decided before building the graph.
@@ -65,6 +70,10 @@ class Plan:
     layout: where the tables are staged and committed.
     resume: what a dead attempt left that this run reuses, or None.
     base: the summary's fields known at launch.
+    report_writer: the run's last step after the summary (a
+      ``ReportWriter``), or None for no report.  The commands give
+      tools/report.py's (``run(..., report_writer=)``); it travels pickled
+      with the graph, so a worker needs nothing of its own.
   """
 
   config: Any
@@ -73,29 +82,7 @@ class Plan:
   layout: commit.Layout
   resume: Any
   base: dict
-
-
-# ``writer(output_dir, snapshot_date)``: writes the run's HTML report once
-# the summary is written; never raises (snapshot_date None: a plain run).
-ReportWriter = Callable[[str, Optional[str]], None]
-
-_report_writer: Optional[ReportWriter] = None
-
-
-def set_report_writer(writer: Optional[ReportWriter]) -> None:
-  """Makes ``writer`` the last step of every job built from now on.
-
-  tools/report.py calls it when imported.  A job takes the writer when its
-  graph is built, and the writer travels pickled with the graph, so a
-  worker needs no call of its own.  None: the jobs write no report.
-  """
-  global _report_writer  # pylint: disable=global-statement
-  _report_writer = writer
-
-
-def report_writer() -> Optional[ReportWriter]:
-  """The writer set by ``set_report_writer``; None when none was."""
-  return _report_writer
+  report_writer: Optional[ReportWriter] = None
 
 
 class Job:
@@ -299,19 +286,23 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
 
 
 def run(job: Job, argv: Optional[Sequence[str]] = None,
-        test_pipeline=None) -> dict:
+        test_pipeline=None,
+        report_writer: Optional[ReportWriter] = None) -> dict:
   """Runs a job; returns its summary (also written by the pipeline).
 
   Args:
     job: the job.
     argv: command-line flags (application and Beam flags together).
     test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+    report_writer: writes report.html after the summary (``Plan``); None
+      writes none.
 
   Raises:
     ConfigError: bad flags, input or models, before the pipeline starts.
     storage.StorageError: storage failed (the run may be resumed).
   """
   plan, options = plan_job(job, argv)
+  plan = dataclasses.replace(plan, report_writer=report_writer)
   p = test_pipeline or beam.Pipeline(options=options)
   job.build(p, plan)
   # Progress lines count this run alone; when the pipeline runs in this
@@ -368,12 +359,13 @@ def _keep_terminal() -> None:
     _TERMINAL.append(os.fdopen(os.dup(2), "w", buffering=1))
 
 
-def main(job: Job, argv: Optional[Sequence[str]] = None) -> int:
+def main(job: Job, argv: Optional[Sequence[str]] = None,
+         report_writer: Optional[ReportWriter] = None) -> int:
   """The command: runs the job and turns what happened into an exit status."""
   _keep_terminal()
   console.configure_logging(verbose=console.verbose_requested(argv))
   try:
-    report = run(job, argv)
+    report = run(job, argv, report_writer=report_writer)
   except ConfigError as e:
     print(f"{job.name}: error: {e}", file=sys.stderr)
     return 2

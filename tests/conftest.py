@@ -148,10 +148,11 @@ def labelled_job(tiny_models, tmp_path_factory):
   photos = labelled_photos.make_labelled_photos(
       root, real_photo_paths(), os.path.join(tiny_models, "fungi_mobile_v1"))
   out = os.path.join(root, "out")
+  from tools.report import write_after_run  # pylint: disable=import-outside-toplevel
   report = embed_images.run([
       "--input", photos.manifest, "--output_dir", out,
       "--model_root", tiny_models, "--runtime", "tf", "--batch_size", "8",
-      "--top_k", "5"])
+      "--top_k", "5"], report_writer=write_after_run)
   return {"out": out, "photos": photos, "models": tiny_models,
           "report": report}
 
