@@ -72,7 +72,7 @@ setuptools.setup(
         "tools": [
             "faiss-cpu>=1.9,<1.16",
             "matplotlib>=3.9,<3.12",
-            # Reading the tables into data frames (README, "Tables").
+            # Reading the tables into data frames (docs/tables.md).
             "pandas>=2.1,<4",
         ],
         "test": [

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny stand-in models and real photos on disk.
 
-Two tiers (README, "Tests"): ``python -m pytest -q tests`` runs the default
+Two tiers (docs/tests.md): ``python -m pytest -q tests`` runs the default
 tier, every test not marked ``slow``; ``python -m pytest -q -m slow tests``
 runs only the slow tier and ``--runslow`` runs both.  An explicit ``-m``
 expression always chooses for itself.
