@@ -86,9 +86,10 @@ def normalize_name(name) -> Optional[str]:
   Unicode NFKC, case folded, runs of whitespace collapsed, hybrid signs
   (``×`` and a standalone ``x``) and rank markers (``var.``, ``subsp.``,
   ``f.``, ``sp.``) dropped, and the author string stripped: the name ends
-  at the first word (after the genus) that is capitalised, parenthesised,
-  holds a digit or a full stop, or is a particle (``de``, ``van``, ``ex``)
-  before a capitalised word.  ``"Amanita muscaria (L.) Lam."`` and
+  at the first word (after the genus) that is capitalised (not all
+  capitals), parenthesised, holds a full stop or other non-letters, or is a
+  particle (``de``, ``van``, ``ex``) before a capitalised word.  A word of
+  digits alone is kept (placeholder names, ``"Russula sp. 2"``).  ``"Amanita muscaria (L.) Lam."`` and
   ``"amanita  MUSCARIA"`` both give ``"amanita muscaria"``;
   ``"× Cupressocyparis leylandii"`` gives ``"cupressocyparis leylandii"``.
 
@@ -106,7 +107,11 @@ def normalize_name(name) -> Optional[str]:
       continue
     if kept:
       following = tokens[i + 1] if i + 1 < len(tokens) else ""
-      if (token[:1].isupper() or not _EPITHET.match(token)
+      if token.isdigit():  # a placeholder's number ("Russula sp. 2")
+        kept.append(low)
+        continue
+      if ((token[:1].isupper() and not token.isupper())
+          or not _EPITHET.match(token)
           or (low in _PARTICLES and following[:1].isupper())):
         break
     elif not _EPITHET.match(token):
