@@ -48,6 +48,7 @@ from transforms import console
 from transforms import models as models_lib
 from transforms import progress
 from transforms import spec as spec_lib
+from transforms import taxonomy
 from transforms import storage
 from transforms.config import ConfigError
 
@@ -267,6 +268,12 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   # Cheap existence checks before anything imports TensorFlow, so that a
   # wrong --model_root fails in seconds, naming the folder.
   models_lib.check_locations(config.embed.models)
+  # The labels' taxa (--taxa) before TensorFlow: too many unmatched labels
+  # fails here, in seconds.
+  config = dataclasses.replace(config, embed=config.embed.with_models(
+      taxonomy.attach(config.embed.models, config.embed.taxonomy,
+                      lambda m: models_lib.read_labelmap(
+                          m.labelmap_path, expected=m.spec.output_width))))
   checking = time.time()
   config = dataclasses.replace(config, embed=config.embed.with_models(
       check_models(config.embed.models,
@@ -282,6 +289,10 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   base = {"package": {"name": "natvision", "version": transforms.__version__},
           "flags": list(argv) if argv is not None else sys.argv[1:],
           "spec": run_spec.to_dict(), "timings": timings}
+  taxa_reports = {m.name: m.label_taxa.report(config.embed.taxonomy.taxa)
+                  for m in config.embed.models if m.label_taxa is not None}
+  if taxa_reports:
+    base["taxonomy"] = taxa_reports
   return job.plan(config, prepared, base, run_spec), options
 
 
