@@ -235,7 +235,7 @@ class FirstOpen:
 
 
 def _job_cmd(inp: str, out: str, model_root: str, *flags: str) -> List[str]:
-  return [sys.executable, "-m", "pipelines.embed_images", "--input", inp,
+  return [sys.executable, "-m", "natvision.pipelines.embed_images", "--input", inp,
           "--output_dir", out, "--model_root", model_root, "--models", MODEL,
           "--runtime", "tf", *flags]
 
@@ -258,7 +258,7 @@ def measure_launcher(inp: str, work: str, model_root: str, label: str
 
 
 def _plan_only(argv: Sequence[str]) -> None:
-  from pipelines import embed_images, launch  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images, launch  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   plan, _ = launch.plan_job(embed_images.JOB, list(argv))
   print(json.dumps({"plan_job_s": round(time.perf_counter() - start, 3),
@@ -323,7 +323,7 @@ def run_job(cmd: Sequence[str], log_path: str) -> dict:
 
 def _standins(root: str) -> None:
   if not os.path.exists(os.path.join(root, MODEL, "saved_model.pb")):
-    subprocess.run([sys.executable, "-m", "tools.standins", "--output_dir",
+    subprocess.run([sys.executable, "-m", "natvision.tools.standins", "--output_dir",
                     root, "--tiny", "--models", MODEL], cwd=REPO, check=True,
                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 

@@ -1,7 +1,7 @@
 """Globs at launch: the bounded count and the bounded first matches."""
 
-from transforms import globs
-from transforms import sources
+from natvision.transforms import globs
+from natvision.transforms import sources
 
 
 def test_overlapping_patterns_count_each_file_once(tmp_path):

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from transforms import manifests
-from transforms import sources
+from natvision.transforms import manifests
+from natvision.transforms import sources
 
 
 def _write(path, text, gz=False):

@@ -1,7 +1,7 @@
 """Photo identity: stable ids and refs."""
 
-from transforms import refs
-from transforms import uris
+from natvision.transforms import refs
+from natvision.transforms import uris
 
 
 def test_image_id_is_stable_and_distinct():

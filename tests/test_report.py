@@ -18,9 +18,9 @@ import shutil
 
 import pytest
 
-from pipelines import embed_images
-from tools import evaluate
-from tools import report
+from natvision.pipelines import embed_images
+from natvision.tools import evaluate
+from natvision.tools import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium")
@@ -76,8 +76,8 @@ def test_the_commands_hand_the_jobs_this_writer(tiny_models, photo_dir,
   assert os.path.exists(os.path.join(command, "report.html"))
   with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
     setup = f.read()
-  assert '"natvision-embed=tools.report:embed_main"' in setup
-  assert '"natvision-ingest=tools.report:ingest_main"' in setup
+  assert '"natvision-embed=natvision.tools.report:embed_main"' in setup
+  assert '"natvision-ingest=natvision.tools.report:ingest_main"' in setup
 
 
 def test_the_job_writes_the_report(labelled_job):
@@ -215,7 +215,7 @@ def test_report_renders_in_chromium_offline(rebuilt, out, tmp_path):
 
 def test_ingestion_writes_a_report_per_partition(tiny_models, tmp_path):
   """Two snapshots, two partitions, two reports; evaluate reads both."""
-  from pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
   from tests.snapshot_gen import SPECIES, SyntheticINat  # pylint: disable=import-outside-toplevel
   world = SyntheticINat(str(tmp_path / "world"), seed=11)
   out = str(tmp_path / "out")
@@ -257,7 +257,7 @@ def test_the_report_reads_tables_one_file_at_a_time(tmp_path, monkeypatch):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  from tools import tables as tables_lib  # pylint: disable=import-outside-toplevel
+  from natvision.tools import tables as tables_lib  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(1)
   files, per_file, n_files = [], 3000, 4
   scores_all, labels_all, errors = [], [], []

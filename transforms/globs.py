@@ -20,7 +20,7 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.refs import InputError
+from natvision.transforms.refs import InputError
 
 
 def check_listable(patterns: Sequence[str]) -> None:

@@ -43,10 +43,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import sinks
-from transforms import uris
-from transforms.records import ImageRef
-from transforms.refs import InputError, as_str, ref_for_uri
+from natvision.transforms import sinks
+from natvision.transforms import uris
+from natvision.transforms.records import ImageRef
+from natvision.transforms.refs import InputError, as_str, ref_for_uri
 
 URI_COLUMN = "uri"
 ID_COLUMN = "image_id"

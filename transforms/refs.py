@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Optional, Tuple
 
-from transforms import config
-from transforms import uris
-from transforms.records import ImageRef
+from natvision.transforms import config
+from natvision.transforms import uris
+from natvision.transforms.records import ImageRef
 
 
 class InputError(config.ConfigError):

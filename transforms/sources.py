@@ -25,18 +25,18 @@ from typing import Iterable, Iterator, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import uris
-from transforms.globs import (COUNT_LIMIT, InputCount, check_listable,  # noqa: F401  pylint: disable=unused-import
+from natvision.transforms import uris
+from natvision.transforms.globs import (COUNT_LIMIT, InputCount, check_listable,  # noqa: F401  pylint: disable=unused-import
                               count_pattern_matches, first_matches)
-from transforms.manifests import (CHECK_ROWS, DEFAULT_ENCODING,  # noqa: F401  pylint: disable=unused-import
+from natvision.transforms.manifests import (CHECK_ROWS, DEFAULT_ENCODING,  # noqa: F401  pylint: disable=unused-import
                                   ID_COLUMN, MANIFEST_FORMATS,
                                   RESERVED_COLUMNS, URI_COLUMN, Manifest,
                                   check_all_rows, check_encoding,
                                   iter_manifest_rows, manifest_format,
                                   read_manifest_header, ref_from_row,
                                   sample_uris)
-from transforms.records import ImageRef
-from transforms.refs import (InputError, duplicate_order,  # noqa: F401  pylint: disable=unused-import
+from natvision.transforms.records import ImageRef
+from natvision.transforms.refs import (InputError, duplicate_order,  # noqa: F401  pylint: disable=unused-import
                              image_id_for_uri, image_id_relative_to,
                              ref_for_uri)
 
