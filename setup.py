@@ -28,7 +28,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=["pipelines", "transforms", "transforms.runtimes",
-              "transforms.snapshots", "tools"],
+              "transforms.snapshots", "transforms.fetch", "tools"],
     package_data={
         "pipelines": ["sample_photos/*"],
     },

@@ -12,17 +12,19 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import email.utils
+import functools
+import heapq
 import http.client
-import logging
+import socket
 import threading
 import time
 import urllib.parse
 from typing import Callable, Dict, Optional
 
 from transforms.fetch.body import HEAD_BYTES, check_body
+from transforms.fetch.breaker import SlotBreaker
 from transforms.fetch.errors import (NOT_FOUND_STATUS, RETRY_AFTER_STATUS,
-                                     FetchError, HostUnavailable,
-                                     HttpStatusError, PhotoTimeout,
+                                     FetchError, HttpStatusError, PhotoTimeout,
                                      is_transient, photo_timeout_error,
                                      too_large)
 from transforms.fetch.settings import (DEFAULT_429_PAUSE_S, MAX_RETRY_AFTER_S,
@@ -47,24 +49,142 @@ def retry_after_s(value: Optional[str], now: Callable[[], float]
     return None
   return max(0.0, when.timestamp() - now())
 
+# The deadline watch of the request this thread is making, if any; the
+# connection classes below hand it the connection they are sending on.
+_THREAD = threading.local()
+
+
+class _Watch:
+  """One request's deadline: its socket is shut down if it is still running
+  then, which ends any read blocked on it (status line, headers or body)."""
+
+  def __init__(self, deadline: float):
+    self.deadline = deadline
+    self._lock = threading.Lock()
+    self._conn = None
+    self._done = False
+    self.fired = False
+
+  def attach(self, conn) -> None:
+    """The connection the request now uses (a redirect may change it)."""
+    with self._lock:
+      if self._done:
+        return
+      self._conn = conn
+      if self.fired:
+        _shut(conn)
+
+  def expire(self) -> None:
+    with self._lock:
+      if self._done:
+        return
+      self.fired = True
+      if self._conn is not None:
+        _shut(self._conn)
+
+  def stop(self) -> bool:
+    """Ends the watch (before the connection goes back to the pool);
+    whether the deadline fired first."""
+    with self._lock:
+      self._done = True
+      return self.fired
+
+
+def _shut(conn) -> None:
+  sock = getattr(conn, "sock", None)
+  if sock is None:
+    return
+  try:  # the plain socket's shutdown, also for TLS: no TLS state is touched
+    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+  except OSError:
+    pass
+
+
+class _Deadlines:
+  """One thread per fetcher that expires watches at their deadlines."""
+
+  def __init__(self, clock: Callable[[], float]):
+    self._clock = clock
+    self._cond = threading.Condition()
+    self._heap = []
+    self._count = 0
+    self._thread = None
+
+  def watch(self, deadline: float) -> _Watch:
+    watch = _Watch(deadline)
+    with self._cond:
+      self._count += 1
+      heapq.heappush(self._heap, (deadline, self._count, watch))
+      if self._thread is None:
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="natvision-photo-deadlines")
+        self._thread.start()
+      self._cond.notify()
+    return watch
+
+  def _run(self) -> None:
+    while True:
+      with self._cond:
+        while not self._heap:
+          self._cond.wait()
+        deadline, _, watch = self._heap[0]
+        wait = deadline - self._clock()
+        if wait > 0:
+          self._cond.wait(wait)
+          continue
+        heapq.heappop(self._heap)
+      watch.expire()
+
+
+def _watched(base):
+  """``base`` (urllib3's HTTP or HTTPS connection) telling the thread's
+  watch which connection its request is on."""
+
+  class Watched(base):
+
+    def connect(self):
+      super().connect()
+      watch = getattr(_THREAD, "watch", None)
+      if watch is not None:
+        watch.attach(self)
+
+    def request(self, *args, **kwargs):  # pylint: disable=arguments-differ
+      watch = getattr(_THREAD, "watch", None)
+      if watch is not None:
+        watch.attach(self)
+      return super().request(*args, **kwargs)
+
+  Watched.__name__ = f"Watched{base.__name__}"
+  return Watched
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_classes() -> Dict[str, type]:
+  import urllib3  # pylint: disable=import-outside-toplevel
+
+  class Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _watched(urllib3.connection.HTTPConnection)
+
+  class TlsPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _watched(urllib3.connection.HTTPSConnection)
+
+  return {"http": Pool, "https": TlsPool}
+
+
 @dataclasses.dataclass
 class _Host:
   """What the fetcher knows of one host (guarded by the fetcher's lock).
 
   Attributes:
     slot: ``per_host_concurrency`` slots for requests in flight.
-    failures: consecutive connection failures, timeouts and 5xx.
-    opened_at: monotonic time the breaker opened (or a trial failed);
-      None while closed.
-    trial: a half-open trial request is in flight.
     not_before: monotonic time before which no first attempt starts
       (Retry-After, 429).
+    breaker: the host's breaker in this process, for photos fetched with
+      no slot state of their own (see ``HttpFetcher.fetch``).
   """
 
   slot: threading.BoundedSemaphore
-  failures: int = 0
-  opened_at: Optional[float] = None
-  trial: bool = False
+  breaker: SlotBreaker
   not_before: float = 0.0
 
 
@@ -72,15 +192,23 @@ class HttpFetcher:
   """Fetches http(s) photos through one pooled urllib3 client.
 
   One per worker process and configuration (``http_fetcher``); thread-safe.
-  Each attempt holds one of ``per_host_concurrency`` slots of its host.
-  Per host, it also keeps the circuit breaker (``host_failure_limit``,
-  ``host_quiet_s``) and the pause a 429 or Retry-After asked for.  All of
-  this is per process: each worker process of a job keeps its own.
+  Each attempt holds one of ``per_host_concurrency`` slots of its host (a
+  cap per process; the job-wide cap is transforms/hosts.py's).  Per host
+  and process, it keeps the pause a 429 or Retry-After asked for, which
+  every photo of the host in the process waits out, and a circuit breaker
+  for photos fetched without one of their own (the slots' breakers,
+  ``breaker.SlotBreaker``, are kept in Beam state by the host-keyed DoFn).
+
+  A photo's deadline bounds each attempt whole: the connection (connect
+  timeout at most what is left), then every read of the status line, the
+  headers and the body: a watchdog thread shuts the socket down at the
+  deadline, so a server that never sends its headers, or sends them a byte
+  at a time, is cut off then.  Name resolution is not bounded by it.
 
   Args:
     config: the fetch flags.
-    now: wall-clock seconds (for Retry-After dates).
-    clock: monotonic seconds (deadlines, breaker, pauses).
+    now: wall-clock seconds (for Retry-After dates and breakers).
+    clock: monotonic seconds (deadlines, pauses).
   """
 
   def __init__(self, config: FetchConfig,
@@ -99,6 +227,8 @@ class HttpFetcher:
                               other=0, redirect=config.max_redirects,
                               raise_on_redirect=True,
                               raise_on_status=False))
+    self._pool.pool_classes_by_scheme = _pool_classes()
+    self._deadlines = _Deadlines(clock)
     self._lock = threading.Lock()
     self._hosts: Dict[str, _Host] = {}
     self._in_flight: Dict[str, int] = {}
@@ -107,8 +237,10 @@ class HttpFetcher:
   def _host(self, host: str) -> _Host:
     with self._lock:
       if host not in self._hosts:
-        self._hosts[host] = _Host(threading.BoundedSemaphore(
-            self._config.per_host_concurrency))
+        self._hosts[host] = _Host(
+            threading.BoundedSemaphore(self._config.per_host_concurrency),
+            SlotBreaker(host, self._config.host_failure_limit,
+                        self._config.host_quiet_s, now=self._now))
       return self._hosts[host]
 
   def _count(self, host: str, delta: int) -> None:
@@ -122,7 +254,8 @@ class HttpFetcher:
 
   def fetch(self, url: str, max_bytes: int, deadline: Optional[float] = None,
             wait_for_host: bool = True,
-            sleep: Callable[[float], None] = time.sleep) -> bytes:
+            sleep: Callable[[float], None] = time.sleep,
+            guard: Optional[SlotBreaker] = None) -> bytes:
     """One attempt at a photo's bytes.
 
     Args:
@@ -130,21 +263,25 @@ class HttpFetcher:
       max_bytes: larger bodies are refused.
       deadline: monotonic time by which the photo must be complete; None:
         no deadline beyond the connect and read timeouts.
-      wait_for_host: wait out a pause the host asked for (a first attempt;
-        a retry has waited in its own schedule).
+      wait_for_host: wait out a pause the host asked for in this process
+        (a first attempt; a retry has waited in its own schedule).
       sleep: how that wait is slept (tests).
+      guard: the breaker that admits the attempt and is told its outcome
+        (the photo's slot); None: the host's breaker in this process.
 
     Raises:
       FetchError: with ``transient``, ``not_found`` and ``retry_after`` set
         from the response or the failure's type; ``PhotoTimeout`` past the
-        deadline; ``HostUnavailable`` while the host's breaker is open.
+        deadline; ``HostUnavailable`` while the guard's breaker is open.
     """
     host = (urllib.parse.urlsplit(url).netloc or url).lower()
     state = self._host(host)
+    guard = guard if guard is not None else state.breaker
     if wait_for_host:
       self._wait_for_host(host, state, url, deadline, sleep)
-    trial = self._admit(host, state)
+    trial = guard.admit()
     failed = None  # no answer and no failure yet: the breaker is told nothing
+    pause = None
     try:
       remaining = self._remaining(deadline)
       if not state.slot.acquire(timeout=None if remaining is None
@@ -162,11 +299,11 @@ class HttpFetcher:
         failed = isinstance(e, PhotoTimeout)
         raise
       except Exception as e:  # noqa: BLE001 - classified by type below
-        self._pause(state, e)
+        pause = self._pause(state, e)
         remaining = self._remaining(deadline)
         if remaining is not None and remaining <= 0:
           failed = True
-          # Most often the socket's read, bounded by what was left.
+          # A read cut off at the deadline (by its timeout or the watchdog).
           raise photo_timeout_error(self._config.photo_timeout, url) from e
         failed = _host_failed(e)
         raise self._failure(url, e) from e
@@ -174,7 +311,7 @@ class HttpFetcher:
         self._count(host, -1)
         state.slot.release()
     finally:
-      self._record(host, state, failed, trial)
+      guard.record(failed, trial, pause)
 
   def _wait_for_host(self, host: str, state: _Host, url: str,
                      deadline: Optional[float],
@@ -191,11 +328,12 @@ class HttpFetcher:
                        f"{url}")
     sleep(wait)
 
-  def _pause(self, state: _Host, e: BaseException) -> None:
-    """A 429 or a Retry-After pauses the host's next first attempts."""
+  def _pause(self, state: _Host, e: BaseException) -> Optional[float]:
+    """A 429 or a Retry-After pauses the host's next first attempts in this
+    process; the seconds asked for (None: no pause)."""
     if not isinstance(e, HttpStatusError) or (
         e.status not in RETRY_AFTER_STATUS):
-      return
+      return None
     pause = e.retry_after
     if pause is None and e.status == 429:
       pause = DEFAULT_429_PAUSE_S
@@ -203,55 +341,13 @@ class HttpFetcher:
       with self._lock:
         state.not_before = max(state.not_before, self._clock() +
                                min(pause, MAX_RETRY_AFTER_S))
-
-  def _admit(self, host: str, state: _Host) -> bool:
-    """Whether this attempt is the half-open trial of an open breaker.
-
-    Raises:
-      HostUnavailable: the breaker is open (or its trial is in flight).
-    """
-    limit = self._config.host_failure_limit
-    with self._lock:
-      if not limit or state.opened_at is None:
-        return False
-      if (self._clock() - state.opened_at >= self._config.host_quiet_s
-          and not state.trial):
-        state.trial = True
-        return True
-    raise HostUnavailable(
-        f"host unavailable after {limit} consecutive failures (connection "
-        f"failures, timeouts or 5xx): {host}; this worker process tries it "
-        f"again {self._config.host_quiet_s:g} s after its last failure")
-
-  def _record(self, host: str, state: _Host, failed: Optional[bool],
-              trial: bool) -> None:
-    """Counts an attempt's outcome towards the host's breaker (None: the
-    attempt never reached the host)."""
-    limit = self._config.host_failure_limit
-    with self._lock:
-      if trial:
-        state.trial = False
-      if failed is None:
-        return
-      if not failed:
-        if state.opened_at is not None:
-          logging.info("host %s answers again: its photos are fetched", host)
-        state.failures, state.opened_at = 0, None
-        return
-      state.failures += 1
-      if limit and (trial or (state.opened_at is None
-                              and state.failures >= limit)):
-        if state.opened_at is None:
-          logging.warning(
-              "host %s unavailable after %d consecutive failures: its photos "
-              "fail at once for %g s", host, state.failures,
-              self._config.host_quiet_s)
-        state.opened_at = self._clock()
+    return pause or None
 
   def _attempt(self, url: str, max_bytes: int,
                deadline: Optional[float]) -> bytes:
     import urllib3  # pylint: disable=import-outside-toplevel
     timeout = None
+    watch = None
     remaining = self._remaining(deadline)
     if remaining is not None:
       if remaining <= 0:
@@ -259,38 +355,60 @@ class HttpFetcher:
       timeout = urllib3.Timeout(
           connect=min(self._config.connect_timeout, remaining),
           read=min(self._config.read_timeout, remaining))
-    resp = self._pool.request("GET", url, preload_content=False,
-                              redirect=True, timeout=timeout)
-    done = False
+      watch = self._deadlines.watch(deadline)
+    _THREAD.watch = watch
     try:
-      if resp.status != 200:
-        raise HttpStatusError(
-            resp.status, http.client.responses.get(resp.status, ""), url,
-            retry_after_s(resp.headers.get("Retry-After"), self._now)
-            if resp.status in RETRY_AFTER_STATUS else None)
-      content_type = (resp.headers.get("Content-Type") or "").split(";")[0]
-      content_type = content_type.strip().lower()
-      length = resp.headers.get("Content-Length")
-      length = int(length) if length and length.isdigit() else None
-      if length is not None and length > max_bytes:
-        raise too_large(max_bytes)
-      head = self._read(resp, min(HEAD_BYTES, max_bytes + 1), deadline, url)
-      check_body(content_type, head, length, url)
-      data = head
-      if len(head) == min(HEAD_BYTES, max_bytes + 1):  # more may follow
-        data += self._read(resp, max_bytes + 1 - len(head), deadline, url)
-      if len(data) > max_bytes:
-        raise too_large(max_bytes)
-      done = True
-      return data
+      resp = self._pool.request("GET", url, preload_content=False,
+                                redirect=True, timeout=timeout)
+      done = False
+      try:
+        data = self._body(resp, url, max_bytes, deadline)
+        if watch is not None and watch.stop():
+          # The socket was shut down at the deadline: the body may be cut.
+          raise photo_timeout_error(self._config.photo_timeout, url)
+        done = True
+        return data
+      finally:
+        if not done:
+          # A body left unread (an error status, a page, a photo too
+          # large, a deadline) makes the connection unusable: close it.
+          # Either way it goes back to the pool, whose slots are otherwise
+          # lost for good (the pool blocks when it has none left: a few
+          # failures would hang the job).
+          resp.close()
+        resp.release_conn()
     finally:
-      if not done:
-        # A body left unread (an error status, a page, a photo too large)
-        # makes the connection unusable: close it.  Either way it goes back
-        # to the pool, whose slots are otherwise lost for good (the pool
-        # blocks when it has none left: a few failures would hang the job).
-        resp.close()
-      resp.release_conn()
+      _THREAD.watch = None
+      if watch is not None:
+        watch.stop()
+
+  def _body(self, resp, url: str, max_bytes: int,
+            deadline: Optional[float]) -> bytes:
+    """The photo's bytes from a response whose headers are in.
+
+    Raises:
+      HttpStatusError: a status other than 200.
+      FetchError: a body too large or that is not a photo.
+    """
+    if resp.status != 200:
+      raise HttpStatusError(
+          resp.status, http.client.responses.get(resp.status, ""), url,
+          retry_after_s(resp.headers.get("Retry-After"), self._now)
+          if resp.status in RETRY_AFTER_STATUS else None)
+    content_type = (resp.headers.get("Content-Type") or "").split(";")[0]
+    content_type = content_type.strip().lower()
+    length = resp.headers.get("Content-Length")
+    length = int(length) if length and length.isdigit() else None
+    if length is not None and length > max_bytes:
+      raise too_large(max_bytes)
+    head = self._read(resp, min(HEAD_BYTES, max_bytes + 1), deadline, url)
+    check_body(content_type, head, length, url)
+    data = head
+    if len(head) == min(HEAD_BYTES, max_bytes + 1):  # more may follow
+      data += self._read(resp, max_bytes + 1 - len(head), deadline, url)
+    if len(data) > max_bytes:
+      raise too_large(max_bytes)
+    return data
 
   def _read(self, resp, limit: int, deadline: Optional[float],
             url: str) -> bytes:

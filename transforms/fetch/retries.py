@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import tenacity
 
 from transforms.fetch import client as client_lib
+from transforms.fetch.breaker import SlotBreaker
 from transforms.fetch.errors import FetchError, photo_timeout_error
 from transforms.fetch.schemes import (HTTP_SCHEMES, SELF_RETRYING_SCHEMES,
                                       read_filesystem, scheme_of)
@@ -112,13 +113,15 @@ def fetch_bytes(uri: str, max_bytes: int, config: Optional[FetchConfig] = None,
                 base_delay: float = DEFAULT_BASE_DELAY,
                 sleep: Callable[[float], None] = time.sleep,
                 on_retry: Optional[Callable[[], None]] = None,
-                opener: Optional[Callable] = None) -> bytes:
+                opener: Optional[Callable] = None,
+                guard: Optional[SlotBreaker] = None) -> bytes:
   """A photo's bytes, fetched the way its scheme needs.
 
   http(s) is fetched by the process's pooled client, retrying transient
-  failures, all within ``config.photo_timeout``; gs:// and s3:// go through Beam's FileSystems, whose clients
-  have already retried what they raise, so they are tried once here; other
-  paths are retried like http(s).
+  failures, all within ``config.photo_timeout`` (every attempt, wait and
+  redirect, the headers included); gs:// and s3:// go through Beam's
+  FileSystems, whose clients have already retried what they raise, so they
+  are tried once here; other paths are retried like http(s).
 
   Args:
     uri: where the photo is.
@@ -126,6 +129,9 @@ def fetch_bytes(uri: str, max_bytes: int, config: Optional[FetchConfig] = None,
     config: the fetch flags; defaults when None.
     attempts, base_delay, sleep, on_retry: see ``with_retries``.
     opener: replaces FileSystems.open for non-http URIs (tests).
+    guard: the breaker of the photo's slot (``breaker.SlotBreaker``) that
+      admits each http(s) attempt and counts its outcome; None: the host's
+      breaker in this worker process.
 
   Raises:
     FetchError: the reason the photo could not be fetched.
@@ -142,7 +148,8 @@ def fetch_bytes(uri: str, max_bytes: int, config: Optional[FetchConfig] = None,
     def attempt() -> bytes:
       tries.append(1)  # only a first try waits out a pause of its host
       return fetcher.fetch(uri, max_bytes, deadline=deadline,
-                           wait_for_host=len(tries) == 1, sleep=sleep)
+                           wait_for_host=len(tries) == 1, sleep=sleep,
+                           guard=guard)
 
     return with_retries(attempt, uri, attempts, base_delay, sleep, on_retry,
                         deadline=deadline, timeout_s=config.photo_timeout)
