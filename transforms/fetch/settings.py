@@ -130,9 +130,10 @@ class FetchConfig:
         "redirects together; past it the photo is an error row")
     parser.add_argument(
         "--host_failure_limit", type=int, default=DEFAULT_HOST_FAILURE_LIMIT,
-        help="consecutive connection failures, timeouts or 5xx from one host "
-        "after which its photos fail at once, per worker process, until a "
-        "trial request succeeds (0: never)")
+        help="consecutive connection failures, timeouts or 5xx on one of a "
+        "host's --per_host_concurrency slots after which that slot's photos "
+        "fail at once, for the whole job, until a trial request after 60 s "
+        "of quiet succeeds (0: never)")
     parser.add_argument(
         "--user_agent", default="",
         help="a contact (URL or e-mail) added to the User-Agent natvision "
