@@ -52,6 +52,8 @@ setuptools.setup(
         "onnxruntime>=1.17,<1.33",
         "onnx>=1.16,<1.24",
         "tf2onnx>=1.16,<1.18",
+        # --taxa: the sparse label x ancestor matrix of the roll-up.
+        "scipy>=1.11,<2",
         # tensorflow_hub imports pkg_resources.
         "setuptools>=65,<81",
     ],
@@ -72,7 +74,7 @@ setuptools.setup(
         "tools": [
             "faiss-cpu>=1.9,<1.16",
             "matplotlib>=3.9,<3.12",
-            # Reading the tables into data frames (README, "Tables").
+            # Reading the tables into data frames (docs/tables.md).
             "pandas>=2.1,<4",
         ],
         "test": [
