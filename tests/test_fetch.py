@@ -1,8 +1,8 @@
 """The fetch package's face: every name other modules use is importable
 from ``transforms.fetch``, whichever module of the package defines it."""
 
-from transforms import fetch
-from transforms.fetch import (body, breaker, client, errors, retries,
+from natvision.transforms import fetch
+from natvision.transforms.fetch import (body, breaker, client, errors, retries,
                               schemes, settings)
 
 

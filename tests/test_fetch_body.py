@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests.http_server import PhotoServer
-from transforms import fetch
+from natvision.transforms import fetch
 
 JPEG = b"\xff\xd8\xff\xe0" + os.urandom(5000)
 

@@ -4,8 +4,8 @@ in Beam."""
 
 import pytest
 
-from transforms import fetch
-from transforms.fetch import breaker
+from natvision.transforms import fetch
+from natvision.transforms.fetch import breaker
 
 
 class _Clock:

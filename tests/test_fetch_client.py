@@ -13,8 +13,8 @@ import pytest
 
 from tests.http_server import PhotoServer
 from tests.slow_servers import SlowHeaders
-from transforms import fetch
-from transforms.fetch import client
+from natvision.transforms import fetch
+from natvision.transforms.fetch import client
 
 JPEG = b"\xff\xd8\xff\xe0" + os.urandom(5000)
 

@@ -2,7 +2,7 @@
 
 import io
 
-from transforms import fetch
+from natvision.transforms import fetch
 
 
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from transforms import fetch
+from natvision.transforms import fetch
 
 
 

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from transforms import fetch
+from natvision.transforms import fetch
 
 
 

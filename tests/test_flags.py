@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from pipelines import embed_images
-from pipelines.embed_images import FlagError
+from natvision.pipelines import embed_images
+from natvision.pipelines.embed_images import FlagError
 
 
 def _parse(*args):

@@ -29,20 +29,20 @@ one module a concern:
 Importing ``transforms.fetch`` gives every public name of these modules.
 """
 
-from transforms.fetch import s3
-from transforms.fetch.body import check_body
-from transforms.fetch.client import (HttpFetcher, fetch_pool, http_fetcher,
+from natvision.transforms.fetch import s3
+from natvision.transforms.fetch.body import check_body
+from natvision.transforms.fetch.client import (HttpFetcher, fetch_pool, http_fetcher,
                                      retry_after_s)
-from transforms.fetch.errors import (FetchError, HostUnavailable,
+from natvision.transforms.fetch.errors import (FetchError, HostUnavailable,
                                      HttpStatusError, PhotoTimeout,
                                      SchemeError, is_not_found, is_transient,
                                      photo_timeout_error, too_large)
-from transforms.fetch.retries import fetch_bytes, with_retries
-from transforms.fetch.schemes import (HTTP_SCHEMES, SCHEME_EXTRAS,
+from natvision.transforms.fetch.retries import fetch_bytes, with_retries
+from natvision.transforms.fetch.schemes import (HTTP_SCHEMES, SCHEME_EXTRAS,
                                       SELF_RETRYING_SCHEMES, check_scheme,
                                       check_schemes, local_path,
                                       read_filesystem, scheme_of)
-from transforms.fetch.settings import (DEFAULT_ATTEMPTS, DEFAULT_BASE_DELAY,
+from natvision.transforms.fetch.settings import (DEFAULT_ATTEMPTS, DEFAULT_BASE_DELAY,
                                        DEFAULT_CONNECT_TIMEOUT,
                                        DEFAULT_FETCH_CONCURRENCY,
                                        DEFAULT_HOST_FAILURE_LIMIT,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from transforms import decode
-from transforms.fetch.errors import FetchError
+from natvision.transforms import decode
+from natvision.transforms.fetch.errors import FetchError
 
 # Bytes of a body read before deciding what it is (a page title fits).
 HEAD_BYTES = 4096

@@ -51,8 +51,8 @@ from typing import Callable, Optional, Tuple
 
 from apache_beam import coders
 
-from transforms.fetch.errors import HostUnavailable
-from transforms.fetch.settings import MAX_RETRY_AFTER_S
+from natvision.transforms.fetch.errors import HostUnavailable
+from natvision.transforms.fetch.settings import MAX_RETRY_AFTER_S
 
 
 @dataclasses.dataclass(frozen=True)

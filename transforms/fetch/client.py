@@ -21,13 +21,13 @@ import time
 import urllib.parse
 from typing import Callable, Dict, Optional
 
-from transforms.fetch.body import HEAD_BYTES, check_body
-from transforms.fetch.breaker import SlotBreaker
-from transforms.fetch.errors import (NOT_FOUND_STATUS, RETRY_AFTER_STATUS,
+from natvision.transforms.fetch.body import HEAD_BYTES, check_body
+from natvision.transforms.fetch.breaker import SlotBreaker
+from natvision.transforms.fetch.errors import (NOT_FOUND_STATUS, RETRY_AFTER_STATUS,
                                      FetchError, HttpStatusError, PhotoTimeout,
                                      is_transient, photo_timeout_error,
                                      too_large)
-from transforms.fetch.settings import (DEFAULT_429_PAUSE_S, MAX_RETRY_AFTER_S,
+from natvision.transforms.fetch.settings import (DEFAULT_429_PAUSE_S, MAX_RETRY_AFTER_S,
                                        FetchConfig)
 
 _CHUNK_BYTES = 64 * 1024

@@ -14,7 +14,7 @@ import functools
 import http.client
 from typing import Optional, Tuple
 
-from transforms import config
+from natvision.transforms import config
 
 # Statuses that mean "no such photo", and those whose Retry-After counts.
 NOT_FOUND_STATUS = (404, 410)

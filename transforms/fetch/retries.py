@@ -18,12 +18,12 @@ from typing import Callable, Optional
 
 import tenacity
 
-from transforms.fetch import client as client_lib
-from transforms.fetch.breaker import SlotBreaker
-from transforms.fetch.errors import FetchError, photo_timeout_error
-from transforms.fetch.schemes import (HTTP_SCHEMES, SELF_RETRYING_SCHEMES,
+from natvision.transforms.fetch import client as client_lib
+from natvision.transforms.fetch.breaker import SlotBreaker
+from natvision.transforms.fetch.errors import FetchError, photo_timeout_error
+from natvision.transforms.fetch.schemes import (HTTP_SCHEMES, SELF_RETRYING_SCHEMES,
                                       read_filesystem, scheme_of)
-from transforms.fetch.settings import (DEFAULT_ATTEMPTS, DEFAULT_BASE_DELAY,
+from natvision.transforms.fetch.settings import (DEFAULT_ATTEMPTS, DEFAULT_BASE_DELAY,
                                        MAX_BACKOFF_S, MAX_RETRY_AFTER_S,
                                        FetchConfig)
 

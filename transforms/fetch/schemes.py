@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.fetch.errors import (FetchError, SchemeError, is_not_found,
+from natvision.transforms.fetch.errors import (FetchError, SchemeError, is_not_found,
                                      is_transient, too_large)
 
 HTTP_SCHEMES = ("http", "https")

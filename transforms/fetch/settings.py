@@ -11,8 +11,8 @@ import argparse
 import dataclasses
 import math
 
-import transforms
-from transforms import config
+from natvision import transforms
+from natvision.transforms import config
 
 DEFAULT_FETCH_CONCURRENCY = 32
 DEFAULT_PER_HOST_CONCURRENCY = 8
