@@ -29,10 +29,10 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     # Installed under one name, natvision (a namespace package: no
     # natvision/__init__.py), from the repository's top-level folders; see
-    # ARCHITECTURE.md, "Import names".
-    packages=["natvision.pipelines", "natvision.transforms",
-              "natvision.transforms.runtimes", "natvision.transforms.snapshots",
-              "natvision.tools"],
+    # ARCHITECTURE.md, "Import names".  Subpackages are found, not listed.
+    packages=["natvision." + name for name in setuptools.find_packages(
+        include=["pipelines", "pipelines.*", "transforms", "transforms.*",
+                 "tools", "tools.*"])],
     package_dir={"natvision.pipelines": "pipelines",
                  "natvision.transforms": "transforms",
                  "natvision.tools": "tools"},
