@@ -158,7 +158,11 @@ def test_duplicates_are_the_pairs_above_the_threshold(out, capsys):
                              [s for s, _, _ in want], atol=1e-5)
 
 
-def test_an_index_of_other_files_is_refused(out, capsys):
+def test_an_index_of_other_files_is_refused(labelled_job, tmp_path, capsys):
+  # Its own copy: the file added below would make the module's ``out``
+  # refuse every later search of this model.
+  out = str(tmp_path / "out")
+  shutil.copytree(labelled_job["out"], out)
   assert search.index_main(["--output_dir", out, "--model",
                             "inception_resnet_v2"]) == 0
   folder = os.path.join(out, "embeddings", "inception_resnet_v2")
