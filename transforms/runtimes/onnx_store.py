@@ -66,10 +66,25 @@ def cached_onnx_path(resolved: models_lib.ResolvedModel,
   for the original (a conversion takes 20-50 s and several GB for a
   full-size model).
   """
-  key = hashlib.sha256("\0".join(
-      (fingerprint, installed_version("tf2onnx"), str(ONNX_OPSET),
-       CACHE_FORMAT)).encode()).hexdigest()[:16]
-  return os.path.join(cache_dir(), f"{resolved.name}-{key}.onnx")
+  return cached_path(resolved.name, ".onnx", fingerprint,
+                     installed_version("tf2onnx"), str(ONNX_OPSET),
+                     CACHE_FORMAT)
+
+
+def cached_path(name: str, suffix: str, *parts: str) -> str:
+  """``<cache_dir>/<name>-<key><suffix>``, the key 16 hex digits of sha256
+  over ``parts``: what a file is made from, never where it lies."""
+  key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+  return os.path.join(cache_dir(), f"{name}-{key}{suffix}")
+
+
+def file_digest(path: str) -> str:
+  """sha256 of a local file's bytes (64 hex digits), read in 4 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def staged_onnx_path(resolved: models_lib.ResolvedModel) -> str:
