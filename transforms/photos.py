@@ -41,6 +41,7 @@ from transforms import fetch as fetch_lib
 from transforms import hosts
 from transforms import preprocess
 from transforms import progress
+from transforms import rgb
 from transforms import uris
 from transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
                                 STAGE_READ, ErrorRecord, ImageRef,
@@ -50,8 +51,8 @@ DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_PREFETCH = 32
-DEFAULT_COLOR_PROFILE = decode_lib.COLOR_PROFILE_IGNORE
-COLOR_PROFILES = decode_lib.COLOR_PROFILES
+DEFAULT_COLOR_PROFILE = rgb.COLOR_PROFILE_IGNORE
+COLOR_PROFILES = rgb.COLOR_PROFILES
 
 
 # How bytes are fetched (and which failures are retried) is decided by
@@ -146,7 +147,7 @@ class PhotoConfig:
       raise config.ConfigError("--decode_threads must be 0 (no pool) or more")
     if self.prefetch < 1:
       raise config.ConfigError("--prefetch must be at least 1")
-    decode_lib.check_color_profile(self.color_profile)
+    rgb.check_color_profile(self.color_profile)
 
   @staticmethod
   def add_flags(parser) -> None:
