@@ -105,7 +105,8 @@ def test_uint8_and_float_inputs_agree(model_root, photos, tmp_path):
 def test_one_session_serves_many_threads(model_root, tmp_path):
   resolved = resolve(model_root, "fungi_mobile_v1")
   session = onnx_session.OnnxSession(
-      resolved, onnx_convert.convert_to_onnx(resolved, str(tmp_path / "m.onnx")))
+      resolved,
+      onnx_convert.convert_to_onnx(resolved, str(tmp_path / "m.onnx")))
   batches = [noise(2, seed) for seed in range(6)]
   expected = [session.predict(b) for b in batches]
   results = [None] * len(batches)
