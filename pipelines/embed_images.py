@@ -36,7 +36,6 @@ from transforms import embed
 from transforms import fetch
 from transforms import helptext
 from transforms import licenses
-from transforms import models as models_lib
 from transforms import resume as resume_lib
 from transforms import sinks
 from transforms import sources
@@ -44,17 +43,10 @@ from transforms import spec as spec_lib
 from transforms import summary as summary_lib
 from transforms.config import ConfigError
 
-# Kept for callers of the former names.
-FlagError = ConfigError
-DEFAULT_MODELS = models_lib.DEFAULT_MODELS
-
 SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "sample_photos")
 SAMPLE_PHOTO_EXTENSIONS = ("jpg", "png", "webp")
 DEFAULT_DEMO_OUTPUT = "natvision_demo"
-# The tables are committed by the pipeline's last step, not by the launcher,
-# so a template launch that does not wait for the job is safe (deploy/).
-COMMITS_IN_PIPELINE = True
 
 
 @dataclasses.dataclass(frozen=True)

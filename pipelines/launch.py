@@ -43,7 +43,6 @@ from apache_beam.runners.runner import PipelineState
 
 import transforms
 from transforms import commit
-from transforms import config as config_lib
 from transforms import console
 from transforms import models as models_lib
 from transforms import progress
@@ -383,6 +382,3 @@ def main(job: Job, argv: Optional[Sequence[str]] = None) -> int:
     return 1
   return job.exit_status(report)
 
-
-# Kept for the callers that build keyed flags without importing config.
-key_values = config_lib.key_values

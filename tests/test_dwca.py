@@ -13,6 +13,7 @@ from tests.dwca_helpers import (  # noqa: F401  (server: a fixture)
     AC, CORE_TERMS, DC, DWC, EMB, GBIF, MEDIA_TERMS, SMALL_CORE,
     archive_meta as _archive_meta, folder as _folder, lines_of as _lines_of,
     meta as _meta, part as _part, run_job as _run, tsv as _tsv, server)
+from transforms import config as config_lib
 from transforms import dwca
 
 
@@ -149,7 +150,7 @@ def test_license_filter_on_a_manifest(tmp_path, tiny_models, server):
                              "--license", "cc-by")
   assert [r["uri"] for r in emb] == [server.url("/img/1")]
   assert run_json["filtered_by_license"] == 2
-  with pytest.raises(embed_images.FlagError, match="unknown licence name"):
+  with pytest.raises(config_lib.ConfigError, match="unknown licence name"):
     embed_images.parse_args(["--input", str(manifest), "--output_dir", "o",
                              "--model_root", tiny_models,
                              "--license", "cc-by-4.0"])
@@ -158,7 +159,7 @@ def test_license_filter_on_a_manifest(tmp_path, tiny_models, server):
 def test_license_needs_a_licence_column(tmp_path, tiny_models):
   manifest = tmp_path / "m.csv"
   manifest.write_text("uri\n/a.jpg\n")
-  with pytest.raises(embed_images.FlagError, match="no column named license"):
+  with pytest.raises(config_lib.ConfigError, match="no column named license"):
     embed_images.run(["--input", str(manifest), "--output_dir",
                       str(tmp_path / "o"), "--model_root", tiny_models,
                       "--models", EMB, "--runtime", "tf", "--license", "cc0"])

@@ -38,7 +38,6 @@ RUNTIME_TF = "tf"
 RUNTIME_ONNX = "onnx"
 
 # What --runtime may ask for, and what a decision may hold.
-Requested = Literal["auto", "tf", "onnx"]
 Decided = Literal["tf", "onnx"]
 REQUESTS = models_lib.RUNTIME_REQUESTS
 DECIDED = (RUNTIME_TF, RUNTIME_ONNX)
