@@ -64,7 +64,6 @@ from transforms import summary as summary_lib
 from transforms.config import ConfigError
 
 DEFAULT_MAX_ATTEMPTS = 3
-SUCCESS_MARKER = commit.SUCCESS_MARKER
 RUNS_DIR = "runs"
 RUN_ID_PREFIX = "ingest"
 

@@ -56,9 +56,8 @@ COLOR_PROFILES = rgb.COLOR_PROFILES
 
 
 # How bytes are fetched (and which failures are retried) is decided by
-# transforms.fetch; these names are its, kept here for callers.
+# transforms.fetch; its error, by the name the stages here use.
 ReadError = fetch_lib.FetchError
-is_transient = fetch_lib.is_transient
 
 
 def read_bytes(uri: str, max_bytes: int,

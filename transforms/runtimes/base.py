@@ -39,7 +39,6 @@ RUNTIME_ONNX = "onnx"
 
 # What --runtime may ask for, and what a decision may hold.
 Decided = Literal["tf", "onnx"]
-REQUESTS = models_lib.RUNTIME_REQUESTS
 DECIDED = (RUNTIME_TF, RUNTIME_ONNX)
 
 # --precision: fp32 (the models' own arithmetic, the default) or int8 (ONNX
