@@ -69,6 +69,17 @@ def test_a_file_is_refused_unless_it_records_precision_and_fingerprint():
     onnx_session.require_identity(session, "fp32", "a" * 32, "the file")
 
 
+def test_a_failed_probe_run_names_the_model_and_the_file():
+  session = onnx_session.OnnxSession(_model(), "/cache/m.onnx",
+                                     model_bytes=_flatten_model())
+  wrong = np.zeros((1, 3, 3, 3), np.uint8)  # the graph takes 2x2 images
+  with pytest.raises(models_lib.ModelError) as raised:
+    session.predict_probe(wrong)
+  assert str(raised.value).startswith(
+      "model fungi_mobile_v1: ONNX Runtime failed on the probe batch "
+      "(/cache/m.onnx): ")
+
+
 def test_a_file_without_one_images_input_is_refused():
   proto = onnx.load_from_string(_flatten_model())
   proto.graph.input[0].name = "pixels"

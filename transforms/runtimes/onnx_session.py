@@ -113,6 +113,19 @@ class OnnxSession:
     (out,) = self._session.run(None, {ONNX_INPUT: self._scaled(batch)})
     return np.asarray(out, dtype=np.float32)
 
+  def predict_probe(self, batch: np.ndarray) -> np.ndarray:
+    """``predict`` on a check's batch; ONNX Runtime's failures as ModelError.
+
+    Raises:
+      ModelError: naming the model, the file and ONNX Runtime's message.
+    """
+    try:
+      return self.predict(batch)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own kinds
+      raise models_lib.ModelError(
+          f"model {self.resolved.name}: ONNX Runtime failed on the probe "
+          f"batch ({self.path}): {e}") from e
+
   @property
   def fingerprint(self) -> Optional[str]:
     """The fingerprint of the model files the file records it was made
