@@ -29,10 +29,11 @@ is carried as ``occurrence_<name>``.
 
 Reading.  python-dwca-reader parses ``meta.xml`` (field indices, terms,
 defaults, delimiters, declared encoding); the data files are read by
-transforms/dwca_files.py, streaming, by Python's ``csv`` module over a strictly decoded text stream,
-because python-dwca-reader fails the whole archive on one short line,
-reads only the first ``<location>``, splits lines on the declared
-terminator only and decodes bad bytes as U+FFFD.  So:
+transforms/dwca_files.py, streaming, by Python's ``csv`` module over a
+strictly decoded text stream, because python-dwca-reader fails the whole
+archive on one short line, reads only the first ``<location>``, splits
+lines on the declared terminator only and decodes bad bytes as U+FFFD.
+So:
 
 - every ``<location>`` of the core and of the multimedia extension is read;
 - ``\\n``, ``\\r\\n`` and ``\\r`` all end a line, whatever
@@ -53,11 +54,11 @@ terminator only and decodes bad bytes as U+FFFD.  So:
   byte offset and encoding, as manifests do (transforms/sources.py): a
   replaced byte would corrupt the creator and rightsHolder a CC BY licence
   requires in every table, and a skip would lose photos that a rerun with
-  the right encoding reads whole.  The launcher decodes the first ``CHECK_BYTES``
-  (16 MiB) of every data file (``check_data_files``), so a wrong encoding
-  fails in seconds whatever the archive's size; the workers decode every
-  byte strictly again, so a bad byte further on fails the job (nothing is
-  committed) with the same message.
+  the right encoding reads whole.  The launcher decodes the first
+  ``CHECK_BYTES`` (16 MiB) of every data file (``check_data_files``), so
+  a wrong encoding fails in seconds whatever the archive's size; the
+  workers decode every byte strictly again, so a bad byte further on fails
+  the job (nothing is committed) with the same message.
 
 An archive on gs:// or s3:// is copied to a local temporary folder first;
 of a local zip, the data files are read straight from the zip.

@@ -220,7 +220,8 @@ def build_network(name: str, tiny: bool = False):
   return tf_keras.Model(trunk.input, x, name=f"standin_{name}")
 
 
-def random_kernels(variables, seed: int, name: str) -> List[Optional[np.ndarray]]:
+def random_kernels(variables, seed: int,
+                   name: str) -> List[Optional[np.ndarray]]:
   """Draws He-normal values for every kernel in ``variables``, in order.
 
   Biases and batch-norm parameters keep their constant Keras initial values

@@ -295,7 +295,6 @@ def file_key(name: str, path: Optional[str], fingerprint: Optional[str],
   return (base.RUNTIME_ONNX, name, real, fingerprint, precision, threads)
 
 
-
 # --------------------------------------------------------------------------
 # Finding the file: the decided one, staged, cached, or converted here.
 
@@ -320,6 +319,7 @@ def _local_staged(resolved: models_lib.ResolvedModel,
   local = store.local_copy(staged,
                            f"{resolved.name}-staged-{fingerprint[:16]}.onnx")
   return (local if os.path.exists(local) else None), fingerprint
+
 
 def find_or_convert(resolved: models_lib.ResolvedModel,
                     intra_op_threads: Optional[int] = None,

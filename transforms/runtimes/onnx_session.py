@@ -1,4 +1,4 @@
-"""An ONNX file as natvision reads it: opened by ONNX Runtime, and what it records.
+"""An ONNX file opened by ONNX Runtime; what it records.
 
 Decides how a file is opened (execution providers, one session per process
 for all its threads, uint8 scaled straight into a per-thread buffer), which

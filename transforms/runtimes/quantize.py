@@ -1,4 +1,4 @@
-"""--precision int8: whether a model runs quantized, decided on the job's photos.
+"""--precision int8: whether a model runs quantized, decided on job photos.
 
 Why: on CPUs with 8-bit dot-product instructions (AVX-512 VNNI, AMX),
 ONNX Runtime runs a statically quantized CNN about twice as fast as in
