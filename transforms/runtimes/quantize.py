@@ -66,7 +66,8 @@ class QuantizationConfig:
 
   Attributes:
     precision: ``fp32`` (the default) or ``int8``.
-    min_agreement: (figure, minimum) pairs, every figure of ``FIGURES``.
+    min_agreement: (figure, minimum) pairs, every figure of
+      ``agreement.FIGURES``.
     calibration_photos: photos of the job the ranges are calibrated on.
     agreement_photos: other photos of the job int8 is checked on.
 
