@@ -27,10 +27,17 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["pipelines", "transforms", "transforms.runtimes",
-              "transforms.snapshots", "tools"],
+    # Installed under one name, natvision (a namespace package: no
+    # natvision/__init__.py), from the repository's top-level folders; see
+    # ARCHITECTURE.md, "Import names".  Subpackages are found, not listed.
+    packages=["natvision." + name for name in setuptools.find_packages(
+        include=["pipelines", "pipelines.*", "transforms", "transforms.*",
+                 "tools", "tools.*"])],
+    package_dir={"natvision.pipelines": "pipelines",
+                 "natvision.transforms": "transforms",
+                 "natvision.tools": "tools"},
     package_data={
-        "pipelines": ["sample_photos/*"],
+        "natvision.pipelines": ["sample_photos/*"],
     },
     install_requires=[
         "apache-beam>=2.70,<2.78",
@@ -52,6 +59,8 @@ setuptools.setup(
         "onnxruntime>=1.17,<1.33",
         "onnx>=1.16,<1.24",
         "tf2onnx>=1.16,<1.18",
+        # --taxa: the sparse label x ancestor matrix of the roll-up.
+        "scipy>=1.11,<2",
         # tensorflow_hub imports pkg_resources.
         "setuptools>=65,<81",
     ],
@@ -72,7 +81,7 @@ setuptools.setup(
         "tools": [
             "faiss-cpu>=1.9,<1.16",
             "matplotlib>=3.9,<3.12",
-            # Reading the tables into data frames (README, "Tables").
+            # Reading the tables into data frames (docs/tables.md).
             "pandas>=2.1,<4",
         ],
         "test": [
@@ -99,14 +108,14 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "natvision-embed=tools.report:embed_main",
-            "natvision-ingest=tools.report:ingest_main",
-            "natvision-standins=tools.standins:main",
-            "natvision-evaluate=tools.evaluate:main",
-            "natvision-index=tools.search:index_main",
-            "natvision-search=tools.search:main",
-            "natvision-report=tools.report:main",
-            "natvision-stage-onnx=tools.stage_onnx:main",
+            "natvision-embed=natvision.tools.report:embed_main",
+            "natvision-ingest=natvision.tools.report:ingest_main",
+            "natvision-standins=natvision.tools.standins:main",
+            "natvision-evaluate=natvision.tools.evaluate:main",
+            "natvision-index=natvision.tools.search:index_main",
+            "natvision-search=natvision.tools.search:main",
+            "natvision-report=natvision.tools.report:main",
+            "natvision-stage-onnx=natvision.tools.stage_onnx:main",
         ],
     },
 )

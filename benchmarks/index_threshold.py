@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from tools import index as index_lib
+from natvision.tools import index as index_lib
 
 
 def clustered(n: int, d: int, seed: int) -> np.ndarray:

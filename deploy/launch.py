@@ -39,11 +39,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"with --target set to one of {', '.join(PIPELINES)}",
           file=sys.stderr)
     return 2
-  module = importlib.import_module(f"pipelines.{name}")
-  # The run report is tools/report.py's, the jobs' last step once imported
+  module = importlib.import_module(f"natvision.pipelines.{name}")
+  # The run report is tools/report.py's, handed to the job as its last step
   # (the pipelines never import tools/).
-  importlib.import_module("tools.report")
-  return module.main(argv)
+  html_report = importlib.import_module("natvision.tools.report")
+  return module.main(argv, report_writer=html_report.write_after_run)
 
 
 if __name__ == "__main__":

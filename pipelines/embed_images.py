@@ -10,7 +10,7 @@ The graph: read the input (globs, a manifest or a Darwin Core archive) into
 one ``ImageRef`` per distinct photo; leave out photos under other licences
 (``--license``); embed and write (transforms/embed.py); count the run's
 figures (transforms/summary.py); commit the tables and write ``run.json``
-and ``report.html`` (the writer ``launch.report_writer()`` names) in the
+and ``report.html`` (``launch.Plan.report_writer``, when given) in the
 last step (transforms/commit.py).  The launch steps around it are
 pipelines/launch.py's.
 """
@@ -29,19 +29,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import launch
-from transforms import commit
-from transforms import dwca
-from transforms import embed
-from transforms import fetch
-from transforms import helptext
-from transforms import licenses
-from transforms import resume as resume_lib
-from transforms import sinks
-from transforms import sources
-from transforms import spec as spec_lib
-from transforms import summary as summary_lib
-from transforms.config import ConfigError
+from natvision.pipelines import launch
+from natvision.transforms import commit
+from natvision.transforms import dwca
+from natvision.transforms import embed
+from natvision.transforms import fetch
+from natvision.transforms import helptext
+from natvision.transforms import licenses
+from natvision.transforms import resume as resume_lib
+from natvision.transforms import sinks
+from natvision.transforms import sources
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import summary as summary_lib
+from natvision.transforms.config import ConfigError
 
 SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "sample_photos")
@@ -290,7 +290,7 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
              } | "Summarize" >> summary_lib.Summarize()
   _ = out[embed.WRITTEN] | "CommitRun" >> commit.CommitRun(
       plan.layout, RunReport(plan.base, config.max_error_rate,
-                             launch.report_writer()),
+                             plan.report_writer),
       beam.pvalue.AsSingleton(figures))
 
 
@@ -301,7 +301,8 @@ class RunReport:
   (models, flags, start time) comes in ``base``; the figures are counted
   in the graph (transforms/summary.py); rows per table are read from the
   committed files' footers.  report.html is ``write_report``'s
-  (``launch.report_writer()``, tools/report.py's); None writes none.
+  (``launch.Plan.report_writer``: tools/report.py's for the command); None
+  writes none.
   """
 
   def __init__(self, base: dict, max_error_rate: Optional[float],
@@ -411,7 +412,7 @@ class EmbedJob(launch.Job):
       raise ConfigError(
           "--precision int8 is not offered for a Darwin Core input yet; "
           "list the photos in a manifest, or run in fp32")
-    from transforms.runtimes import sample  # pylint: disable=import-outside-toplevel
+    from natvision.transforms.runtimes import sample  # pylint: disable=import-outside-toplevel
     refs = sample.pick(count, patterns=config.inputs,
                        manifest=prepared.manifest)
     return sample.prepare(refs, config.embed.photos)
@@ -459,23 +460,26 @@ class EmbedJob(launch.Job):
 JOB = EmbedJob()
 
 
-def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
+def run(argv: Optional[Sequence[str]] = None, test_pipeline=None,
+        report_writer: Optional[launch.ReportWriter] = None) -> dict:
   """Runs the job; returns the run report (also written to run.json).
 
   Args:
     argv: command-line flags (application and Beam flags together).
     test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+    report_writer: writes the HTML report after the summary (tools/report.py's
+      ``write_after_run``); None writes none.
 
   Raises:
     ConfigError: bad flags, input or models, before the pipeline starts.
     storage.StorageError: storage failed; running again resumes.
   """
-  return launch.run(JOB, argv, test_pipeline)
+  return launch.run(JOB, argv, test_pipeline, report_writer)
 
 
 def _ensure_demo_models(config: JobConfig) -> None:
   """Writes tiny stand-in models for --demo unless they are there already."""
-  from transforms import standins  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import standins  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(config.models[0].path.rstrip("/"))
   missing = [m.name for m in config.models
              if not FileSystems.exists(FileSystems.join(m.path,
@@ -486,9 +490,10 @@ def _ensure_demo_models(config: JobConfig) -> None:
     standins.write_standins(root, tiny=True, models=missing)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None,
+         report_writer: Optional[launch.ReportWriter] = None) -> int:
   """natvision-embed; exit status as pipelines/launch.py says."""
-  return launch.main(JOB, argv)
+  return launch.main(JOB, argv, report_writer)
 
 
 def exit_status(report: dict) -> int:

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny stand-in models and real photos on disk.
 
-Two tiers (README, "Tests"): ``python -m pytest -q tests`` runs the default
+Two tiers (docs/tests.md): ``python -m pytest -q tests`` runs the default
 tier, every test not marked ``slow``; ``python -m pytest -q -m slow tests``
 runs only the slow tier and ``--runslow`` runs both.  An explicit ``-m``
 expression always chooses for itself.
@@ -84,11 +84,11 @@ def tiny_models(tmp_path_factory, session_caches):
   finds them cached.  Tests must not modify the folder.
   """
   # pylint: disable=import-outside-toplevel
-  from tools import standins as standin_models
-  from transforms import models as models_lib
-  from transforms.runtimes import base as runtimes_base
-  from transforms.runtimes import onnx_convert
-  from transforms.runtimes import onnx_store
+  from natvision.tools import standins as standin_models
+  from natvision.transforms import models as models_lib
+  from natvision.transforms.runtimes import base as runtimes_base
+  from natvision.transforms.runtimes import onnx_convert
+  from natvision.transforms.runtimes import onnx_store
   root = str(tmp_path_factory.mktemp("models"))
   standin_models.write_standins(root, tiny=True)
   for resolved in models_lib.resolve_models(list(TINY_NAMES), root,
@@ -144,16 +144,17 @@ def labelled_job(tiny_models, tmp_path_factory):
   Returns a dict: ``out`` (the output folder), ``photos`` (the
   LabelledPhotos written) and ``models`` (the tiny stand-ins' root).
   """
-  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images  # pylint: disable=import-outside-toplevel
   from tests import labelled_photos  # pylint: disable=import-outside-toplevel
   root = str(tmp_path_factory.mktemp("labelled"))
   photos = labelled_photos.make_labelled_photos(
       root, real_photo_paths(), os.path.join(tiny_models, "fungi_mobile_v1"))
   out = os.path.join(root, "out")
+  from natvision.tools.report import write_after_run  # pylint: disable=import-outside-toplevel
   report = embed_images.run([
       "--input", photos.manifest, "--output_dir", out,
       "--model_root", tiny_models, "--runtime", "tf", "--batch_size", "8",
-      "--top_k", "5"])
+      "--top_k", "5"], report_writer=write_after_run)
   return {"out": out, "photos": photos, "models": tiny_models,
           "report": report}
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from transforms import console
+from natvision.transforms import console
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ def test_notice_pattern():
 def test_child_processes_stderr_is_filtered_but_errors_pass():
   script = textwrap.dedent(f"""
       import os, subprocess, sys
-      from transforms import console
+      from natvision.transforms import console
       console.configure_logging(verbose=False)
       lines = {NOTICES + KEPT!r}
       # A child process (as a model conversion) writes to the same fd 2.

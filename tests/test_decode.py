@@ -9,8 +9,8 @@ from PIL import Image, ImageFile
 
 from tests import corpus
 from tests.corpus import encode as _encode, read as _read, written  # noqa: F401
-from transforms import decode
-from transforms.decode import DecodeError, decode_image
+from natvision.transforms import decode
+from natvision.transforms.decode import DecodeError, decode_image
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::PIL.Image.DecompressionBombWarning")

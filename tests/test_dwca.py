@@ -8,13 +8,13 @@ import zipfile
 
 import pytest
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests.dwca_helpers import (  # noqa: F401  (server: a fixture)
     AC, CORE_TERMS, DC, DWC, EMB, GBIF, MEDIA_TERMS, SMALL_CORE,
     archive_meta as _archive_meta, folder as _folder, lines_of as _lines_of,
     meta as _meta, part as _part, run_job as _run, tsv as _tsv, server)
-from transforms import config as config_lib
-from transforms import dwca
+from natvision.transforms import config as config_lib
+from natvision.transforms import dwca
 
 
 def _gbif_zip(path, server):

@@ -12,13 +12,13 @@ import zipfile
 
 import pytest
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests.dwca_helpers import (  # noqa: F401  (server: a fixture)
     EMB, MEDIA_TERMS, SMALL_CORE, archive_meta as _archive_meta,
     folder as _folder, lines_of as _lines_of, part as _part, run_job as _run,
     server)
-from transforms import dwca
-from transforms import dwca_files
+from natvision.transforms import dwca
+from natvision.transforms import dwca_files
 
 
 def test_unreadable_lines_are_counted_and_named(tmp_path, tiny_models,

@@ -20,12 +20,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import embed_images
-from transforms.config import ConfigError
+from natvision.pipelines import embed_images
+from natvision.transforms.config import ConfigError
 from tests.conftest import real_photo_paths
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms import photos, progress, sinks, snapshots, sources, uris
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms import photos, progress, sinks, snapshots, sources, uris
 
 LATIN1_NAME = b"caf\xe9.jpg"  # "café.jpg" saved by a Latin-1 system
 
@@ -327,6 +327,9 @@ def test_reserved_columns_are_every_output_column_of_every_table():
   for spec in models_lib.REGISTRY.values():
     model = models_lib.ResolvedModel(spec=spec, path="", resize=spec.resize)
     names |= set(sinks.schema_for(model).names)
+  # With --taxa, the predictions' taxonomy columns are output columns too.
+  assert set(sinks.TAXON_COLUMNS) <= sources.RESERVED_COLUMNS
+  names |= set(sinks.TAXON_COLUMNS)
   assert sources.RESERVED_COLUMNS == names
   assert {"image_id", "uri", "model", "embedding", "label", "score",
           "top_k_scores", "stage", "error"} <= sources.RESERVED_COLUMNS

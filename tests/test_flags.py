@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from pipelines import embed_images
-from transforms import models as models_lib
-from transforms.config import ConfigError
+from natvision.pipelines import embed_images
+from natvision.transforms import models as models_lib
+from natvision.transforms.config import ConfigError
 
 
 def _parse(*args):

@@ -12,8 +12,8 @@ from PIL import Image
 
 from tests import corpus
 from tests.corpus import encode as _encode
-from transforms import formats
-from transforms.decode import DecodeError, decode_image
+from natvision.transforms import formats
+from natvision.transforms.decode import DecodeError, decode_image
 
 
 def test_images_and_foreign_files_are_told_apart():

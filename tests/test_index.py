@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.search_helpers import MODEL, out, read_table as _table  # noqa: F401
-from tools import index
-from tools import search
+from natvision.tools import index
+from natvision.tools import search
 
 
 def test_index_is_exact_below_the_threshold_and_records_its_files(out,

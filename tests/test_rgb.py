@@ -12,8 +12,8 @@ from PIL import Image
 
 from tests import corpus
 from tests.corpus import encode as _encode, read as _read, written  # noqa: F401
-from transforms import rgb
-from transforms.decode import decode_image
+from natvision.transforms import rgb
+from natvision.transforms.decode import decode_image
 
 
 # --- transparency in every mode --------------------------------------------

@@ -7,9 +7,9 @@ sorted lists) on random arrays; the split against the photos it was given.
 import numpy as np
 import pytest
 
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms.runtimes import agreement
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import agreement
 
 
 def _top_k_set(row, k):

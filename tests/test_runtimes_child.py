@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from transforms import models as models_lib
-from transforms.runtimes import child
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import child
 
 
 def _pid_and_square(x):

@@ -14,15 +14,15 @@ import os
 
 import pytest
 
-from pipelines import launch
+from natvision.pipelines import launch
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     FakeClock, conversions, counting_opens, loaded_tf, model_root,
     nothing_remembered, onnx_cache, other_root, photos, plant_wrong_onnx,
     resolve, slowed, staged_copy, staged_root, tf_loads)
-from transforms import runtimes
-from transforms.runtimes import chooser
-from transforms.runtimes import base as runtimes_base
-from transforms.runtimes import onnx as onnx_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import base as runtimes_base
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 
 # One model in the default tier; each conversion starts a child process.

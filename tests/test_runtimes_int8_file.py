@@ -11,7 +11,7 @@ import types
 import numpy as np
 from onnx import TensorProto, helper
 
-from transforms.runtimes import int8_file
+from natvision.transforms.runtimes import int8_file
 
 
 def _graph(ops):

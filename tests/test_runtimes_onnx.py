@@ -23,14 +23,14 @@ from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     NAMES, REPO, conversions, loaded_tf, model_root, noise,
     nothing_remembered, onnx_cache, other_root, photos, plant_wrong_onnx,
     resolve)
-from transforms import standins as standin_models
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms.runtimes import chooser
-from transforms.runtimes import base as runtimes_base
-from transforms.runtimes import onnx_convert
-from transforms.runtimes import onnx_session
-from transforms.runtimes import onnx_store
+from natvision.transforms import standins as standin_models
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import base as runtimes_base
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_session
+from natvision.transforms.runtimes import onnx_store
 
 
 def test_onnx_refuses_a_model_that_differs(model_root, other_root):
@@ -70,9 +70,9 @@ def test_conversion_happens_once_per_cache(model_root, onnx_cache,
 
 _CONVERT_SCRIPT = """
 import sys
-from transforms import models
-from transforms.runtimes import chooser
-from transforms.runtimes import onnx_convert
+from natvision.transforms import models
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import onnx_convert
 count = []
 convert = onnx_convert.convert_in_child
 def counting(*args, **kwargs):

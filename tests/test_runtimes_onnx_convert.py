@@ -13,10 +13,10 @@ import pytest
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     NAMES, loaded_tf, model_root, noise, nothing_remembered, onnx_cache,
     photos, resolve)
-from transforms import runtimes
-from transforms.runtimes import base as runtimes_base
-from transforms.runtimes import onnx_convert
-from transforms.runtimes import onnx_session
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import base as runtimes_base
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_session
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -15,9 +15,9 @@ from onnx import TensorProto, helper
 
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     model_root, noise, nothing_remembered, onnx_cache, photos, resolve)
-from transforms import models as models_lib
-from transforms.runtimes import onnx_convert
-from transforms.runtimes import onnx_session
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_session
 
 
 def _flatten_model(metadata=None) -> bytes:

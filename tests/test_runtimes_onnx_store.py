@@ -12,7 +12,7 @@ import types
 import pytest
 
 from tests import faulty_fs
-from transforms.runtimes import onnx_store
+from natvision.transforms.runtimes import onnx_store
 
 
 @pytest.fixture(autouse=True)

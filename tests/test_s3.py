@@ -10,12 +10,12 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import embed_images
-from pipelines import ingest_observations as ingest
+from natvision.pipelines import embed_images
+from natvision.pipelines import ingest_observations as ingest
 from tests.conftest import real_photo_paths
 from tests.s3_server import anonymous_aws, s3_server  # noqa: F401 (fixtures)
 from tests.snapshot_gen import SPECIES, SyntheticINat
-from transforms import fetch
+from natvision.transforms import fetch
 
 EMB = "inaturalist_v2"
 
@@ -40,7 +40,7 @@ def test_public_read_unsigned_and_private_needs_credentials(
   # Credentials in the environment are used: the private object reads.
   monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake-for-moto")
   monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-for-moto")
-  monkeypatch.setattr(fetch, "_S3_CLIENTS", {})
+  monkeypatch.setattr(fetch.s3, "_S3_CLIENTS", {})
   assert fetch.fetch_bytes(f"{private}/b.jpg", 100) == b"private bytes"
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.search_helpers import MODEL, out, read_table as _table  # noqa: F401
-from tools import search
+from natvision.tools import search
 
 
 def _brute_force(table, vector, k):

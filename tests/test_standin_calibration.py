@@ -9,9 +9,9 @@ calibration needs of them (seeded, in [0, 1], varied).
 import numpy as np
 import pytest
 
-from transforms import models
-from transforms import standin_calibration
-from transforms.runtimes import tf as tf_runtime
+from natvision.transforms import models
+from natvision.transforms import standin_calibration
+from natvision.transforms.runtimes import tf as tf_runtime
 
 ALL_NAMES = ["inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2"]
 
@@ -33,7 +33,7 @@ def _crops_of_real_photos():
   """Four crops of each of six real photos, squashed to 299x299 uint8."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from tests.conftest import real_photo_paths  # pylint: disable=import-outside-toplevel
-  from transforms import preprocess  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import preprocess  # pylint: disable=import-outside-toplevel
   images, sources = [], []
   for i, path in enumerate(real_photo_paths()):
     photo = Image.open(path).convert("RGB")

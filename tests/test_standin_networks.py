@@ -11,10 +11,10 @@ import types
 import numpy as np
 import pytest
 
-from transforms import models
-from transforms import standin_networks
-from transforms import standins as standin_models
-from transforms.runtimes import tf as tf_runtime
+from natvision.transforms import models
+from natvision.transforms import standin_networks
+from natvision.transforms import standins as standin_models
+from natvision.transforms.runtimes import tf as tf_runtime
 
 
 def _variable(name, shape):

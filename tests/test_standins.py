@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 
-from tools import standins as standins_cli
-from transforms import models
-from transforms import standins as standin_models
-from transforms.runtimes import tf as tf_runtime
+from natvision.tools import standins as standins_cli
+from natvision.transforms import models
+from natvision.transforms import standins as standin_models
+from natvision.transforms.runtimes import tf as tf_runtime
 
 # TensorFlow is imported by the tests that use it, not at collection.
 # pylint: disable=import-outside-toplevel

@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-import transforms
-from transforms import models as models_lib
-from transforms import storage
-from tools import tables as tables_lib
+from natvision import transforms
+from natvision.transforms import models as models_lib
+from natvision.transforms import storage
+from natvision.tools import tables as tables_lib
 
 INDEX_DIR = "_index"
 INDEX_FILE = "index.faiss"

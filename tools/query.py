@@ -16,11 +16,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from transforms import models as models_lib
-from transforms import sinks
-from transforms import spec as spec_lib
-from tools import tables as tables_lib
-from tools.index import SearchError
+from natvision.transforms import models as models_lib
+from natvision.transforms import sinks
+from natvision.transforms import spec as spec_lib
+from natvision.tools import tables as tables_lib
+from natvision.tools.index import SearchError
 
 def table_spec(table: tables_lib.ModelTable) -> spec_lib.RunSpec:
   """The run spec the table's first file records.
@@ -77,13 +77,13 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
       is not that file (the message names it).
   """
   # pylint: disable=import-outside-toplevel
-  from transforms import decode as decode_lib
-  from transforms import inference
-  from transforms import photos
-  from transforms import runtimes
-  from transforms.records import ErrorRecord, ImageRef
-  from transforms.runtimes import base
-  from transforms.runtimes import chooser
+  from natvision.transforms import decode as decode_lib
+  from natvision.transforms import inference
+  from natvision.transforms import photos
+  from natvision.transforms import runtimes
+  from natvision.transforms.records import ErrorRecord, ImageRef
+  from natvision.transforms.runtimes import base
+  from natvision.transforms.runtimes import chooser
   # pylint: enable=import-outside-toplevel
   run = table_spec(table)
   decided = run.model(table.name)

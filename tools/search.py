@@ -26,13 +26,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from transforms import console
-from transforms import helptext
-from tools import tables as tables_lib
-from tools.index import (EXACT_BELOW_FLOATS, TARGET_RECALL, SearchError,
+from natvision.transforms import console
+from natvision.transforms import helptext
+from natvision.tools import tables as tables_lib
+from natvision.tools.index import (EXACT_BELOW_FLOATS, TARGET_RECALL, SearchError,
                          Searcher, build_index, open_searcher, read_vectors,
                          unit_rows)
-from tools.query import embed_photo
+from natvision.tools.query import embed_photo
 
 SEARCH_CHUNK = 4096
 

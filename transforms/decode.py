@@ -50,10 +50,10 @@ from typing import Iterable, Optional, Tuple
 
 from PIL import Image
 
-from transforms import preprocess
-from transforms.formats import (DecodeError, camera_raw_reason,
+from natvision.transforms import preprocess
+from natvision.transforms.formats import (DecodeError, camera_raw_reason,
                                 is_image, sniff_format, unidentified)
-from transforms.rgb import COLOR_PROFILE_IGNORE, to_rgb
+from natvision.transforms.rgb import COLOR_PROFILE_IGNORE, to_rgb
 
 # is_image is transforms/fetch.py's (``decode.is_image``), named here too.
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MIN_SIDE", "DecodeError",

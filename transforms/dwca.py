@@ -79,10 +79,10 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import sources
-from transforms import storage
-from transforms import uris
-from transforms.dwca_files import (BadLine, DataFile, archive_kind,
+from natvision.transforms import sources
+from natvision.transforms import storage
+from natvision.transforms import uris
+from natvision.transforms.dwca_files import (BadLine, DataFile, archive_kind,
                                    check_data_files, open_files, read_lines,
                                    read_records)
 

@@ -32,7 +32,7 @@ from typing import (BinaryIO, Callable, Dict, Iterator, List, Optional,
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import sources
+from natvision.transforms import sources
 
 # Bytes decoded at a time when a data file is read.
 _CHUNK = 1 << 20

@@ -33,7 +33,7 @@ from typing import Optional
 
 from PIL import Image
 
-from transforms.records import STAGE_DECODE
+from natvision.transforms.records import STAGE_DECODE
 
 # What sniff_format names: formats Pillow reads (so a file it cannot open is
 # damaged), and images or media it has no decoder for here.  Anything else

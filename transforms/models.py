@@ -23,11 +23,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import config
-from transforms import storage
+from natvision.transforms import config
+from natvision.transforms import storage
 # The preparation policies are preprocess's; the registry names them, and
 # they stay importable from here.
-from transforms.preprocess import (RESIZE_CENTER_CROP, RESIZE_POLICIES,
+from natvision.transforms.preprocess import (RESIZE_CENTER_CROP, RESIZE_POLICIES,
                                    RESIZE_SQUASH)
 
 EMBEDDER = "embedder"
@@ -168,6 +168,9 @@ class ResolvedModel:
       runtime it names and refuse a model without one.
     model_root: the ``--model_root`` the folder was found under; None for a
       ``--model_handle``.  Only for messages: which flag to fix.
+    label_taxa: a classifier's labels as taxa (a
+      ``transforms.taxonomy.LabelTaxa``, attached by the launcher with
+      ``--taxa``); None without a taxonomy.
   """
 
   spec: ModelSpec
@@ -177,6 +180,7 @@ class ResolvedModel:
   requested_runtime: str = "auto"
   decision: Optional[Any] = None  # a transforms.runtimes.RuntimeDecision
   model_root: Optional[str] = None
+  label_taxa: Optional[Any] = None  # a transforms.taxonomy.LabelTaxa
 
   def __post_init__(self):
     if self.requested_runtime not in RUNTIME_REQUESTS:
@@ -225,8 +229,8 @@ class ResolvedModel:
       raise ValueError(
           f"model {self.name} has no runtime decision (requested: "
           f"{self.requested_runtime}); pass the models through "
-          f"pipelines.launch.check_models, or attach one with "
-          f"transforms.runtimes.chooser.decided(model), before running them")
+          f"natvision.pipelines.launch.check_models, or attach one with "
+          f"natvision.transforms.runtimes.chooser.decided(model), before running them")
     return self.decision
 
   def describe(self) -> dict:
@@ -240,6 +244,8 @@ class ResolvedModel:
         "input_size": self.spec.input_size,
         "resize": self.resize,
         "labelmap": self.labelmap_path,
+        "taxa_fingerprint": (self.label_taxa.fingerprint
+                             if self.label_taxa is not None else None),
         "licence": self.spec.licence,
         "source": self.spec.source,
         "runtime": self.runtime,

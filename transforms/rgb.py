@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image, features
 
-from transforms import config
+from natvision.transforms import config
 
 BACKGROUND = (255, 255, 255)
 

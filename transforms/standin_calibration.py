@@ -14,8 +14,8 @@ from typing import List
 
 import numpy as np
 
-from transforms import models as registry
-from transforms.standin_networks import build_network, random_kernels
+from natvision.transforms import models as registry
+from natvision.transforms.standin_networks import build_network, random_kernels
 
 # Tiny stand-ins that tell photos apart.
 #

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from transforms import models as registry
+from natvision.transforms import models as registry
 
 
 @dataclasses.dataclass(frozen=True)

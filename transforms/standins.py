@@ -43,9 +43,9 @@ import os
 import shutil
 from typing import Callable, Dict, Optional, Sequence
 
-from transforms import models as registry
-from transforms.standin_calibration import tiny_weights
-from transforms.standin_networks import STANDINS, build_network, random_kernels
+from natvision.transforms import models as registry
+from natvision.transforms.standin_calibration import tiny_weights
+from natvision.transforms.standin_networks import STANDINS, build_network, random_kernels
 
 # The serialized ModuleDef proto of the TF1 Hub format: ``format: FORMAT_V3``
 # (field 1, varint 1).  tensorflow_hub 0.16 only checks that the file exists.

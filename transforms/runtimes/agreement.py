@@ -33,7 +33,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from transforms import models as models_lib
+from natvision.transforms import models as models_lib
 
 TOP1_AGREEMENT = "top1_agreement"
 TOP5_OVERLAP = "top5_overlap"

@@ -17,7 +17,7 @@ import multiprocessing
 import time
 from typing import Any, Callable, Tuple
 
-from transforms import models as models_lib
+from natvision.transforms import models as models_lib
 
 
 def _measured(function: Callable[..., Any], args: Tuple) -> dict:

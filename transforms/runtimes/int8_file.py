@@ -28,11 +28,11 @@ from typing import List, Optional
 
 import numpy as np
 
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes import child
-from transforms.runtimes import onnx_session as session_lib
-from transforms.runtimes import onnx_store as store
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import child
+from natvision.transforms.runtimes import onnx_session as session_lib
+from natvision.transforms.runtimes import onnx_store as store
 
 CALIBRATION_BATCH = 8
 # What the quantization does; part of the cache key and the file's metadata.

@@ -68,13 +68,13 @@ from typing import Optional, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes import onnx_convert
-from transforms.runtimes import onnx_store as store
-from transforms.runtimes.onnx_session import (OnnxSession, RecordedCheck,
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_store as store
+from natvision.transforms.runtimes.onnx_session import (OnnxSession, RecordedCheck,
                                               process_cores, require_identity)
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms.runtimes.tf import TFRuntime
 
 CHECKED_AGAINST_TF = "tf"
 CHECKED_AGAINST_RECORDED = "recorded"

@@ -22,12 +22,12 @@ import os
 import time
 from typing import Iterator, Optional
 
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes import child
-from transforms.runtimes import onnx_session as session_lib
-from transforms.runtimes import onnx_store as store
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import child
+from natvision.transforms.runtimes import onnx_session as session_lib
+from natvision.transforms.runtimes import onnx_store as store
+from natvision.transforms.runtimes.tf import TFRuntime
 
 
 def convert_to_onnx(resolved: models_lib.ResolvedModel, target_path: str,

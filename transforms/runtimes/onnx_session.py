@@ -24,7 +24,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from transforms import models as models_lib
+from natvision.transforms import models as models_lib
 
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "output"

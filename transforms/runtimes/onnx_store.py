@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import models as models_lib
-from transforms.runtimes.onnx_session import installed_version
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes.onnx_session import installed_version
 
 STAGED_ONNX = "natvision.onnx"
 ONNX_OPSET = 17

@@ -40,16 +40,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import config as config_lib
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes import int8_file
-from transforms.runtimes import onnx_store as store
-from transforms.runtimes.agreement import (DEFAULT_MINIMUMS, Agreement,
+from natvision.transforms import config as config_lib
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import int8_file
+from natvision.transforms.runtimes import onnx_store as store
+from natvision.transforms.runtimes.agreement import (DEFAULT_MINIMUMS, Agreement,
                                            measure_agreement, split_sample)
-from transforms.runtimes.onnx import OnnxRuntime
-from transforms.runtimes.onnx_session import OnnxSession, require_identity
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms.runtimes.onnx import OnnxRuntime
+from natvision.transforms.runtimes.onnx_session import OnnxSession, require_identity
+from natvision.transforms.runtimes.tf import TFRuntime
 
 DEFAULT_CALIBRATION_PHOTOS = 32
 DEFAULT_AGREEMENT_PHOTOS = 64
