@@ -41,6 +41,7 @@ from natvision.transforms.fetch import breaker as breaker_lib
 from natvision.transforms import hosts
 from natvision.transforms import preprocess
 from natvision.transforms import progress
+from natvision.transforms import rgb
 from natvision.transforms import uris
 from natvision.transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
                                 STAGE_READ, ErrorRecord, ImageRef,
@@ -50,14 +51,13 @@ DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_PREFETCH = 32
-DEFAULT_COLOR_PROFILE = decode_lib.COLOR_PROFILE_IGNORE
-COLOR_PROFILES = decode_lib.COLOR_PROFILES
+DEFAULT_COLOR_PROFILE = rgb.COLOR_PROFILE_IGNORE
+COLOR_PROFILES = rgb.COLOR_PROFILES
 
 
 # How bytes are fetched (and which failures are retried) is decided by
-# transforms.fetch; these names are its, kept here for callers.
+# transforms.fetch; its error, by the name the stages here use.
 ReadError = fetch_lib.FetchError
-is_transient = fetch_lib.is_transient
 
 
 def read_bytes(uri: str, max_bytes: int,
@@ -151,7 +151,7 @@ class PhotoConfig:
       raise config.ConfigError("--decode_threads must be 0 (no pool) or more")
     if self.prefetch < 1:
       raise config.ConfigError("--prefetch must be at least 1")
-    decode_lib.check_color_profile(self.color_profile)
+    rgb.check_color_profile(self.color_profile)
 
   @staticmethod
   def add_flags(parser) -> None:
