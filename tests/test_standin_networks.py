@@ -43,7 +43,7 @@ def test_kernels_are_he_normal_and_fixed_by_seed_and_name():
 
 
 def _resolve(name, handle):
-  return models.resolve_models([name], handles={name: handle})[0]
+  return models.resolve_models([name], None, handles={name: handle})[0]
 
 
 @pytest.fixture(scope="module")
