@@ -324,9 +324,8 @@ class PriorLookup:
       raise ValueError(f"scores have {labels} classes, the prior's labels "
                        f"{self.labels}")
     alpha, resolution = self.settings.smoothing, self.settings.resolution
-    cells, reasons = zip(*(place_of(e, resolution) for e in extras)) if n else (
-        (), ())
-    cells, reasons = list(cells), list(reasons)
+    places = [place_of(e, resolution) for e in extras]
+    cells, reasons = [c for c, _ in places], [r for _, r in places]
     observed = np.array([self.cell_observations(c) if c else -1
                          for c in cells], np.int64)
     for i, cell in enumerate(cells):
@@ -338,8 +337,9 @@ class PriorLookup:
     if rows.size:
       counts = np.zeros((rows.size, labels))  # n(t, c)
       for j, i in enumerate(rows):
-        ids, values, _ = self._cells[cells[i]]
-        counts[j, ids] = values
+        entry = self._cells.get(cells[i])  # None: a cell never observed
+        if entry is not None:
+          counts[j, entry[0]] = entry[1]
       in_cell = (counts + alpha) / (observed[rows, None] + alpha * labels)
       overall = (self.taxon_totals + alpha) / (self.total + alpha * labels)
       weighted = p[rows] * in_cell / overall[None, :]
