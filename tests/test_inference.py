@@ -143,7 +143,9 @@ def test_prior_answers_sit_beside_unchanged_image_only_results(tmp_path):
                        ancestry={1000 + i: () for i in range(4000)})
   label_taxa = taxonomy.match_labels(labels, taxa)
   cell = h3.latlng_to_cell(55.68, 12.57, 4)
-  counts = {(1003, cell): 40, (1007, cell): 9, (1003, "84754a9ffffffff"): 2}
+  # Two observations at (0, 0), photo c's place: under the minimum of 10.
+  counts = {(1003, cell): 40, (1007, cell): 9,
+            (1003, h3.latlng_to_cell(0.0, 0.0, 4)): 2}
   path = str(tmp_path / "prior.parquet")
   rows = sorted(counts.items())
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
@@ -204,7 +206,7 @@ def test_prior_answers_sit_beside_unchanged_image_only_results(tmp_path):
   # The image's top-1 label was not observed near a.
   top1 = int(plain[0].label_ids[0])
   assert got.expected_nearby is (top1 in (3, 7) if top1 < 4000 else None)
-  # b has no coordinates, c no observations: image scores, and why.
+  # b has no coordinates, c too few observations: image scores, and why.
   for answer, reason, result in ((adjusted[1].prior, prior.NO_COORDINATES,
                                   plain[1]),
                                  (adjusted[2].prior, prior.FEW_OBSERVATIONS,
@@ -214,7 +216,7 @@ def test_prior_answers_sit_beside_unchanged_image_only_results(tmp_path):
     np.testing.assert_array_equal(answer.scores, result.scores)
   assert adjusted[1].prior.h3_cell is None
   assert adjusted[1].prior.expected_nearby is None
-  assert adjusted[2].prior.cell_observations == 0
+  assert adjusted[2].prior.cell_observations == 2
   # The tables: the image-only columns are equal, the prior ones follow.
   plain_table = sinks.results_to_table(plain, sinks.schema_for(plain_model))
   prior_table = sinks.results_to_table(adjusted,
