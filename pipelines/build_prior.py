@@ -46,8 +46,11 @@ NAME = "natvision-prior"
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog=NAME, formatter_class=helptext.HelpFormatter,
-      description="Count observations per taxon and H3 cell into the "
-      "geographic prior's Parquet table, for natvision-embed --prior.",
+      description="Count research-grade observations per taxon and H3 "
+      "cell, from an iNaturalist snapshot's observations table or a GBIF "
+      "download's occurrences, into the geographic prior's Parquet table "
+      "(taxon_id, h3_cell, n) that natvision-embed --prior and "
+      "natvision-ingest --prior read (docs/prior.md).",
       epilog=helptext.epilog([
           "natvision-prior --observations inat/2024-05-27 "
           "--output priors/inat-r4.parquet",
