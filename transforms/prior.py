@@ -51,7 +51,7 @@ from natvision.transforms import config
 
 DEFAULT_RESOLUTION = 4
 DEFAULT_SMOOTHING = 1.0
-DEFAULT_MIN_OBSERVATIONS = 10
+DEFAULT_MIN_OBSERVATIONS = 100
 METADATA_KEY = b"natvision_prior"
 COLUMNS = ("taxon_id", "h3_cell", "n")
 # Carried columns read for a photo's place, in order of preference.
