@@ -61,6 +61,8 @@ setuptools.setup(
         "tf2onnx>=1.16,<1.18",
         # --taxa: the sparse label x ancestor matrix of the roll-up.
         "scipy>=1.11,<2",
+        # --prior and natvision-prior: photos and observations in H3 cells.
+        "h3>=4,<5",
         # tensorflow_hub imports pkg_resources.
         "setuptools>=65,<81",
     ],
@@ -112,6 +114,7 @@ setuptools.setup(
         "console_scripts": [
             "natvision-embed=natvision.tools.report:embed_main",
             "natvision-ingest=natvision.tools.report:ingest_main",
+            "natvision-prior=natvision.pipelines.build_prior:main",
             "natvision-standins=natvision.tools.standins:main",
             "natvision-evaluate=natvision.tools.evaluate:main",
             "natvision-index=natvision.tools.search:index_main",

@@ -651,3 +651,44 @@ def test_license_keeps_only_the_named_licences(tiny_models, tmp_path, capsys):
   with pytest.raises(ConfigError, match="--license: unknown licence name"):
     ingest.parse_args(_flag_argv(world, snapshot, out, tiny_models,
                                  "--license", "cc-by-4.0"))
+
+
+# --------------------------------------------------------------------------
+# --prior: the snapshot's latitude/longitude place the photos.
+
+
+@pytest.mark.slow
+def test_prior_places_photos_by_the_observations_coordinates(tiny_models,
+                                                            tmp_path):
+  import h3  # pylint: disable=import-outside-toplevel
+  from tests import taxa_helpers  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import prior  # pylint: disable=import-outside-toplevel
+  world = SyntheticINat(str(tmp_path / "world"), seed=9)
+  observations = [world.observe(SPECIES["bolete"]) for _ in range(3)]
+  snapshot = world.write_snapshot("s", taxa=False)
+  taxa_path = str(tmp_path / "taxa.tsv")
+  _, taxon_of = taxa_helpers.write_standin_taxa(
+      os.path.join(tiny_models, FUN, "labelmap.csv"), taxa_path)
+  # The first two observations' cells hold 150 and 50 observations of one
+  # label's taxon: the prior applies in the first only (minimum 100).
+  cells = [h3.latlng_to_cell(o.latitude, o.longitude, 4)
+           for o in observations]
+  taxon = taxon_of[20]
+  path = str(tmp_path / "prior.parquet")
+  pq.write_table(pa.Table.from_pydict(
+      {"taxon_id": [taxon, taxon], "h3_cell": cells[:2], "n": [150, 50]},
+      schema=prior.prior_schema({"resolution": 4})), path)
+  out = str(tmp_path / "out")
+  ingest.run(["--snapshot_dir", snapshot, "--photo_uri_template",
+              world.template, "--snapshot_date", D1, "--output_dir", out,
+              "--models", FUN, "--model_root", tiny_models, "--runtime", "tf",
+              "--taxa", taxa_path, "--prior", path])
+  rows = {r["observation_uuid"]: r for r in table_rows(out, TABLES[FUN])}
+  assert len(rows) == 3
+  want = [(True, None, 150), (False, prior.FEW_OBSERVATIONS, 50),
+          (False, prior.FEW_OBSERVATIONS, 0)]
+  for obs, cell, (applied, reason, n) in zip(observations, cells, want):
+    row = rows[obs.observation_uuid]
+    assert row["prior_h3_cell"] == cell
+    assert (row["prior_applied"], row["prior_reason"],
+            row["prior_cell_observations"]) == (applied, reason, n)

@@ -121,6 +121,7 @@ def test_modules_and_console_scripts_import_from_the_installed_copy(
   assert "natvision.pipelines.ingest_observations" in found["modules"]
   assert found["scripts"] == {"natvision-embed": True,
                               "natvision-ingest": True,
+                              "natvision-prior": True,
                               "natvision-standins": True,
                               "natvision-evaluate": True,
                               "natvision-index": True,
