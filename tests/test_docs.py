@@ -14,6 +14,7 @@ import re
 
 import pytest
 
+from natvision.pipelines import build_prior
 from natvision.pipelines import embed_images
 from natvision.pipelines import ingest_observations
 from natvision.pipelines import launch
@@ -37,7 +38,7 @@ def _parsers():
   return [embed_images._parser(), ingest_observations._parser(),  # pylint: disable=protected-access
           evaluate.parser(), report.parser(), search.parser(),
           search.index_parser(), stage_onnx._parser(),  # pylint: disable=protected-access
-          standins.parser()]
+          standins.parser(), build_prior._parser()]  # pylint: disable=protected-access
 
 
 def _ours():

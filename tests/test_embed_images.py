@@ -4,6 +4,7 @@ Values are checked against a direct ``hub.load(...)`` call on the same
 prepared pixels, computed here without the pipeline.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from natvision.pipelines import embed_images
 from natvision.tools import report as html_report
 from natvision.transforms import commit, decode, models, preprocess, sinks
+from natvision.transforms import config as config_lib
 
 ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
 
@@ -205,7 +207,7 @@ def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
           str(tmp_path / "o"), "--models", "inception_resnet_v2",
           "--runtime", "tf", "--model_handle",
           f"inception_resnet_v2={os.path.join(tiny_models, 'inaturalist_v2')}"]
-  with pytest.raises(embed_images.FlagError, match="inception_resnet_v2"):
+  with pytest.raises(config_lib.ConfigError, match="inception_resnet_v2"):
     embed_images.run(argv)
   assert not os.path.exists(tmp_path / "o")
 
@@ -542,3 +544,128 @@ def test_taxa_columns_and_rollup_end_to_end(tiny_models, photo_dir,
     assert row["rollup_rank"] == taxa.rank[best]
     assert row["rollup_name"] == taxa.name[best]
     assert row["rollup_score"] == pytest.approx(sums[best], abs=1e-5)
+
+
+# --------------------------------------------------------------------------
+# --prior: prior-adjusted columns (transforms/prior.py).
+
+
+def test_prior_without_taxa_exits_2_before_the_pipeline(
+    tiny_models, photo_dir, tmp_path, capsys):
+  out = tmp_path / "out"
+  status = embed_images.main([
+      "--input", str(photo_dir / "*.png"), "--output_dir", str(out),
+      "--models", "fungi_mobile_v1", "--model_root", tiny_models,
+      "--prior", str(tmp_path / "prior.parquet")])
+  assert status == 2
+  assert "--prior needs --taxa" in capsys.readouterr().err
+  assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_prior_columns_end_to_end(tiny_models, photo_dir, tmp_path):
+  """A manifest with Darwin Core coordinates, a prior built by
+  natvision-prior from a snapshot's observations, and two runs with and
+  without --prior keeping every label (--top_k 4128), so that the formula
+  can be recomputed from the table itself."""
+  import h3  # pylint: disable=import-outside-toplevel
+  from tests import taxa_helpers  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import build_prior  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import prior  # pylint: disable=import-outside-toplevel
+  taxa_path = str(tmp_path / "taxa.tsv")
+  labels, taxon_of = taxa_helpers.write_standin_taxa(
+      os.path.join(tiny_models, "fungi_mobile_v1", "labelmap.csv"),
+      taxa_path)
+  # Observations: 300 research-grade ones in Copenhagen's cell, of 40
+  # labels' taxa, and one elsewhere.
+  rng = np.random.default_rng(5)
+  observed = sorted(rng.choice(sorted(taxon_of.values()), 40, replace=False))
+  lines = ["observation_uuid\tlatitude\tlongitude\ttaxon_id\tquality_grade"
+           "\tobserved_on"]
+  counts = collections.Counter()
+  for i in range(300):
+    taxon = int(observed[i % 40 if i < 200 else i % 7])
+    counts[taxon] += 1
+    lines.append(f"u{i}\t55.68\t12.57\t{taxon}\tresearch\t2024-05-01")
+  lines.append(f"x\t-33.9\t151.2\t{int(observed[0])}\tresearch\t2024-05-01")
+  snapshot = tmp_path / "snapshot"
+  snapshot.mkdir()
+  (snapshot / "observations.csv").write_text("\n".join(lines) + "\n")
+  prior_path = str(tmp_path / "prior.parquet")
+  build_prior.run(["--observations", str(snapshot), "--output", prior_path])
+  # The manifest: Copenhagen, an unobserved place, no coordinates.
+  photos = sorted(p for p in os.listdir(photo_dir)
+                  if p.endswith((".jpg", ".png")))
+  places = [("55.68", "12.57"), ("0.0", "0.0"), ("", "")]
+  manifest = tmp_path / "manifest.csv"
+  with open(manifest, "w", encoding="utf-8") as f:
+    f.write("uri,decimalLatitude,decimalLongitude\n")
+    for i, name in enumerate(photos):
+      lat, lon = places[i % 3]
+      f.write(f"{photo_dir / name},{lat},{lon}\n")
+  common = ["--input", str(manifest), "--models", "fungi_mobile_v1",
+            "--model_root", tiny_models, "--runtime", "tf", "--top_k",
+            "4128", "--batch_size", "4", "--taxa", taxa_path]
+  plain_out, prior_out = str(tmp_path / "plain"), str(tmp_path / "prior")
+  embed_images.run(common + ["--output_dir", plain_out])
+  alpha = 0.5
+  report = embed_images.run(common + [
+      "--output_dir", prior_out, "--prior", prior_path,
+      "--prior_smoothing", str(alpha), "--prior_min_observations", "10"])
+  table = "predictions/fungi_mobile_v1"
+  plain = _read(os.path.join(plain_out, table)).sort_by("image_id")
+  rows = _read(os.path.join(prior_out, table)).sort_by("image_id")
+  assert [n for n in rows.column_names if n not in sinks.PRIOR_COLUMNS] == (
+      plain.column_names)
+  for name in plain.column_names:
+    if name == "top_k_scores":
+      np.testing.assert_allclose(
+          np.array(rows.column(name).to_pylist()),
+          np.array(plain.column(name).to_pylist()), rtol=0, atol=1e-6)
+    else:
+      assert rows.column(name).to_pylist() == plain.column(name).to_pylist()
+  entry = report["prior"]["fungi_mobile_v1"]
+  assert entry["resolution"] == prior.DEFAULT_RESOLUTION
+  spec = report["spec"]["models"][0]
+  assert spec["prior_fingerprint"] == entry["fingerprint"]
+  assert (spec["prior_smoothing"], spec["prior_min_observations"]) == (
+      alpha, 10)
+  # The formula, recomputed from the observations and the full vector.
+  width = len(labels)
+  in_cell = np.array([counts.get(taxon_of.get(l), 0) for l in range(width)],
+                     float)
+  overall = in_cell + np.array([taxon_of.get(l) == int(observed[0])
+                                for l in range(width)], float)
+  cph = h3.latlng_to_cell(55.68, 12.57, prior.DEFAULT_RESOLUTION)
+  kinds = collections.Counter()
+  for row in rows.to_pylist():
+    place = places[photos.index(os.path.basename(row["uri"])) % 3]
+    p = np.zeros(width)
+    p[row["top_k_label_ids"]] = row["top_k_scores"]
+    if place[0] == "55.68":
+      kinds["applied"] += 1
+      assert row["prior_applied"] and row["prior_reason"] is None
+      assert row["prior_h3_cell"] == cph
+      assert row["prior_cell_observations"] == 300
+      q = (p * (in_cell + alpha) / (300 + alpha * width)
+           / ((overall + alpha) / (301 + alpha * width)))
+      q /= q.sum()
+      np.testing.assert_allclose(
+          row["prior_top_k_scores"], q[row["prior_top_k_label_ids"]],
+          rtol=0, atol=1e-5)
+      assert np.all(np.diff(row["prior_top_k_scores"]) <= 1e-7)
+      assert row["prior_top_k_scores"][0] == pytest.approx(q.max(), abs=1e-5)
+      top1 = taxon_of.get(row["top_k_label_ids"][0])
+      assert row["expected_nearby"] == (
+          None if top1 is None else top1 in counts)
+    else:
+      kinds["not"] += 1
+      assert not row["prior_applied"]
+      assert row["prior_reason"] == (prior.FEW_OBSERVATIONS if place[0]
+                                     else prior.NO_COORDINATES)
+      assert row["prior_top_k_label_ids"] == row["top_k_label_ids"]
+      np.testing.assert_allclose(row["prior_top_k_scores"],
+                                 row["top_k_scores"], rtol=0, atol=1e-7)
+    assert row["prior_top_k_taxon_ids"] == [
+        taxon_of.get(l) for l in row["prior_top_k_label_ids"]]
+  assert kinds["applied"] and kinds["not"], kinds

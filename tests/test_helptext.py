@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from natvision.pipelines import build_prior
 from natvision.pipelines import embed_images
 from natvision.pipelines import ingest_observations
 from natvision.tools import evaluate
@@ -23,6 +24,7 @@ PARSERS = {
     "natvision-report": report.parser,
     "natvision-standins": standins.parser,
     "natvision-stage-onnx": stage_onnx._parser,  # pylint: disable=protected-access
+    "natvision-prior": build_prior._parser,  # pylint: disable=protected-access
 }
 
 # Flags a command needs although argparse does not require them (another
@@ -40,6 +42,8 @@ CONDITIONALLY_REQUIRED = {
         "--model_root": "(required unless --model_handle names every model)"},
     "natvision-stage-onnx": {
         "--model_root": "(required unless --model_handle names every model)"},
+    "natvision-prior": {
+        "--observations": "(required)", "--output": "(required)"},
 }
 
 
@@ -107,8 +111,10 @@ def test_description_paragraph_and_an_example(command):
   assert len(description) > 150 and "\n\n" not in description, description
   examples = text.split("examples:\n", 1)[1].splitlines()
   assert examples[0].startswith(f"  {command} --"), examples
-  assert "--output_dir" in _blocks(text) or command == "natvision-stage-onnx"
-  for flag in ("--output_dir",):
+  # natvision-prior writes one file (--output), not a folder of tables.
+  assert ("--output_dir" in _blocks(text) or "--output" in _blocks(text)
+          or command == "natvision-stage-onnx")
+  for flag in ("--output_dir", "--output"):
     if flag in _blocks(text):
       assert len(_blocks(text)[flag]) > len(flag) + 30, _blocks(text)[flag]
 

@@ -120,3 +120,114 @@ def test_a_model_without_a_runtime_decision_is_refused():
     inference.InferenceConfig(resolved)
   with pytest.raises(ValueError, match="no runtime decision"):
     inference.load_shared(resolved)
+
+
+# --------------------------------------------------------------------------
+# --prior: the prior-adjusted top-k beside the image-only one.
+
+
+def test_prior_answers_sit_beside_unchanged_image_only_results(tmp_path):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import h3  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import prior, sinks, taxonomy  # pylint: disable=import-outside-toplevel
+  resolved = models_lib.resolve_models(["fungi_mobile_v1"], "/m")[0]
+  width = resolved.spec.output_width
+  # Epithets of letters alone ("aa", "ab", ...): digits end a name.
+  labels = ["Genus " + "".join(chr(97 + (i // 26 ** k) % 26)
+                               for k in (2, 1, 0)) for i in range(width)]
+  # Labels 0..3999 are taxa 1000+i; the rest match nothing.
+  taxa = taxonomy.Taxa(kind=taxonomy.INATURALIST,
+                       rank={1000 + i: "species" for i in range(4000)},
+                       name={1000 + i: labels[i] for i in range(4000)},
+                       ancestry={1000 + i: () for i in range(4000)})
+  label_taxa = taxonomy.match_labels(labels, taxa)
+  cell = h3.latlng_to_cell(55.68, 12.57, 4)
+  # Two observations at (0, 0), photo c's place: under the minimum of 10.
+  counts = {(1003, cell): 40, (1007, cell): 9,
+            (1003, h3.latlng_to_cell(0.0, 0.0, 4)): 2}
+  path = str(tmp_path / "prior.parquet")
+  rows = sorted(counts.items())
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  pq.write_table(pa.Table.from_pydict(
+      {"taxon_id": [t for (t, _), _ in rows], "h3_cell": [c for (_, c), _ in
+                                                          rows],
+       "n": [n for _, n in rows]}, schema=prior.prior_schema(
+           {"resolution": 4})), path)
+  alpha = 1.0
+  settings = prior.settings_for(path, alpha, 10, label_taxa.label_taxon)
+  plain_model = dataclasses.replace(resolved.with_decision(ON_TF),
+                                    label_taxa=label_taxa)
+  prior_model = dataclasses.replace(plain_model, prior=settings)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, width))
+  outputs = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+             ).astype(np.float32)
+  refs = [ImageRef("a", "mem://a", extra=(("decimalLatitude", "55.68"),
+                                          ("decimalLongitude", "12.57"))),
+          ImageRef("b", "mem://b"),
+          ImageRef("c", "mem://c", extra=(("latitude", 0.0),
+                                          ("longitude", 0.0)))]
+  items = [PreparedImage(ref=r, arrays={}, source_width=1, source_height=1,
+                         decoded_width=1, decoded_height=1) for r in refs]
+
+  def results(model):
+    fn = inference.RunModelFn(inference.InferenceConfig(model, top_k=5),
+                              shared_handle=None)
+    rollup = taxonomy.RollUp(label_taxa)
+    lookup = (prior.PriorLookup(model.prior, label_taxa.label_taxon)
+              if model.prior is not None else None)
+    fn._held = inference._SharedModel(None, labels, rollup, lookup)  # pylint: disable=protected-access
+    return fn._results(items, outputs)  # pylint: disable=protected-access
+
+  plain, adjusted = results(plain_model), results(prior_model)
+  for a, b in zip(plain, adjusted):
+    assert a.prior is None and b.prior is not None
+    np.testing.assert_array_equal(a.label_ids, b.label_ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert (a.labels, a.taxon_ids, a.rollup) == (b.labels, b.taxon_ids,
+                                                 b.rollup)
+  # Photo a: the formula, computed here over all 4128 labels.
+  n_cell = np.zeros(width)
+  n_cell[3], n_cell[7] = 40, 9
+  n_all = n_cell.copy()
+  n_all[3] += 2
+  q = (outputs[0].astype(float) * (n_cell + alpha) / (49 + alpha * width)
+       / ((n_all + alpha) / (51 + alpha * width)))
+  q /= q.sum()
+  want = np.argsort(-q, kind="stable")[:5]
+  got = adjusted[0].prior
+  assert got.applied and got.reason is None and got.h3_cell == cell
+  assert got.cell_observations == 49
+  assert got.label_ids.tolist() == want.tolist()
+  np.testing.assert_allclose(got.scores, q[want], rtol=0, atol=1e-6)
+  assert got.labels == tuple(labels[j] for j in want)
+  assert got.taxon_ids == tuple(label_taxa.label_taxon[j] for j in want)
+  # The image's top-1 label was not observed near a.
+  top1 = int(plain[0].label_ids[0])
+  assert got.expected_nearby is (top1 in (3, 7) if top1 < 4000 else None)
+  # b has no coordinates, c too few observations: image scores, and why.
+  for answer, reason, result in ((adjusted[1].prior, prior.NO_COORDINATES,
+                                  plain[1]),
+                                 (adjusted[2].prior, prior.FEW_OBSERVATIONS,
+                                  plain[2])):
+    assert not answer.applied and answer.reason == reason
+    np.testing.assert_array_equal(answer.label_ids, result.label_ids)
+    np.testing.assert_array_equal(answer.scores, result.scores)
+  assert adjusted[1].prior.h3_cell is None
+  assert adjusted[1].prior.expected_nearby is None
+  assert adjusted[2].prior.cell_observations == 2
+  # The tables: the image-only columns are equal, the prior ones follow.
+  plain_table = sinks.results_to_table(plain, sinks.schema_for(plain_model))
+  prior_table = sinks.results_to_table(adjusted,
+                                       sinks.schema_for(prior_model))
+  assert [n for n in prior_table.column_names
+          if n not in sinks.PRIOR_COLUMNS] == plain_table.column_names
+  for name in plain_table.column_names:
+    assert prior_table.column(name).equals(plain_table.column(name)), name
+  assert prior_table.column("prior_applied").to_pylist() == [True, False,
+                                                             False]
+  assert prior_table.column("prior_reason").to_pylist() == [
+      None, prior.NO_COORDINATES, prior.FEW_OBSERVATIONS]
+  assert prior_table.column("prior_top_k_label_ids").to_pylist()[0] == (
+      want.tolist())

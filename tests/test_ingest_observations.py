@@ -27,7 +27,7 @@ import pytest
 
 from natvision.pipelines import launch
 from natvision.pipelines import ingest_observations as ingest
-from natvision.transforms.config import ConfigError as FlagError
+from natvision.transforms.config import ConfigError
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
 from natvision.transforms import commit, sinks, snapshots
 
@@ -569,7 +569,7 @@ def test_bad_flags_fail_before_the_pipeline(small_snapshot, tiny_models,
                                             tmp_path, extra, flag):
   world, snapshot = small_snapshot
   out = str(tmp_path / "out")
-  with pytest.raises(FlagError, match=flag):
+  with pytest.raises(ConfigError, match=flag):
     ingest.run(_flag_argv(world, snapshot, out, tiny_models) + extra)
   assert not os.path.exists(out)
 
@@ -580,7 +580,7 @@ def test_output_dir_with_unpartitioned_table_is_refused(
   table = tmp_path / "out" / "embeddings" / EMB
   table.mkdir(parents=True)
   pq.write_table(pa.table({"image_id": ["1"]}), table / "part-0.parquet")
-  with pytest.raises(FlagError, match="outside snapshot_date= partitions"):
+  with pytest.raises(ConfigError, match="outside snapshot_date= partitions"):
     ingest.run(_flag_argv(world, snapshot, str(tmp_path / "out"),
                           tiny_models))
   assert sorted(os.listdir(tmp_path / "out")) == ["embeddings"]
@@ -648,6 +648,47 @@ def test_license_keeps_only_the_named_licences(tiny_models, tmp_path, capsys):
   # licence fails before the pipeline.
   config, _ = ingest.parse_args(_flag_argv(world, snapshot, out, tiny_models))
   assert not config.filters.licenses.active
-  with pytest.raises(FlagError, match="--license: unknown licence name"):
+  with pytest.raises(ConfigError, match="--license: unknown licence name"):
     ingest.parse_args(_flag_argv(world, snapshot, out, tiny_models,
                                  "--license", "cc-by-4.0"))
+
+
+# --------------------------------------------------------------------------
+# --prior: the snapshot's latitude/longitude place the photos.
+
+
+@pytest.mark.slow
+def test_prior_places_photos_by_the_observations_coordinates(tiny_models,
+                                                            tmp_path):
+  import h3  # pylint: disable=import-outside-toplevel
+  from tests import taxa_helpers  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import prior  # pylint: disable=import-outside-toplevel
+  world = SyntheticINat(str(tmp_path / "world"), seed=9)
+  observations = [world.observe(SPECIES["bolete"]) for _ in range(3)]
+  snapshot = world.write_snapshot("s", taxa=False)
+  taxa_path = str(tmp_path / "taxa.tsv")
+  _, taxon_of = taxa_helpers.write_standin_taxa(
+      os.path.join(tiny_models, FUN, "labelmap.csv"), taxa_path)
+  # The first two observations' cells hold 150 and 50 observations of one
+  # label's taxon: the prior applies in the first only (minimum 100).
+  cells = [h3.latlng_to_cell(o.latitude, o.longitude, 4)
+           for o in observations]
+  taxon = taxon_of[20]
+  path = str(tmp_path / "prior.parquet")
+  pq.write_table(pa.Table.from_pydict(
+      {"taxon_id": [taxon, taxon], "h3_cell": cells[:2], "n": [150, 50]},
+      schema=prior.prior_schema({"resolution": 4})), path)
+  out = str(tmp_path / "out")
+  ingest.run(["--snapshot_dir", snapshot, "--photo_uri_template",
+              world.template, "--snapshot_date", D1, "--output_dir", out,
+              "--models", FUN, "--model_root", tiny_models, "--runtime", "tf",
+              "--taxa", taxa_path, "--prior", path])
+  rows = {r["observation_uuid"]: r for r in table_rows(out, TABLES[FUN])}
+  assert len(rows) == 3
+  want = [(True, None, 150), (False, prior.FEW_OBSERVATIONS, 50),
+          (False, prior.FEW_OBSERVATIONS, 0)]
+  for obs, cell, (applied, reason, n) in zip(observations, cells, want):
+    row = rows[obs.observation_uuid]
+    assert row["prior_h3_cell"] == cell
+    assert (row["prior_applied"], row["prior_reason"],
+            row["prior_cell_observations"]) == (applied, reason, n)

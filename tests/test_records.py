@@ -45,9 +45,12 @@ def test_field_names_and_stage_names():
   assert [f.name for f in dataclasses.fields(records.PredictionResult)] == [
       "ref", "model", "label_ids", "scores", "labels", "source_width",
       "source_height", "decoded_width", "decoded_height", "taxon_ids",
-      "rollup"]
+      "rollup", "prior"]
   assert records.RollUpResult._fields == ("taxon_id", "name", "rank",
                                           "score")
+  assert records.PriorAnswer._fields == (
+      "applied", "reason", "h3_cell", "cell_observations", "label_ids",
+      "scores", "labels", "taxon_ids", "expected_nearby")
   assert [f.name for f in dataclasses.fields(records.PreparedImage)] == [
       "ref", "arrays", "source_width", "source_height", "decoded_width",
       "decoded_height"]

@@ -28,7 +28,7 @@ from PIL import Image
 
 from natvision import transforms
 from natvision.pipelines import embed_images
-from natvision.transforms import commit, models, resume, runtimes, sinks, taxonomy
+from natvision.transforms import commit, models, prior as prior_lib, resume, runtimes, sinks, taxonomy
 from natvision.transforms import spec as spec_lib
 from natvision.transforms.records import ImageRef
 
@@ -151,7 +151,8 @@ def _decided(location="/m", runtime="tf", precision="fp32", resize=None):
 
 
 def _run_spec(decided, fingerprint="a" * 32, top_k=5, color_profile="ignore",
-              max_pixels=50_000_000, taxa=None, rollup_threshold=0.8):
+              max_pixels=50_000_000, taxa=None, rollup_threshold=0.8,
+              prior=None):
   if taxa is not None:  # --taxa: the classifier's labels as taxa
     taxa_table = taxonomy.Taxa(kind=taxonomy.INATURALIST,
                                rank={1: "genus", 2: "genus"},
@@ -159,6 +160,12 @@ def _run_spec(decided, fingerprint="a" * 32, top_k=5, color_profile="ignore",
                                ancestry={1: (), 2: ()})
     decided = [dataclasses.replace(m, label_taxa=taxonomy.match_labels(
         ["Amanita", taxa], taxa_table, rollup_threshold))
+               if m.spec.kind == models.CLASSIFIER else m for m in decided]
+  if prior is not None:  # --prior: (fingerprint, smoothing, minimum)
+    fingerprint_, smoothing, minimum = prior
+    decided = [dataclasses.replace(m, prior=prior_lib.PriorSettings(
+        path="/p/prior.parquet", fingerprint=fingerprint_, resolution=4,
+        smoothing=smoothing, min_observations=minimum))
                if m.spec.kind == models.CLASSIFIER else m for m in decided]
   return spec_lib.RunSpec(
       models=tuple(spec_lib.decided_model(m, top_k, fingerprint)
@@ -189,6 +196,8 @@ def _write(spec, name, ids, model=None):
         value = f"/p/{i}"
       elif n == "model":
         value = model
+      elif pa.types.is_boolean(field.type):
+        value = False
       elif pa.types.is_fixed_size_list(field.type):
         value = [0.0] * field.type.list_size
       elif pa.types.is_list(field.type):
@@ -299,6 +308,14 @@ OTHER_RUNS = {
     "taxa_fingerprint": (dict(taxa="Boletus"), dict(taxa="Suillus")),
     "rollup_threshold": (dict(taxa="Boletus"),
                          dict(taxa="Boletus", rollup_threshold=0.9)),
+    # --prior: another table, α or minimum (and none: prior_fingerprint).
+    "prior_fingerprint": (dict(taxa="Boletus", prior=("1" * 32, 1.0, 10)),
+                          dict(taxa="Boletus", prior=("2" * 32, 1.0, 10))),
+    "prior_smoothing": (dict(taxa="Boletus", prior=("1" * 32, 1.0, 10)),
+                        dict(taxa="Boletus", prior=("1" * 32, 0.5, 10))),
+    "prior_min_observations": (
+        dict(taxa="Boletus", prior=("1" * 32, 1.0, 10)),
+        dict(taxa="Boletus", prior=("1" * 32, 1.0, 0))),
 }
 
 

@@ -21,6 +21,7 @@ from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     resolve, slowed, staged_copy, staged_root, tf_loads)
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import base as runtimes_base
 from natvision.transforms.runtimes import onnx as onnx_lib
 
 
@@ -39,7 +40,7 @@ def test_auto_picks_onnx_when_it_passes_and_workers_run_it(model_root, photos,
   assert 0 <= decision.max_diff <= decision.tolerance
   assert decision.max_diff == decision.onnx_max_diff
   assert decision.fallback is None and decision.tf_seconds is None
-  assert decision.fingerprint == onnx_lib.model_fingerprint(resolved.path)
+  assert decision.fingerprint == runtimes_base.model_fingerprint(resolved.path)
   assert decision.note.startswith("ONNX Runtime; max difference from "
                                   "TensorFlow on the probe batch")
   assert decision.checked_against == "recorded"  # at the conversion

@@ -34,6 +34,7 @@ from natvision.transforms import config
 from natvision.transforms import inference
 from natvision.transforms import models as models_lib
 from natvision.transforms import photos
+from natvision.transforms import prior as prior_lib
 from natvision.transforms import resume as resume_lib
 from natvision.transforms import sinks
 from natvision.transforms import taxonomy as taxonomy_lib
@@ -61,6 +62,8 @@ class EmbedConfig:
       transforms/runtimes/quantize.py).
     taxonomy: ``--taxa`` and the roll-up flags (the launcher attaches each
       classifier's labels' taxa, see transforms/taxonomy.py).
+    prior: ``--prior`` and its flags (the launcher attaches the prior's
+      settings to each classifier, see transforms/prior.py).
   """
 
   models: Tuple[models_lib.ResolvedModel, ...]
@@ -70,6 +73,7 @@ class EmbedConfig:
   shard_rows: int = sinks.DEFAULT_SHARD_ROWS
   quantization: quantize.QuantizationConfig = quantize.QuantizationConfig()
   taxonomy: taxonomy_lib.TaxonomyConfig = taxonomy_lib.TaxonomyConfig()
+  prior: prior_lib.PriorConfig = prior_lib.PriorConfig()
 
   def __post_init__(self):
     if not self.models:
@@ -86,12 +90,14 @@ class EmbedConfig:
 
   @staticmethod
   def add_flags(parser) -> None:
-    """Adds the model, photo, fetch, batch, taxonomy and shard flags."""
+    """Adds the model, photo, fetch, batch, taxonomy, prior and shard
+    flags."""
     models_lib.add_flags(parser)
     inference.add_flags(parser)
     photos.PhotoConfig.add_flags(parser)
     quantize.QuantizationConfig.add_flags(parser)
     taxonomy_lib.TaxonomyConfig.add_flags(parser)
+    prior_lib.PriorConfig.add_flags(parser)
     parser.add_argument(
         "--shard_rows", type=int, default=sinks.DEFAULT_SHARD_ROWS,
         help="rows per Parquet shard; each shard is closed when full, so a "
@@ -114,7 +120,8 @@ class EmbedConfig:
         batch_size=args.batch_size, top_k=args.top_k,
         shard_rows=args.shard_rows,
         quantization=quantize.QuantizationConfig.from_args(args),
-        taxonomy=taxonomy_lib.TaxonomyConfig.from_args(args))
+        taxonomy=taxonomy_lib.TaxonomyConfig.from_args(args),
+        prior=prior_lib.PriorConfig.from_args(args))
 
   @property
   def color_profile(self) -> str:

@@ -25,11 +25,12 @@ from apache_beam.utils import shared
 
 from natvision.transforms import config
 from natvision.transforms import models as models_lib
+from natvision.transforms import prior as prior_lib
 from natvision.transforms import runtimes
 from natvision.transforms import taxonomy
 from natvision.transforms.records import (ERRORS_TAG, STAGE_INFERENCE, EmbeddingResult,
                                 ErrorRecord, PredictionResult, PreparedImage,
-                                RollUpResult)
+                                PriorAnswer, RollUpResult)
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_TOP_K = 5
@@ -91,16 +92,19 @@ RuntimeFactory = Callable[[models_lib.ResolvedModel], runtimes.Runtime]
 
 class _SharedModel:
   """What one process holds per model: the runtime and, for classifiers,
-  labels and, with ``--taxa``, the roll-up (its sparse matrix built once).
+  labels and, with ``--taxa``, the roll-up (its sparse matrix built once)
+  and, with ``--prior``, the prior's lookup (its table read once).
 
   A plain class (not a tuple) so that ``shared.Shared`` can weak-reference it.
   """
 
   def __init__(self, model: runtimes.Runtime, labels: Optional[List[str]],
-               rollup: Optional[taxonomy.RollUp] = None):
+               rollup: Optional[taxonomy.RollUp] = None,
+               prior: Optional[prior_lib.PriorLookup] = None):
     self.model = model
     self.labels = labels
     self.rollup = rollup
+    self.prior = prior
 
 
 def load_shared(resolved: models_lib.ResolvedModel,
@@ -121,7 +125,11 @@ def load_shared(resolved: models_lib.ResolvedModel,
                                       expected=resolved.spec.output_width)
   rollup = (taxonomy.RollUp(resolved.label_taxa)
             if resolved.label_taxa is not None else None)
-  return _SharedModel(model, labels, rollup)
+  lookup = None
+  if resolved.prior is not None and resolved.label_taxa is not None:
+    lookup = prior_lib.PriorLookup(resolved.prior,
+                                   resolved.label_taxa.label_taxon)
+  return _SharedModel(model, labels, rollup, lookup)
 
 
 def top_k(scores: np.ndarray, k: int):
@@ -219,12 +227,51 @@ class RunModelFn(beam.DoFn):
     taxa = [{}] * len(items)
     if self._held.rollup is not None:
       taxa = with_taxa(self._held.rollup, outputs, ids)
+    priors = [None] * len(items)
+    if self._held.prior is not None:
+      priors = with_prior(self._held.prior, outputs, [p.ref for p in items],
+                          ids, self._config.top_k, labels)
     return [
         PredictionResult(ref=p.ref, model=name, label_ids=i, scores=s,
                          labels=tuple(labels[j] for j in i), **_sizes(p),
-                         **t)
-        for p, i, s, t in zip(items, ids, scores, taxa)
+                         **t, prior=answer)
+        for p, i, s, t, answer in zip(items, ids, scores, taxa, priors)
     ]
+
+
+def with_prior(lookup: prior_lib.PriorLookup, outputs: np.ndarray, refs,
+               ids: np.ndarray, k: int, labels: Sequence[str]
+               ) -> List[PriorAnswer]:
+  """Per photo, its prior-adjusted top-k (transforms/prior.py).
+
+  Args:
+    lookup: the worker's prior.
+    outputs: the batch's full image probabilities, ``[n, T]``.
+    refs: the batch's ``ImageRef`` values (their carried coordinates).
+    ids: the image-only top-k label ids, int ``[n, k]`` (the top-1 is the
+      label ``expected_nearby`` asks about).
+    k: ``--top_k``.
+    labels: the labelmap's names.
+  """
+  adjusted = lookup.adjust(outputs, [r.extra for r in refs])
+  prior_ids, prior_scores = top_k(adjusted.probabilities, k)
+  label_taxon = lookup.label_taxon
+  answers = []
+  for i, cell in enumerate(adjusted.cells):
+    first = int(ids[i][0])
+    nearby = None
+    if cell is not None and label_taxon[first] is not None:
+      nearby = lookup.observed_near(cell, first)
+    answers.append(PriorAnswer(
+        applied=bool(adjusted.applied[i]), reason=adjusted.reasons[i],
+        h3_cell=cell,
+        cell_observations=(int(adjusted.cell_observations[i])
+                           if cell is not None else None),
+        label_ids=prior_ids[i], scores=prior_scores[i],
+        labels=tuple(labels[j] for j in prior_ids[i]),
+        taxon_ids=tuple(label_taxon[j] for j in prior_ids[i]),
+        expected_nearby=nearby))
+  return answers
 
 
 def with_taxa(rollup: taxonomy.RollUp, outputs: np.ndarray,

@@ -171,6 +171,9 @@ class ResolvedModel:
     label_taxa: a classifier's labels as taxa (a
       ``transforms.taxonomy.LabelTaxa``, attached by the launcher with
       ``--taxa``); None without a taxonomy.
+    prior: a classifier's geographic prior (a
+      ``transforms.prior.PriorSettings``, attached by the launcher with
+      ``--prior``); None without one.
   """
 
   spec: ModelSpec
@@ -181,6 +184,7 @@ class ResolvedModel:
   decision: Optional[Any] = None  # a transforms.runtimes.RuntimeDecision
   model_root: Optional[str] = None
   label_taxa: Optional[Any] = None  # a transforms.taxonomy.LabelTaxa
+  prior: Optional[Any] = None  # a transforms.prior.PriorSettings
 
   def __post_init__(self):
     if self.requested_runtime not in RUNTIME_REQUESTS:
@@ -246,6 +250,8 @@ class ResolvedModel:
         "labelmap": self.labelmap_path,
         "taxa_fingerprint": (self.label_taxa.fingerprint
                              if self.label_taxa is not None else None),
+        "prior_fingerprint": (self.prior.fingerprint
+                              if self.prior is not None else None),
         "licence": self.spec.licence,
         "source": self.spec.source,
         "runtime": self.runtime,

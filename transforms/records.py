@@ -99,13 +99,38 @@ class RollUpResult(NamedTuple):
   score: float
 
 
+class PriorAnswer(NamedTuple):
+  """A photo's scores re-weighted by the geographic prior
+  (transforms/prior.py).
+
+  ``label_ids``, ``scores`` and ``taxon_ids`` are the top-k of the
+  prior-adjusted scores (the image scores' top-k when ``applied`` is
+  false); ``reason`` is None when applied, else why not; ``h3_cell`` is
+  None without coordinates; ``cell_observations`` is the cell's count of
+  the labels' taxa (None without a cell); ``expected_nearby`` whether the
+  image-only top-1 label's taxon was observed in the cell or a neighbour
+  (None without a cell or when that label is unmatched).
+  """
+
+  applied: bool
+  reason: Optional[str]
+  h3_cell: Optional[str]
+  cell_observations: Optional[int]
+  label_ids: np.ndarray  # int32 [k], best first
+  scores: np.ndarray  # float32 [k], descending
+  labels: Tuple[str, ...]
+  taxon_ids: Tuple[Optional[int], ...]
+  expected_nearby: Optional[bool]
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictionResult:
   """One photo's top-k classes by one model, with its sizes.
 
   With ``--taxa``, ``taxon_ids`` holds the top-k labels' taxa (None for an
   unmatched label) and ``rollup`` the photo's roll-up (None when no taxon
-  reaches the threshold); both are None without a taxonomy.
+  reaches the threshold); both are None without a taxonomy.  With
+  ``--prior``, ``prior`` holds the prior-adjusted answer (None without).
   """
 
   ref: ImageRef
@@ -119,6 +144,7 @@ class PredictionResult:
   decoded_height: int
   taxon_ids: Optional[Tuple[Optional[int], ...]] = None
   rollup: Optional[RollUpResult] = None
+  prior: Optional[PriorAnswer] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,12 @@ Tables (``DIR`` is ``--output_dir``)::
 With ``--taxa`` (transforms/taxonomy.py) a predictions table also has
 ``label_taxon_id``, ``top_k_taxon_ids`` (null for an unmatched label) and
 ``rollup_taxon_id``, ``rollup_name``, ``rollup_rank``, ``rollup_score``
-(null when no taxon reaches the threshold), after ``top_k_scores``.
+(null when no taxon reaches the threshold), after ``top_k_scores``.  With
+``--prior`` (transforms/prior.py) it then has ``prior_applied``,
+``prior_reason``, ``prior_h3_cell``, ``prior_cell_observations``,
+``prior_top_k_label_ids``, ``prior_top_k_labels``, ``prior_top_k_scores``,
+``prior_top_k_taxon_ids`` and ``expected_nearby``, beside the image-only
+columns (which are the same with and without it).
 
 each followed by the manifest's carried columns.  The sizes are upright (EXIF
 orientation applied): ``source_*`` as stored in the file, ``decoded_*`` as
@@ -49,8 +54,9 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from natvision import transforms
-from natvision.transforms import decode as decode_lib
 from natvision.transforms import models as models_lib
+from natvision.transforms import prior as prior_lib
+from natvision.transforms import rgb
 from natvision.transforms import spec as spec_lib
 from natvision.transforms import storage
 from natvision.transforms import taxonomy
@@ -91,7 +97,7 @@ def _size_fields() -> List[pa.Field]:
 
 
 def table_metadata(model: Optional[models_lib.ResolvedModel],
-                   color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                   color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                    run: Optional[spec_lib.RunSpec] = None,
                    **extra) -> dict:
   """The JSON stored under ``natvision`` in every file's metadata.
@@ -142,7 +148,7 @@ def recorded_spec(schema: pa.Schema) -> Optional[spec_lib.RunSpec]:
 
 def embeddings_schema(model: models_lib.ResolvedModel,
                       carried: Carried = (),
-                      color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                      color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                       run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("embedding",
@@ -168,9 +174,30 @@ def _taxon_fields() -> List[pa.Field]:
   ]
 
 
+# The predictions' prior columns, with --prior only.
+PRIOR_COLUMNS = ("prior_applied", "prior_reason", "prior_h3_cell",
+                 "prior_cell_observations", "prior_top_k_label_ids",
+                 "prior_top_k_labels", "prior_top_k_scores",
+                 "prior_top_k_taxon_ids", "expected_nearby")
+
+
+def _prior_fields() -> List[pa.Field]:
+  return [
+      pa.field("prior_applied", pa.bool_(), nullable=False),
+      pa.field("prior_reason", pa.string()),
+      pa.field("prior_h3_cell", pa.string()),
+      pa.field("prior_cell_observations", pa.int64()),
+      pa.field("prior_top_k_label_ids", pa.list_(pa.int32())),
+      pa.field("prior_top_k_labels", pa.list_(pa.string())),
+      pa.field("prior_top_k_scores", pa.list_(pa.float32())),
+      pa.field("prior_top_k_taxon_ids", pa.list_(pa.int64())),
+      pa.field("expected_nearby", pa.bool_()),
+  ]
+
+
 def predictions_schema(model: models_lib.ResolvedModel,
                        carried: Carried = (),
-                       color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                       color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                        run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("label_id", pa.int32(), nullable=False),
@@ -180,14 +207,15 @@ def predictions_schema(model: models_lib.ResolvedModel,
       pa.field("top_k_labels", pa.list_(pa.string())),
       pa.field("top_k_scores", pa.list_(pa.float32())),
   ] + (_taxon_fields() if model.label_taxa is not None else []) + (
-      _size_fields())
+      _prior_fields() if getattr(model, "prior", None) is not None
+      else []) + _size_fields()
   return _with_metadata(fields, carried,
                         table_metadata(model, color_profile, run))
 
 
 def errors_schema(carried: Carried = (),
                   models: Sequence[models_lib.ResolvedModel] = (),
-                  color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                  color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                   run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("stage", pa.string(), nullable=False),
@@ -199,7 +227,7 @@ def errors_schema(carried: Carried = (),
 
 
 def schema_for(model: models_lib.ResolvedModel, carried: Carried = (),
-               color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+               color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   """The embeddings or predictions schema of a model, by its kind."""
   if model.spec.kind == models_lib.EMBEDDER:
@@ -211,16 +239,20 @@ def output_columns() -> Tuple[str, ...]:
   """Every column the tables write before the carried ones, in schema order.
 
   Read from the schemas themselves (one per kind of registered model, with
-  and without ``--taxa``, and the errors table), so a column added to a
+  and without ``--taxa`` and ``--prior``, and the errors table), so a column added to a
   schema is covered here too.
   """
   schemas = [errors_schema()]
   for spec in models_lib.REGISTRY.values():
     model = models_lib.ResolvedModel(spec=spec, path="", resize=spec.resize)
     schemas.append(schema_for(model))
-    schemas.append(schema_for(dataclasses.replace(
+    with_taxa = dataclasses.replace(
         model, label_taxa=taxonomy.match_labels([], taxonomy.Taxa(
-            kind=taxonomy.INATURALIST, rank={}, name={})))))
+            kind=taxonomy.INATURALIST, rank={}, name={})))
+    schemas.append(schema_for(with_taxa))
+    schemas.append(schema_for(dataclasses.replace(
+        with_taxa, prior=prior_lib.PriorSettings(
+            path="", fingerprint="", resolution=0))))
   return tuple(dict.fromkeys(n for schema in schemas for n in schema.names))
 
 
@@ -257,6 +289,8 @@ def results_to_table(results: Sequence, schema: pa.Schema,
     columns["top_k_scores"] = [r.scores.tolist() for r in results]
     if "rollup_taxon_id" in schema.names:
       columns.update(_taxon_columns(results))
+    if "prior_applied" in schema.names:
+      columns.update(_prior_columns(results))
   for name in SIZE_COLUMNS:
     columns[name] = [getattr(r, name) for r in results]
   columns.update(_carried_columns(refs, carried))
@@ -274,6 +308,22 @@ def _taxon_columns(results: Sequence) -> Dict[str, list]:
       "rollup_name": [(u.name or None) if u else None for u in rollups],
       "rollup_rank": [(u.rank or None) if u else None for u in rollups],
       "rollup_score": [u.score if u else None for u in rollups],
+  }
+
+
+def _prior_columns(results: Sequence) -> Dict[str, list]:
+  """The prior columns of a batch of PredictionResult."""
+  answers = [r.prior for r in results]
+  return {
+      "prior_applied": [a.applied for a in answers],
+      "prior_reason": [a.reason for a in answers],
+      "prior_h3_cell": [a.h3_cell for a in answers],
+      "prior_cell_observations": [a.cell_observations for a in answers],
+      "prior_top_k_label_ids": [a.label_ids.tolist() for a in answers],
+      "prior_top_k_labels": [list(a.labels) for a in answers],
+      "prior_top_k_scores": [a.scores.tolist() for a in answers],
+      "prior_top_k_taxon_ids": [list(a.taxon_ids) for a in answers],
+      "expected_nearby": [a.expected_nearby for a in answers],
   }
 
 

@@ -11,7 +11,7 @@ it is then
   ``natvision``, field ``spec``) and into run.json (field ``spec``);
 * read back by resume (``transforms.resume``: a dead attempt's shard is
   reused only when its recorded spec equals this run's) and by search
-  (``tools.search``: a query photo is embedded as the table's spec says,
+  (``tools.query``: a query photo is embedded as the table's spec says,
   int8 included).
 
 Equality is by value (frozen dataclasses), and ``to_json`` is deterministic
@@ -24,7 +24,11 @@ whose name hashes its calibration photos), the preparation policy, the
 input size, the output width, the labelmap and, for classifiers, top-k
 and, with ``--taxa``, the fingerprint of the labels' taxa and the roll-up
 threshold (``taxa_fingerprint``, ``rollup_threshold``: another taxonomy or
-threshold gives other taxon and roll-up columns);
+threshold gives other taxon and roll-up columns) and, with ``--prior``,
+the prior table's fingerprint, α and minimum observations
+(``prior_fingerprint``, ``prior_smoothing``, ``prior_min_observations``:
+they decide the ``prior_*`` columns; the table's H3 resolution is in its
+bytes, so in the fingerprint);
 for the run the colour-profile handling, the size limits that turn a photo
 into an error row (``--max_file_bytes``, ``--max_pixels``) and the package
 version (another version of the code may prepare photos differently).
@@ -87,6 +91,12 @@ class DecidedModel:
       and their ancestors); None otherwise.
     rollup_threshold: with ``--taxa``, ``--rollup_threshold``; None
       otherwise.
+    prior_fingerprint: with ``--prior``, a classifier's prior table's
+      fingerprint (32 hex digits of the file, transforms/prior.py); None
+      otherwise.
+    prior_smoothing: with ``--prior``, α (``--prior_smoothing``).
+    prior_min_observations: with ``--prior``,
+      ``--prior_min_observations``.
   """
 
   name: str
@@ -104,6 +114,9 @@ class DecidedModel:
   tolerance: float
   taxa_fingerprint: Optional[str] = None
   rollup_threshold: Optional[float] = None
+  prior_fingerprint: Optional[str] = None
+  prior_smoothing: Optional[float] = None
+  prior_min_observations: Optional[int] = None
 
   def __post_init__(self):
     if self.runtime not in base.DECIDED:
@@ -221,6 +234,7 @@ def decided_model(model: models_lib.ResolvedModel, top_k: int,
         models_lib.stage_locally(model.path))
   classifier = model.spec.kind == models_lib.CLASSIFIER
   taxa = model.label_taxa if classifier else None
+  prior = model.prior if classifier else None
   return DecidedModel(
       name=model.name, kind=model.spec.kind, location=model.path,
       fingerprint=fingerprint, runtime=decision.runtime,
@@ -233,7 +247,11 @@ def decided_model(model: models_lib.ResolvedModel, top_k: int,
       top_k=top_k if classifier else None,
       tolerance=base.TOLERANCES[model.spec.kind],
       taxa_fingerprint=(taxa.fingerprint if taxa is not None else None),
-      rollup_threshold=(taxa.threshold if taxa is not None else None))
+      rollup_threshold=(taxa.threshold if taxa is not None else None),
+      prior_fingerprint=(prior.fingerprint if prior is not None else None),
+      prior_smoothing=(prior.smoothing if prior is not None else None),
+      prior_min_observations=(prior.min_observations if prior is not None
+                              else None))
 
 
 def for_run(config) -> RunSpec:

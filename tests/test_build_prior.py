@@ -1,0 +1,107 @@
+"""pipelines/build_prior.py (natvision-prior): counts against a direct count."""
+
+import collections
+
+import h3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from natvision.pipelines import build_prior
+from natvision.transforms import prior
+from natvision.transforms.config import ConfigError
+
+from tests.test_prior_counts import GBIF_HEADER, INAT_HEADER
+
+PLACES = [(55.68, 12.57), (59.33, 18.06), (55.70, 12.60), (-33.9, 151.2)]
+
+
+def _observations(rng, n):
+  """Rows of an iNaturalist observations table: (lat, lon, taxon, grade),
+  some without a place, a taxon or research grade."""
+  rows = []
+  for i in range(n):
+    lat, lon = PLACES[rng.integers(len(PLACES))]
+    lat, lon = lat + rng.uniform(-0.05, 0.05), lon + rng.uniform(-0.05, 0.05)
+    taxon = str(int(rng.choice([47170, 48250, 55555])))
+    grade = "research" if rng.random() < 0.8 else "needs_id"
+    if i % 17 == 0:
+      lat = ""
+    if i % 23 == 0:
+      taxon = ""
+    rows.append((lat, lon, taxon, grade))
+  return rows
+
+
+def _direct(rows, resolution):
+  counted, skipped = collections.Counter(), collections.Counter()
+  for lat, lon, taxon, grade in rows:
+    if grade != "research":
+      skipped["quality_grade"] += 1
+    elif not taxon:
+      skipped["no_taxon"] += 1
+    elif lat == "":
+      skipped["no_coordinates"] += 1
+    else:
+      counted[(int(taxon), h3.latlng_to_cell(lat, lon, resolution))] += 1
+  return counted, skipped
+
+
+def test_counts_equal_a_direct_count(tmp_path):
+  rng = np.random.default_rng(7)
+  rows = _observations(rng, 300)
+  lines = [f"u{i}\t1\t{lat}\t{lon}\t10\t{taxon}\t{grade}\t2024-05-01"
+           for i, (lat, lon, taxon, grade) in enumerate(rows)]
+  root = tmp_path / "snapshot"
+  root.mkdir()
+  (root / "observations.csv").write_text(
+      "\n".join([INAT_HEADER] + lines) + "\n")
+  out = str(tmp_path / "prior.parquet")
+  meta = build_prior.run(["--observations", str(root), "--output", out,
+                          "--resolution", "5"])
+  counted, skipped = _direct(rows, 5)
+  table = pq.read_table(out)
+  got = {(t, c): n for t, c, n in zip(*(table.column(k).to_pylist()
+                                        for k in prior.COLUMNS))}
+  assert got == dict(counted)
+  assert meta["resolution"] == 5 and meta["source"] == "inaturalist"
+  assert meta["observations"] == sum(counted.values())
+  assert meta["read"] == len(rows)
+  assert {k: v for k, v in meta["skipped"].items() if v} == dict(skipped)
+  assert meta["taxa"] == len({t for t, _ in counted})
+  assert meta["cells"] == len({c for _, c in counted})
+  # The table is one natvision-embed --prior reads.
+  assert prior.settings_for(out).resolution == 5
+
+
+def test_gbif_occurrences_by_species_key(tmp_path):
+  lines = [f"1\t55.68\t12.57\t111\t100\tPRESENT",
+           f"2\t55.68\t12.57\t100\t100\tPRESENT",   # species, subspecies
+           f"3\t55.68\t12.57\t100\t100\tABSENT",
+           f"4\t59.33\t18.06\t200\t200\tPRESENT"]
+  (tmp_path / "occurrence.txt").write_text(
+      "\n".join([GBIF_HEADER] + lines) + "\n")
+  out = str(tmp_path / "gbif.parquet")
+  meta = build_prior.run(["--observations", str(tmp_path), "--output", out,
+                          "--taxon_column", "speciesKey"])
+  cph = h3.latlng_to_cell(55.68, 12.57, prior.DEFAULT_RESOLUTION)
+  sto = h3.latlng_to_cell(59.33, 18.06, prior.DEFAULT_RESOLUTION)
+  table = pq.read_table(out).to_pylist()
+  assert table == [{"taxon_id": 100, "h3_cell": cph, "n": 2},
+                   {"taxon_id": 200, "h3_cell": sto, "n": 1}]
+  assert meta["source"] == "gbif" and meta["skipped"]["absent"] == 1
+  assert meta["taxon_column"] == "speciesKey"
+
+
+def test_bad_flags_are_config_errors(tmp_path, capsys):
+  for argv, match in ((["--output", "x.parquet"], "--observations"),
+                      (["--observations", "x"], "--output"),
+                      (["--observations", "x", "--output", "y",
+                        "--resolution", "16"], "--resolution"),
+                      (["--observations", "x", "--output", "y",
+                        "--quality_grade", ","], "--quality_grade")):
+    with pytest.raises(ConfigError, match=match):
+      build_prior.parse_args(argv)
+  assert build_prior.main(["--observations", str(tmp_path / "none"),
+                           "--output", str(tmp_path / "p.parquet")]) == 2
+  assert "no iNaturalist observations table" in capsys.readouterr().err
