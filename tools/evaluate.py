@@ -49,6 +49,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import transforms
 from transforms import console
+from transforms import extras
 from transforms import helptext
 from transforms import models as models_lib
 from tools import tables as tables_lib
@@ -647,6 +648,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   console.configure_logging()  # the jobs' quiet console
   try:
     config = parse_args(argv)
+    status = extras.check_command("tools", "natvision-evaluate")
+    if status is not None:
+      return status
     evaluation = evaluate(config)
   except (EvaluationError, tables_lib.TableError) as e:
     print(f"natvision-evaluate: error: {e}", file=sys.stderr)

@@ -57,6 +57,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import launch
 from transforms import console
+from transforms import extras
 from transforms import helptext
 from transforms import models as models_lib
 from transforms import storage
@@ -825,6 +826,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   console.configure_logging()  # the jobs' quiet console
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
+  status = extras.check_command("tools", "natvision-report")
+  if status is not None:
+    return status
   date = args.snapshot_date
   if date is None and not storage.exists(
       FileSystems.join(args.output_dir, RUN_FILE)):

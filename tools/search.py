@@ -48,6 +48,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import transforms
 from transforms import console
+from transforms import extras
 from transforms import helptext
 from transforms import models as models_lib
 from transforms import sinks
@@ -581,6 +582,9 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-index: builds OUT/embeddings/<model>/_index/."""
   args = index_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
+  status = extras.check_command("tools", "natvision-index")
+  if status is not None:
+    return status
   try:
     meta = build_index(args.output_dir, args.model, args.exact_below,
                        args.target_recall)
@@ -649,6 +653,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.error("--k must be at least 1")
   if args.duplicates and args.threshold is None:
     p.error("--duplicates needs --threshold (a cosine similarity, e.g. 0.98)")
+  status = extras.check_command("tools", "natvision-search")
+  if status is not None:
+    return status
   try:
     searcher = open_searcher(args.output_dir, args.model)
     if args.duplicates:
