@@ -121,6 +121,9 @@ def _write_job(root: str, names: Sequence[str], stage_onnx: bool) -> Dict:
   # pylint: disable=import-outside-toplevel
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.basicConfig(level=logging.WARNING)
+  # TensorFlow's deprecation notices concern its API, not the demo (as on
+  # the launcher's console, transforms/console.py).
+  logging.getLogger("tensorflow").setLevel(logging.ERROR)
   from transforms.runtimes import onnx as onnx_lib
   tmp = f"{root.rstrip('/')}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -416,6 +417,10 @@ def read_labelmap(path: str, expected: Optional[int] = None) -> List[str]:
 _LOCAL_CACHE_ENV = "NATVISION_MODEL_CACHE"
 
 
+# The rate a model copy's announced duration assumes.
+COPY_MB_PER_SECOND = 50
+
+
 def local_cache_root() -> str:
   """This machine's model cache: ``$NATVISION_MODEL_CACHE``, else
   ``natvision-models`` in the temp dir (remote models' copies, the demo's
@@ -456,6 +461,11 @@ def stage_locally(path: str) -> str:
   if os.path.exists(done):
     return target
   tmp = f"{target}.tmp{os.getpid()}"
+  megabytes = sum(size for _, size, _ in listing) / 1e6
+  logging.getLogger("natvision").info(
+      "copying model %s (%.0f MB) to this machine's cache %s (about %.0f s "
+      "at %d MB/s)", path, megabytes, target,
+      max(1.0, megabytes / COPY_MB_PER_SECOND), COPY_MB_PER_SECOND)
   for rel, _, _ in listing:
     dest = os.path.join(tmp, rel)
     os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -67,7 +67,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -646,6 +646,10 @@ def convert_in_child(resolved: models_lib.ResolvedModel, target_path: str,
     ModelError: the conversion failed, or the child died (killed for
       memory, for instance).
   """
+  base.announce(
+      f"converting model {resolved.name} to ONNX, once per machine (cached "
+      f"in {os.path.dirname(target_path)})",
+      conversion_seconds(models_lib.stage_locally(resolved.path)))
   if multiprocessing.current_process().daemon:
     return convert_to_onnx(resolved, target_path, timing_runs=timing_runs)
   context = multiprocessing.get_context("spawn")
@@ -663,6 +667,98 @@ def convert_in_child(resolved: models_lib.ResolvedModel, target_path: str,
                "(its peak memory %.0f MiB): %s", resolved.name,
                figures["seconds"], figures["peak_rss_mb"], target_path)
   return target_path
+
+
+def _convert_many_job(pairs, timing_runs: int) -> dict:
+  """The child converting several models: each one's seconds."""
+  logging.basicConfig(level=logging.WARNING)
+  logging.getLogger("tensorflow").setLevel(logging.ERROR)
+  seconds = {}
+  for resolved, target in pairs:
+    if os.path.exists(target):  # another process made it meanwhile
+      continue
+    start = time.perf_counter()
+    try:
+      convert_to_onnx(resolved, target, timing_runs=timing_runs)
+    except models_lib.ModelError:
+      continue  # converted alone later by find_or_convert, which says why
+    finally:
+      _release_memory()
+    seconds[resolved.name] = time.perf_counter() - start
+  return seconds
+
+
+def convert_missing(models: Sequence[models_lib.ResolvedModel],
+                    timing_runs: int = base.DEFAULT_TIMING_RUNS) -> List[str]:
+  """Converts, in one child process, every model that has no ONNX file.
+
+  The launcher calls this before it decides the runtimes, so that a run
+  whose models all need converting starts TensorFlow and tf2onnx once
+  rather than once per model.  Models asking for ``--runtime tf``, with a
+  staged file, or with a cached one are left alone (``find_or_convert``
+  opens theirs); so is everything when tf2onnx is missing (the chooser
+  then says so, per model).  One console line says what is converted and
+  about how long it takes.
+
+  Returns:
+    The names of the models converted.
+
+  Raises:
+    ModelError: the child failed or died.
+  """
+  if importlib.util.find_spec("tf2onnx") is None:
+    return []
+  pairs, seconds = [], 0.0
+  for resolved in models:
+    if resolved.requested_runtime == base.RUNTIME_TF:
+      continue
+    staged, fingerprint = _local_staged(resolved, None)
+    path = cached_onnx_path(resolved, fingerprint)
+    if staged is None and not os.path.exists(path):
+      pairs.append((resolved, path))
+      seconds += conversion_seconds(models_lib.stage_locally(resolved.path))
+  if not pairs:
+    return []
+  names = [r.name for r, _ in pairs]
+  folder = os.path.dirname(pairs[0][1])
+  base.announce(
+      f"converting {len(pairs)} model(s) to ONNX in one child process, once "
+      f"per machine (cached in {folder}): {', '.join(names)}",
+      seconds - CONVERSION_START_SECONDS * (len(pairs) - 1))
+  with file_lock(os.path.join(folder, ".convert.lock")):
+    pairs = [(r, p) for r, p in pairs if not os.path.exists(p)]
+    if not pairs:
+      return []
+    if multiprocessing.current_process().daemon:
+      done = _convert_many_job(pairs, timing_runs)
+    else:
+      context = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(
+          1, mp_context=context) as pool:
+        try:
+          done = pool.submit(_convert_many_job, pairs, timing_runs).result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+          raise models_lib.ModelError(
+              f"models {', '.join(names)}: the process converting them to "
+              f"ONNX died ({e}); it may have run out of memory: stage the "
+              f"files with natvision-stage-onnx on a larger machine, or pass "
+              f"--runtime tf") from e
+  logging.info("converted %s to ONNX in one child process: %s",
+               ", ".join(done), ", ".join(f"{s:.1f} s" for s in done.values()))
+  return list(done)
+
+
+# What a conversion in a child costs on a 2-core machine: the child's start
+# (TensorFlow and tf2onnx imported), then about 0.2 s per MB of weights
+# (tiny stand-ins: 8 s in all; Inception-ResNet-V2, 220 MB: about 50 s).
+CONVERSION_START_SECONDS = 8.0
+CONVERSION_SECONDS_PER_MB = 0.2
+
+
+def conversion_seconds(local_dir: str) -> float:
+  """About how long converting the model in ``local_dir`` takes, in s."""
+  return (CONVERSION_START_SECONDS
+          + CONVERSION_SECONDS_PER_MB * base.folder_megabytes(local_dir))
 
 
 def _release_memory() -> None:

@@ -518,6 +518,12 @@ def _quantize_job(resolved, fp32_path, target_path, calibration,
               resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
+# About what a quantization in a child costs: its start, then per MB of
+# the fp32 file (calibration runs the photos through it).
+QUANTIZE_START_SECONDS = 5.0
+QUANTIZE_SECONDS_PER_MB = 0.3
+
+
 def quantize_in_child(resolved: models_lib.ResolvedModel, fp32_path: str,
                       target_path: str, calibration: np.ndarray,
                       fingerprint: str) -> str:
@@ -527,6 +533,10 @@ def quantize_in_child(resolved: models_lib.ResolvedModel, fp32_path: str,
     ModelError: the quantization failed or its process died.
   """
   args = (resolved, fp32_path, target_path, calibration, fingerprint)
+  base.announce(
+      f"quantizing model {resolved.name} to int8 on {len(calibration)} of "
+      f"the job's photos", QUANTIZE_START_SECONDS
+      + QUANTIZE_SECONDS_PER_MB * os.path.getsize(fp32_path) / 1e6)
   if multiprocessing.current_process().daemon:
     return quantize_file(*args)
   context = multiprocessing.get_context("spawn")
