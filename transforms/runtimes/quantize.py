@@ -74,6 +74,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms import config as config_lib
 from transforms import models as models_lib
 from transforms.runtimes import base
+from transforms.runtimes import int8_cache
 from transforms.runtimes import onnx as onnx_lib
 from transforms.runtimes.onnx import OnnxRuntime, OnnxSession
 from transforms.runtimes.tf import TFRuntime
@@ -624,6 +625,14 @@ def decide_int8(resolved: models_lib.ResolvedModel,
   path = quantized_path(resolved, fp32.path, decision.fingerprint,
                         _digest(calibration))
   source = "cached"
+  figures = None
+  if not os.path.exists(path):
+    # Another job's int8 file, if it agrees well enough on this job's
+    # held-out photos (transforms/runtimes/int8_cache.py).
+    reused = _reuse_cached_int8(resolved, fp32, held_out, quantization,
+                                intra_op_threads)
+    if reused is not None:
+      path, figures = reused
   if not os.path.exists(path):
     with onnx_lib.file_lock(os.path.join(os.path.dirname(path),
                                          ".convert.lock")):
@@ -638,8 +647,14 @@ def decide_int8(resolved: models_lib.ResolvedModel,
     raise models_lib.ModelError(
         f"model {name}: {path} is not an int8 file of this model "
         f"(precision, fingerprint {found})")
-  figures = measure_agreement(resolved.spec.kind, _predict_all(fp32, held_out),
-                              _predict_all(session, held_out))
+  if figures is None:
+    figures = int8_cache.recorded(path, _digest(held_out))
+  if figures is None:
+    figures = measure_agreement(resolved.spec.kind,
+                                _predict_all(fp32, held_out),
+                                _predict_all(session, held_out))
+    int8_cache.record(path, decision.fingerprint, _digest(held_out), figures,
+                      len(held_out))
   minimums = quantization.minimums
   agreement = Agreement(
       figures=figures,
@@ -679,6 +694,34 @@ def decide_int8(resolved: models_lib.ResolvedModel,
       max_diff=max_diff, onnx_path=path, onnx_source=source,
       checked_against=CHECKED_AGAINST_FP32, precision=base.INT8,
       agreement=agreement)
+
+
+def _reuse_cached_int8(resolved: models_lib.ResolvedModel,
+                       fp32: OnnxRuntime, held_out: np.ndarray,
+                       quantization: QuantizationConfig,
+                       intra_op_threads: Optional[int]
+                       ) -> Optional[Tuple[str, Dict[str, float]]]:
+  """A cached int8 file of this model that passes the minimums on this
+  job's held-out photos, and its figures; None when none does."""
+  fp32_out: List[np.ndarray] = []
+
+  def measure(path: str) -> Dict[str, float]:
+    if not fp32_out:
+      fp32_out.append(_predict_all(fp32, held_out))
+    session = OnnxSession(resolved, path, intra_op_threads)
+    return measure_agreement(resolved.spec.kind, fp32_out[0],
+                             _predict_all(session, held_out))
+
+  found = int8_cache.find_passing(
+      resolved.name, resolved.require_decision().fingerprint,
+      _digest(held_out), quantization.minimums, len(held_out), measure)
+  if found is not None:
+    logging.getLogger("natvision").info(
+        "model %s: reusing the cached int8 file %s, whose agreement with "
+        "fp32 on this job's %d held-out photos passes the minimums (%s)",
+        resolved.name, found[0], len(held_out),
+        ", ".join(f"{k} {v:.4f}" for k, v in found[1].items()))
+  return found
 
 
 # The job's photos for a sample size: preparation policy -> uint8 arrays
