@@ -167,3 +167,26 @@ def test_a_multi_process_run_is_as_quiet_as_a_single_process_one(
           runs["single"].stdout.replace(str(tmp_path / "single"), "OUT")))
   for mode, done in runs.items():
     assert f"run report written to {tmp_path / mode}" in done.stderr, mode
+
+
+def test_beams_import_notice_without_the_gcp_extra_is_dropped():
+  import pipelines  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  root = logging.getLogger()
+  assert any(isinstance(f, console.ImportNoticeFilter) for f in root.filters)
+  notice = logging.LogRecord(
+      "root", logging.WARNING, "x.py", 32, "apitools not found, and bigquery "
+      "client libraries are not available despite the import not raising an "
+      "ImportError.", (), None)
+  other = logging.LogRecord("root", logging.WARNING, "x.py", 1,
+                            "disk is full", (), None)
+  assert not root.filter(notice) and root.filter(other)
+
+
+def test_a_handler_made_at_import_time_gets_the_console_format(monkeypatch):
+  monkeypatch.setattr(console, "_filter_native_stderr", lambda: None)
+  root = logging.getLogger()
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+  monkeypatch.setattr(root, "handlers", [handler])
+  console.configure_logging()
+  assert handler.formatter._fmt == console.FORMAT  # pylint: disable=protected-access

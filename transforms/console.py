@@ -33,6 +33,34 @@ import threading
 from typing import FrozenSet, Optional, Sequence, Tuple
 
 VERBOSE_FLAG = "--verbose"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Notices logged on the root logger while a library is imported, before any
+# command has set up its console: Beam's, on an install without the gcp
+# extra (``pip install .``), which reads gs:// and BigQuery not at all.
+IMPORT_NOTICES = (
+    "apitools not found, and bigquery client libraries are not available",
+)
+
+
+class ImportNoticeFilter(logging.Filter):
+  """Drops ``IMPORT_NOTICES`` (on the root logger)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(notice in message for notice in IMPORT_NOTICES)
+
+
+def drop_import_notices() -> None:
+  """Installs ``ImportNoticeFilter`` on the root logger, once.
+
+  Called by the packages' ``__init__`` (pipelines/, tools/), so that it is
+  in place before their modules import Beam; ``--verbose`` does not bring
+  these back (they are printed before the flags are read).
+  """
+  root = logging.getLogger()
+  if not any(isinstance(f, ImportNoticeFilter) for f in root.filters):
+    root.addFilter(ImportNoticeFilter())
 
 
 def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
@@ -55,8 +83,15 @@ def configure_logging(verbose: bool = False) -> None:
   if not verbose:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _filter_native_stderr()
-  logging.basicConfig(level=logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.basicConfig(level=logging.INFO, format=FORMAT)
+  # A handler that a library's import-time ``logging.warning`` made with
+  # basicConfig's defaults (Beam without the gcp extra) gets the format.
+  for handler in logging.getLogger().handlers:
+    formatter = handler.formatter
+    if (type(handler) is logging.StreamHandler  # pylint: disable=unidiomatic-typecheck
+        and formatter is not None
+        and getattr(formatter, "_fmt", None) == logging.BASIC_FORMAT):
+      handler.setFormatter(logging.Formatter(FORMAT))
   if not verbose:
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("natvision").setLevel(logging.INFO)
