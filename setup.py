@@ -92,6 +92,8 @@ setuptools.setup(
         "onnxruntime>=1.17,<1.33",
         "onnx>=1.16,<1.24",
         "tf2onnx>=1.16,<1.18",
+        # --taxa: the sparse label x ancestor matrix of the roll-up.
+        "scipy>=1.11,<2",
         # tensorflow_hub imports pkg_resources.
         "setuptools>=65,<81",
     ],

@@ -236,7 +236,7 @@ def account(out: str, uris: Sequence[str], models: Sequence[str]) -> dict:
   errors = read("errors", ["uri", "model", "stage", "error"])
   per_model = {}
   for name in models:
-    # The table is embeddings/<model> or predictions/<model> (README).
+    # The table is embeddings/<model> or predictions/<model> (docs/tables.md).
     in_table = collections.Counter(
         r["uri"] for kind in ("embeddings", "predictions")
         for r in read(os.path.join(kind, name), ["uri"]))

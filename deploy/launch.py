@@ -48,9 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           file=sys.stderr)
     return 2
   module = importlib.import_module(f"pipelines.{name}")
-  # The run report is tools/report.py's, the jobs' last step once imported
+  # The run report is tools/report.py's, handed to the job as its last step
   # (the pipelines never import tools/).
-  importlib.import_module("tools.report")
+  html_report = importlib.import_module("tools.report")
   if is_template_launch(argv) and not getattr(module, "COMMITS_IN_PIPELINE",
                                               False):
     print(f"natvision launch: pipelines.{name} commits its tables after "
@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"a machine that stays up until the job ends, until the commit "
           f"moves into the pipeline (deploy/README.md).", file=sys.stderr)
     return 2
-  return module.main(argv)
+  return module.main(argv, report_writer=html_report.write_after_run)
 
 
 if __name__ == "__main__":

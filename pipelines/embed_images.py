@@ -10,7 +10,7 @@ The graph: read the input (globs, a manifest or a Darwin Core archive) into
 one ``ImageRef`` per distinct photo; leave out photos under other licences
 (``--license``); embed and write (transforms/embed.py); count the run's
 figures (transforms/summary.py); commit the tables and write ``run.json``
-and ``report.html`` (the writer ``launch.report_writer()`` names) in the
+and ``report.html`` (``launch.Plan.report_writer``, when given) in the
 last step (transforms/commit.py).  The launch steps around it are
 pipelines/launch.py's.
 """
@@ -300,7 +300,7 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
              } | "Summarize" >> summary_lib.Summarize()
   _ = out[embed.WRITTEN] | "CommitRun" >> commit.CommitRun(
       plan.layout, RunReport(plan.base, config.max_error_rate,
-                             launch.report_writer()),
+                             plan.report_writer),
       beam.pvalue.AsSingleton(figures))
 
 
@@ -311,7 +311,8 @@ class RunReport:
   (models, flags, start time) comes in ``base``; the figures are counted
   in the graph (transforms/summary.py); rows per table are read from the
   committed files' footers.  report.html is ``write_report``'s
-  (``launch.report_writer()``, tools/report.py's); None writes none.
+  (``launch.Plan.report_writer``: tools/report.py's for the command); None
+  writes none.
   """
 
   def __init__(self, base: dict, max_error_rate: Optional[float],
@@ -469,18 +470,21 @@ class EmbedJob(launch.Job):
 JOB = EmbedJob()
 
 
-def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
+def run(argv: Optional[Sequence[str]] = None, test_pipeline=None,
+        report_writer: Optional[launch.ReportWriter] = None) -> dict:
   """Runs the job; returns the run report (also written to run.json).
 
   Args:
     argv: command-line flags (application and Beam flags together).
     test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+    report_writer: writes the HTML report after the summary (tools/report.py's
+      ``write_after_run``); None writes none.
 
   Raises:
     ConfigError: bad flags, input or models, before the pipeline starts.
     storage.StorageError: storage failed; running again resumes.
   """
-  return launch.run(JOB, argv, test_pipeline)
+  return launch.run(JOB, argv, test_pipeline, report_writer)
 
 
 def _ensure_demo_models(config: JobConfig) -> None:
@@ -490,9 +494,10 @@ def _ensure_demo_models(config: JobConfig) -> None:
   demo.ensure(root, [m.name for m in config.models])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None,
+         report_writer: Optional[launch.ReportWriter] = None) -> int:
   """natvision-embed; exit status as pipelines/launch.py says."""
-  return launch.main(JOB, argv)
+  return launch.main(JOB, argv, report_writer)
 
 
 def exit_status(report: dict) -> int:

@@ -321,7 +321,8 @@ def report_base(config: IngestConfig, prepared: CheckedInput, run_id: str,
 
 
 def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: CheckedInput,
-                   layout: commit.Layout, base: dict):
+                   layout: commit.Layout, base: dict,
+                   report_writer: Optional[launch.ReportWriter] = None):
   """Adds the job's transforms to ``p``; no side effects at build time.
 
   The last steps, once every table is written, unmark the date's
@@ -341,7 +342,7 @@ def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: CheckedInpu
              "tallies": found[snapshots.STATS]
              } | "Summarize" >> summary_lib.Summarize()
   _ = out[embed.WRITTEN] | "CommitRun" >> commit.CommitRun(
-      layout, FinishPartition(config, base, launch.report_writer()),
+      layout, FinishPartition(config, base, report_writer),
       beam.pvalue.AsSingleton(figures), before=commit.unmark_partition)
 
 
@@ -394,7 +395,7 @@ class FinishPartition:
 
   Removes what dead runs of the date left under ``_staging``, writes
   ``runs/<date>.json``, the ``_SUCCESS`` markers and then the partition's
-  report (``write_report``, ``launch.report_writer()``: tools/report.py's;
+  report (``write_report``, ``launch.Plan.report_writer``: tools/report.py's;
   None writes none).  The counts come from the pipeline's own STATS
   (summed into ``stats``) and from the committed tables; nothing is read
   from Beam metrics.
@@ -510,7 +511,8 @@ class IngestJob(launch.Job):
                        layout=layout, resume=None, base=base)
 
   def build(self, p: beam.Pipeline, plan: launch.Plan) -> None:
-    build_pipeline(p, plan.config, plan.checked, plan.layout, plan.base)
+    build_pipeline(p, plan.config, plan.checked, plan.layout, plan.base,
+                   plan.report_writer)
 
   def summary_path(self, plan: launch.Plan) -> str:
     return summary_path(plan.config)
@@ -528,23 +530,27 @@ class IngestJob(launch.Job):
 JOB = IngestJob()
 
 
-def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
+def run(argv: Optional[Sequence[str]] = None, test_pipeline=None,
+        report_writer: Optional[launch.ReportWriter] = None) -> dict:
   """Runs the job; returns the run report (also DIR/runs/<date>.json).
 
   Args:
     argv: command-line flags (application and Beam flags together).
     test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+    report_writer: writes the HTML report after the summary (tools/report.py's
+      ``write_after_run``); None writes none.
 
   Raises:
     ConfigError: bad flags, snapshot or models, before the pipeline starts.
     storage.StorageError: storage failed; running the date again resumes.
   """
-  return launch.run(JOB, argv, test_pipeline)
+  return launch.run(JOB, argv, test_pipeline, report_writer)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None,
+         report_writer: Optional[launch.ReportWriter] = None) -> int:
   """natvision-ingest; exit status as pipelines/launch.py says."""
-  return launch.main(JOB, argv)
+  return launch.main(JOB, argv, report_writer)
 
 
 if __name__ == "__main__":

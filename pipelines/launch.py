@@ -13,9 +13,9 @@ so a template launch that does not wait is safe; when the job has ended
 here, the summary is read back and printed.
 
 The run report (report.html) is written in the pipeline's last step too,
-by a writer the jobs are given (``set_report_writer``; tools/report.py
-sets it when imported, and the commands import it): pipelines/ never
-import tools/, which build on them.
+by a writer the command hands to ``run``/``main`` (tools/report.py's
+``embed_main``/``ingest_main`` give theirs; called directly, ``run`` writes
+no report): pipelines/ never import tools/, which build on them.
 
 Exit status (``main``): 0 the job ran (even if some photos failed); 2 bad
 flags, input or models, found before anything runs (``ConfigError``);
@@ -49,8 +49,14 @@ from transforms import console
 from transforms import models as models_lib
 from transforms import progress
 from transforms import spec as spec_lib
+from transforms import taxonomy
 from transforms import storage
 from transforms.config import ConfigError
+
+
+# ``writer(output_dir, snapshot_date)``: writes the run's HTML report once
+# the summary is written; never raises (snapshot_date None: a plain run).
+ReportWriter = Callable[[str, Optional[str]], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,10 @@ class Plan:
     layout: where the tables are staged and committed.
     resume: what a dead attempt left that this run reuses, or None.
     base: the summary's fields known at launch.
+    report_writer: the run's last step after the summary (a
+      ``ReportWriter``), or None for no report.  The commands give
+      tools/report.py's (``run(..., report_writer=)``); it travels pickled
+      with the graph, so a worker needs nothing of its own.
   """
 
   config: Any
@@ -74,29 +84,7 @@ class Plan:
   layout: commit.Layout
   resume: Any
   base: dict
-
-
-# ``writer(output_dir, snapshot_date)``: writes the run's HTML report once
-# the summary is written; never raises (snapshot_date None: a plain run).
-ReportWriter = Callable[[str, Optional[str]], None]
-
-_report_writer: Optional[ReportWriter] = None
-
-
-def set_report_writer(writer: Optional[ReportWriter]) -> None:
-  """Makes ``writer`` the last step of every job built from now on.
-
-  tools/report.py calls it when imported.  A job takes the writer when its
-  graph is built, and the writer travels pickled with the graph, so a
-  worker needs no call of its own.  None: the jobs write no report.
-  """
-  global _report_writer  # pylint: disable=global-statement
-  _report_writer = writer
-
-
-def report_writer() -> Optional[ReportWriter]:
-  """The writer set by ``set_report_writer``; None when none was."""
-  return _report_writer
+  report_writer: Optional[ReportWriter] = None
 
 
 class Job:
@@ -293,6 +281,12 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   # Cheap existence checks before anything imports TensorFlow, so that a
   # wrong --model_root fails in seconds, naming the folder.
   models_lib.check_locations(config.embed.models)
+  # The labels' taxa (--taxa) before TensorFlow: too many unmatched labels
+  # fails here, in seconds.
+  config = dataclasses.replace(config, embed=config.embed.with_models(
+      taxonomy.attach(config.embed.models, config.embed.taxonomy,
+                      lambda m: models_lib.read_labelmap(
+                          m.labelmap_path, expected=m.spec.output_width))))
   checking = time.time()
   config = dataclasses.replace(config, embed=config.embed.with_models(
       check_models(config.embed.models,
@@ -308,23 +302,31 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   base = {"package": {"name": "natvision", "version": transforms.__version__},
           "flags": list(argv) if argv is not None else sys.argv[1:],
           "spec": run_spec.to_dict(), "timings": timings}
+  taxa_reports = {m.name: m.label_taxa.report(config.embed.taxonomy.taxa)
+                  for m in config.embed.models if m.label_taxa is not None}
+  if taxa_reports:
+    base["taxonomy"] = taxa_reports
   return job.plan(config, prepared, base, run_spec), options
 
 
 def run(job: Job, argv: Optional[Sequence[str]] = None,
-        test_pipeline=None) -> dict:
+        test_pipeline=None,
+        report_writer: Optional[ReportWriter] = None) -> dict:
   """Runs a job; returns its summary (also written by the pipeline).
 
   Args:
     job: the job.
     argv: command-line flags (application and Beam flags together).
     test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+    report_writer: writes report.html after the summary (``Plan``); None
+      writes none.
 
   Raises:
     ConfigError: bad flags, input or models, before the pipeline starts.
     storage.StorageError: storage failed (the run may be resumed).
   """
   plan, options = plan_job(job, argv)
+  plan = dataclasses.replace(plan, report_writer=report_writer)
   p = test_pipeline or beam.Pipeline(options=options)
   job.build(p, plan)
   # Progress lines count this run alone; when the pipeline runs in this
@@ -381,12 +383,13 @@ def _keep_terminal() -> None:
     _TERMINAL.append(os.fdopen(os.dup(2), "w", buffering=1))
 
 
-def main(job: Job, argv: Optional[Sequence[str]] = None) -> int:
+def main(job: Job, argv: Optional[Sequence[str]] = None,
+         report_writer: Optional[ReportWriter] = None) -> int:
   """The command: runs the job and turns what happened into an exit status."""
   _keep_terminal()
   console.configure_logging(verbose=console.verbose_requested(argv))
   try:
-    report = run(job, argv)
+    report = run(job, argv, report_writer=report_writer)
   except ConfigError as e:
     print(f"{job.name}: error: {e}", file=sys.stderr)
     return 2

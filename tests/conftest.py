@@ -1,6 +1,6 @@
 """Shared fixtures: tiny stand-in models and real photos on disk.
 
-Two tiers (README, "Tests"): ``python -m pytest -q tests`` runs the default
+Two tiers (docs/tests.md): ``python -m pytest -q tests`` runs the default
 tier, every test not marked ``slow``; ``python -m pytest -q -m slow tests``
 runs only the slow tier and ``--runslow`` runs both.  An explicit ``-m``
 expression always chooses for itself.
@@ -161,10 +161,11 @@ def labelled_job(tiny_models, tmp_path_factory):
   photos = labelled_photos.make_labelled_photos(
       root, real_photo_paths(), os.path.join(tiny_models, "fungi_mobile_v1"))
   out = os.path.join(root, "out")
+  from tools.report import write_after_run  # pylint: disable=import-outside-toplevel
   report = embed_images.run([
       "--input", photos.manifest, "--output_dir", out,
       "--model_root", tiny_models, "--runtime", "tf", "--batch_size", "8",
-      "--top_k", "5"])
+      "--top_k", "5"], report_writer=write_after_run)
   return {"out": out, "photos": photos, "models": tiny_models,
           "report": report}
 

@@ -29,10 +29,10 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from pipelines import embed_images, ingest_observations, launch
-from transforms.config import ConfigError as FlagError
-from transforms import models as models_lib
-from transforms import snapshots
+from natvision.pipelines import embed_images, ingest_observations, launch
+from natvision.transforms.config import ConfigError as FlagError
+from natvision.transforms import models as models_lib
+from natvision.transforms import snapshots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(REPO, "deploy")
@@ -70,6 +70,9 @@ EXAMPLES = {
     "labelmap": "fungi_mobile_v1=gs://my-bucket/labels/fungi.csv",
     "batch_size": "32",
     "top_k": "10",
+    "taxa": "gs://my-bucket/taxonomy/taxa.csv.gz",
+    "rollup_threshold": "0.8",
+    "max_unmatched_labels": "0.05",
     "resize": "center_crop",
     "runtime": "onnx",
     "max_file_bytes": "1048576",

@@ -427,3 +427,90 @@ def test_the_launcher_holds_nothing_per_photo(tmp_path):
   large = _launch_peak(tmp_path, 20_000)
   assert large < 5_000_000, (small, large)
   assert large / small < 1.1, (small, large)
+
+
+# --------------------------------------------------------------------------
+# --taxa: taxon and roll-up columns (transforms/taxonomy.py).
+
+
+def test_too_many_unmatched_labels_exit_2_before_the_pipeline(
+    tiny_models, photo_dir, tmp_path, capsys):
+  from tests import taxa_helpers  # pylint: disable=import-outside-toplevel
+  taxa = str(tmp_path / "taxa.tsv")
+  taxa_helpers.write_standin_taxa(
+      os.path.join(tiny_models, "fungi_mobile_v1", "labelmap.csv"), taxa,
+      unmatched=100)
+  out = tmp_path / "out"
+  status = embed_images.main([
+      "--input", str(photo_dir / "*.png"), "--output_dir", str(out),
+      "--models", "fungi_mobile_v1", "--model_root", tiny_models,
+      "--taxa", taxa, "--max_unmatched_labels", "0.01"])
+  assert status == 2
+  err = capsys.readouterr().err
+  assert "--max_unmatched_labels 0.01" in err and "100 of the 4128" in err
+  assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_taxa_columns_and_rollup_end_to_end(tiny_models, photo_dir,
+                                            tmp_path):
+  """Two runs, with and without --taxa, keeping every label (--top_k 4128)
+  so that the roll-up can be recomputed from the table itself."""
+  from tests import taxa_helpers  # pylint: disable=import-outside-toplevel
+  from transforms import taxonomy  # pylint: disable=import-outside-toplevel
+  taxa_path = str(tmp_path / "taxa.tsv")
+  labels, taxon_of = taxa_helpers.write_standin_taxa(
+      os.path.join(tiny_models, "fungi_mobile_v1", "labelmap.csv"),
+      taxa_path)
+  common = ["--input", str(photo_dir / "*"), "--models", "fungi_mobile_v1",
+            "--model_root", tiny_models, "--runtime", "tf", "--top_k",
+            "4128", "--batch_size", "4"]
+  plain_out, taxa_out = str(tmp_path / "plain"), str(tmp_path / "taxa")
+  embed_images.run(common + ["--output_dir", plain_out])
+  threshold = 0.05  # the stand-in's softmax is flat: genera can reach it
+  report = embed_images.run(common + [
+      "--output_dir", taxa_out, "--taxa", taxa_path,
+      "--rollup_threshold", str(threshold)])
+  table = "predictions/fungi_mobile_v1"
+  plain = _read(os.path.join(plain_out, table)).sort_by("image_id")
+  rows = _read(os.path.join(taxa_out, table)).sort_by("image_id")
+  # The image-only columns are the same with and without --taxa.
+  assert [n for n in rows.column_names if n not in sinks.TAXON_COLUMNS] == (
+      plain.column_names)
+  for name in plain.column_names:
+    if name == "top_k_scores":
+      np.testing.assert_allclose(
+          np.array(rows.column(name).to_pylist()),
+          np.array(plain.column(name).to_pylist()), rtol=0, atol=1e-6)
+    else:
+      assert rows.column(name).to_pylist() == plain.column(name).to_pylist()
+  # run.json names the unmatched labels.
+  entry = report["taxonomy"]["fungi_mobile_v1"]
+  assert entry["unmatched"] == labels[:10] and entry["labels"] == 4128
+  assert report["spec"]["models"][0]["rollup_threshold"] == threshold
+  # Taxa of the labels, and the roll-up recomputed from the full vector.
+  taxa = taxonomy.read_taxa(taxa_path)
+  data = rows.to_pylist()
+  answered = [r for r in data if r["rollup_taxon_id"] is not None]
+  assert answered, "no photo rolled up: the check below would be vacuous"
+  for row in data:
+    ids = row["top_k_label_ids"]
+    assert row["label_taxon_id"] == taxon_of.get(ids[0])
+    assert row["top_k_taxon_ids"] == [taxon_of.get(i) for i in ids]
+    p = np.zeros(len(labels))
+    p[ids] = row["top_k_scores"]
+    sums = {}
+    for i, taxon in taxon_of.items():
+      for node in taxa.ancestors(taxon) + (taxon,):
+        sums[node] = sums.get(node, 0.0) + p[i]
+    reach = [n for n, s in sums.items() if s >= threshold]
+    if not reach:
+      assert row["rollup_taxon_id"] is None
+      continue
+    depth = max(len(taxa.ancestors(n)) for n in reach)
+    best = max((n for n in reach if len(taxa.ancestors(n)) == depth),
+               key=lambda n: (sums[n], -n))
+    assert row["rollup_taxon_id"] == best
+    assert row["rollup_rank"] == taxa.rank[best]
+    assert row["rollup_name"] == taxa.name[best]
+    assert row["rollup_score"] == pytest.approx(sums[best], abs=1e-5)

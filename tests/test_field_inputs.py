@@ -327,6 +327,9 @@ def test_reserved_columns_are_every_output_column_of_every_table():
   for spec in models_lib.REGISTRY.values():
     model = models_lib.ResolvedModel(spec=spec, path="", resize=spec.resize)
     names |= set(sinks.schema_for(model).names)
+  # With --taxa, the predictions' taxonomy columns are output columns too.
+  assert set(sinks.TAXON_COLUMNS) <= sources.RESERVED_COLUMNS
+  names |= set(sinks.TAXON_COLUMNS)
   assert sources.RESERVED_COLUMNS == names
   assert {"image_id", "uri", "model", "embedding", "label", "score",
           "top_k_scores", "stage", "error"} <= sources.RESERVED_COLUMNS

@@ -29,6 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines import ingest_observations as ingest
 from tests.gcs_server import upload_dir
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
+from tools import report as html_report
 
 # Slow tier: three ingestion runs on the loopback GCS server; ingestion
 # is in the default tier locally (test_ingest_observations) and gs:// with
@@ -155,7 +156,8 @@ def sequence(gcs_server, tiny_models, tmp_path_factory):
   def run(name, snapshots, date, local_twin=None):
     """One gs:// run, and the same run locally (or an earlier step's)."""
     local, remote = snapshots
-    gs_report = ingest.run(_argv(remote, gs_template, gs_out, gs_models, date))
+    gs_report = ingest.run(_argv(remote, gs_template, gs_out, gs_models, date),
+                           report_writer=html_report.write_after_run)
     steps[name] = {"gs": gs_report, "gs_state": snapshot_state(gs_out)}
     if local_twin:
       # The local job's own reruns are covered by test_ingest_observations.

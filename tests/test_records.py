@@ -44,7 +44,10 @@ def test_records_are_frozen_and_compare_by_value():
 def test_field_names_and_stage_names():
   assert [f.name for f in dataclasses.fields(records.PredictionResult)] == [
       "ref", "model", "label_ids", "scores", "labels", "source_width",
-      "source_height", "decoded_width", "decoded_height"]
+      "source_height", "decoded_width", "decoded_height", "taxon_ids",
+      "rollup"]
+  assert records.RollUpResult._fields == ("taxon_id", "name", "rank",
+                                          "score")
   assert [f.name for f in dataclasses.fields(records.PreparedImage)] == [
       "ref", "arrays", "source_width", "source_height", "decoded_width",
       "decoded_height"]

@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 
-from pipelines import launch
+from pipelines import embed_images
 from tools import evaluate
 from tools import report
 
@@ -60,10 +60,19 @@ def _section(page, name):
   return match.group(0)
 
 
-def test_the_jobs_get_the_writer_from_here():
-  # pipelines/ never import tools/ (tests/test_imports.py): this module
-  # hands them its writer when imported, and the commands start here.
-  assert launch.report_writer() is report.write_after_run
+def test_the_commands_hand_the_jobs_this_writer(tiny_models, photo_dir,
+                                                 tmp_path):
+  # pipelines/ never import tools/ (tests/test_imports.py): the commands
+  # start here and hand the job this module's writer; a job run without
+  # one (embed_images.run, python -m pipelines.embed_images) writes none.
+  flags = ["--input", os.path.join(photo_dir, "*.jpg"), "--models",
+           "inaturalist_v2", "--model_root", tiny_models, "--runtime", "tf"]
+  bare, command = str(tmp_path / "bare"), str(tmp_path / "command")
+  embed_images.run(flags + ["--output_dir", bare])
+  assert os.path.exists(os.path.join(bare, "run.json"))
+  assert not os.path.exists(os.path.join(bare, "report.html"))
+  assert report.embed_main(flags + ["--output_dir", command]) == 0
+  assert os.path.exists(os.path.join(command, "report.html"))
   with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
     setup = f.read()
   assert '"natvision-embed=tools.report:embed_main"' in setup
@@ -219,7 +228,7 @@ def test_ingestion_writes_a_report_per_partition(tiny_models, tmp_path):
         "--snapshot_dir", snapshot, "--photo_uri_template", world.template,
         "--snapshot_date", date, "--output_dir", out, "--models",
         "inaturalist_v2", "--model_root", tiny_models, "--runtime", "tf",
-        "--batch_size", "4"])
+        "--batch_size", "4"], report_writer=report.write_after_run)
   for date in dates:
     with open(os.path.join(out, "runs", f"{date}.html"),
               encoding="utf-8") as f:

@@ -28,7 +28,7 @@ from PIL import Image
 
 import transforms
 from pipelines import embed_images
-from transforms import commit, models, resume, runtimes, sinks
+from transforms import commit, models, resume, runtimes, sinks, taxonomy
 from transforms import spec as spec_lib
 from transforms.records import ImageRef
 
@@ -151,7 +151,15 @@ def _decided(location="/m", runtime="tf", precision="fp32", resize=None):
 
 
 def _run_spec(decided, fingerprint="a" * 32, top_k=5, color_profile="ignore",
-              max_pixels=50_000_000):
+              max_pixels=50_000_000, taxa=None, rollup_threshold=0.8):
+  if taxa is not None:  # --taxa: the classifier's labels as taxa
+    taxa_table = taxonomy.Taxa(kind=taxonomy.INATURALIST,
+                               rank={1: "genus", 2: "genus"},
+                               name={1: "Amanita", 2: taxa},
+                               ancestry={1: (), 2: ()})
+    decided = [dataclasses.replace(m, label_taxa=taxonomy.match_labels(
+        ["Amanita", taxa], taxa_table, rollup_threshold))
+               if m.spec.kind == models.CLASSIFIER else m for m in decided]
   return spec_lib.RunSpec(
       models=tuple(spec_lib.decided_model(m, top_k, fingerprint)
                    for m in decided),
@@ -287,6 +295,10 @@ OTHER_RUNS = {
     "top_k": ({}, dict(top_k=3)),
     "location": ({}, dict(location="/other")),
     "max_pixels": ({}, dict(max_pixels=1_000_000)),
+    # --taxa: another taxonomy, or none, or another roll-up threshold.
+    "taxa_fingerprint": (dict(taxa="Boletus"), dict(taxa="Suillus")),
+    "rollup_threshold": (dict(taxa="Boletus"),
+                         dict(taxa="Boletus", rollup_threshold=0.9)),
 }
 
 

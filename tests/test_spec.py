@@ -82,3 +82,30 @@ def test_a_model_that_no_launcher_decides_is_refused(changes, match):
 def test_what_is_not_a_spec_is_refused(text):
   with pytest.raises(spec_lib.SpecError, match="not a run spec"):
     spec_lib.RunSpec.from_json(text)
+
+
+def test_a_classifier_with_taxa_records_their_fingerprint_and_threshold():
+  from transforms import models as models_lib  # pylint: disable=import-outside-toplevel
+  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from transforms import taxonomy  # pylint: disable=import-outside-toplevel
+  taxa = taxonomy.Taxa(kind=taxonomy.INATURALIST, rank={7: "species"},
+                       name={7: "Amanita muscaria"}, ancestry={7: ()})
+  label_taxa = taxonomy.match_labels(["Amanita muscaria"], taxa, 0.7)
+  decided = []
+  for name in ("fungi_mobile_v1", "inaturalist_v2"):
+    (model,) = models_lib.resolve_models([name], "/m")
+    model = model.with_decision(runtimes.RuntimeDecision("tf", note="test"))
+    decided.append(spec_lib.decided_model(
+        dataclasses.replace(model, label_taxa=label_taxa), 5, "0" * 32))
+  classifier, embedder = decided
+  assert classifier.taxa_fingerprint == label_taxa.fingerprint
+  assert len(classifier.taxa_fingerprint) == 32
+  assert classifier.rollup_threshold == 0.7
+  assert embedder.taxa_fingerprint is None and embedder.rollup_threshold is None
+  run = _run(*decided)
+  assert spec_lib.RunSpec.from_json(run.to_json()) == run
+  # A spec written before --taxa existed reads as one without a taxonomy.
+  old = json.loads(_run().to_json())
+  for model in old["models"]:
+    del model["taxa_fingerprint"], model["rollup_threshold"]
+  assert spec_lib.RunSpec.from_dict(old) == _run()

@@ -27,11 +27,9 @@ Photo sizes come from the tables' ``source_width`` and ``source_height``
 columns where the tables have them; for older tables the headers of up to
 ``--size_sample`` photos are read (only the header, not the pixels).
 
-The jobs get the writer from here (``write_after_run``, registered with
-``pipelines.launch.set_report_writer`` when this module is imported): the
-pipelines never import tools/.  So natvision-embed and natvision-ingest
-start here (``embed_main``, ``ingest_main``), and every job run from them
-writes its report.
+The jobs get the writer from here: natvision-embed and natvision-ingest
+start here (``embed_main``, ``ingest_main``) and hand ``write_after_run`` to
+the job they run, since the pipelines never import tools/.
 
 Inside a job, ``write_report`` never raises: a report that cannot be
 written is logged as an error (the tables are committed before) and the run
@@ -55,7 +53,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import launch
 from transforms import console
 from transforms import extras
 from transforms import helptext
@@ -766,26 +763,25 @@ def write_report(output_dir: str, snapshot_date: Optional[str] = None,
 
 def write_after_run(output_dir: str,
                     snapshot_date: Optional[str] = None) -> None:
-  """The jobs' last step after the summary (a ``launch.ReportWriter``):
+  """The jobs' last step after the summary (a ``pipelines.launch.ReportWriter``):
   ``write_report``, which logs a failure and never raises."""
   write_report(output_dir, snapshot_date)
 
 
 # Every job built once this module is imported writes its report.
-launch.set_report_writer(write_after_run)
 
 
 def embed_main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-embed: the job (pipelines/embed_images.py) with its report."""
   from pipelines import embed_images  # pylint: disable=import-outside-toplevel
-  return embed_images.main(argv)
+  return embed_images.main(argv, report_writer=write_after_run)
 
 
 def ingest_main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-ingest: the job (pipelines/ingest_observations.py) with its
   report."""
   from pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
-  return ingest_observations.main(argv)
+  return ingest_observations.main(argv, report_writer=write_after_run)
 
 
 def _latest_partition(output_dir: str) -> Optional[str]:

@@ -36,6 +36,7 @@ from transforms import models as models_lib
 from transforms import photos
 from transforms import resume as resume_lib
 from transforms import sinks
+from transforms import taxonomy as taxonomy_lib
 from transforms.runtimes import quantize
 
 # Keys of the dict of PCollections EmbedAndWrite returns.
@@ -58,6 +59,8 @@ class EmbedConfig:
     shard_rows: rows after which a table shard is closed.
     quantization: ``--precision`` (int8 is decided by the launcher, see
       transforms/runtimes/quantize.py).
+    taxonomy: ``--taxa`` and the roll-up flags (the launcher attaches each
+      classifier's labels' taxa, see transforms/taxonomy.py).
   """
 
   models: Tuple[models_lib.ResolvedModel, ...]
@@ -66,6 +69,7 @@ class EmbedConfig:
   top_k: int = inference.DEFAULT_TOP_K
   shard_rows: int = sinks.DEFAULT_SHARD_ROWS
   quantization: quantize.QuantizationConfig = quantize.QuantizationConfig()
+  taxonomy: taxonomy_lib.TaxonomyConfig = taxonomy_lib.TaxonomyConfig()
 
   def __post_init__(self):
     if not self.models:
@@ -82,11 +86,12 @@ class EmbedConfig:
 
   @staticmethod
   def add_flags(parser) -> None:
-    """Adds the model, photo, fetch, batch and shard flags."""
+    """Adds the model, photo, fetch, batch, taxonomy and shard flags."""
     models_lib.add_flags(parser)
     inference.add_flags(parser)
     photos.PhotoConfig.add_flags(parser)
     quantize.QuantizationConfig.add_flags(parser)
+    taxonomy_lib.TaxonomyConfig.add_flags(parser)
     parser.add_argument(
         "--shard_rows", type=int, default=sinks.DEFAULT_SHARD_ROWS,
         help="rows per Parquet shard; each shard is closed when full, so a "
@@ -108,7 +113,8 @@ class EmbedConfig:
             models[0].spec.input_size),
         batch_size=args.batch_size, top_k=args.top_k,
         shard_rows=args.shard_rows,
-        quantization=quantize.QuantizationConfig.from_args(args))
+        quantization=quantize.QuantizationConfig.from_args(args),
+        taxonomy=taxonomy_lib.TaxonomyConfig.from_args(args))
 
   @property
   def color_profile(self) -> str:

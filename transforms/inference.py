@@ -26,8 +26,10 @@ from apache_beam.utils import shared
 from transforms import config
 from transforms import models as models_lib
 from transforms import runtimes
+from transforms import taxonomy
 from transforms.records import (ERRORS_TAG, STAGE_INFERENCE, EmbeddingResult,
-                                ErrorRecord, PredictionResult, PreparedImage)
+                                ErrorRecord, PredictionResult, PreparedImage,
+                                RollUpResult)
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_TOP_K = 5
@@ -88,14 +90,17 @@ RuntimeFactory = Callable[[models_lib.ResolvedModel], runtimes.Runtime]
 
 
 class _SharedModel:
-  """What one process holds per model: the runtime and, for classifiers, labels.
+  """What one process holds per model: the runtime and, for classifiers,
+  labels and, with ``--taxa``, the roll-up (its sparse matrix built once).
 
   A plain class (not a tuple) so that ``shared.Shared`` can weak-reference it.
   """
 
-  def __init__(self, model: runtimes.Runtime, labels: Optional[List[str]]):
+  def __init__(self, model: runtimes.Runtime, labels: Optional[List[str]],
+               rollup: Optional[taxonomy.RollUp] = None):
     self.model = model
     self.labels = labels
+    self.rollup = rollup
 
 
 def load_shared(resolved: models_lib.ResolvedModel,
@@ -114,7 +119,9 @@ def load_shared(resolved: models_lib.ResolvedModel,
   if resolved.spec.kind == models_lib.CLASSIFIER:
     labels = models_lib.read_labelmap(resolved.labelmap_path,
                                       expected=resolved.spec.output_width)
-  return _SharedModel(model, labels)
+  rollup = (taxonomy.RollUp(resolved.label_taxa)
+            if resolved.label_taxa is not None else None)
+  return _SharedModel(model, labels, rollup)
 
 
 def top_k(scores: np.ndarray, k: int):
@@ -209,11 +216,39 @@ class RunModelFn(beam.DoFn):
               for p, out in zip(items, outputs)]
     ids, scores = top_k(outputs, self._config.top_k)
     labels = self._held.labels
+    taxa = [{}] * len(items)
+    if self._held.rollup is not None:
+      taxa = with_taxa(self._held.rollup, outputs, ids)
     return [
         PredictionResult(ref=p.ref, model=name, label_ids=i, scores=s,
-                         labels=tuple(labels[j] for j in i), **_sizes(p))
-        for p, i, s in zip(items, ids, scores)
+                         labels=tuple(labels[j] for j in i), **_sizes(p),
+                         **t)
+        for p, i, s, t in zip(items, ids, scores, taxa)
     ]
+
+
+def with_taxa(rollup: taxonomy.RollUp, outputs: np.ndarray,
+              ids: np.ndarray) -> List[dict]:
+  """Per photo, its top-k labels' taxa and its roll-up, as result fields.
+
+  Args:
+    rollup: the worker's roll-up.
+    outputs: the batch's full probability vectors, ``[n, T]``.
+    ids: the batch's top-k label ids, int ``[n, k]``.
+  """
+  label_taxa = rollup.label_taxa
+  found = rollup(outputs)
+  fields = []
+  for row, node, score in zip(ids, found.node, found.score):
+    answer = None
+    if node >= 0:
+      answer = RollUpResult(taxon_id=label_taxa.node_ids[node],
+                            name=label_taxa.node_names[node],
+                            rank=label_taxa.node_ranks[node],
+                            score=float(score))
+    fields.append({"taxon_ids": tuple(label_taxa.label_taxon[j] for j in row),
+                   "rollup": answer})
+  return fields
 
 
 def _sizes(prepared: PreparedImage) -> Dict[str, int]:

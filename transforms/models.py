@@ -171,6 +171,9 @@ class ResolvedModel:
       ``--model_handle``.  Only for messages: which flag to fix.
     retime_runtimes: ``--retime_runtimes``: for ``auto``, time both
       runtimes here even when the ONNX file records its timings.
+    label_taxa: a classifier's labels as taxa (a
+      ``transforms.taxonomy.LabelTaxa``, attached by the launcher with
+      ``--taxa``); None without a taxonomy.
   """
 
   spec: ModelSpec
@@ -181,6 +184,7 @@ class ResolvedModel:
   decision: Optional[Any] = None  # a transforms.runtimes.RuntimeDecision
   model_root: Optional[str] = None
   retime_runtimes: bool = False
+  label_taxa: Optional[Any] = None  # a transforms.taxonomy.LabelTaxa
 
   def __post_init__(self):
     if self.requested_runtime not in RUNTIME_REQUESTS:
@@ -244,6 +248,8 @@ class ResolvedModel:
         "input_size": self.spec.input_size,
         "resize": self.resize,
         "labelmap": self.labelmap_path,
+        "taxa_fingerprint": (self.label_taxa.fingerprint
+                             if self.label_taxa is not None else None),
         "licence": self.spec.licence,
         "source": self.spec.source,
         "runtime": self.runtime,

@@ -9,7 +9,7 @@ model, in a table or in the errors table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -89,9 +89,24 @@ class EmbeddingResult:
   decoded_height: int
 
 
+class RollUpResult(NamedTuple):
+  """A photo's answer at the deepest taxon its labels' summed probability
+  reaches the roll-up threshold at (transforms/taxonomy.py)."""
+
+  taxon_id: int
+  name: str
+  rank: str
+  score: float
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictionResult:
-  """One photo's top-k classes by one model, with its sizes."""
+  """One photo's top-k classes by one model, with its sizes.
+
+  With ``--taxa``, ``taxon_ids`` holds the top-k labels' taxa (None for an
+  unmatched label) and ``rollup`` the photo's roll-up (None when no taxon
+  reaches the threshold); both are None without a taxonomy.
+  """
 
   ref: ImageRef
   model: str
@@ -102,6 +117,8 @@ class PredictionResult:
   source_height: int
   decoded_width: int
   decoded_height: int
+  taxon_ids: Optional[Tuple[Optional[int], ...]] = None
+  rollup: Optional[RollUpResult] = None
 
 
 @dataclasses.dataclass(frozen=True)

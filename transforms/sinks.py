@@ -11,6 +11,11 @@ Tables (``DIR`` is ``--output_dir``)::
                                             source_width, ..., decoded_height
     DIR/errors/part-*.parquet               image_id, uri, model, stage, error
 
+With ``--taxa`` (transforms/taxonomy.py) a predictions table also has
+``label_taxon_id``, ``top_k_taxon_ids`` (null for an unmatched label) and
+``rollup_taxon_id``, ``rollup_name``, ``rollup_rank``, ``rollup_score``
+(null when no taxon reaches the threshold), after ``top_k_scores``.
+
 each followed by the manifest's carried columns.  The sizes are upright (EXIF
 orientation applied): ``source_*`` as stored in the file, ``decoded_*`` as
 decoded (after any DCT-domain draft of a big JPEG).  Every file carries
@@ -30,6 +35,7 @@ than duplicates rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -47,6 +53,7 @@ from transforms import decode as decode_lib
 from transforms import models as models_lib
 from transforms import spec as spec_lib
 from transforms import storage
+from transforms import taxonomy
 from transforms.records import ErrorRecord, ImageRef
 
 EMBEDDINGS = "embeddings"
@@ -145,6 +152,22 @@ def embeddings_schema(model: models_lib.ResolvedModel,
                         table_metadata(model, color_profile, run))
 
 
+# The predictions' taxonomy columns, with --taxa only.
+TAXON_COLUMNS = ("label_taxon_id", "top_k_taxon_ids", "rollup_taxon_id",
+                 "rollup_name", "rollup_rank", "rollup_score")
+
+
+def _taxon_fields() -> List[pa.Field]:
+  return [
+      pa.field("label_taxon_id", pa.int64()),
+      pa.field("top_k_taxon_ids", pa.list_(pa.int64())),
+      pa.field("rollup_taxon_id", pa.int64()),
+      pa.field("rollup_name", pa.string()),
+      pa.field("rollup_rank", pa.string()),
+      pa.field("rollup_score", pa.float32()),
+  ]
+
+
 def predictions_schema(model: models_lib.ResolvedModel,
                        carried: Carried = (),
                        color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
@@ -156,7 +179,8 @@ def predictions_schema(model: models_lib.ResolvedModel,
       pa.field("top_k_label_ids", pa.list_(pa.int32())),
       pa.field("top_k_labels", pa.list_(pa.string())),
       pa.field("top_k_scores", pa.list_(pa.float32())),
-  ] + _size_fields()
+  ] + (_taxon_fields() if model.label_taxa is not None else []) + (
+      _size_fields())
   return _with_metadata(fields, carried,
                         table_metadata(model, color_profile, run))
 
@@ -186,13 +210,17 @@ def schema_for(model: models_lib.ResolvedModel, carried: Carried = (),
 def output_columns() -> Tuple[str, ...]:
   """Every column the tables write before the carried ones, in schema order.
 
-  Read from the schemas themselves (one per kind of registered model, and
-  the errors table), so a column added to a schema is covered here too.
+  Read from the schemas themselves (one per kind of registered model, with
+  and without ``--taxa``, and the errors table), so a column added to a
+  schema is covered here too.
   """
   schemas = [errors_schema()]
   for spec in models_lib.REGISTRY.values():
     model = models_lib.ResolvedModel(spec=spec, path="", resize=spec.resize)
     schemas.append(schema_for(model))
+    schemas.append(schema_for(dataclasses.replace(
+        model, label_taxa=taxonomy.match_labels([], taxonomy.Taxa(
+            kind=taxonomy.INATURALIST, rank={}, name={})))))
   return tuple(dict.fromkeys(n for schema in schemas for n in schema.names))
 
 
@@ -227,10 +255,26 @@ def results_to_table(results: Sequence, schema: pa.Schema,
     columns["top_k_label_ids"] = [r.label_ids.tolist() for r in results]
     columns["top_k_labels"] = [list(r.labels) for r in results]
     columns["top_k_scores"] = [r.scores.tolist() for r in results]
+    if "rollup_taxon_id" in schema.names:
+      columns.update(_taxon_columns(results))
   for name in SIZE_COLUMNS:
     columns[name] = [getattr(r, name) for r in results]
   columns.update(_carried_columns(refs, carried))
   return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _taxon_columns(results: Sequence) -> Dict[str, list]:
+  """The taxonomy columns of a batch of PredictionResult."""
+  taxa = [r.taxon_ids or (None,) * len(r.label_ids) for r in results]
+  rollups = [r.rollup for r in results]
+  return {
+      "label_taxon_id": [t[0] for t in taxa],
+      "top_k_taxon_ids": [list(t) for t in taxa],
+      "rollup_taxon_id": [u.taxon_id if u else None for u in rollups],
+      "rollup_name": [(u.name or None) if u else None for u in rollups],
+      "rollup_rank": [(u.rank or None) if u else None for u in rollups],
+      "rollup_score": [u.score if u else None for u in rollups],
+  }
 
 
 def _stack(arrays, width) -> np.ndarray:

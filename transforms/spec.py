@@ -21,7 +21,10 @@ than a list of metadata fields kept in step by hand.
 What changes rows, and so is here: per model its location and the
 fingerprint of its files, the runtime, the precision (with the int8 file,
 whose name hashes its calibration photos), the preparation policy, the
-input size, the output width, the labelmap and, for classifiers, top-k;
+input size, the output width, the labelmap and, for classifiers, top-k
+and, with ``--taxa``, the fingerprint of the labels' taxa and the roll-up
+threshold (``taxa_fingerprint``, ``rollup_threshold``: another taxonomy or
+threshold gives other taxon and roll-up columns);
 for the run the colour-profile handling, the size limits that turn a photo
 into an error row (``--max_file_bytes``, ``--max_pixels``) and the package
 version (another version of the code may prepare photos differently).
@@ -79,6 +82,11 @@ class DecidedModel:
     tolerance: the largest ``runtimes.output_difference`` between two
       computations of one photo's row under this spec (other batch shapes,
       another process); ``runtimes.TOLERANCES`` of the model's kind.
+    taxa_fingerprint: with ``--taxa``, a classifier's
+      ``taxonomy.LabelTaxa.fingerprint`` (32 hex digits of its labels' taxa
+      and their ancestors); None otherwise.
+    rollup_threshold: with ``--taxa``, ``--rollup_threshold``; None
+      otherwise.
   """
 
   name: str
@@ -94,6 +102,8 @@ class DecidedModel:
   labelmap: Optional[str]
   top_k: Optional[int]
   tolerance: float
+  taxa_fingerprint: Optional[str] = None
+  rollup_threshold: Optional[float] = None
 
   def __post_init__(self):
     if self.runtime not in base.DECIDED:
@@ -210,6 +220,7 @@ def decided_model(model: models_lib.ResolvedModel, top_k: int,
     fingerprint = decision.fingerprint or base.model_fingerprint(
         models_lib.stage_locally(model.path))
   classifier = model.spec.kind == models_lib.CLASSIFIER
+  taxa = model.label_taxa if classifier else None
   return DecidedModel(
       name=model.name, kind=model.spec.kind, location=model.path,
       fingerprint=fingerprint, runtime=decision.runtime,
@@ -220,7 +231,9 @@ def decided_model(model: models_lib.ResolvedModel, top_k: int,
       output_width=model.spec.output_width,
       labelmap=model.labelmap_path if classifier else None,
       top_k=top_k if classifier else None,
-      tolerance=base.TOLERANCES[model.spec.kind])
+      tolerance=base.TOLERANCES[model.spec.kind],
+      taxa_fingerprint=(taxa.fingerprint if taxa is not None else None),
+      rollup_threshold=(taxa.threshold if taxa is not None else None))
 
 
 def for_run(config) -> RunSpec:

@@ -1,0 +1,77 @@
+"""Roll-up figures of a predictions table made with ``--taxa``.
+
+A photo's roll-up (``rollup_taxon_id``, ``rollup_rank``; see
+transforms/taxonomy.py) answers at some rank, or not at all.  Against the
+photo's true taxon (a label column of taxon ids) and a taxonomy:
+
+* ``share_by_rank``: the share of the evaluated photos answered at each
+  rank (``none`` for photos no taxon reached the threshold for);
+* ``accuracy_by_rank``: among the photos answered at a rank, the share
+  whose answer is right: the true taxon itself or one of its ancestors
+  (an answer of "Amanita" is right for a photo of Amanita muscaria);
+* ``accuracy``: the same over every answered photo.
+
+Photos whose true taxon is missing or not in the taxonomy are skipped and
+counted.  This is the trade-off ``--rollup_threshold`` sets: a higher
+threshold answers at coarser ranks, and more often rightly.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import pyarrow as pa
+
+from transforms.taxonomy import Taxa
+
+NOT_ANSWERED = "none"
+COLUMNS = ("rollup_taxon_id", "rollup_rank")
+
+
+def evaluate_rollup(table: pa.Table, label_column: str,
+                    taxa: Taxa) -> Optional[dict]:
+  """The roll-up figures (module docstring); None without roll-up columns.
+
+  Args:
+    table: rows of a predictions table with ``rollup_taxon_id``,
+      ``rollup_rank`` and the label column.
+    label_column: the true taxon ids.
+    taxa: the taxonomy the truth is placed in.
+  """
+  if any(c not in table.column_names for c in COLUMNS):
+    return None
+  truths = table.column(label_column).to_pylist()
+  answers = table.column("rollup_taxon_id").to_pylist()
+  ranks = table.column("rollup_rank").to_pylist()
+  answered: collections.Counter = collections.Counter()
+  right: collections.Counter = collections.Counter()
+  photos = skipped = 0
+  for truth, answer, rank in zip(truths, answers, ranks):
+    try:
+      truth = int(str(truth).strip()) if truth is not None else None
+    except ValueError:
+      truth = None
+    if truth is None or truth not in taxa.rank:
+      skipped += 1
+      continue
+    photos += 1
+    if answer is None:
+      answered[NOT_ANSWERED] += 1
+      continue
+    rank = rank or taxa.rank.get(answer, "") or "(no rank)"
+    answered[rank] += 1
+    if answer == truth or answer in taxa.ancestors(truth):
+      right[rank] += 1
+  order = sorted(answered, key=lambda r: (r == NOT_ANSWERED, -answered[r], r))
+  total_answered = photos - answered[NOT_ANSWERED]
+  return {
+      "photos": photos,
+      "skipped": skipped,
+      "answered": total_answered,
+      "share_by_rank": {r: answered[r] / photos for r in order},
+      "accuracy_by_rank": {r: right[r] / answered[r] for r in order
+                           if r != NOT_ANSWERED},
+      "accuracy": (sum(right.values()) / total_answered
+                   if total_answered else None),
+  }
