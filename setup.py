@@ -67,8 +67,8 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["pipelines", "transforms", "transforms.runtimes",
-              "transforms.snapshots", "tools"],
+    packages=["pipelines", "transforms", "natvision.transforms.runtimes",
+              "natvision.transforms.snapshots", "tools"],
     package_data={
         "pipelines": ["sample_photos/*"],
     },
@@ -108,14 +108,14 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "natvision-embed=tools.report:embed_main",
-            "natvision-ingest=tools.report:ingest_main",
-            "natvision-standins=tools.standins:main",
-            "natvision-evaluate=tools.evaluate:main",
-            "natvision-index=tools.search:index_main",
-            "natvision-search=tools.search:main",
-            "natvision-report=tools.report:main",
-            "natvision-stage-onnx=tools.stage_onnx:main",
+            "natvision-embed=natvision.tools.report:embed_main",
+            "natvision-ingest=natvision.tools.report:ingest_main",
+            "natvision-standins=natvision.tools.standins:main",
+            "natvision-evaluate=natvision.tools.evaluate:main",
+            "natvision-index=natvision.tools.search:index_main",
+            "natvision-search=natvision.tools.search:main",
+            "natvision-report=natvision.tools.report:main",
+            "natvision-stage-onnx=natvision.tools.stage_onnx:main",
         ],
     },
 )

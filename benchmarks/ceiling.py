@@ -49,11 +49,11 @@ def available_runtimes() -> List[str]:
 def onnx_unavailable_reason() -> Optional[str]:
   """Why the ONNX ceiling cannot run, or None when it can."""
   try:
-    from transforms import runtimes  # pylint: disable=import-outside-toplevel
+    from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    return f"transforms.runtimes cannot be imported ({e})"
+    return f"natvision.transforms.runtimes cannot be imported ({e})"
   if not hasattr(runtimes, "OnnxRuntime"):
-    return "transforms.runtimes has no OnnxRuntime"
+    return "natvision.transforms.runtimes has no OnnxRuntime"
   import importlib.util  # pylint: disable=import-outside-toplevel
   missing = [name for name in ("onnxruntime", "tf2onnx")
              if importlib.util.find_spec(name) is None]
@@ -65,8 +65,8 @@ def onnx_unavailable_reason() -> Optional[str]:
 def prepared_batches(photo_paths: Sequence[str], policy: str, size: int,
                      batch_size: int) -> List[np.ndarray]:
   """Decodes and prepares photos as natvision does; whole batches only."""
-  from transforms import decode  # pylint: disable=import-outside-toplevel
-  from transforms import preprocess  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import decode  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import preprocess  # pylint: disable=import-outside-toplevel
   min_side = decode.decoded_size_needed([policy], size)
   arrays = []
   for path in photo_paths:
@@ -86,8 +86,8 @@ def _onnx_model(resolved, onnx_path: Optional[str]):
   Opening the file directly keeps TensorFlow (which tf2onnx imports) out of
   the measured process; without a file, ``OnnxRuntime.load`` converts here.
   """
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
-  from transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
   if onnx_path and os.path.exists(onnx_path):
     return onnx_lib.OnnxSession(resolved, onnx_path), onnx_path
   model = runtimes.OnnxRuntime(resolved)
@@ -98,7 +98,7 @@ def _onnx_model(resolved, onnx_path: Optional[str]):
 def prepare_onnx(resolved) -> dict:
   """Converts the model to ONNX (cached) and checks it against TF."""
   import dataclasses  # pylint: disable=import-outside-toplevel
-  from transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   decision = chooser.choose(
       dataclasses.replace(resolved, requested_runtime=RUNTIME_ONNX))
@@ -114,7 +114,7 @@ def measure(resolved, runtime: str, batches: List[np.ndarray], warmup: int,
   start = time.perf_counter()
   detail = {}
   if runtime == RUNTIME_TF:
-    from transforms.runtimes import tf as tf_runtime  # pylint: disable=import-outside-toplevel
+    from natvision.transforms.runtimes import tf as tf_runtime  # pylint: disable=import-outside-toplevel
     model = tf_runtime.load_model(resolved)
   elif runtime == RUNTIME_ONNX:
     model, path = _onnx_model(resolved, onnx_path)
@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
-  from transforms import models as models_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import models as models_lib  # pylint: disable=import-outside-toplevel
   (resolved,) = models_lib.resolve_models([args.model], args.model_root)
   if args.prepare_only:
     result = prepare_onnx(resolved)

@@ -62,8 +62,8 @@ def main(argv=None) -> int:
       os.path.dirname(__file__), "http_fetch.json"))
   args, job_flags = p.parse_known_args(argv)
 
-  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
-  from transforms import standins as standin_models  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import standins as standin_models  # pylint: disable=import-outside-toplevel
   from tests.http_server import PhotoServer  # pylint: disable=import-outside-toplevel
 
   tmp = tempfile.mkdtemp(prefix="natvision-http-bench-")

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from tools import search
+from natvision.tools import search
 
 
 def clustered(n: int, d: int, seed: int) -> np.ndarray:

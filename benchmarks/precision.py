@@ -63,9 +63,9 @@ def costs(model: str, model_root: str, folder: str, out_path: str,
   job's launcher makes for the same photo set (found in the cache).
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from transforms import models as models_lib  # pylint: disable=import-outside-toplevel
-  from transforms import photos  # pylint: disable=import-outside-toplevel
-  from transforms.runtimes import chooser, quantize, sample  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import models as models_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import photos  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import chooser, quantize, sample  # pylint: disable=import-outside-toplevel
 
   (resolved,) = models_lib.resolve_models([model], model_root,
                                           requested_runtime="onnx")
@@ -90,7 +90,7 @@ def costs(model: str, model_root: str, folder: str, out_path: str,
                   patterns=[os.path.join(folder, "*.jpg")]), config)
   int8 = quantize.decide_int8(fp32, sample_photos[resolved.resize],
                               quantization)
-  from transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
   batches = [np.stack(arrays[i:i + BATCH])
              for i in range(0, len(arrays) - BATCH + 1, BATCH)]
   record = {"model": model, "cores": measure.cores(),
@@ -150,7 +150,7 @@ def _job(kind: str, model: str, model_root: str, folder: str, output: str,
     return [sys.executable, "-m", "benchmarks.stock", "--input",
             os.path.join(folder, "*.jpg"), "--output_dir", output, "--model",
             model, "--model_root", model_root, "--batch_size", str(BATCH)]
-  return [sys.executable, "-m", "pipelines.embed_images", "--input",
+  return [sys.executable, "-m", "natvision.pipelines.embed_images", "--input",
           os.path.join(folder, "*.jpg"), "--output_dir", output, "--models",
           model, "--model_root", model_root] + list(extra)
 

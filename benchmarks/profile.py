@@ -143,7 +143,7 @@ def profile_py_spy(argv: List[str], rate: int,
   measure wall time: waiting on the decode pool shows as such."""
   cmd = [py_spy_path(), "record", "--threads", "--idle", "--format", "raw",
          "--rate", str(rate), "--output", raw_path, "--", sys.executable,
-         "-m", "pipelines.embed_images"] + argv
+         "-m", "natvision.pipelines.embed_images"] + argv
   subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
   return split_py_spy(raw_path)
 
@@ -152,7 +152,7 @@ def profile_cprofile(argv: List[str]) -> Dict[str, float]:
   """Cumulative seconds of each stage's root functions (nested calls overlap)."""
   import cProfile  # pylint: disable=import-outside-toplevel
   import pstats  # pylint: disable=import-outside-toplevel
-  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images  # pylint: disable=import-outside-toplevel
   prof = cProfile.Profile()
   prof.enable()
   embed_images.run(argv)

@@ -302,7 +302,7 @@ class Bench:
 
   def natvision_cmd(self, folder: str, models: Sequence[str],
                     output: str) -> List[str]:
-    return [sys.executable, "-m", "pipelines.embed_images",
+    return [sys.executable, "-m", "natvision.pipelines.embed_images",
             "--input", os.path.join(folder, "*.jpg"), "--output_dir", output,
             "--models", ",".join(models), "--model_root", self.s.model_root]
 
@@ -452,7 +452,7 @@ class Bench:
     if missing:
       print(f"writing full-size stand-ins of {', '.join(sorted(missing))} to "
             f"{self.s.model_root} (once)", flush=True)
-      from transforms import standins as standin_models  # pylint: disable=import-outside-toplevel
+      from natvision.transforms import standins as standin_models  # pylint: disable=import-outside-toplevel
       standin_models.write_standins(self.s.model_root, tiny=False,
                                     models=sorted(missing))
 
@@ -601,7 +601,7 @@ def versions() -> Dict[str, Optional[str]]:
     except importlib.metadata.PackageNotFoundError:
       found[dist] = None
   try:
-    import transforms  # pylint: disable=import-outside-toplevel
+    from natvision import transforms  # pylint: disable=import-outside-toplevel
     found["natvision"] = transforms.__version__
   except ImportError:
     found["natvision"] = None

@@ -47,10 +47,10 @@ def _child(out_path: str, job_argv: List[str]) -> int:
   """Runs the job in this process and writes what it cost to ``out_path``."""
   started = time.perf_counter()
   import importlib  # pylint: disable=import-outside-toplevel
-  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images  # pylint: disable=import-outside-toplevel
   imported = time.perf_counter()
   spans = {}
-  launcher = importlib.import_module("pipelines.launch")
+  launcher = importlib.import_module("natvision.pipelines.launch")
   check = launcher.check_models
 
   def timed_check(*args, **kwargs):

@@ -120,7 +120,7 @@ def schema(classifier: bool):
 def build(p: beam.Pipeline, pattern: str, output_dir: str,
           model_names: Sequence[str], model_root: str, batch_size: int = 16):
   """Adds the stock graph to ``p``: one decode, then one branch per model."""
-  from transforms import models as models_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import models as models_lib  # pylint: disable=import-outside-toplevel
   images = (p
             | "Match" >> fileio.MatchFiles(pattern)
             | "Read" >> fileio.ReadMatches()

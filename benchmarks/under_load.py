@@ -258,7 +258,7 @@ def account(out: str, uris: Sequence[str], models: Sequence[str]) -> dict:
 
 def _write_standins(root: str, models: Sequence[str]) -> None:
   subprocess.run(
-      [sys.executable, "-m", "tools.standins", "--output_dir", root,
+      [sys.executable, "-m", "natvision.tools.standins", "--output_dir", root,
        "--tiny", "--models", ",".join(models)],
       cwd=REPO, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
@@ -299,7 +299,7 @@ def run_under_load(photos: int, fail_share: float, work_dir: str,
       server.plan(path, FAILURES[i % len(FAILURES)])
     uris = [server.url(p) for p in sorted(files)]
     manifest = write_manifest(os.path.join(work_dir, "photos.csv"), uris)
-    cmd = [sys.executable, "-m", "pipelines.embed_images", "--input", manifest,
+    cmd = [sys.executable, "-m", "natvision.pipelines.embed_images", "--input", manifest,
            "--output_dir", out, "--model_root", model_root,
            "--models", ",".join(models), "--runtime", "tf", *job_flags]
     start = time.perf_counter()

@@ -47,10 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"with --target set to one of {', '.join(PIPELINES)}",
           file=sys.stderr)
     return 2
-  module = importlib.import_module(f"pipelines.{name}")
+  module = importlib.import_module(f"natvision.pipelines.{name}")
   # The run report is tools/report.py's, handed to the job as its last step
   # (the pipelines never import tools/).
-  html_report = importlib.import_module("tools.report")
+  html_report = importlib.import_module("natvision.tools.report")
   if is_template_launch(argv) and not getattr(module, "COMMITS_IN_PIPELINE",
                                               False):
     print(f"natvision launch: pipelines.{name} commits its tables after "

@@ -29,21 +29,21 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import launch
-from transforms import commit
-from transforms import demo
-from transforms import dwca
-from transforms import embed
-from transforms import fetch
-from transforms import helptext
-from transforms import licenses
-from transforms import models as models_lib
-from transforms import resume as resume_lib
-from transforms import sinks
-from transforms import sources
-from transforms import spec as spec_lib
-from transforms import summary as summary_lib
-from transforms.config import ConfigError
+from natvision.pipelines import launch
+from natvision.transforms import commit
+from natvision.transforms import demo
+from natvision.transforms import dwca
+from natvision.transforms import embed
+from natvision.transforms import fetch
+from natvision.transforms import helptext
+from natvision.transforms import licenses
+from natvision.transforms import models as models_lib
+from natvision.transforms import resume as resume_lib
+from natvision.transforms import sinks
+from natvision.transforms import sources
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import summary as summary_lib
+from natvision.transforms.config import ConfigError
 
 # Kept for callers of the former names.
 FlagError = ConfigError
@@ -422,7 +422,7 @@ class EmbedJob(launch.Job):
       raise ConfigError(
           "--precision int8 is not offered for a Darwin Core input yet; "
           "list the photos in a manifest, or run in fp32")
-    from transforms.runtimes import sample  # pylint: disable=import-outside-toplevel
+    from natvision.transforms.runtimes import sample  # pylint: disable=import-outside-toplevel
     refs = sample.pick(count, patterns=config.inputs,
                        manifest=prepared.manifest)
     return sample.prepare(refs, config.embed.photos)

@@ -49,19 +49,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import transforms
-from pipelines import launch
-from transforms import commit
-from transforms import config as config_lib
-from transforms import embed
-from transforms import fetch
-from transforms import helptext
-from transforms import licenses
-from transforms import sinks
-from transforms import snapshots
-from transforms import spec as spec_lib
-from transforms import summary as summary_lib
-from transforms.config import ConfigError
+from natvision import transforms
+from natvision.pipelines import launch
+from natvision.transforms import commit
+from natvision.transforms import config as config_lib
+from natvision.transforms import embed
+from natvision.transforms import fetch
+from natvision.transforms import helptext
+from natvision.transforms import licenses
+from natvision.transforms import sinks
+from natvision.transforms import snapshots
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import summary as summary_lib
+from natvision.transforms.config import ConfigError
 
 DEFAULT_MAX_ATTEMPTS = 3
 SUCCESS_MARKER = commit.SUCCESS_MARKER

@@ -42,16 +42,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-import transforms
-from transforms import commit
-from transforms import config as config_lib
-from transforms import console
-from transforms import models as models_lib
-from transforms import progress
-from transforms import spec as spec_lib
-from transforms import taxonomy
-from transforms import storage
-from transforms.config import ConfigError
+from natvision import transforms
+from natvision.transforms import commit
+from natvision.transforms import config as config_lib
+from natvision.transforms import console
+from natvision.transforms import models as models_lib
+from natvision.transforms import progress
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import taxonomy
+from natvision.transforms import storage
+from natvision.transforms.config import ConfigError
 
 
 # ``writer(output_dir, snapshot_date)``: writes the run's HTML report once
@@ -237,8 +237,8 @@ def check_models(models: Sequence[models_lib.ResolvedModel], choose=None,
       registry, that fails the ONNX check under ``--runtime onnx``, or
       whose int8 agreement with fp32 is below ``--min_agreement``.
   """
-  from transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
-  from transforms.runtimes import quantize  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import chooser  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import quantize  # pylint: disable=import-outside-toplevel
   choose = choose or chooser.choose
   quantization = quantization or quantize.QuantizationConfig()
   for model in models:
@@ -248,7 +248,7 @@ def check_models(models: Sequence[models_lib.ResolvedModel], choose=None,
   if choose is chooser.choose:
     # Every conversion of the run in one child process (TensorFlow and
     # tf2onnx start once); the chooser then finds the files cached.
-    from transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
+    from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
     try:
       onnx_lib.convert_missing(
           [quantize.fp32_request(m, quantization) for m in models])

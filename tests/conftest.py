@@ -84,9 +84,9 @@ def tiny_models(tmp_path_factory, session_caches):
   finds them cached.  Tests must not modify the folder.
   """
   # pylint: disable=import-outside-toplevel
-  from tools import standins as standin_models
-  from transforms import models as models_lib
-  from transforms.runtimes import onnx as onnx_lib
+  from natvision.tools import standins as standin_models
+  from natvision.transforms import models as models_lib
+  from natvision.transforms.runtimes import onnx as onnx_lib
   root = str(tmp_path_factory.mktemp("models"))
   standin_models.write_standins(root, tiny=True)
   for resolved in models_lib.resolve_models(list(TINY_NAMES), root,
@@ -102,7 +102,7 @@ def demo_standins(session_caches):
   written in this process rather than in the demo's child, which would
   import TensorFlow again.  Returns their root."""
   # pylint: disable=import-outside-toplevel
-  from transforms import demo
+  from natvision.transforms import demo
   root = demo.standins_root()
   if not os.path.isdir(root):
     demo._write_job(root, list(TINY_NAMES), True)  # pylint: disable=protected-access
@@ -155,13 +155,13 @@ def labelled_job(tiny_models, tmp_path_factory):
   Returns a dict: ``out`` (the output folder), ``photos`` (the
   LabelledPhotos written) and ``models`` (the tiny stand-ins' root).
   """
-  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images  # pylint: disable=import-outside-toplevel
   from tests import labelled_photos  # pylint: disable=import-outside-toplevel
   root = str(tmp_path_factory.mktemp("labelled"))
   photos = labelled_photos.make_labelled_photos(
       root, real_photo_paths(), os.path.join(tiny_models, "fungi_mobile_v1"))
   out = os.path.join(root, "out")
-  from tools.report import write_after_run  # pylint: disable=import-outside-toplevel
+  from natvision.tools.report import write_after_run  # pylint: disable=import-outside-toplevel
   report = embed_images.run([
       "--input", photos.manifest, "--output_dir", out,
       "--model_root", tiny_models, "--runtime", "tf", "--batch_size", "8",

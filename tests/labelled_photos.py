@@ -85,8 +85,8 @@ def make_labelled_photos(root: str, source_paths: List[str],
     source_paths: six photo files (tests.conftest.real_photo_paths()).
     classifier_dir: the tiny fungi stand-in, used to pick the labels.
   """
-  from transforms import models, preprocess  # pylint: disable=import-outside-toplevel
-  from transforms.runtimes import tf as tf_runtime  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import models, preprocess  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import tf as tf_runtime  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.join(root, "photos"), exist_ok=True)
   crops = []
   for s, path in enumerate(source_paths[:len(CROPS)]):

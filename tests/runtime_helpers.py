@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import stage_onnx
-from transforms import standins as standin_models
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms.runtimes import tf as tf_runtime
-from transforms.runtimes import onnx as onnx_lib
+from natvision.tools import stage_onnx
+from natvision.transforms import standins as standin_models
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import tf as tf_runtime
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 NAMES = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -102,6 +102,6 @@ def anonymous_aws(s3_server, tmp_path, monkeypatch) -> S3Server:
   monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
   monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
   # Clients are made once per process and options: start from none.
-  from transforms import fetch  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import fetch  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(fetch, "_S3_CLIENTS", {})
   return s3_server

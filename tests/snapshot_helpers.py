@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.snapshot_gen import SPECIES, SyntheticINat
-from transforms import snapshots
+from natvision.transforms import snapshots
 
 EMB, FUN = "inaturalist_v2", "fungi_mobile_v1"
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests import corpus
 
 MODELS = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")

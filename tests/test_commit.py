@@ -24,7 +24,7 @@ import pytest
 
 from tests import faulty_fs
 from tests.faulty_fs import FAULTS
-from transforms import commit, sinks, storage
+from natvision.transforms import commit, sinks, storage
 
 SCHEMA = pa.schema([("image_id", pa.string())])
 TABLES = ("embeddings/inaturalist_v2", "errors")

@@ -7,7 +7,7 @@ value it cannot split with a message naming the flag.
 
 import pytest
 
-from transforms import config
+from natvision.transforms import config
 
 
 def test_config_error_is_a_value_error():

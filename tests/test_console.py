@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from transforms import console
+from natvision.transforms import console
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def test_notice_pattern():
 def test_child_processes_stderr_is_filtered_but_errors_pass():
   script = textwrap.dedent(f"""
       import os, subprocess, sys
-      from transforms import console
+      from natvision.transforms import console
       console.configure_logging(verbose=False)
       lines = {NOTICES + KEPT!r}
       # A child process (as a model conversion) writes to the same fd 2.
@@ -104,8 +104,8 @@ def test_beams_worker_start_up_warnings_are_dropped():
 
 
 def test_natvisions_worker_lines_read_as_in_one_process():
-  import tools.report  # pylint: disable=import-outside-toplevel
-  import transforms.inference  # pylint: disable=import-outside-toplevel
+  import natvision.tools.report  # pylint: disable=import-outside-toplevel
+  import natvision.transforms.inference  # pylint: disable=import-outside-toplevel
   keep = console.WorkerLogFilter().filter
   # tools/report.py logs through natvision.report: its INFO line shows.
   record = _worker_record("INFO", "run report written to OUT/report.html",
@@ -170,7 +170,7 @@ def test_a_multi_process_run_is_as_quiet_as_a_single_process_one(
 
 
 def test_beams_import_notice_without_the_gcp_extra_is_dropped():
-  import pipelines  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from natvision import pipelines  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   root = logging.getLogger()
   assert any(isinstance(f, console.ImportNoticeFilter) for f in root.filters)
   notice = logging.LogRecord(

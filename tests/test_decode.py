@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from tests import corpus
-from transforms import decode
-from transforms.decode import DecodeError, decode_image
+from natvision.transforms import decode
+from natvision.transforms.decode import DecodeError, decode_image
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::PIL.Image.DecompressionBombWarning")

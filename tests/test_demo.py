@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 
-from pipelines import embed_images
-from transforms import demo
-from transforms.runtimes import base
-from transforms.runtimes import onnx as onnx_lib
+from natvision.pipelines import embed_images
+from natvision.transforms import demo
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import re
 
 import pytest
 
-from pipelines import embed_images
-from pipelines import ingest_observations
-from pipelines import launch
+from natvision.pipelines import embed_images
+from natvision.pipelines import ingest_observations
+from natvision.pipelines import launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(REPO, "README.md"), os.path.join(REPO, "ARCHITECTURE.md")]
@@ -33,7 +33,7 @@ def _read(path):
 
 
 def _parsers():
-  from tools import evaluate, report, search, stage_onnx, standins  # pylint: disable=import-outside-toplevel
+  from natvision.tools import evaluate, report, search, stage_onnx, standins  # pylint: disable=import-outside-toplevel
   return [embed_images._parser(), ingest_observations._parser(),  # pylint: disable=protected-access
           evaluate.parser(), report.parser(), search.parser(),
           search.index_parser(), stage_onnx._parser(),  # pylint: disable=protected-access

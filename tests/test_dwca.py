@@ -11,10 +11,10 @@ import zipfile
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests.conftest import real_photo_paths
 from tests.http_server import PhotoServer
-from transforms import dwca
+from natvision.transforms import dwca
 
 EMB = "inaturalist_v2"
 DWC = "http://rs.tdwg.org/dwc/terms/"

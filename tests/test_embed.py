@@ -11,9 +11,9 @@ import dataclasses
 
 import pytest
 
-from transforms import config
-from transforms import embed
-from transforms import runtimes
+from natvision.transforms import config
+from natvision.transforms import embed
+from natvision.transforms import runtimes
 
 
 def _config(*flags):

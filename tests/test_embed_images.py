@@ -15,9 +15,9 @@ import tensorflow as tf
 import tensorflow_hub as hub
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from pipelines import embed_images
-from tools import report as html_report
-from transforms import commit, decode, demo, models, preprocess, sinks
+from natvision.pipelines import embed_images
+from natvision.tools import report as html_report
+from natvision.transforms import commit, decode, demo, models, preprocess, sinks
 
 ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
 
@@ -251,8 +251,8 @@ def test_demo_command_as_readme_gives_it(demo_standins, tmp_path, capsys,
 def test_a_second_demo_elsewhere_writes_converts_and_loads_nothing(
     demo_standins, tmp_path, capsys, monkeypatch):
   # pylint: disable=import-outside-toplevel
-  from transforms.runtimes import onnx as onnx_lib
-  from transforms.runtimes import tf as tf_runtime
+  from natvision.transforms.runtimes import onnx as onnx_lib
+  from natvision.transforms.runtimes import tf as tf_runtime
   assert html_report.embed_main(["--demo", "--output_dir",
                                  str(tmp_path / "first")]) == 0
   capsys.readouterr()
@@ -288,7 +288,7 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
                                                    tmp_path):
   """What a template launch relies on: no launcher code after p.run()."""
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
-  from pipelines import launch  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import launch  # pylint: disable=import-outside-toplevel
   out = str(tmp_path / "out")
   argv = ["--input", str(photo_dir / "*.jpg"), "--output_dir", out,
           "--models", "inaturalist_v2", "--model_root", tiny_models,
@@ -381,8 +381,8 @@ def _launch_peak(tmp_path, n):
   whose shards hold ``n`` photos; returns their peak Python allocation."""
   import tracemalloc  # pylint: disable=import-outside-toplevel
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
-  from transforms import spec as spec_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import spec as spec_lib  # pylint: disable=import-outside-toplevel
   photos = tmp_path / f"photos{n}"
   photos.mkdir()
   for i in range(n):
@@ -457,7 +457,7 @@ def test_taxa_columns_and_rollup_end_to_end(tiny_models, photo_dir,
   """Two runs, with and without --taxa, keeping every label (--top_k 4128)
   so that the roll-up can be recomputed from the table itself."""
   from tests import taxa_helpers  # pylint: disable=import-outside-toplevel
-  from transforms import taxonomy  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import taxonomy  # pylint: disable=import-outside-toplevel
   taxa_path = str(tmp_path / "taxa.tsv")
   labels, taxon_of = taxa_helpers.write_standin_taxa(
       os.path.join(tiny_models, "fungi_mobile_v1", "labelmap.csv"),

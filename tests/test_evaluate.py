@@ -18,8 +18,8 @@ import pytest
 from sklearn.metrics import top_k_accuracy_score
 
 from tests import labelled_photos
-from tools import evaluate
-from transforms import models
+from natvision.tools import evaluate
+from natvision.transforms import models
 
 EMBEDDERS = ("inaturalist_v2", "inception_resnet_v2")
 

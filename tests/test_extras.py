@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from tools import evaluate
-from tools import report
-from tools import search
-from transforms import extras
+from natvision.tools import evaluate
+from natvision.tools import report
+from natvision.tools import search
+from natvision.transforms import extras
 
 TOOLS_HINT = "pip install 'natvision[tools]'"
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.http_server import PhotoServer
-from transforms import fetch
+from natvision.transforms import fetch
 
 JPEG = b"\xff\xd8\xff\xe0" + os.urandom(5000)
 

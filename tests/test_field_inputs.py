@@ -20,12 +20,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import embed_images
-from transforms.config import ConfigError as FlagError
+from natvision.pipelines import embed_images
+from natvision.transforms.config import ConfigError as FlagError
 from tests.conftest import real_photo_paths
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms import photos, progress, sinks, snapshots, sources, uris
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms import photos, progress, sinks, snapshots, sources, uris
 
 LATIN1_NAME = b"caf\xe9.jpg"  # "café.jpg" saved by a Latin-1 system
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from pipelines import embed_images
-from pipelines.embed_images import FlagError
-from transforms import demo
+from natvision.pipelines import embed_images
+from natvision.pipelines.embed_images import FlagError
+from natvision.transforms import demo
 
 
 def _parse(*args):

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests.gcs_server import upload_dir
 
 

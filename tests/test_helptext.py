@@ -5,14 +5,14 @@ import re
 
 import pytest
 
-from pipelines import embed_images
-from pipelines import ingest_observations
-from tools import evaluate
-from tools import report
-from tools import search
-from tools import stage_onnx
-from tools import standins
-from transforms import helptext
+from natvision.pipelines import embed_images
+from natvision.pipelines import ingest_observations
+from natvision.tools import evaluate
+from natvision.tools import report
+from natvision.tools import search
+from natvision.tools import stage_onnx
+from natvision.tools import standins
+from natvision.transforms import helptext
 
 PARSERS = {
     "natvision-embed": embed_images._parser,  # pylint: disable=protected-access

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests.conftest import real_photo_paths
 from tests.http_server import PhotoServer
-from transforms import fetch
-from transforms import hosts
-from transforms import photos
-from transforms.records import ImageRef
+from natvision.transforms import fetch
+from natvision.transforms import hosts
+from natvision.transforms import photos
+from natvision.transforms.records import ImageRef
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMB = "inaturalist_v2"

@@ -7,7 +7,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests.conftest import real_photo_paths
 from tests.http_server import PhotoServer
 

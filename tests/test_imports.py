@@ -105,14 +105,14 @@ def _package_edges(graph):
 
 
 def _models_runtimes_edges(graph):
-  """transforms.models and transforms.runtimes (one node), and who imports
+  """natvision.transforms.models and transforms.runtimes (one node), and who imports
   whom between them."""
 
   def node(module):
-    if module == "transforms.models":
-      return "transforms.models"
-    if module.startswith("transforms.runtimes"):
-      return "transforms.runtimes"
+    if module == "natvision.transforms.models":
+      return "natvision.transforms.models"
+    if module.startswith("natvision.transforms.runtimes"):
+      return "natvision.transforms.runtimes"
     return None
 
   edges = {}
@@ -126,9 +126,9 @@ def _models_runtimes_edges(graph):
 
 def test_the_graph_is_read_from_the_sources():
   graph = import_graph()
-  assert "transforms.embed" in graph["pipelines.embed_images"]
-  assert "transforms.models" in graph["transforms.runtimes.base"]
-  assert "transforms.runtimes.base" in graph["transforms.runtimes"]
+  assert "natvision.transforms.embed" in graph["natvision.pipelines.embed_images"]
+  assert "natvision.transforms.models" in graph["natvision.transforms.runtimes.base"]
+  assert "natvision.transforms.runtimes.base" in graph["natvision.transforms.runtimes"]
 
 
 def test_no_package_imports_back():
@@ -166,5 +166,5 @@ def test_lazy_and_relative_imports_count(tmp_path):
   (tmp_path / "pipelines" / "job.py").write_text(
       "def main():\n  from tools import a\n")
   graph = import_graph(str(tmp_path))
-  assert graph["tools.a"] == {"tools.b"}
-  assert graph["pipelines.job"] == {"tools.a"}
+  assert graph["natvision.tools.a"] == {"natvision.tools.b"}
+  assert graph["natvision.pipelines.job"] == {"natvision.tools.a"}

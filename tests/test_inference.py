@@ -11,10 +11,10 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import inference
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms.records import ImageRef, PreparedImage
+from natvision.transforms import inference
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms.records import ImageRef, PreparedImage
 
 ON_TF = runtimes.RuntimeDecision("tf", note="TensorFlow, as --runtime tf asked")
 

@@ -26,10 +26,10 @@ import pytest
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import ingest_observations as ingest
+from natvision.pipelines import ingest_observations as ingest
 from tests.gcs_server import upload_dir
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
-from tools import report as html_report
+from natvision.tools import report as html_report
 
 # Slow tier: three ingestion runs on the loopback GCS server; ingestion
 # is in the default tier locally (test_ingest_observations) and gs:// with

@@ -25,11 +25,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import launch
-from pipelines import ingest_observations as ingest
-from transforms.config import ConfigError as FlagError
+from natvision.pipelines import launch
+from natvision.pipelines import ingest_observations as ingest
+from natvision.transforms.config import ConfigError as FlagError
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
-from transforms import commit, sinks, snapshots
+from natvision.transforms import commit, sinks, snapshots
 
 EMB = "inaturalist_v2"
 FUN = "fungi_mobile_v1"

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from transforms import models as models_lib
+from natvision.transforms import models as models_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _MAIN_THEN_TF = textwrap.dedent("""
     import sys
-    from pipelines import embed_images
+    from natvision.pipelines import embed_images
     status = embed_images.main(sys.argv[1:])
     print("tensorflow imported:", "tensorflow" in sys.modules)
     sys.exit(status)

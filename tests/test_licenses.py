@@ -2,7 +2,7 @@
 
 import pytest
 
-from transforms import licenses
+from natvision.transforms import licenses
 
 
 @pytest.mark.parametrize("value,name", [

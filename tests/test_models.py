@@ -16,10 +16,10 @@ import shutil
 import pytest
 
 from tests.gcs_server import upload_dir
-from transforms import models
-from transforms import runtimes
-from transforms.runtimes import chooser
-from transforms.runtimes import onnx as onnx_lib
+from natvision.transforms import models
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 
 def test_unknown_runtime_is_refused(tiny_models):

@@ -7,8 +7,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import photos
-from transforms.records import ErrorRecord, ImageRef
+from natvision.transforms import photos
+from natvision.transforms.records import ErrorRecord, ImageRef
 
 
 class _Flaky:

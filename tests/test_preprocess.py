@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from tests import corpus
-from transforms import preprocess
-from transforms.preprocess import prepare, prepare_all
+from natvision.transforms import preprocess
+from natvision.transforms.preprocess import prepare, prepare_all
 
 SIZE = 299
 

@@ -12,8 +12,8 @@ import termios
 
 import pytest
 
-from transforms import commit
-from transforms import progress
+from natvision.transforms import commit
+from natvision.transforms import progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ def _demo(output_dir, models, on_terminal):
   On a terminal, stderr is a pseudo-terminal of 100 columns (tqdm draws
   nothing on one of 0 columns, a bare pty's size); else a pipe.
   """
-  argv = [sys.executable, "-m", "pipelines.embed_images", "--demo",
+  argv = [sys.executable, "-m", "natvision.pipelines.embed_images", "--demo",
           "--output_dir", output_dir, "--model_root", models,
           "--runtime", "tf"]
   env = dict(os.environ, PYTHONPATH=REPO)

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tools import recall
+from natvision.tools import recall
 
 
 def test_classifier_recall_at_k_by_name_with_a_hand_count():

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from transforms import records
+from natvision.transforms import records
 
 
 def test_image_ref_reads_from_path_when_given_and_routes():

@@ -17,9 +17,9 @@ import shutil
 
 import pytest
 
-from pipelines import embed_images
-from tools import evaluate
-from tools import report
+from natvision.pipelines import embed_images
+from natvision.tools import evaluate
+from natvision.tools import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium")
@@ -75,8 +75,8 @@ def test_the_commands_hand_the_jobs_this_writer(tiny_models, photo_dir,
   assert os.path.exists(os.path.join(command, "report.html"))
   with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
     setup = f.read()
-  assert '"natvision-embed=tools.report:embed_main"' in setup
-  assert '"natvision-ingest=tools.report:ingest_main"' in setup
+  assert '"natvision-embed=natvision.tools.report:embed_main"' in setup
+  assert '"natvision-ingest=natvision.tools.report:ingest_main"' in setup
 
 
 def test_the_job_writes_the_report(labelled_job):
@@ -214,7 +214,7 @@ def test_report_renders_in_chromium_offline(rebuilt, out, tmp_path):
 
 def test_ingestion_writes_a_report_per_partition(tiny_models, tmp_path):
   """Two snapshots, two partitions, two reports; evaluate reads both."""
-  from pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
   from tests.snapshot_gen import SPECIES, SyntheticINat  # pylint: disable=import-outside-toplevel
   world = SyntheticINat(str(tmp_path / "world"), seed=11)
   out = str(tmp_path / "out")

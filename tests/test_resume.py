@@ -26,11 +26,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-import transforms
-from pipelines import embed_images
-from transforms import commit, models, resume, runtimes, sinks, taxonomy
-from transforms import spec as spec_lib
-from transforms.records import ImageRef
+from natvision import transforms
+from natvision.pipelines import embed_images
+from natvision.transforms import commit, models, resume, runtimes, sinks, taxonomy
+from natvision.transforms import spec as spec_lib
+from natvision.transforms.records import ImageRef
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = 60
@@ -73,13 +73,13 @@ def _complete_shard_rows(out):
 # half-way; the code path is otherwise the job's own.
 _SLOW_RUN = textwrap.dedent("""
     import sys, time
-    from transforms import photos
+    from natvision.transforms import photos
     real = photos.read_decode_prepare
     def slow(*a, **k):
       time.sleep(0.03)
       return real(*a, **k)
     photos.read_decode_prepare = slow
-    from pipelines import embed_images
+    from natvision.pipelines import embed_images
     sys.exit(embed_images.main(sys.argv[1:]))
 """)
 

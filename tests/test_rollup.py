@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from tools import rollup
-from transforms import taxonomy
+from natvision.tools import rollup
+from natvision.transforms import taxonomy
 
 TAXA = taxonomy.Taxa(
     kind=taxonomy.INATURALIST,

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 
 # Slow tier: Beam's other runners (a worker pool, processes) take a
 # minute to start; the DirectRunner is tested everywhere else.

@@ -19,9 +19,9 @@ import sys
 import numpy as np
 import pytest
 
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms.runtimes import onnx as onnx_lib
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 # Slow tier: fresh interpreters that must not import TensorFlow.
 pytestmark = pytest.mark.slow
@@ -33,9 +33,9 @@ import json, os, sys
 import numpy as np
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
-from transforms import inference, models, runtimes
-from transforms.records import ImageRef, PreparedImage
-from transforms.runtimes import chooser
+from natvision.transforms import inference, models, runtimes
+from natvision.transforms.records import ImageRef, PreparedImage
+from natvision.transforms.runtimes import chooser
 
 root, out_path = sys.argv[1], sys.argv[2]
 (resolved,) = models.resolve_models(["fungi_mobile_v1"], root,
@@ -73,7 +73,7 @@ with open(out_path, "w") as f:
 
 @pytest.fixture(scope="module")
 def fungi_root(tmp_path_factory):
-  from transforms import standins  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import standins  # pylint: disable=import-outside-toplevel
   root = str(tmp_path_factory.mktemp("startup_models"))
   standins.write_standins(root, tiny=True, models=["fungi_mobile_v1"])
   return root

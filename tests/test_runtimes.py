@@ -10,7 +10,7 @@ import pytest
 
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     model_root, nothing_remembered, onnx_cache, resolve)
-from transforms import runtimes
+from natvision.transforms import runtimes
 
 
 def test_workers_get_the_decided_runtime_or_refuse(model_root):

@@ -15,8 +15,8 @@ import pytest
 
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     FakeClock, nothing_remembered, onnx_cache)
-from transforms import runtimes
-from transforms.runtimes import base
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import base
 
 
 def test_probe_batch_is_fixed_and_varied():

@@ -17,14 +17,14 @@ import sys
 
 import pytest
 
-from pipelines import launch
+from natvision.pipelines import launch
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     FakeClock, conversions, counting_opens, loaded_tf, model_root,
     nothing_remembered, onnx_cache, other_root, photos, plant_wrong_onnx,
     resolve, slowed, staged_copy, staged_root, tf_loads)
-from transforms import runtimes
-from transforms.runtimes import chooser
-from transforms.runtimes import onnx as onnx_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 
 # One model in the default tier; each conversion starts a child process.
@@ -226,9 +226,9 @@ def test_auto_falls_back_to_tf_when_the_check_fails(model_root, other_root):
 # console is the commands' own (transforms/console.py), on its stderr.
 _DECIDE_IN_CHILD = """
 import sys
-from transforms import console
-from transforms import models as models_lib
-from transforms.runtimes import chooser
+from natvision.transforms import console
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import chooser
 console.configure_logging()
 (resolved,) = models_lib.resolve_models(["inaturalist_v2"], sys.argv[1])
 decision = chooser.choose(resolved)

@@ -15,9 +15,9 @@ import pytest
 
 from tests.test_runtimes_quantize import (  # noqa: F401  (fixtures)
     _config, _decided, _photos, onnx_cache, quantizations)
-from transforms import runtimes
-from transforms.runtimes import int8_cache
-from transforms.runtimes import quantize
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import int8_cache
+from natvision.transforms.runtimes import quantize
 
 
 def _int8_file(folder, name, key):

@@ -21,11 +21,11 @@ from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     NAMES, REPO, conversions, loaded_tf, model_root, noise,
     nothing_remembered, onnx_cache, other_root, photos, plant_wrong_onnx,
     resolve, staged_root)
-from transforms import standins as standin_models
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms.runtimes import chooser
-from transforms.runtimes import onnx as onnx_lib
+from natvision.transforms import standins as standin_models
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -124,9 +124,9 @@ def test_conversion_happens_once_per_cache(model_root, onnx_cache,
 
 _CONVERT_SCRIPT = """
 import sys
-from transforms import models
-from transforms.runtimes import chooser
-from transforms.runtimes import onnx as onnx_lib
+from natvision.transforms import models
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import onnx as onnx_lib
 count = []
 convert = onnx_lib.convert_in_child
 def counting(*args, **kwargs):

@@ -14,14 +14,14 @@ import shutil
 import numpy as np
 import pytest
 
-from pipelines import embed_images
+from natvision.pipelines import embed_images
 from tests.conftest import copy_session_onnx_files
-from transforms import config as config_lib
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms.runtimes import chooser
-from transforms.runtimes import onnx as onnx_lib
-from transforms.runtimes import quantize
+from natvision.transforms import config as config_lib
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import quantize
 
 
 @pytest.fixture(autouse=True)
@@ -315,7 +315,7 @@ def test_int8_job_refuses_below_the_minimum_with_exit_2(tiny_models,
 @pytest.mark.slow
 def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  from transforms import sinks  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import sinks  # pylint: disable=import-outside-toplevel
   out = str(tmp_path / "out")
   report = embed_images.run([
       "--input", str(photo_dir / "*"), "--output_dir", out,
@@ -346,7 +346,7 @@ def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
 
 
 def test_jobs_that_cannot_list_photos_before_the_run_refuse_int8():
-  from pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
   job = ingest_observations.IngestJob()
   with pytest.raises(config_lib.ConfigError,
                      match="natvision-ingest does not offer --precision int8"):

@@ -11,9 +11,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from transforms import photos as photos_lib
-from transforms import sources
-from transforms.runtimes import sample
+from natvision.transforms import photos as photos_lib
+from natvision.transforms import sources
+from natvision.transforms.runtimes import sample
 
 
 def test_the_sample_is_spread_over_the_input(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     nothing_remembered, resolve, tf_loads)
-from transforms import runtimes
+from natvision.transforms import runtimes
 
 
 def test_predict_maps_uint8_photos_to_float32_rows(tiny_models):

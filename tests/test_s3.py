@@ -10,12 +10,12 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import embed_images
-from pipelines import ingest_observations as ingest
+from natvision.pipelines import embed_images
+from natvision.pipelines import ingest_observations as ingest
 from tests.conftest import real_photo_paths
 from tests.s3_server import anonymous_aws, s3_server  # noqa: F401 (fixtures)
 from tests.snapshot_gen import SPECIES, SyntheticINat
-from transforms import fetch
+from natvision.transforms import fetch
 
 EMB = "inaturalist_v2"
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import copy_session_onnx_files
-from tools import search
+from natvision.tools import search
 
 MODEL = "inaturalist_v2"
 
@@ -224,7 +224,7 @@ def _spec_of(out_dir, model=MODEL):
 
 
 def test_a_photo_embeds_as_its_fp32_row_within_the_recorded_tolerance(out):
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
   decided = _spec_of(out).model(MODEL)
   assert (decided.runtime, decided.precision) == ("tf", "fp32")
   table = search.open_searcher(out, MODEL).table
@@ -242,8 +242,8 @@ def test_a_photo_embeds_as_its_fp32_row_within_the_recorded_tolerance(out):
 def int8_out(tiny_models, photo_dir, tmp_path_factory):
   """An int8 embeddings table, with an ONNX cache of its own (so that the
   int8 file, which lives in it, can be taken away here)."""
-  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("int8")
   cache = copy_session_onnx_files(root / "onnx_cache")
   saved = os.environ["NATVISION_ONNX_CACHE"]
@@ -265,7 +265,7 @@ def int8_out(tiny_models, photo_dir, tmp_path_factory):
 
 def test_a_photo_embeds_as_its_int8_row_within_the_recorded_tolerance(
     int8_out):
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
   decided = _spec_of(int8_out).model(MODEL)
   assert decided.precision == "int8" and os.path.exists(decided.int8_file)
   table = search.open_searcher(int8_out, MODEL).table
@@ -288,7 +288,7 @@ def test_a_photo_embeds_as_its_int8_row_within_the_recorded_tolerance(
 
 def test_a_missing_or_other_int8_file_is_refused_naming_it(int8_out,
                                                           tmp_path):
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
   # As a fresh natvision-search process: no int8 session held from the
   # test before, which would be taken over without opening the file.
   runtimes.forget()
@@ -317,7 +317,7 @@ def test_a_missing_or_other_int8_file_is_refused_naming_it(int8_out,
 
 def test_other_model_files_and_tables_without_a_spec_are_refused(
     out, labelled_job, tmp_path):
-  from transforms import sinks  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import sinks  # pylint: disable=import-outside-toplevel
   table = search.open_searcher(out, MODEL).table
   uri = sorted(_rows_by_uri(out))[0]
   other = os.path.join(labelled_job["models"], "inception_resnet_v2")

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import commit, models, sinks
-from transforms.records import (EmbeddingResult, ErrorRecord, ImageRef,
+from natvision.transforms import commit, models, sinks
+from natvision.transforms.records import (EmbeddingResult, ErrorRecord, ImageRef,
                                 PredictionResult)
-from transforms.runtimes import RuntimeDecision
+from natvision.transforms.runtimes import RuntimeDecision
 
 IRV2, FUNGI = models.resolve_models(["inception_resnet_v2", "fungi_mobile_v1"],
                                     "/m")
@@ -165,7 +165,7 @@ def test_failed_listing_fails_the_commit_and_keeps_previous_rows(
     tmp_path, monkeypatch):
   """A storage error while listing staged files is not "no files"."""
   from apache_beam.io.filesystem import BeamIOError
-  from transforms import storage
+  from natvision.transforms import storage
   root = str(tmp_path)
   specs, staging = _stage(root, "r1", {"a": ["part-00000-of-00001.parquet"]})
   commit.commit_tables(specs, staging)
@@ -191,7 +191,7 @@ def test_failed_listing_fails_the_commit_and_keeps_previous_rows(
 
 
 def test_listing_a_missing_folder_is_empty_not_an_error(tmp_path):
-  from transforms import storage
+  from natvision.transforms import storage
   assert storage.match(str(tmp_path / "nowhere" / "*.parquet")) == []
   assert commit.list_parquet(str(tmp_path / "nowhere")) == []
   assert storage.exists(str(tmp_path / "nowhere")) is False

@@ -8,7 +8,7 @@ import pytest
 
 from tests.snapshot_gen import AVES, FUNGI, PLANTAE, TAXA
 from tests.snapshot_helpers import FUN
-from transforms import licenses, snapshots
+from natvision.transforms import licenses, snapshots
 
 
 def test_filters_validate():

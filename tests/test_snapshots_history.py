@@ -8,7 +8,7 @@ output folder.
 import os
 
 from tests.snapshot_helpers import EMB, FUN, write_ids
-from transforms import snapshots
+from natvision.transforms import snapshots
 
 
 def test_find_history_leaves_out_the_current_partition(tmp_path):

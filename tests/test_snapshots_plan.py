@@ -13,8 +13,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from tests.snapshot_gen import FUNGI
 from tests.snapshot_helpers import (  # noqa: F401  (fixture)
     EMB, FUN, photo_ids, snapshot_config, world, write_ids)
-from transforms import snapshots
-from transforms.records import ImageRef
+from natvision.transforms import snapshots
+from natvision.transforms.records import ImageRef
 
 
 def _ref(obs_uuid="b", models=None, image_id="7"):

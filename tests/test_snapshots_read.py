@@ -19,8 +19,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from tests.snapshot_gen import AVES, FUNGI, PLANTAE, SPECIES
 from tests.snapshot_helpers import (  # noqa: F401  (fixture)
     EMB, FUN, photo_ids, snapshot_config, world)
-from transforms import snapshots
-from transforms.snapshots import read
+from natvision.transforms import snapshots
+from natvision.transforms.snapshots import read
 
 
 def _routed(taxon_id=9, grade="research", lat=1.0, fields=(), models=None):

@@ -8,7 +8,7 @@ import datetime
 
 import pytest
 
-from transforms import snapshots
+from natvision.transforms import snapshots
 
 
 def test_rows_from_text_and_from_parquet_values():

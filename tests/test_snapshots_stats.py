@@ -9,8 +9,8 @@ import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import snapshots
-from transforms.snapshots import stats
+from natvision.transforms import snapshots
+from natvision.transforms.snapshots import stats
 
 
 class _CountEvens(stats.CountingDoFn):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.snapshot_helpers import world  # noqa: F401  (fixture)
-from transforms import snapshots
+from natvision.transforms import snapshots
 
 
 @pytest.mark.parametrize("fmt", ["csv", "csv.gz", "parquet"])

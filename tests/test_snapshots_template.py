@@ -7,7 +7,7 @@ table each field is read from (photos first).
 import pytest
 
 from tests.snapshot_helpers import world  # noqa: F401  (fixture)
-from transforms import snapshots
+from natvision.transforms import snapshots
 
 
 def test_uri_template_fields_and_format():

@@ -11,8 +11,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import sources
-from transforms.records import ImageRef
+from natvision.transforms import sources
+from natvision.transforms.records import ImageRef
 
 
 def _write(path, text, gz=False):

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from transforms import spec as spec_lib
+from natvision.transforms import spec as spec_lib
 
 
 def _model(name="inaturalist_v2", **changes):
@@ -85,9 +85,9 @@ def test_what_is_not_a_spec_is_refused(text):
 
 
 def test_a_classifier_with_taxa_records_their_fingerprint_and_threshold():
-  from transforms import models as models_lib  # pylint: disable=import-outside-toplevel
-  from transforms import runtimes  # pylint: disable=import-outside-toplevel
-  from transforms import taxonomy  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import models as models_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import taxonomy  # pylint: disable=import-outside-toplevel
   taxa = taxonomy.Taxa(kind=taxonomy.INATURALIST, rank={7: "species"},
                        name={7: "Amanita muscaria"}, ancestry={7: ()})
   label_taxa = taxonomy.match_labels(["Amanita muscaria"], taxa, 0.7)

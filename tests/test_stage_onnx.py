@@ -10,9 +10,9 @@ import shutil
 
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     conversions, model_root, nothing_remembered, onnx_cache, resolve)
-from tools import stage_onnx
-from transforms.runtimes import chooser
-from transforms.runtimes import onnx as onnx_lib
+from natvision.tools import stage_onnx
+from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 
 def test_staging_cli_writes_a_file_that_workers_use(model_root, tmp_path,

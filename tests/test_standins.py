@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 
-from tools import standins as standins_cli
-from transforms import models
-from transforms import standins as standin_models
-from transforms.runtimes import tf as tf_runtime
+from natvision.tools import standins as standins_cli
+from natvision.transforms import models
+from natvision.transforms import standins as standin_models
+from natvision.transforms.runtimes import tf as tf_runtime
 
 # TensorFlow is imported by the tests that use it, not at collection.
 # pylint: disable=import-outside-toplevel
@@ -178,7 +178,7 @@ def _crops_of_real_photos():
   """Four crops of each of six real photos, squashed to 299x299 uint8."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from tests.conftest import real_photo_paths  # pylint: disable=import-outside-toplevel
-  from transforms import preprocess  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import preprocess  # pylint: disable=import-outside-toplevel
   images, sources = [], []
   for i, path in enumerate(real_photo_paths()):
     photo = Image.open(path).convert("RGB")

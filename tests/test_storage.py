@@ -14,7 +14,7 @@ import pytest
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import storage
+from natvision.transforms import storage
 
 
 def test_local_files_round_trip(tmp_path):

@@ -49,14 +49,14 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from pipelines import embed_images
-from pipelines import ingest_observations as ingest
+from natvision.pipelines import embed_images
+from natvision.pipelines import ingest_observations as ingest
 from tests.conftest import real_photo_paths
 from tests.fault_proxy import FaultInjector
 from tests.gcs_server import upload_dir
 from tests.snapshot_gen import SPECIES, SyntheticINat
-from tools import report as html_report
-from transforms import storage
+from natvision.tools import report as html_report
+from natvision.transforms import storage
 
 EMB = "inaturalist_v2"
 EMBED_TABLES = (f"embeddings/{EMB}", "errors")

@@ -11,7 +11,7 @@ import pyarrow as pa
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import summary
+from natvision.transforms import summary
 
 
 def _errors(rows):

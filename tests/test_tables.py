@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tools import tables
-from transforms import sinks
+from natvision.tools import tables
+from natvision.transforms import sinks
 
 
 def _write(path, ids, extra=None, metadata=None):

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transforms import config
-from transforms import models as models_lib
-from transforms import taxonomy
+from natvision.transforms import config
+from natvision.transforms import models as models_lib
+from natvision.transforms import taxonomy
 
 # id, ancestry, rank, name
 TREE = (

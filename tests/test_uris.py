@@ -8,7 +8,7 @@ read.)
 
 import os
 
-from transforms import uris
+from natvision.transforms import uris
 
 
 def test_every_undecodable_byte_round_trips_to_its_bytes():

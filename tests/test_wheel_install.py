@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-import transforms
+from natvision import transforms
 
 # Slow tier: builds and installs a wheel, then runs the demo from it.
 pytestmark = pytest.mark.slow
@@ -114,8 +114,8 @@ def test_modules_and_console_scripts_import_from_the_installed_copy(
   assert REPO not in found["path"]
   for name, path in found["modules"].items():
     assert path.startswith(str(site) + os.sep), f"{name} from {path}"
-  assert "pipelines.embed_images" in found["modules"]
-  assert "pipelines.ingest_observations" in found["modules"]
+  assert "natvision.pipelines.embed_images" in found["modules"]
+  assert "natvision.pipelines.ingest_observations" in found["modules"]
   assert found["scripts"] == {"natvision-embed": True,
                               "natvision-ingest": True,
                               "natvision-standins": True,
@@ -129,7 +129,7 @@ def test_modules_and_console_scripts_import_from_the_installed_copy(
 def test_demo_job_runs_from_the_installed_copy(site, elsewhere):
   cwd, env = elsewhere
   out = cwd / "demo"
-  proc = _run([sys.executable, "-m", "pipelines.embed_images", "--demo",
+  proc = _run([sys.executable, "-m", "natvision.pipelines.embed_images", "--demo",
                "--output_dir", str(out), "--runtime", "tf"], cwd=cwd, env=env)
   assert "stand-in models were used" in proc.stdout
   with open(out / "run.json") as f:

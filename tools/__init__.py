@@ -5,7 +5,7 @@ They read ``OUT/embeddings/<model>/``, ``OUT/predictions/<model>/`` and
 (``snapshot_date=...`` partitions) left them, on any Beam filesystem.
 """
 
-from transforms import console as _console
+from natvision.transforms import console as _console
 
 # Before any module here imports Beam (transforms/console.py).
 _console.drop_import_notices()

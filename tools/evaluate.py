@@ -50,20 +50,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
-import transforms
-from transforms import console
-from transforms import extras
-from transforms import helptext
-from transforms import models as models_lib
-from transforms import taxonomy
-from tools import rollup
-from tools import tables as tables_lib
+from natvision import transforms
+from natvision.transforms import console
+from natvision.transforms import extras
+from natvision.transforms import helptext
+from natvision.transforms import models as models_lib
+from natvision.transforms import taxonomy
+from natvision.tools import rollup
+from natvision.tools import tables as tables_lib
 # The figures are tools/recall.py's and tools/rollup.py's; kept importable
 # from here.
-from tools.recall import (NO_LABEL, RANKS, EvaluationError,  # noqa: F401
+from natvision.tools.recall import (NO_LABEL, RANKS, EvaluationError,  # noqa: F401
                           evaluate_classifier, evaluate_embedder,
                           nearest_neighbours, normalize_label)
-from transforms.taxonomy import Taxa  # noqa: F401
+from natvision.transforms.taxonomy import Taxa  # noqa: F401
 
 EVALUATION_FILE = "evaluation.json"
 DEFAULT_K = (1, 5)

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 import pyarrow as pa
 
-from transforms.taxonomy import Taxa
-from tools.search import unit_rows
+from natvision.transforms.taxonomy import Taxa
+from natvision.tools.search import unit_rows
 
 RANKS = ("genus", "family")
 NO_LABEL = "(no label)"

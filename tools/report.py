@@ -53,12 +53,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import console
-from transforms import extras
-from transforms import helptext
-from transforms import models as models_lib
-from transforms import storage
-from tools import tables as tables_lib
+from natvision.transforms import console
+from natvision.transforms import extras
+from natvision.transforms import helptext
+from natvision.transforms import models as models_lib
+from natvision.transforms import storage
+from natvision.tools import tables as tables_lib
 
 LOGGER = logging.getLogger("natvision.report")
 REPORT_FILE = "report.html"
@@ -773,14 +773,14 @@ def write_after_run(output_dir: str,
 
 def embed_main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-embed: the job (pipelines/embed_images.py) with its report."""
-  from pipelines import embed_images  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import embed_images  # pylint: disable=import-outside-toplevel
   return embed_images.main(argv, report_writer=write_after_run)
 
 
 def ingest_main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-ingest: the job (pipelines/ingest_observations.py) with its
   report."""
-  from pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
+  from natvision.pipelines import ingest_observations  # pylint: disable=import-outside-toplevel
   return ingest_observations.main(argv, report_writer=write_after_run)
 
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from transforms.taxonomy import Taxa
+from natvision.transforms.taxonomy import Taxa
 
 NOT_ANSWERED = "none"
 COLUMNS = ("rollup_taxon_id", "rollup_rank")

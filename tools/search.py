@@ -46,15 +46,15 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-import transforms
-from transforms import console
-from transforms import extras
-from transforms import helptext
-from transforms import models as models_lib
-from transforms import sinks
-from transforms import spec as spec_lib
-from transforms import storage
-from tools import tables as tables_lib
+from natvision import transforms
+from natvision.transforms import console
+from natvision.transforms import extras
+from natvision.transforms import helptext
+from natvision.transforms import models as models_lib
+from natvision.transforms import sinks
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import storage
+from natvision.tools import tables as tables_lib
 
 INDEX_DIR = "_index"
 INDEX_FILE = "index.faiss"
@@ -367,13 +367,13 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
       is not that file (the message names it).
   """
   # pylint: disable=import-outside-toplevel
-  from transforms import decode as decode_lib
-  from transforms import inference
-  from transforms import photos
-  from transforms import runtimes
-  from transforms.records import ErrorRecord, ImageRef
-  from transforms.runtimes import base
-  from transforms.runtimes import chooser
+  from natvision.transforms import decode as decode_lib
+  from natvision.transforms import inference
+  from natvision.transforms import photos
+  from natvision.transforms import runtimes
+  from natvision.transforms.records import ErrorRecord, ImageRef
+  from natvision.transforms.runtimes import base
+  from natvision.transforms.runtimes import chooser
   # pylint: enable=import-outside-toplevel
   run = table_spec(table)
   decided = run.model(table.name)

@@ -24,11 +24,11 @@ from typing import Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import helptext
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes import onnx as onnx_lib
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms import helptext
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes.tf import TFRuntime
 
 
 def stage_onnx(resolved: models_lib.ResolvedModel,

@@ -15,11 +15,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from transforms import helptext
-from transforms import models as registry
-from transforms import standins
+from natvision.transforms import helptext
+from natvision.transforms import models as registry
+from natvision.transforms import standins
 # The writer, for callers that know it as tools.standins.
-from transforms.standins import build_network, write_standin, write_standins
+from natvision.transforms.standins import build_network, write_standin, write_standins
 
 __all__ = ["build_network", "main", "write_standin", "write_standins"]
 

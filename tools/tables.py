@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import models as models_lib
-from transforms import sinks
-from transforms import storage
+from natvision.transforms import models as models_lib
+from natvision.transforms import sinks
+from natvision.transforms import storage
 
 PARTITION_KEY = "snapshot_date"
 KINDS = {sinks.EMBEDDINGS: models_lib.EMBEDDER,

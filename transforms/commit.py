@@ -40,11 +40,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import decode as decode_lib
-from transforms import models as models_lib
-from transforms import sinks
-from transforms import spec as spec_lib
-from transforms import storage
+from natvision.transforms import decode as decode_lib
+from natvision.transforms import models as models_lib
+from natvision.transforms import sinks
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import storage
 
 STAGING = "_staging"
 SUCCESS_MARKER = "_SUCCESS"

@@ -78,9 +78,9 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 from PIL import Image, features
 
-from transforms import config
-from transforms import preprocess
-from transforms.records import STAGE_DECODE
+from natvision.transforms import config
+from natvision.transforms import preprocess
+from natvision.transforms.records import STAGE_DECODE
 
 DEFAULT_MIN_SIDE = 299
 DEFAULT_MAX_PIXELS = 100_000_000

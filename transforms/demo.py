@@ -36,8 +36,8 @@ import shutil
 import time
 from typing import Dict, Sequence
 
-from transforms import models as models_lib
-from transforms import standins
+from natvision.transforms import models as models_lib
+from natvision.transforms import standins
 
 DEMO_SEED = 0
 # Part of the key: raise it when what a demo folder holds changes.
@@ -80,7 +80,7 @@ def _ready(path: str) -> bool:
 def _lock(root: str):
   # The ONNX module's flock; imported here so that a demo whose stand-ins
   # are there already does not import the runtimes for it.
-  from transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
   return onnx_lib.file_lock(root.rstrip("/") + ".lock")
 
 
@@ -124,7 +124,7 @@ def _write_job(root: str, names: Sequence[str], stage_onnx: bool) -> Dict:
   # TensorFlow's deprecation notices concern its API, not the demo (as on
   # the launcher's console, transforms/console.py).
   logging.getLogger("tensorflow").setLevel(logging.ERROR)
-  from transforms.runtimes import onnx as onnx_lib
+  from natvision.transforms.runtimes import onnx as onnx_lib
   tmp = f"{root.rstrip('/')}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   seconds = {}

@@ -80,9 +80,9 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import sources
-from transforms import storage
-from transforms import uris
+from natvision.transforms import sources
+from natvision.transforms import storage
+from natvision.transforms import uris
 
 MULTIMEDIA_TYPES = ("http://rs.gbif.org/terms/1.0/Multimedia",
                     "http://rs.tdwg.org/ac/terms/Multimedia")

@@ -29,15 +29,15 @@ from typing import Optional, Tuple
 
 import apache_beam as beam
 
-from transforms import commit
-from transforms import config
-from transforms import inference
-from transforms import models as models_lib
-from transforms import photos
-from transforms import resume as resume_lib
-from transforms import sinks
-from transforms import taxonomy as taxonomy_lib
-from transforms.runtimes import quantize
+from natvision.transforms import commit
+from natvision.transforms import config
+from natvision.transforms import inference
+from natvision.transforms import models as models_lib
+from natvision.transforms import photos
+from natvision.transforms import resume as resume_lib
+from natvision.transforms import sinks
+from natvision.transforms import taxonomy as taxonomy_lib
+from natvision.transforms.runtimes import quantize
 
 # Keys of the dict of PCollections EmbedAndWrite returns.
 WRITTEN = "written"

@@ -72,9 +72,9 @@ import tenacity
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-import transforms
-from transforms import config
-from transforms import decode
+from natvision import transforms
+from natvision.transforms import config
+from natvision.transforms import decode
 
 DEFAULT_FETCH_CONCURRENCY = 32
 DEFAULT_PER_HOST_CONCURRENCY = 8

@@ -60,8 +60,8 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam import typehints
 
-from transforms import fetch as fetch_lib
-from transforms.records import ImageRef
+from natvision.transforms import fetch as fetch_lib
+from natvision.transforms.records import ImageRef
 
 # Tag of KeyByHost's output of photos that are not on a web host.
 UNKEYED_TAG = "unkeyed"

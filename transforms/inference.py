@@ -23,11 +23,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.utils import shared
 
-from transforms import config
-from transforms import models as models_lib
-from transforms import runtimes
-from transforms import taxonomy
-from transforms.records import (ERRORS_TAG, STAGE_INFERENCE, EmbeddingResult,
+from natvision.transforms import config
+from natvision.transforms import models as models_lib
+from natvision.transforms import runtimes
+from natvision.transforms import taxonomy
+from natvision.transforms.records import (ERRORS_TAG, STAGE_INFERENCE, EmbeddingResult,
                                 ErrorRecord, PredictionResult, PreparedImage,
                                 RollUpResult)
 

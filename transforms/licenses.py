@@ -21,8 +21,8 @@ from typing import FrozenSet, Iterator, Optional, Sequence
 
 import apache_beam as beam
 
-from transforms import config
-from transforms.records import ImageRef
+from natvision.transforms import config
+from natvision.transforms.records import ImageRef
 
 CC = ("cc-by", "cc-by-sa", "cc-by-nd", "cc-by-nc", "cc-by-nc-sa",
       "cc-by-nc-nd")

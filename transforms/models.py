@@ -24,11 +24,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import config
-from transforms import storage
+from natvision.transforms import config
+from natvision.transforms import storage
 # The preparation policies are preprocess's; the registry names them, and
 # they stay importable from here.
-from transforms.preprocess import (RESIZE_CENTER_CROP, RESIZE_POLICIES,
+from natvision.transforms.preprocess import (RESIZE_CENTER_CROP, RESIZE_POLICIES,
                                    RESIZE_SQUASH)
 
 EMBEDDER = "embedder"
@@ -233,8 +233,8 @@ class ResolvedModel:
       raise ValueError(
           f"model {self.name} has no runtime decision (requested: "
           f"{self.requested_runtime}); pass the models through "
-          f"pipelines.launch.check_models, or attach one with "
-          f"transforms.runtimes.chooser.decided(model), before running them")
+          f"natvision.pipelines.launch.check_models, or attach one with "
+          f"natvision.transforms.runtimes.chooser.decided(model), before running them")
     return self.decision
 
   def describe(self) -> dict:

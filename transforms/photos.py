@@ -35,14 +35,14 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import config
-from transforms import decode as decode_lib
-from transforms import fetch as fetch_lib
-from transforms import hosts
-from transforms import preprocess
-from transforms import progress
-from transforms import uris
-from transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
+from natvision.transforms import config
+from natvision.transforms import decode as decode_lib
+from natvision.transforms import fetch as fetch_lib
+from natvision.transforms import hosts
+from natvision.transforms import preprocess
+from natvision.transforms import progress
+from natvision.transforms import uris
+from natvision.transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
                                 STAGE_READ, ErrorRecord, ImageRef,
                                 PreparedImage)
 

@@ -53,10 +53,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import commit
-from transforms import sinks
-from transforms import spec as spec_lib
-from transforms import storage
+from natvision.transforms import commit
+from natvision.transforms import sinks
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import storage
 
 # The launcher's console shows natvision's INFO and WARNING lines.
 _LOG = logging.getLogger("natvision")

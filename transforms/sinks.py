@@ -48,13 +48,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-import transforms
-from transforms import decode as decode_lib
-from transforms import models as models_lib
-from transforms import spec as spec_lib
-from transforms import storage
-from transforms import taxonomy
-from transforms.records import ErrorRecord, ImageRef
+from natvision import transforms
+from natvision.transforms import decode as decode_lib
+from natvision.transforms import models as models_lib
+from natvision.transforms import spec as spec_lib
+from natvision.transforms import storage
+from natvision.transforms import taxonomy
+from natvision.transforms.records import ErrorRecord, ImageRef
 
 EMBEDDINGS = "embeddings"
 PREDICTIONS = "predictions"

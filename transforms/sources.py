@@ -49,10 +49,10 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import config
-from transforms import sinks
-from transforms import uris
-from transforms.records import ImageRef
+from natvision.transforms import config
+from natvision.transforms import sinks
+from natvision.transforms import uris
+from natvision.transforms.records import ImageRef
 
 URI_COLUMN = "uri"
 ID_COLUMN = "image_id"

@@ -50,9 +50,9 @@ import dataclasses
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
-import transforms
-from transforms import models as models_lib
-from transforms.runtimes import base
+from natvision import transforms
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
 
 
 class SpecError(ValueError):

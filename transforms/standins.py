@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from transforms import models as registry
+from natvision.transforms import models as registry
 
 # The serialized ModuleDef proto of the TF1 Hub format: ``format: FORMAT_V3``
 # (field 1, varint 1).  tensorflow_hub 0.16 only checks that the file exists.

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from transforms import config
+from natvision.transforms import config
 
 DEFAULT_ROLLUP_THRESHOLD = 0.8
 DEFAULT_MAX_UNMATCHED_LABELS = 0.05

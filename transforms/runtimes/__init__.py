@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from transforms import models as models_lib
-from transforms.runtimes.base import (DECIDED, FP32, INT8, PRECISIONS,
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes.base import (DECIDED, FP32, INT8, PRECISIONS,
                                       PROBE_SIZE, REQUESTS, RUNTIME_AUTO,
                                       RUNTIME_ONNX, RUNTIME_TF, TOLERANCES,
                                       Runtime, RuntimeDecision, forget,
                                       output_difference, probe_batch)
-from transforms.runtimes.onnx import OnnxRuntime
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms.runtimes.onnx import OnnxRuntime
+from natvision.transforms.runtimes.tf import TFRuntime
 
 __all__ = [
     "DECIDED", "FP32", "INT8", "PRECISIONS", "PROBE_SIZE", "REQUESTS",

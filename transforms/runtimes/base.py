@@ -32,7 +32,7 @@ from typing import (Any, Callable, Dict, Hashable, List, Literal, Optional,
 
 import numpy as np
 
-from transforms import models as models_lib
+from natvision.transforms import models as models_lib
 
 RUNTIME_AUTO = "auto"
 RUNTIME_TF = "tf"

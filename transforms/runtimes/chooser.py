@@ -47,11 +47,11 @@ from typing import Optional
 
 import numpy as np
 
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes import onnx as onnx_lib
-from transforms.runtimes.onnx import OnnxRuntime
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes.onnx import OnnxRuntime
+from natvision.transforms.runtimes.tf import TFRuntime
 
 DEFAULT_TIMING_RUNS = base.DEFAULT_TIMING_RUNS
 

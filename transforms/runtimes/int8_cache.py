@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-from transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx as onnx_lib
 
 RECORD_SUFFIX = ".agreement.json"
 

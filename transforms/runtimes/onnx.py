@@ -72,9 +72,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes.tf import TFRuntime
 
 STAGED_ONNX = "natvision.onnx"
 ONNX_OPSET = 17

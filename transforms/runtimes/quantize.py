@@ -71,13 +71,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import config as config_lib
-from transforms import models as models_lib
-from transforms.runtimes import base
-from transforms.runtimes import int8_cache
-from transforms.runtimes import onnx as onnx_lib
-from transforms.runtimes.onnx import OnnxRuntime, OnnxSession
-from transforms.runtimes.tf import TFRuntime
+from natvision.transforms import config as config_lib
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import int8_cache
+from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes.onnx import OnnxRuntime, OnnxSession
+from natvision.transforms.runtimes.tf import TFRuntime
 
 TOP1_AGREEMENT = "top1_agreement"
 TOP5_OVERLAP = "top5_overlap"

@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import decode as decode_lib
-from transforms import photos as photos_lib
-from transforms import sources
-from transforms.records import ImageRef, PreparedImage
+from natvision.transforms import decode as decode_lib
+from natvision.transforms import photos as photos_lib
+from natvision.transforms import sources
+from natvision.transforms.records import ImageRef, PreparedImage
 
 # Rows of a manifest the sample is picked from (read before the job runs).
 MANIFEST_ROWS = 2000

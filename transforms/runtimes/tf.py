@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import models as models_lib
-from transforms.runtimes import base
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import base
 
 
 class LoadedModel:

@@ -38,28 +38,28 @@ Every public name of the parts is importable from here
 (``from transforms import snapshots; snapshots.open_snapshot(...)``).
 """
 
-from transforms.snapshots.stats import (COUNTER_PREFIX, METRICS_NAMESPACE,
+from natvision.transforms.snapshots.stats import (COUNTER_PREFIX, METRICS_NAMESPACE,
                                         STATS, SumStats)
-from transforms.snapshots.tables import (OBSERVATIONS, PARQUET, PHOTOS,
+from natvision.transforms.snapshots.tables import (OBSERVATIONS, PARQUET, PHOTOS,
                                          REQUIRED_COLUMNS, SUFFIXES, TABLES,
                                          TAXA, TSV, Snapshot, SnapshotError,
                                          TableFiles, find_table, match_paths,
                                          open_snapshot, read_columns)
-from transforms.snapshots.template import (TemplateSources, UriTemplate,
+from natvision.transforms.snapshots.template import (TemplateSources, UriTemplate,
                                            template_sources)
-from transforms.snapshots.rows import (BadRow, ObservationRow, PhotoRow,
+from natvision.transforms.snapshots.rows import (BadRow, ObservationRow, PhotoRow,
                                        TaxonRow, observation_from_row,
                                        photo_from_row, taxon_from_row)
-from transforms.snapshots.filters import (QUALITY_GRADES, Filters,
+from natvision.transforms.snapshots.filters import (QUALITY_GRADES, Filters,
                                           RoutedObservation, SnapshotConfig,
                                           Subtrees, in_subtrees, subtree_pairs)
-from transforms.snapshots.read import (CARRIED, LenientUtf8Coder,
+from natvision.transforms.snapshots.read import (CARRIED, LenientUtf8Coder,
                                        ReadSnapshot, ReadTableRows, image_ref,
                                        observation_order)
-from transforms.snapshots.history import (PARTITION_KEY, History, ReadHistory,
+from natvision.transforms.snapshots.history import (PARTITION_KEY, History, ReadHistory,
                                           find_history, partition_files,
                                           partition_name, unpartitioned_files)
-from transforms.snapshots.plan import (NewPhotos, PhotoPlan, SelectWork,
+from natvision.transforms.snapshots.plan import (NewPhotos, PhotoPlan, SelectWork,
                                        plan_photo)
 
 __all__ = [

@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import FrozenSet, Iterator, Mapping, Optional, Sequence, Tuple
 
-from transforms import config
-from transforms import licenses
-from transforms.snapshots.rows import ObservationRow, TaxonRow
-from transforms.snapshots.tables import Snapshot
-from transforms.snapshots.template import TemplateSources, UriTemplate
+from natvision.transforms import config
+from natvision.transforms import licenses
+from natvision.transforms.snapshots.rows import ObservationRow, TaxonRow
+from natvision.transforms.snapshots.tables import Snapshot
+from natvision.transforms.snapshots.template import TemplateSources, UriTemplate
 
 QUALITY_GRADES = ("research", "needs_id", "casual")
 

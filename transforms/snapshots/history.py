@@ -19,8 +19,8 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import storage
-from transforms.snapshots.tables import match_paths
+from natvision.transforms import storage
+from natvision.transforms.snapshots.tables import match_paths
 
 PARTITION_KEY = "snapshot_date"
 

@@ -17,12 +17,12 @@ from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
-from transforms import config
-from transforms.records import ImageRef
-from transforms.snapshots.filters import SnapshotConfig
-from transforms.snapshots.history import History, ReadHistory
-from transforms.snapshots.read import ReadSnapshot
-from transforms.snapshots.stats import STATS, CountingDoFn, flatten_stats
+from natvision.transforms import config
+from natvision.transforms.records import ImageRef
+from natvision.transforms.snapshots.filters import SnapshotConfig
+from natvision.transforms.snapshots.history import History, ReadHistory
+from natvision.transforms.snapshots.read import ReadSnapshot
+from natvision.transforms.snapshots.stats import STATS, CountingDoFn, flatten_stats
 
 @dataclasses.dataclass(frozen=True)
 class PhotoPlan:

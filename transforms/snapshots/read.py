@@ -19,19 +19,19 @@ from typing import Any, Dict, FrozenSet, Iterator, Optional, Sequence, Tuple
 import apache_beam as beam
 import pyarrow as pa
 
-from transforms import licenses
-from transforms import uris
-from transforms.records import ImageRef
-from transforms.snapshots.filters import (RoutedObservation, SnapshotConfig,
+from natvision.transforms import licenses
+from natvision.transforms import uris
+from natvision.transforms.records import ImageRef
+from natvision.transforms.snapshots.filters import (RoutedObservation, SnapshotConfig,
                                           Subtrees, subtree_pairs)
-from transforms.snapshots.rows import (BadRow, ObservationRow, PhotoRow,
+from natvision.transforms.snapshots.rows import (BadRow, ObservationRow, PhotoRow,
                                        observation_from_row, photo_from_row,
                                        taxon_from_row)
-from transforms.snapshots.stats import (STATS, CountingDoFn, flatten_stats,
+from natvision.transforms.snapshots.stats import (STATS, CountingDoFn, flatten_stats,
                                         ingest_counter)
-from transforms.snapshots.tables import (OBSERVATIONS, PARQUET, PHOTOS,
+from natvision.transforms.snapshots.tables import (OBSERVATIONS, PARQUET, PHOTOS,
                                          REQUIRED_COLUMNS, TAXA, TableFiles)
-from transforms.snapshots.template import UriTemplate
+from natvision.transforms.snapshots.template import UriTemplate
 
 # Observation fields carried into every table, with their types.
 CARRIED: Tuple[Tuple[str, pa.DataType], ...] = (

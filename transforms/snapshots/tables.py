@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import config
-from transforms import storage
+from natvision.transforms import config
+from natvision.transforms import storage
 
 PHOTOS = "photos"
 OBSERVATIONS = "observations"

@@ -12,8 +12,8 @@ import dataclasses
 import string
 from typing import Mapping, Optional, Tuple
 
-from transforms import config
-from transforms.snapshots.tables import Snapshot, SnapshotError
+from natvision.transforms import config
+from natvision.transforms.snapshots.tables import Snapshot, SnapshotError
 
 @dataclasses.dataclass(frozen=True)
 class UriTemplate:
