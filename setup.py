@@ -38,7 +38,7 @@ AWS = [
 TOOLS = [
     "faiss-cpu>=1.9,<1.16",
     "matplotlib>=3.9,<3.12",
-    # Reading the tables into data frames (README, "Tables").
+    # Reading the tables into data frames (docs/tables.md).
     "pandas>=2.1,<4",
 ]
 ALL = GCP + AWS + TOOLS
@@ -67,10 +67,17 @@ setuptools.setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["pipelines", "transforms", "natvision.transforms.runtimes",
-              "natvision.transforms.snapshots", "tools"],
+    # Installed under one name, natvision (a namespace package: no
+    # natvision/__init__.py), from the repository's top-level folders; see
+    # ARCHITECTURE.md, "Import names".  Subpackages are found, not listed.
+    packages=["natvision." + name for name in setuptools.find_packages(
+        include=["pipelines", "pipelines.*", "transforms", "transforms.*",
+                 "tools", "tools.*"])],
+    package_dir={"natvision.pipelines": "pipelines",
+                 "natvision.transforms": "transforms",
+                 "natvision.tools": "tools"},
     package_data={
-        "pipelines": ["sample_photos/*"],
+        "natvision.pipelines": ["sample_photos/*"],
     },
     install_requires=[
         "apache-beam>=2.70,<2.78",
@@ -103,7 +110,7 @@ setuptools.setup(
         "tools": TOOLS,
         "all": ALL,
         # For contributors: everything, plus the test runner and the
-        # loopback servers and readers the tests use (README, "Tests").
+        # loopback servers and readers the tests use (docs/tests.md).
         "test": ALL + TEST,
     },
     entry_points={

@@ -87,9 +87,9 @@ def _onnx_model(resolved, onnx_path: Optional[str]):
   the measured process; without a file, ``OnnxRuntime.load`` converts here.
   """
   from natvision.transforms import runtimes  # pylint: disable=import-outside-toplevel
-  from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import onnx_session  # pylint: disable=import-outside-toplevel
   if onnx_path and os.path.exists(onnx_path):
-    return onnx_lib.OnnxSession(resolved, onnx_path), onnx_path
+    return onnx_session.OnnxSession(resolved, onnx_path), onnx_path
   model = runtimes.OnnxRuntime(resolved)
   model.load()
   return model, model.path

@@ -8,7 +8,7 @@ embeddings of many species), measures per-query latency of an exact search
 nlist about 4 sqrt(n), nprobe raised until Recall@10 against the exact
 search reaches 0.95), and the IVF's training and adding time.  An exact
 search costs n*d multiply-adds per query, so the crossing point is reported
-in floats scanned (n*d): ``tools.search.EXACT_BELOW_FLOATS`` is set from it.
+in floats scanned (n*d): ``tools.index.EXACT_BELOW_FLOATS`` is set from it.
 
 Prints one line per (d, n) and a JSON summary.
 """
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from natvision.tools import search
+from natvision.tools import index as index_lib
 
 
 def clustered(n: int, d: int, seed: int) -> np.ndarray:
@@ -31,7 +31,7 @@ def clustered(n: int, d: int, seed: int) -> np.ndarray:
   centres = rng.standard_normal((max(8, int(math.sqrt(n))), d))
   x = centres[rng.integers(0, len(centres), n)] + 1.2 * rng.standard_normal(
       (n, d))
-  return search.unit_rows(x)
+  return index_lib.unit_rows(x)
 
 
 def per_query_seconds(index, queries: np.ndarray, k: int = 10,
@@ -52,7 +52,7 @@ def measure(n: int, d: int, queries: int = 200) -> dict:
   flat.add(x)
   exact_s = per_query_seconds(flat, q)
   start = time.perf_counter()
-  ivf, info = search.build_approximate(x, target_recall=0.95)
+  ivf, info = index_lib.build_approximate(x, target_recall=0.95)
   build_s = time.perf_counter() - start
   approx_s = per_query_seconds(ivf, q)
   return {"n": n, "d": d, "floats": n * d, "exact_ms": 1e3 * exact_s,

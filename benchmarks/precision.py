@@ -90,7 +90,7 @@ def costs(model: str, model_root: str, folder: str, out_path: str,
                   patterns=[os.path.join(folder, "*.jpg")]), config)
   int8 = quantize.decide_int8(fp32, sample_photos[resolved.resize],
                               quantization)
-  from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import onnx_session  # pylint: disable=import-outside-toplevel
   batches = [np.stack(arrays[i:i + BATCH])
              for i in range(0, len(arrays) - BATCH + 1, BATCH)]
   record = {"model": model, "cores": measure.cores(),
@@ -99,7 +99,7 @@ def costs(model: str, model_root: str, folder: str, out_path: str,
             "int8_source": int8.onnx_source}
   for label, path in (("fp32", fp32.decision.onnx_path),
                       ("int8", int8.onnx_path)):
-    session = onnx_lib.OnnxSession(resolved, path)
+    session = onnx_session.OnnxSession(resolved, path)
     session.predict(batches[0])
     n, cpu0, t0 = 0, time.process_time(), time.perf_counter()
     while time.perf_counter() - t0 < seconds or n < 2 * len(batches):

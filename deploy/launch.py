@@ -12,9 +12,9 @@ Under a Flex Template, Beam writes the job description to
 before the job has even started.  A pipeline that commits its tables after
 ``wait_until_finish()`` would then commit nothing and replace the previous
 tables with empty ones, and the job's own output would stay in ``_staging``.
-So this entry point refuses to launch a pipeline under a template unless the
-module declares ``COMMITS_IN_PIPELINE = True`` (its commit runs as the last
-step of the Beam graph).  See deploy/README.md, "Before the first launch".
+Both pipelines therefore commit in the graph's last step
+(``transforms.commit.CommitRun``), which a template launch that does not
+wait runs all the same.  See deploy/README.md, "Before the first launch".
 """
 
 import importlib
@@ -24,21 +24,13 @@ from typing import Optional, Sequence
 
 PIPELINES = ("embed_images", "ingest_observations")
 PIPELINE_ENV = "NATVISION_PIPELINE"
-TEMPLATE_FLAG = "--template_location"
-
-
-def is_template_launch(argv: Sequence[str]) -> bool:
-  """Whether Beam was asked to write a template instead of running the job."""
-  return any(a == TEMPLATE_FLAG or a.startswith(TEMPLATE_FLAG + "=")
-             for a in argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the pipeline named by ``$NATVISION_PIPELINE`` with ``argv``.
 
   Returns:
-    The pipeline's exit status; 2 when the image names no known pipeline or
-    the pipeline cannot run under a Flex Template yet.
+    The pipeline's exit status; 2 when the image names no known pipeline.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   name = os.environ.get(PIPELINE_ENV, "")
@@ -51,15 +43,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # The run report is tools/report.py's, handed to the job as its last step
   # (the pipelines never import tools/).
   html_report = importlib.import_module("natvision.tools.report")
-  if is_template_launch(argv) and not getattr(module, "COMMITS_IN_PIPELINE",
-                                              False):
-    print(f"natvision launch: pipelines.{name} commits its tables after "
-          f"waiting for the job, which a Flex Template launch does not do "
-          f"({TEMPLATE_FLAG} is set): the commit would run before the job "
-          f"and leave empty tables. Run it with --runner DataflowRunner from "
-          f"a machine that stays up until the job ends, until the commit "
-          f"moves into the pipeline (deploy/README.md).", file=sys.stderr)
-    return 2
   return module.main(argv, report_writer=html_report.write_after_run)
 
 

@@ -37,7 +37,6 @@ from natvision.transforms import embed
 from natvision.transforms import fetch
 from natvision.transforms import helptext
 from natvision.transforms import licenses
-from natvision.transforms import models as models_lib
 from natvision.transforms import resume as resume_lib
 from natvision.transforms import sinks
 from natvision.transforms import sources
@@ -45,17 +44,10 @@ from natvision.transforms import spec as spec_lib
 from natvision.transforms import summary as summary_lib
 from natvision.transforms.config import ConfigError
 
-# Kept for callers of the former names.
-FlagError = ConfigError
-DEFAULT_MODELS = models_lib.DEFAULT_MODELS
-
 SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "sample_photos")
 SAMPLE_PHOTO_EXTENSIONS = ("jpg", "png", "webp")
 DEFAULT_DEMO_OUTPUT = "natvision_demo"
-# The tables are committed by the pipeline's last step, not by the launcher,
-# so a template launch that does not wait for the job is safe (deploy/).
-COMMITS_IN_PIPELINE = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,13 +64,8 @@ from natvision.transforms import summary as summary_lib
 from natvision.transforms.config import ConfigError
 
 DEFAULT_MAX_ATTEMPTS = 3
-SUCCESS_MARKER = commit.SUCCESS_MARKER
 RUNS_DIR = "runs"
 RUN_ID_PREFIX = "ingest"
-# The partition is committed, summarised and marked by the pipeline's last
-# step, not by the launcher, so a template launch that does not wait for the
-# job is safe (deploy/).
-COMMITS_IN_PIPELINE = True
 
 
 @dataclasses.dataclass(frozen=True)

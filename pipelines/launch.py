@@ -44,7 +44,6 @@ from apache_beam.runners.runner import PipelineState
 
 from natvision import transforms
 from natvision.transforms import commit
-from natvision.transforms import config as config_lib
 from natvision.transforms import console
 from natvision.transforms import models as models_lib
 from natvision.transforms import progress
@@ -399,6 +398,3 @@ def main(job: Job, argv: Optional[Sequence[str]] = None,
     return 1
   return job.exit_status(report)
 
-
-# Kept for the callers that build keyed flags without importing config.
-key_values = config_lib.key_values

@@ -86,13 +86,15 @@ def tiny_models(tmp_path_factory, session_caches):
   # pylint: disable=import-outside-toplevel
   from natvision.tools import standins as standin_models
   from natvision.transforms import models as models_lib
-  from natvision.transforms.runtimes import onnx as onnx_lib
+  from natvision.transforms.runtimes import base as runtimes_base
+  from natvision.transforms.runtimes import onnx_convert
+  from natvision.transforms.runtimes import onnx_store
   root = str(tmp_path_factory.mktemp("models"))
   standin_models.write_standins(root, tiny=True)
   for resolved in models_lib.resolve_models(list(TINY_NAMES), root,
                                             requested_runtime="onnx"):
-    onnx_lib.convert_to_onnx(resolved, onnx_lib.cached_onnx_path(
-        resolved, onnx_lib.model_fingerprint(resolved.path)))
+    onnx_convert.convert_to_onnx(resolved, onnx_store.cached_onnx_path(
+        resolved, runtimes_base.model_fingerprint(resolved.path)))
   return root
 
 

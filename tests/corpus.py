@@ -25,6 +25,7 @@ import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pytest
 from PIL import Image
 
 VALID = "valid"
@@ -135,7 +136,8 @@ _STORE_AS = {
 }
 
 
-def _encode(img: Image.Image, fmt: str, **params) -> bytes:
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+  """``img`` saved as ``fmt`` (Pillow's save parameters), as bytes."""
   buf = io.BytesIO()
   img.save(buf, fmt, **params)
   return buf.getvalue()
@@ -145,7 +147,7 @@ def _exif_jpeg(upright: Image.Image, orientation: int, **params) -> bytes:
   exif = Image.Exif()
   exif[0x0112] = orientation
   stored = upright.transpose(_STORE_AS[orientation])
-  return _encode(stored, "JPEG", quality=92, exif=exif.tobytes(), **params)
+  return encode(stored, "JPEG", quality=92, exif=exif.tobytes(), **params)
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
@@ -384,12 +386,12 @@ def _corrupt_ihdr_crc(png: bytes) -> bytes:
 
 def _gif(frames: Sequence[Tuple[int, int, int]], size=(120, 80)) -> bytes:
   images = [Image.new("RGB", size, c).convert("P") for c in frames]
-  return _encode(images[0], "GIF", save_all=True, append_images=images[1:],
+  return encode(images[0], "GIF", save_all=True, append_images=images[1:],
                  duration=100, loop=0)
 
 
 def _tiff_pages(pages: Sequence[Image.Image]) -> bytes:
-  return _encode(pages[0], "TIFF", save_all=True, append_images=list(pages[1:]))
+  return encode(pages[0], "TIFF", save_all=True, append_images=list(pages[1:]))
 
 
 def strip_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -422,13 +424,13 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
     out.append((CorpusItem(filename, BROKEN, stage, description), data))
 
   # --- JPEG variants ------------------------------------------------------
-  valid("astronaut.jpg", _encode(astronaut, "JPEG", quality=90),
+  valid("astronaut.jpg", encode(astronaut, "JPEG", quality=90),
         "baseline JPEG photo", astronaut.size)
-  progressive = _encode(coffee, "JPEG", quality=90, progressive=True)
+  progressive = encode(coffee, "JPEG", quality=90, progressive=True)
   valid("progressive.jpg", progressive, "progressive JPEG", coffee.size)
-  valid("cmyk.jpg", _encode(chelsea.convert("CMYK"), "JPEG", quality=95),
+  valid("cmyk.jpg", encode(chelsea.convert("CMYK"), "JPEG", quality=95),
         "CMYK JPEG with an Adobe marker (inverted CMYK)", chelsea.size)
-  valid("gray.jpg", _encode(camera, "JPEG", quality=90),
+  valid("gray.jpg", encode(camera, "JPEG", quality=90),
         "greyscale (one channel) JPEG", camera.size)
   card = quadrant_card()
   for orientation in (3, 5, 6, 8):
@@ -442,27 +444,27 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
         "12 MP card stored as 3024x4032 with EXIF orientation 6: draft and "
         "rotation together", (4032, 3024), quadrant_pixels((4032, 3024)))
   big = china.resize((4032, 3024), Image.Resampling.BICUBIC)
-  valid("big_4032x3024.jpg", _encode(big, "JPEG", quality=90),
+  valid("big_4032x3024.jpg", encode(big, "JPEG", quality=90),
         "12 MP JPEG (real photo upscaled), for DCT-domain drafting",
         (4032, 3024))
   medium = flower.resize((2048, 1536), Image.Resampling.BICUBIC)
-  valid("medium_2048x1536.jpg", _encode(medium, "JPEG", quality=90),
+  valid("medium_2048x1536.jpg", encode(medium, "JPEG", quality=90),
         "3 MP JPEG (real photo upscaled)", (2048, 1536))
-  valid("fleur d'été 1.jpg", _encode(flower, "JPEG", quality=90),
+  valid("fleur d'été 1.jpg", encode(flower, "JPEG", quality=90),
         "spaces, an apostrophe and accents in the name", flower.size)
-  valid("noextension", _encode(rocket, "JPEG", quality=90),
+  valid("noextension", encode(rocket, "JPEG", quality=90),
         "JPEG without a file extension", rocket.size)
 
   # --- PNG variants -------------------------------------------------------
-  valid("champignon ñ.png", _encode(coffee, "PNG"),
+  valid("champignon ñ.png", encode(coffee, "PNG"),
         "non-ASCII name, RGB PNG", coffee.size)
-  valid("png_named.jpg", _encode(chelsea, "PNG"),
+  valid("png_named.jpg", encode(chelsea, "PNG"),
         "a PNG saved with a .jpg extension", chelsea.size)
-  valid("gray.png", _encode(camera, "PNG"), "greyscale PNG", camera.size)
+  valid("gray.png", encode(camera, "PNG"), "greyscale PNG", camera.size)
   bands = np.zeros((32, 64), np.uint16)
   for i, value in enumerate((0, 32768, 65535, 0x1234)):
     bands[:, i * 16:(i + 1) * 16] = value
-  valid("gray16.png", _encode(Image.fromarray(bands), "PNG"),
+  valid("gray16.png", encode(Image.fromarray(bands), "PNG"),
         "16-bit greyscale PNG, bands of 0, 32768, 65535 and 0x1234", (64, 32),
         [((8, 16), (0,) * 3), ((24, 16), (128,) * 3), ((40, 16), (255,) * 3),
          ((56, 16), (18,) * 3)])
@@ -474,61 +476,61 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
   pal = Image.new("P", (64, 32), 0)
   pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
   pal.paste(1, (0, 0, 32, 32))
-  valid("palette_transparent.png", _encode(pal, "PNG", transparency=0),
+  valid("palette_transparent.png", encode(pal, "PNG", transparency=0),
         "palette PNG, left half red, right half transparent (black under it)",
         (64, 32), [((8, 16), RED), ((56, 16), WHITE)])
   la = np.zeros((32, 64, 2), np.uint8)
   la[:, 32:, 1] = 255
-  valid("la.png", _encode(Image.fromarray(la, "LA"), "PNG"),
+  valid("la.png", encode(Image.fromarray(la, "LA"), "PNG"),
         "grey + alpha PNG: black, transparent on the left half", (64, 32),
         [((8, 16), WHITE), ((56, 16), BLACK)])
   rgba = np.zeros((32, 64, 4), np.uint8)
   rgba[..., 2] = 255
   rgba[:, 32:, 3] = 255
   rgba[:, 16:32, 3] = 128
-  valid("rgba.png", _encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+  valid("rgba.png", encode(Image.fromarray(rgba, "RGBA"), "PNG"),
         "RGBA PNG: blue, transparent / half / opaque", (64, 32),
         [((8, 16), WHITE), ((24, 16), (127, 127, 255)), ((56, 16), BLUE)])
   bilevel = Image.fromarray(
       (np.indices((40, 60)).sum(axis=0) // 10 % 2).astype(bool))
-  valid("bilevel.png", _encode(bilevel, "PNG"), "1-bit PNG", (60, 40),
+  valid("bilevel.png", encode(bilevel, "PNG"), "1-bit PNG", (60, 40),
         [((0, 0), BLACK), ((15, 0), WHITE)])
-  valid("one_pixel.png", _encode(Image.new("RGB", (1, 1), (10, 200, 30)),
+  valid("one_pixel.png", encode(Image.new("RGB", (1, 1), (10, 200, 30)),
                                  "PNG"),
         "a 1x1 image", (1, 1), [((0, 0), (10, 200, 30))])
-  valid("wide_12000x6.png", _encode(strip_image(12000, 6, 8), "PNG"),
+  valid("wide_12000x6.png", encode(strip_image(12000, 6, 8), "PNG"),
         "extreme aspect ratio, 12000x6", (12000, 6))
-  valid("tall_6x12000.png", _encode(strip_image(6, 12000, 9), "PNG"),
+  valid("tall_6x12000.png", encode(strip_image(6, 12000, 9), "PNG"),
         "extreme aspect ratio, 6x12000", (6, 12000))
 
   # --- other containers ---------------------------------------------------
   webp = np.zeros((32, 64, 4), np.uint8)
   webp[..., 0] = 255
   webp[:, 32:, 3] = 255
-  valid("alpha.webp", _encode(Image.fromarray(webp, "RGBA"), "WEBP",
+  valid("alpha.webp", encode(Image.fromarray(webp, "RGBA"), "WEBP",
                               lossless=True),
         "lossless WebP with alpha: red, left half transparent", (64, 32),
         [((8, 16), WHITE), ((56, 16), RED)])
-  valid("lossy.webp", _encode(rocket, "WEBP", quality=80), "lossy RGB WebP",
+  valid("lossy.webp", encode(rocket, "WEBP", quality=80), "lossy RGB WebP",
         rocket.size)
   valid("animated.gif", _gif([RED, GREEN, BLUE]),
         "animated GIF (red, green, blue frames): the first frame counts",
         (120, 80), [((60, 40), RED)])
-  valid("static.gif", _encode(chelsea.convert("P"), "GIF"),
+  valid("static.gif", encode(chelsea.convert("P"), "GIF"),
         "single-frame palette GIF", chelsea.size)
   valid("multipage.tif", _tiff_pages([Image.new("RGB", (200, 100), RED),
                                       Image.new("RGB", (300, 300), GREEN)]),
         "two-page TIFF (red 200x100, green 300x300): the first page counts",
         (200, 100), [((100, 50), RED)])
-  valid("lzw.tif", _encode(astronaut, "TIFF", compression="tiff_lzw"),
+  valid("lzw.tif", encode(astronaut, "TIFF", compression="tiff_lzw"),
         "LZW-compressed RGB TIFF", astronaut.size)
   ramp = np.tile(np.array([0.0, 0.25, 0.5, 1.0], np.float32).repeat(8),
                  (16, 1))
-  valid("float.tif", _encode(Image.fromarray(ramp, "F"), "TIFF"),
+  valid("float.tif", encode(Image.fromarray(ramp, "F"), "TIFF"),
         "32-bit float greyscale TIFF with values in [0, 1]", (32, 16),
         [((4, 8), (0,) * 3), ((12, 8), (64,) * 3), ((20, 8), (128,) * 3),
          ((28, 8), (255,) * 3)])
-  valid("photo.bmp", _encode(chelsea, "BMP"), "uncompressed BMP",
+  valid("photo.bmp", encode(chelsea, "BMP"), "uncompressed BMP",
         chelsea.size)
 
   # --- transparency in every mode (composited onto white) -----------------
@@ -539,7 +541,7 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
   framed8[:8], framed8[-8:], framed8[:, :8], framed8[:, -8:] = 7, 7, 7, 7
   border = [((2, 2), WHITE), ((60, 16), WHITE), ((32, 16), (156,) * 3)]
   valid("gray8_transparent.png",
-        _encode(Image.fromarray(framed8, "L"), "PNG", transparency=7),
+        encode(Image.fromarray(framed8, "L"), "PNG", transparency=7),
         "8-bit grey PNG with a colour key (tRNS) on its dark border",
         (64, 32), border)
   framed16 = np.full((32, 64), 40092, np.uint16)  # 156 at 8 bits
@@ -547,7 +549,7 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
       1000, 1000, 1000, 1000)
   framed16[14:18, 20:28] = 1001
   valid("gray16_transparent.png",
-        _encode(Image.fromarray(framed16), "PNG", transparency=1000),
+        encode(Image.fromarray(framed16), "PNG", transparency=1000),
         "16-bit grey PNG (Pillow mode I;16) with a 16-bit colour key on its "
         "border and a band one level above the key", (64, 32),
         border + [((24, 16), (4,) * 3)])
@@ -566,13 +568,13 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
   bits1 = np.zeros((32, 64), bool)
   bits1[:, :32] = True
   valid("bilevel_transparent.png",
-        _encode(Image.fromarray(bits1), "PNG", transparency=0),
+        encode(Image.fromarray(bits1), "PNG", transparency=0),
         "1-bit PNG, white left, black right made transparent by tRNS",
         (64, 32), [((8, 16), WHITE), ((56, 16), WHITE)])
   rgb_key = np.zeros((32, 64, 3), np.uint8)
   rgb_key[:, :32] = (200, 120, 40)
   valid("rgb_transparent.png",
-        _encode(Image.fromarray(rgb_key, "RGB"), "PNG", transparency=(0, 0, 0)),
+        encode(Image.fromarray(rgb_key, "RGB"), "PNG", transparency=(0, 0, 0)),
         "8-bit RGB PNG, orange left, black right made transparent by tRNS",
         (64, 32), [((8, 16), (200, 120, 40)), ((56, 16), WHITE)])
   keyed = struct.pack(">3H", 0x1234, 0x5678, 0x9ABC)
@@ -596,35 +598,35 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
   pa = Image.new("PA", (64, 32), (1, 255))
   pa.putpalette([0, 0, 0, 0, 160, 60] + [0] * 762)
   pa.paste((1, 0), (32, 0, 64, 32))
-  valid("palette_alpha.tif", _encode(pa, "TIFF"),
+  valid("palette_alpha.tif", encode(pa, "TIFF"),
         "palette + alpha TIFF (Pillow mode PA): green, right half "
         "transparent", (64, 32), [((8, 16), (0, 160, 60)), ((56, 16), WHITE)])
   gif = Image.new("P", (64, 32), 0)
   gif.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
   gif.paste(1, (0, 0, 32, 32))
-  valid("transparent.gif", _encode(gif, "GIF", transparency=0),
+  valid("transparent.gif", encode(gif, "GIF", transparency=0),
         "GIF, red left, transparent index (black) right", (64, 32),
         [((8, 16), RED), ((56, 16), WHITE)])
 
   # --- colour spaces without transparency ---------------------------------
   lab = Image.new("LAB", (64, 32), (255, 128, 128))  # a, b offset by 128
   lab.paste((0, 128, 128), (32, 0, 64, 32))
-  valid("lab.tif", _encode(lab, "TIFF"),
+  valid("lab.tif", encode(lab, "TIFF"),
         "CIELab TIFF (Pillow mode LAB): white left, black right", (64, 32),
         [((8, 16), WHITE), ((56, 16), BLACK)])
   cmyk = Image.new("CMYK", (64, 32), (0, 0, 0, 0))
   cmyk.paste((255, 0, 0, 0), (32, 0, 64, 32))
-  valid("cmyk.tif", _encode(cmyk, "TIFF"),
+  valid("cmyk.tif", encode(cmyk, "TIFF"),
         "CMYK TIFF: white left, cyan right", (64, 32),
         [((8, 16), WHITE), ((56, 16), (0, 255, 255))])
   be16 = Image.fromarray(np.repeat([[0, 65535]], 16, 0).repeat(32, 1)
                          .astype(">u2"), "I;16B")
-  valid("gray16_big_endian.tif", _encode(be16, "TIFF"),
+  valid("gray16_big_endian.tif", encode(be16, "TIFF"),
         "big-endian 16-bit grey TIFF (Pillow mode I;16B): black, white",
         (64, 16), [((8, 8), BLACK), ((56, 8), WHITE)])
   i32 = Image.fromarray(np.repeat([[0, 32768]], 16, 0).repeat(32, 1)
                         .astype(np.int32), "I")
-  valid("int32.tif", _encode(i32, "TIFF"),
+  valid("int32.tif", encode(i32, "TIFF"),
         "32-bit integer grey TIFF (Pillow mode I), read as 16-bit samples",
         (64, 16), [((8, 8), BLACK), ((56, 8), (128,) * 3)])
   icc = icc_matrix_profile("natvision test Adobe RGB (1998)")
@@ -632,7 +634,7 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
   adobe[:, :32] = (100, 200, 100)
   adobe[:, 32:] = (200, 60, 60)
   valid("adobe_rgb.png",
-        _encode(Image.fromarray(adobe, "RGB"), "PNG", icc_profile=icc),
+        encode(Image.fromarray(adobe, "RGB"), "PNG", icc_profile=icc),
         "RGB PNG with an embedded Adobe RGB (1998) profile: by default the "
         "values are taken as they are", (64, 32),
         [((8, 16), (100, 200, 100)), ((56, 16), (200, 60, 60))])
@@ -643,13 +645,13 @@ def _items(rng: np.random.Generator) -> List[Tuple[CorpusItem, bytes]]:
 
   # --- broken -------------------------------------------------------------
   broken("empty.jpg", b"", "zero bytes")
-  jpeg = _encode(rocket, "JPEG", quality=90)
+  jpeg = encode(rocket, "JPEG", quality=90)
   broken("truncated.jpg", jpeg[:int(len(jpeg) * 0.6)],
          "first 60% of a baseline JPEG")
   broken("truncated_progressive.jpg", progressive[:int(len(progressive) * 0.6)],
          "first 60% of a progressive JPEG")
   broken("header_only.jpg", jpeg[:300], "a JPEG cut inside its headers")
-  png = _encode(coffee, "PNG")
+  png = encode(coffee, "PNG")
   broken("truncated.png", png[:int(len(png) * 0.6)], "first 60% of a PNG")
   broken("corrupt_idat.png", _corrupt_idat(png),
          "PNG whose compressed pixel data has flipped bytes (CRC recomputed)")
@@ -731,3 +733,17 @@ if __name__ == "__main__":
   import sys  # pylint: disable=import-outside-toplevel
   for written in write_corpus(sys.argv[1] if len(sys.argv) > 1 else "corpus"):
     print(f"{written.kind:6} {written.filename!r}: {written.description}")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  """The corpus written once per test module: (folder, its CorpusItems)."""
+  directory = str(tmp_path_factory.mktemp("corpus"))
+  return directory, write_corpus(directory)
+
+
+def read(written, name: str) -> bytes:  # pylint: disable=redefined-outer-name
+  """The bytes of one corpus file of the ``written`` fixture."""
+  directory, _ = written
+  with open(os.path.join(directory, name), "rb") as f:
+    return f.read()

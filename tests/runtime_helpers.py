@@ -28,7 +28,10 @@ from natvision.transforms import standins as standin_models
 from natvision.transforms import models as models_lib
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import tf as tf_runtime
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import base as runtimes_base
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_session
+from natvision.transforms.runtimes import onnx_store
 
 NAMES = ("inaturalist_v2", "fungi_mobile_v1", "inception_resnet_v2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +64,7 @@ def staged_root(model_root, tmp_path_factory):
   shutil.copytree(os.path.join(model_root, "inaturalist_v2"),
                   os.path.join(root, "inaturalist_v2"))
   stage_onnx.stage_onnx(resolve(root, "inaturalist_v2"))
-  staged = os.path.join(root, "inaturalist_v2", onnx_lib.STAGED_ONNX)
+  staged = os.path.join(root, "inaturalist_v2", onnx_store.STAGED_ONNX)
   record(staged, staged, tf_seconds=0.2, onnx_seconds=0.1)  # ONNX faster
   return root
 
@@ -93,10 +96,10 @@ def conversions(monkeypatch):
       return function(resolved, *args, **kwargs)
     return wrapped
 
-  monkeypatch.setattr(onnx_lib, "convert_to_onnx",
-                      counting(onnx_lib.convert_to_onnx))
-  monkeypatch.setattr(onnx_lib, "convert_in_child",
-                      counting(onnx_lib.convert_in_child))
+  monkeypatch.setattr(onnx_convert, "convert_to_onnx",
+                      counting(onnx_convert.convert_to_onnx))
+  monkeypatch.setattr(onnx_convert, "convert_in_child",
+                      counting(onnx_convert.convert_in_child))
   return counts
 
 
@@ -148,7 +151,7 @@ def record(source, target, tf_seconds=None, onnx_seconds=None, drop=False):
   kept = [(p.key, p.value) for p in proto.metadata_props]
   del proto.metadata_props[:]
   for key, value in kept:
-    if key == onnx_lib.METADATA_CHECK:
+    if key == onnx_session.METADATA_CHECK:
       if drop:
         continue
       check = json.loads(value)
@@ -206,7 +209,7 @@ def staged_copy(staged_root, tmp_path, **timings):
   root = str(tmp_path / "models")
   shutil.copytree(os.path.join(staged_root, "inaturalist_v2"),
                   os.path.join(root, "inaturalist_v2"))
-  staged = os.path.join(root, "inaturalist_v2", onnx_lib.STAGED_ONNX)
+  staged = os.path.join(root, "inaturalist_v2", onnx_store.STAGED_ONNX)
   record(staged, staged, **timings)
   return root
 
@@ -214,7 +217,7 @@ def staged_copy(staged_root, tmp_path, **timings):
 def plant_wrong_onnx(model_root, other_root, requested):
   """Converts the seed-1 model into the cache slot of the seed-0 model."""
   resolved = resolve(model_root, "inaturalist_v2", requested)
-  slot = onnx_lib.cached_onnx_path(
-      resolved, onnx_lib.model_fingerprint(resolved.path))
-  onnx_lib.convert_to_onnx(resolve(other_root, "inaturalist_v2"), slot)
+  slot = onnx_store.cached_onnx_path(
+      resolved, runtimes_base.model_fingerprint(resolved.path))
+  onnx_convert.convert_to_onnx(resolve(other_root, "inaturalist_v2"), slot)
   return resolved, slot

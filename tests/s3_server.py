@@ -103,5 +103,5 @@ def anonymous_aws(s3_server, tmp_path, monkeypatch) -> S3Server:
   monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
   # Clients are made once per process and options: start from none.
   from natvision.transforms import fetch  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(fetch, "_S3_CLIENTS", {})
+  monkeypatch.setattr(fetch.s3, "_S3_CLIENTS", {})
   return s3_server

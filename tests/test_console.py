@@ -109,20 +109,21 @@ def test_natvisions_worker_lines_read_as_in_one_process():
   keep = console.WorkerLogFilter().filter
   # tools/report.py logs through natvision.report: its INFO line shows.
   record = _worker_record("INFO", "run report written to OUT/report.html",
-                          tools.report.__file__ + ":12")
+                          natvision.tools.report.__file__ + ":12")
   assert keep(record)
   assert record.name == "natvision.worker" and record.levelno == logging.INFO
   assert record.getMessage() == "run report written to OUT/report.html"
   # Non-ASCII text survives the protobuf text format's octal escapes.
   record = _worker_record("WARN", "photo café.jpg in flight for 31 s",
-                          tools.report.__file__ + ":13")
+                          natvision.tools.report.__file__ + ":13")
   assert keep(record) and record.getMessage() == (
       "photo café.jpg in flight for 31 s")
   assert record.levelno == logging.WARNING
   # A module logging at INFO on the root logger (hidden in one process).
   assert not keep(_worker_record("INFO", "loading inaturalist_v2 in this "
                                  "worker process",
-                                 transforms.inference.__file__ + ":40"))
+                                 natvision.transforms.inference.__file__
+                                 + ":40"))
 
 
 def test_the_quiet_console_installs_the_worker_filter(monkeypatch):
@@ -145,7 +146,9 @@ def _summary_lines(text):
 @pytest.mark.slow  # two demos, one of them on two worker processes
 def test_a_multi_process_run_is_as_quiet_as_a_single_process_one(
     demo_standins, tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [REPO] + ([os.environ["PYTHONPATH"]] if "PYTHONPATH" in os.environ
+                else [])))
   runs = {}
   for mode, extra in (("single", []),
                       ("multi", ["--direct_num_workers", "2",
@@ -153,7 +156,7 @@ def test_a_multi_process_run_is_as_quiet_as_a_single_process_one(
                                  "multi_processing"])):
     done = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from tools.report import embed_main; "
+         "import sys; from natvision.tools.report import embed_main; "
          "sys.exit(embed_main(sys.argv[1:]))",
          "--demo", "--output_dir", str(tmp_path / mode)] + extra,
         capture_output=True, text=True, env=env, timeout=300, check=False)

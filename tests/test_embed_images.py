@@ -18,6 +18,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from natvision.pipelines import embed_images
 from natvision.tools import report as html_report
 from natvision.transforms import commit, decode, demo, models, preprocess, sinks
+from natvision.transforms import config as config_lib
 
 ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
 
@@ -205,7 +206,7 @@ def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
           str(tmp_path / "o"), "--models", "inception_resnet_v2",
           "--runtime", "tf", "--model_handle",
           f"inception_resnet_v2={os.path.join(tiny_models, 'inaturalist_v2')}"]
-  with pytest.raises(embed_images.FlagError, match="inception_resnet_v2"):
+  with pytest.raises(config_lib.ConfigError, match="inception_resnet_v2"):
     embed_images.run(argv)
   assert not os.path.exists(tmp_path / "o")
 

@@ -21,7 +21,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from natvision.pipelines import embed_images
-from natvision.transforms.config import ConfigError as FlagError
+from natvision.transforms.config import ConfigError
 from tests.conftest import real_photo_paths
 from natvision.transforms import models as models_lib
 from natvision.transforms import runtimes
@@ -181,7 +181,7 @@ def test_manifest_encoding_flag_reaches_the_manifest(tmp_path):
   manifest = embed_images.check_input(config).manifest
   assert manifest.encoding == "cp1252"
   assert list(sources.iter_manifest_rows(manifest))[-1]["observer"] == "Søren"
-  with pytest.raises(FlagError, match="klingon"):
+  with pytest.raises(ConfigError, match="klingon"):
     embed_images.parse_args(["--input", str(path), "--output_dir", "o",
                              "--model_root", str(tmp_path / "models"),
                              "--manifest_encoding", "klingon"])

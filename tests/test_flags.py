@@ -5,8 +5,9 @@ import os
 import pytest
 
 from natvision.pipelines import embed_images
-from natvision.pipelines.embed_images import FlagError
 from natvision.transforms import demo
+from natvision.transforms import models as models_lib
+from natvision.transforms.config import ConfigError
 
 
 def _parse(*args):
@@ -19,7 +20,7 @@ BASE = ("--input", "photos/*.jpg", "--output_dir", "out", "--model_root", "/m")
 def test_defaults_and_beam_flags_pass_through():
   config, options = _parse(*BASE, "--runner", "DirectRunner",
                            "--direct_num_workers", "2")
-  assert [m.name for m in config.models] == list(embed_images.DEFAULT_MODELS)
+  assert [m.name for m in config.models] == list(models_lib.DEFAULT_MODELS)
   assert config.embed.batch_size == 16 and config.embed.top_k == 5
   assert config.models[0].path == "/m/inaturalist_v2"
   assert config.models[0].resize == "center_crop"
@@ -60,15 +61,15 @@ def test_resize_override_handles_and_labelmap():
       "--model_root", "/m"), "--input"),
 ])
 def test_bad_flags_name_the_flag(args, flag):
-  with pytest.raises(FlagError) as e:
+  with pytest.raises(ConfigError) as e:
     _parse(*args)
   assert flag in str(e.value)
 
 
 def test_unknown_flag_suggests_the_one_meant():
-  with pytest.raises(FlagError, match="did you mean --output_dir"):
+  with pytest.raises(ConfigError, match="did you mean --output_dir"):
     _parse(*BASE, "--output-dir", "x")
-  with pytest.raises(FlagError, match="see --help"):
+  with pytest.raises(ConfigError, match="see --help"):
     _parse(*BASE, "--frobnicate", "x")
 
 

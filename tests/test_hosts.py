@@ -5,6 +5,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from natvision.pipelines import embed_images
 from tests.conftest import real_photo_paths
 from tests.http_server import PhotoServer
+from tests.slow_servers import SlowHeaders
 from natvision.transforms import fetch
 from natvision.transforms import hosts
 from natvision.transforms import photos
@@ -138,3 +140,200 @@ def test_cap_holds_for_the_job_with_two_worker_processes(tmp_path,
   rows = pq.read_table(os.path.join(out, "embeddings", EMB)).to_pylist()
   assert sorted(r["uri"] for r in rows) == sorted(uris)
   assert report["inputs"] == len(uris) and report["errors"]["total"] == 0
+
+
+# --------------------------------------------------------------------------
+# The breaker and the Retry-After pause follow a slot from worker to worker.
+
+
+class _KeyState:
+  """What Beam hands ``process`` for one key's state: read and write."""
+
+  def __init__(self):
+    self.value = None
+
+  def read(self):
+    return self.value
+
+  def write(self, value):
+    self.value = value
+
+  def clear(self):
+    self.value = None
+
+
+def _worker(config, monkeypatch):
+  """The keyed DoFn as a new worker process has it: its own HTTP client,
+  hence no per-process breaker or pause learnt by the worker before."""
+  monkeypatch.setattr(fetch.client, "_HTTP_FETCHERS", {})
+  fn = photos.HostKeyedReadDecodePrepareFn(config)
+  fn.setup()
+  return fn
+
+
+def _bundle(fn, refs, states, slots):
+  """One bundle of ``refs`` through ``fn``, the keys' state in ``states``;
+  the ErrorRecords it emits."""
+  fn.start_bundle()
+  out = []
+  for ref in refs:
+    key = hosts.host_key(ref, slots)
+    out += list(fn.process((key, ref), states.setdefault(key, _KeyState())))
+  out += list(fn.finish_bundle())
+  errors = []
+  for item in out:
+    value = getattr(item, "value", item)  # TaggedOutput
+    errors.append(getattr(value, "value", value))  # WindowedValue
+  return errors
+
+
+def _refs_on_both_slots(base, count, slots=2, prefix="p"):
+  """``count`` photos whose first ``slots`` land on different slots."""
+  refs = [ImageRef(f"{prefix}-{i}", f"{base}/{i}.jpg") for i in range(200)]
+  first = {}
+  for r in refs:
+    first.setdefault(hosts.slot_of(r.image_id, slots), r)
+  rest = [r for r in refs if r not in first.values()]
+  return list(first.values()) + rest[:count - slots]
+
+
+def test_an_open_slot_stays_open_in_the_next_worker(monkeypatch):
+  """A dead host (503 to everything), 2 slots, --host_failure_limit 3: the
+  first bundle spends at most 2 x 3 requests and opens both slots; a second
+  bundle in another worker process sends none, each of its photos an error
+  row at once.  (A breaker per process would spend 3 more there.)"""
+  with PhotoServer({}, hosts=("127.0.0.41",),
+                   always=("status", 503, {}, b"down")) as server:
+    config = photos.PhotoConfig(
+        policies=("squash",), size=32, decode_threads=0, read_attempts=4,
+        retry_base_delay=0.01,
+        fetch=fetch.FetchConfig(per_host_concurrency=2, host_failure_limit=3))
+    refs = _refs_on_both_slots(server.url(""), 12)
+    states = {}
+    first = _bundle(_worker(config, monkeypatch), refs[:6], states, 2)
+    spent = sum(server.requests.values())
+    assert 3 <= spent <= 6, dict(server.requests)
+    second = _bundle(_worker(config, monkeypatch), refs[6:], states, 2)
+    assert sum(server.requests.values()) == spent
+  assert len(states) == 2 and len(first) == len(second) == 6
+  assert {e.stage for e in first + second} == {"read"}
+  assert all(e.error.startswith("host unavailable after 3 consecutive "
+                                "failures (connection failures, timeouts or "
+                                "5xx) of its slot ") for e in second), second
+
+
+def test_a_retry_after_pauses_the_slot_in_the_next_worker(monkeypatch):
+  """A 429 with Retry-After: 2 to a slot's photo in one worker: the slot's
+  next photo, in a bundle of another worker that starts at once, is not
+  requested before the 2 s are over (with 0.1 s for clock reads)."""
+  times = []
+  data = _photo_bytes()
+  with PhotoServer({}, hosts=("127.0.0.42",)) as server:
+    refs = _refs_on_both_slots(server.url(""), 2, slots=1, prefix="q")
+    refs.append(ImageRef("q-next", server.url("/next.jpg")))
+    server.files = {"/0.jpg": data, "/next.jpg": data}
+    server.plan("/0.jpg", ("status", 429, {"Retry-After": "2"}, b""))
+    real_next = server._next  # pylint: disable=protected-access
+
+    def timed(path):
+      times.append((path, time.time()))
+      return real_next(path)
+
+    server._next = timed  # pylint: disable=protected-access
+    config = photos.PhotoConfig(
+        policies=("squash",), size=32, decode_threads=0, read_attempts=1,
+        fetch=fetch.FetchConfig(per_host_concurrency=1))
+    states = {}
+    first = _bundle(_worker(config, monkeypatch), refs[:1], states, 1)
+    assert [e.error for e in first][0].startswith("HTTP 429")
+    second = _bundle(_worker(config, monkeypatch), refs[-1:], states, 1)
+  assert second and all(not hasattr(x, "error") for x in second), second
+  assert [p for p, _ in times] == ["/0.jpg", "/next.jpg"], times
+  assert times[1][1] - times[0][1] >= 2.0 - 0.1, times
+
+
+@pytest.mark.slow
+def test_breaker_and_pause_hold_for_the_job_with_two_worker_processes(
+    tmp_path, tiny_models, monkeypatch):
+  """Two worker processes, 23 loopback hosts of 6 photos, 2 slots a host,
+  --host_failure_limit 3, --photo_timeout 4: 20 good hosts; a dead one
+  (503 to everything) that sees at most 2 x 3 requests in the whole job;
+  one that answers 429 Retry-After: 2 for its first 2 s, to which no slot
+  sends again before its Retry-After is over and which gets at most one
+  request per slot in that window; and one that sends its headers a byte
+  every 0.2 s, whose connections are all cut by the photo's deadline.
+  The default tier has the same state logic in-process (the two
+  ``..._next_worker`` tests above and tests/test_fetch_client.py)."""
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      [REPO] + ([os.environ["PYTHONPATH"]] if "PYTHONPATH" in os.environ
+                else [])))
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+  data = _photo_bytes()
+  files = {f"/p/{i}.jpg": data for i in range(6)}
+  good = [f"127.0.0.{i}" for i in range(50, 70)]
+  window = {"start": None}
+  log = []  # (path, time, status) of the 429 host
+
+  def polite(path):
+    now = time.time()
+    if window["start"] is None:
+      window["start"] = now
+    limited = now < window["start"] + 2.0
+    log.append((path, now, 429 if limited else 200))
+    return ("status", 429, {"Retry-After": "2"}, b"") if limited else None
+
+  with PhotoServer(files, latency=0.05, hosts=good) as ok_server, \
+      PhotoServer(files, hosts=("127.0.0.70",),
+                  always=("status", 503, {}, b"down")) as dead, \
+      PhotoServer(files, hosts=("127.0.0.71",)) as limited, \
+      SlowHeaders("127.0.0.72", "trickle", pause=0.2) as slow:
+    real_next = limited._next  # pylint: disable=protected-access
+    limited._next = lambda path: (real_next(path), polite(path))[1] or (  # pylint: disable=protected-access
+        None)
+    rows = [(f"ok-{h}-{i}", ok_server.url(f"/p/{i}.jpg", h))
+            for h in range(len(good)) for i in range(6)]
+    rows += [(f"dead-{i}", dead.url(f"/p/{i}.jpg")) for i in range(6)]
+    rows += [(f"polite-{i}", limited.url(f"/p/{i}.jpg")) for i in range(6)]
+    rows += [(f"slow-{i}", f"{slow.base}/p/{i}.jpg") for i in range(6)]
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["image_id", "uri"])
+      writer.writerows(rows)
+    out = str(tmp_path / "out")
+    start = time.monotonic()
+    report = embed_images.run([
+        "--input", str(manifest), "--output_dir", out,
+        "--model_root", tiny_models, "--models", EMB, "--runtime", "tf",
+        "--per_host_concurrency", "2", "--fetch_concurrency", "16",
+        "--host_failure_limit", "3", "--photo_timeout", "4",
+        "--read_attempts", "4",
+        "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    elapsed = time.monotonic() - start
+    time.sleep(0.5)
+    held = list(slow.held_s)
+  assert sum(dead.requests.values()) <= 2 * 3, dict(dead.requests)
+  errors = pq.read_table(os.path.join(out, "errors")).to_pylist()
+  by_id = {e["image_id"]: e["error"] for e in errors}
+  assert sorted(i for i in by_id if i.startswith("dead")) == [
+      f"dead-{i}" for i in range(6)]
+  assert any(by_id[f"dead-{i}"].startswith("host unavailable after 3 "
+                                           "consecutive failures")
+             for i in range(6)), by_id
+  # The 429 host: after a 429 to a slot, that slot waits out the 2 s.
+  slot_of = {f"/p/{i}.jpg": hosts.slot_of(f"polite-{i}", 2) for i in range(6)}
+  for n, (path, when, status) in enumerate(log):
+    if status != 429:
+      continue
+    later = [t for p, t, _ in log[n + 1:] if slot_of[p] == slot_of[path]]
+    assert not later or later[0] >= when + 2.0 - 0.1, log
+  in_window = [t for _, t, _ in log if t < log[0][1] + 2.0]
+  assert len(in_window) <= 2, log
+  assert not any(i.startswith("polite") for i in by_id), by_id
+  # The slow host: every connection cut by the 4 s deadline (1 s slack).
+  assert held and max(held) < 5.0, held
+  assert all(by_id[f"slow-{i}"].startswith(("photo_timeout", "host "
+                                            "unavailable")) for i in range(6))
+  assert report["inputs"] == len(rows)
+  assert report["errors"]["total"] == 12, report["errors"]
+  assert elapsed < 120, elapsed

@@ -22,15 +22,16 @@ def _module_name(root: str, path: str) -> str:
   rel = os.path.relpath(path, root)[:-len(".py")].split(os.sep)
   if rel[-1] == "__init__":
     rel = rel[:-1]
-  return ".".join(rel)
+  return ".".join(["natvision"] + rel)  # installed as natvision.<package>
 
 
 def _imported(tree: ast.AST, module: str, is_package: bool, modules):
   """The modules every import statement of one module names, absolute.
 
-  ``from transforms import models`` names transforms.models (a module) and
-  not the package; ``from transforms.config import ConfigError`` names
-  transforms.config.
+  ``from natvision.transforms import models`` names
+  natvision.transforms.models (a module) and not the package;
+  ``from natvision.transforms.config import ConfigError`` names
+  natvision.transforms.config.
   """
   package = module if is_package else module.rpartition(".")[0]
   for node in ast.walk(tree):
@@ -98,15 +99,15 @@ def _package_edges(graph):
   edges = {}
   for module, targets in graph.items():
     for target in targets:
-      a, b = module.split(".")[0], target.split(".")[0]
+      a, b = module.split(".")[1], target.split(".")[1]  # natvision.<pkg>
       if a != b:
         edges.setdefault(a, set()).add(b)
   return edges
 
 
 def _models_runtimes_edges(graph):
-  """natvision.transforms.models and transforms.runtimes (one node), and who imports
-  whom between them."""
+  """natvision.transforms.models and natvision.transforms.runtimes (one
+  node), and who imports whom between them."""
 
   def node(module):
     if module == "natvision.transforms.models":
@@ -164,7 +165,7 @@ def test_lazy_and_relative_imports_count(tmp_path):
   (tmp_path / "pipelines").mkdir()
   (tmp_path / "pipelines" / "__init__.py").write_text("")
   (tmp_path / "pipelines" / "job.py").write_text(
-      "def main():\n  from tools import a\n")
+      "def main():\n  from natvision.tools import a\n")
   graph = import_graph(str(tmp_path))
   assert graph["natvision.tools.a"] == {"natvision.tools.b"}
   assert graph["natvision.pipelines.job"] == {"natvision.tools.a"}

@@ -27,7 +27,7 @@ import pytest
 
 from natvision.pipelines import launch
 from natvision.pipelines import ingest_observations as ingest
-from natvision.transforms.config import ConfigError as FlagError
+from natvision.transforms.config import ConfigError
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
 from natvision.transforms import commit, sinks, snapshots
 
@@ -569,7 +569,7 @@ def test_bad_flags_fail_before_the_pipeline(small_snapshot, tiny_models,
                                             tmp_path, extra, flag):
   world, snapshot = small_snapshot
   out = str(tmp_path / "out")
-  with pytest.raises(FlagError, match=flag):
+  with pytest.raises(ConfigError, match=flag):
     ingest.run(_flag_argv(world, snapshot, out, tiny_models) + extra)
   assert not os.path.exists(out)
 
@@ -580,7 +580,7 @@ def test_output_dir_with_unpartitioned_table_is_refused(
   table = tmp_path / "out" / "embeddings" / EMB
   table.mkdir(parents=True)
   pq.write_table(pa.table({"image_id": ["1"]}), table / "part-0.parquet")
-  with pytest.raises(FlagError, match="outside snapshot_date= partitions"):
+  with pytest.raises(ConfigError, match="outside snapshot_date= partitions"):
     ingest.run(_flag_argv(world, snapshot, str(tmp_path / "out"),
                           tiny_models))
   assert sorted(os.listdir(tmp_path / "out")) == ["embeddings"]
@@ -648,6 +648,6 @@ def test_license_keeps_only_the_named_licences(tiny_models, tmp_path, capsys):
   # licence fails before the pipeline.
   config, _ = ingest.parse_args(_flag_argv(world, snapshot, out, tiny_models))
   assert not config.filters.licenses.active
-  with pytest.raises(FlagError, match="--license: unknown licence name"):
+  with pytest.raises(ConfigError, match="--license: unknown licence name"):
     ingest.parse_args(_flag_argv(world, snapshot, out, tiny_models,
                                  "--license", "cc-by-4.0"))

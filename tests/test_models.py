@@ -19,7 +19,7 @@ from tests.gcs_server import upload_dir
 from natvision.transforms import models
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import chooser
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_convert
 
 
 def test_unknown_runtime_is_refused(tiny_models):
@@ -61,9 +61,9 @@ def test_a_copied_model_folder_reuses_the_converted_file(
   def convert_here(resolved, target_path, *args, **kwargs):
     # In this process (TensorFlow is loaded already), counted.
     conversions.append(resolved.path)
-    return onnx_lib.convert_to_onnx(resolved, target_path)
+    return onnx_convert.convert_to_onnx(resolved, target_path)
 
-  monkeypatch.setattr(onnx_lib, "convert_in_child", convert_here)
+  monkeypatch.setattr(onnx_convert, "convert_in_child", convert_here)
   copy_root = tmp_path / "copied"
   shutil.copytree(os.path.join(tiny_models, name), copy_root / name)
 

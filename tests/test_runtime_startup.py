@@ -21,7 +21,8 @@ import pytest
 
 from natvision.transforms import models as models_lib
 from natvision.transforms import runtimes
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_session
 
 # Slow tier: fresh interpreters that must not import TensorFlow.
 pytestmark = pytest.mark.slow
@@ -120,14 +121,14 @@ def test_the_recorded_check_is_tensorflows_outputs(fungi_root, tmp_path):
   (resolved,) = models_lib.resolve_models(["fungi_mobile_v1"], fungi_root)
   reference = runtimes.TFRuntime(resolved)
   reference.load()
-  path = onnx_lib.convert_to_onnx(resolved, str(tmp_path / "m.onnx"),
+  path = onnx_convert.convert_to_onnx(resolved, str(tmp_path / "m.onnx"),
                                   reference, timing_runs=1)
-  session = onnx_lib.OnnxSession(resolved, path)
-  recorded = onnx_lib.RecordedCheck.from_metadata(session.metadata)
+  session = onnx_session.OnnxSession(resolved, path)
+  recorded = onnx_session.RecordedCheck.from_metadata(session.metadata)
   probe = runtimes.probe_batch(resolved.spec.input_size)
   np.testing.assert_array_equal(recorded.reference, reference.predict(probe))
   assert recorded.max_diff == runtimes.output_difference(
       session.predict(probe), reference.predict(probe))
   assert recorded.tolerance == runtimes.TOLERANCES["classifier"]
   assert recorded.tf_seconds > 0 and recorded.onnx_seconds > 0
-  assert session.metadata[onnx_lib.METADATA_PRECISION] == "fp32"
+  assert session.metadata[onnx_session.METADATA_PRECISION] == "fp32"

@@ -24,6 +24,7 @@ from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     resolve, slowed, staged_copy, staged_root, tf_loads)
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import base as runtimes_base
 from natvision.transforms.runtimes import onnx as onnx_lib
 
 
@@ -42,7 +43,7 @@ def test_auto_picks_onnx_when_it_passes_and_workers_run_it(model_root, photos,
   assert 0 <= decision.max_diff <= decision.tolerance
   assert decision.max_diff == decision.onnx_max_diff
   assert decision.fallback is None and decision.tf_seconds is None
-  assert decision.fingerprint == onnx_lib.model_fingerprint(resolved.path)
+  assert decision.fingerprint == runtimes_base.model_fingerprint(resolved.path)
   assert decision.note.startswith("ONNX Runtime; max difference from "
                                   "TensorFlow on the probe batch")
   assert decision.checked_against == "recorded"  # at the conversion
@@ -244,7 +245,9 @@ def test_auto_with_recorded_timings_imports_no_tensorflow(staged_root,
   root = staged_copy(staged_root, tmp_path, tf_seconds=0.2,
                      onnx_seconds=0.05)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo,
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [repo] + ([os.environ["PYTHONPATH"]] if "PYTHONPATH" in os.environ
+                else [])),
              NATVISION_ONNX_CACHE=str(tmp_path / "child_cache"))
   done = subprocess.run([sys.executable, "-c", _DECIDE_IN_CHILD, root],
                         capture_output=True, text=True, env=env, timeout=120,

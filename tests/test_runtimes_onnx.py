@@ -1,8 +1,10 @@
-"""transforms/runtimes/onnx.py: conversion, sessions, the check, the cache.
+"""transforms/runtimes/onnx.py: which file a model opens, and the check.
 
 Tiny stand-ins in the seeds' three formats are converted by tf2onnx and run
 by onnxruntime; TensorFlow's outputs are the reference, within the
-tolerance of the model's kind.  Conversions are counted by wrapping the
+tolerance of the model's kind (the conversion itself is
+tests/test_runtimes_onnx_convert.py's, the session
+tests/test_runtimes_onnx_session.py's).  Conversions are counted by wrapping the
 converter (tests/runtime_helpers.py); each test has an ONNX cache of its
 own.  The slow tier adds a conversion raced by two processes, a staged file
 of other weights and the full-size stand-ins.
@@ -25,66 +27,11 @@ from natvision.transforms import standins as standin_models
 from natvision.transforms import models as models_lib
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import chooser
+from natvision.transforms.runtimes import base as runtimes_base
 from natvision.transforms.runtimes import onnx as onnx_lib
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_conversion_matches_tf_on_photos_and_noise(model_root, photos, tmp_path,
-                                                   name):
-  resolved = resolve(model_root, name)
-  tf_runtime = loaded_tf(resolved)
-  path = onnx_lib.convert_to_onnx(resolved, str(tmp_path / "m.onnx"),
-                                  tf_runtime)
-  assert os.listdir(tmp_path) == ["m.onnx"]  # no temporary file left behind
-  assert "TF2ONNX_CATCH_ERRORS" not in os.environ  # restored
-  session = onnx_lib.OnnxSession(resolved, path)
-  assert session.metadata["natvision_fingerprint"] == (
-      onnx_lib.model_fingerprint(model_root + "/" + name))
-  tolerance = runtimes.TOLERANCES[resolved.spec.kind]
-  # The batch dimension is dynamic: 1, 2 and 3 photos through one file.
-  diffs = []
-  for batch in (photos, photos[:1], noise(3)):
-    expected = tf_runtime.predict(batch)
-    got = session.predict(batch)
-    assert got.dtype == np.float32
-    assert got.shape == (len(batch), resolved.spec.output_width)
-    diffs.append(runtimes.output_difference(got, expected))
-    assert diffs[-1] <= tolerance
-  # The two photos' outputs differ far more than the runtimes do, so the
-  # comparison is not trivially passed.
-  out = session.predict(photos)
-  assert np.abs(out[0] - out[1]).max() > 100 * max(diffs)
-
-
-def test_uint8_and_float_inputs_agree(model_root, photos, tmp_path):
-  resolved = resolve(model_root, "inception_resnet_v2")
-  path = onnx_lib.convert_to_onnx(resolved, str(tmp_path / "m.onnx"))
-  session = onnx_lib.OnnxSession(resolved, path, intra_op_threads=1)
-  np.testing.assert_allclose(
-      session.predict(photos),
-      session.predict(photos.astype(np.float32) / 255), rtol=1e-6,
-      atol=1e-6)
-
-
-def test_one_session_serves_many_threads(model_root, tmp_path):
-  resolved = resolve(model_root, "fungi_mobile_v1")
-  session = onnx_lib.OnnxSession(
-      resolved, onnx_lib.convert_to_onnx(resolved, str(tmp_path / "m.onnx")))
-  batches = [noise(2, seed) for seed in range(6)]
-  expected = [session.predict(b) for b in batches]
-  results = [None] * len(batches)
-
-  def work(i):
-    for _ in range(3):
-      results[i] = session.predict(batches[i])
-
-  threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  for got, want in zip(results, expected):
-    np.testing.assert_array_equal(got, want)
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_session
+from natvision.transforms.runtimes import onnx_store
 
 
 def test_onnx_refuses_a_model_that_differs(model_root, other_root):
@@ -126,13 +73,13 @@ _CONVERT_SCRIPT = """
 import sys
 from natvision.transforms import models
 from natvision.transforms.runtimes import chooser
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_convert
 count = []
-convert = onnx_lib.convert_in_child
+convert = onnx_convert.convert_in_child
 def counting(*args, **kwargs):
   count.append(1)
   return convert(*args, **kwargs)
-onnx_lib.convert_in_child = counting
+onnx_convert.convert_in_child = counting
 (resolved,) = models.resolve_models(["inception_resnet_v2"], sys.argv[1],
                                     requested_runtime="onnx")
 decision = chooser.choose(resolved)
@@ -156,9 +103,9 @@ def test_two_processes_convert_once(model_root, onnx_cache):
   assert sorted(o[1] for o in outputs) == ["cached", "converted"]
   assert sorted(int(o[2]) for o in outputs) == [0, 1]
   assert [f for f in os.listdir(onnx_cache) if f.endswith(".onnx")] == [
-      os.path.basename(onnx_lib.cached_onnx_path(
+      os.path.basename(onnx_store.cached_onnx_path(
           resolve(model_root, "inception_resnet_v2"),
-          onnx_lib.model_fingerprint(
+          runtimes_base.model_fingerprint(
               os.path.join(model_root, "inception_resnet_v2"))))]
 
 
@@ -169,9 +116,9 @@ def test_staged_file_of_other_weights_is_ignored(model_root, other_root,
   shutil.copytree(os.path.join(model_root, "inaturalist_v2"),
                   os.path.join(root, "inaturalist_v2"))
   # Staged from the seed-1 model, then the folder got the seed-0 model.
-  onnx_lib.convert_to_onnx(
+  onnx_convert.convert_to_onnx(
       resolve(other_root, "inaturalist_v2"),
-      os.path.join(root, "inaturalist_v2", onnx_lib.STAGED_ONNX))
+      os.path.join(root, "inaturalist_v2", onnx_store.STAGED_ONNX))
   decision = chooser.choose(resolve(root, "inaturalist_v2", "onnx"))
   assert decision.runtime == "onnx" and decision.onnx_source == "converted"
   assert decision.max_diff <= decision.tolerance
@@ -205,7 +152,7 @@ def test_convert_missing_leaves_tf_staged_and_cached_models_alone(
     if name.endswith(".onnx"):
       shutil.copy(os.path.join(session_cache, name), onnx_cache)
   started = []
-  monkeypatch.setattr(onnx_lib, "_convert_many_job",
+  monkeypatch.setattr(onnx_convert, "_convert_many_job",
                       lambda *a: started.append(a) or {})
   models = [resolve(model_root, "fungi_mobile_v1"),  # cached
             resolve(staged_root, "inaturalist_v2"),  # staged
@@ -240,10 +187,11 @@ def test_convert_missing_converts_a_runs_models_in_one_child(
                                  "child process")
   assert announced[0].endswith("s)")  # "(about N s)"
   for resolved in models:
-    path = onnx_lib.cached_onnx_path(
-        resolved, onnx_lib.model_fingerprint(resolved.path))
-    session = onnx_lib.OnnxSession(resolved, path)
-    assert onnx_lib.RecordedCheck.from_metadata(session.metadata) is not None
+    path = onnx_store.cached_onnx_path(
+        resolved, runtimes_base.model_fingerprint(resolved.path))
+    session = onnx_session.OnnxSession(resolved, path)
+    assert onnx_session.RecordedCheck.from_metadata(
+        session.metadata) is not None
   # The chooser then finds them: nothing is converted again.
   assert onnx_lib.convert_missing(models) == []
   decision = chooser.choose(models[0], timing_runs=0)

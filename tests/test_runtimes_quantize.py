@@ -1,7 +1,7 @@
-"""--precision int8: flags, the agreement figures, the decision, the workers.
+"""transforms/runtimes/quantize.py: --precision int8 flags, the decision.
 
-The figures are checked against independent numpy computations (loops and
-sets, not the module's vectorised code).  The int8 decision runs on the tiny
+The figures themselves are tests/test_runtimes_agreement.py's; here they
+are recomputed from the two files' outputs.  The int8 decision runs on the tiny
 stand-ins with synthetic prepared photos; their random weights may quantize
 well or badly, so the tests assert what is decided from the figures (refused
 below a strict minimum, accepted above a loose one), never a figure's value.
@@ -20,7 +20,10 @@ from natvision.transforms import config as config_lib
 from natvision.transforms import models as models_lib
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import chooser
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_session
+from natvision.transforms.runtimes import onnx_store
+from natvision.transforms.runtimes import agreement as agreement_lib
+from natvision.transforms.runtimes import int8_file
 from natvision.transforms.runtimes import quantize
 
 
@@ -39,13 +42,13 @@ def onnx_cache(tiny_models, tmp_path, monkeypatch):
 def quantizations(monkeypatch):
   """Counts quantizations started by this process, per model name."""
   counts = {}
-  quantize_in_child = quantize.quantize_in_child
+  quantize_in_child = int8_file.quantize_in_child
 
   def counting(resolved, *args, **kwargs):
     counts[resolved.name] = counts.get(resolved.name, 0) + 1
     return quantize_in_child(resolved, *args, **kwargs)
 
-  monkeypatch.setattr(quantize, "quantize_in_child", counting)
+  monkeypatch.setattr(int8_file, "quantize_in_child", counting)
   return counts
 
 
@@ -72,7 +75,7 @@ def _session_outputs(path, photos, resolved=None):
   so that the int8 arithmetic (which may vary in the last digits with
   threads and graph options) is the launcher's."""
   if resolved is not None:
-    return onnx_lib.OnnxSession(resolved, path).predict(photos).astype(
+    return onnx_session.OnnxSession(resolved, path).predict(photos).astype(
         np.float64)
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -123,68 +126,11 @@ def test_int8_flags_reach_the_job_config(tiny_models):
 
 
 # --------------------------------------------------------------------------
-# The figures, against independent computations.
+# The decision.
 
 
 def _top_k_set(row, k):
   return set(sorted(range(len(row)), key=lambda j: (-row[j], j))[:k])
-
-
-def test_classifier_figures_equal_a_direct_count():
-  rng = np.random.default_rng(1)
-  fp32 = rng.random((40, 30))
-  int8 = fp32 + rng.normal(0, 0.05, fp32.shape)
-  figures = quantize.classifier_figures(fp32, int8)
-  same = sum(int(np.argmax(a) == np.argmax(b)) for a, b in zip(fp32, int8))
-  overlap = sum(len(_top_k_set(a, 5) & _top_k_set(b, 5)) / 5
-                for a, b in zip(fp32, int8))
-  assert figures["top1_agreement"] == pytest.approx(same / 40)
-  assert figures["top5_overlap"] == pytest.approx(overlap / 40)
-  assert 0 < figures["top1_agreement"] < 1  # the noise moved some
-  assert quantize.classifier_figures(fp32, fp32) == {
-      "top1_agreement": 1.0, "top5_overlap": 1.0}
-
-
-def test_embedder_figures_equal_a_direct_computation():
-  rng = np.random.default_rng(2)
-  fp32 = rng.normal(size=(25, 16))
-  int8 = fp32 + rng.normal(0, 0.3, fp32.shape)
-  figures = quantize.embedder_figures(fp32, int8)
-  cosines = sorted(
-      float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-      for a, b in zip(fp32, int8))
-  # Linear interpolation at rank 0.01 * (n - 1), as numpy's percentile.
-  rank = 0.01 * (len(cosines) - 1)
-  low = int(rank)
-  p1 = cosines[low] + (rank - low) * (cosines[low + 1] - cosines[low])
-
-  def nearest(vectors, i):
-    def cos(j):
-      return vectors[i] @ vectors[j] / (np.linalg.norm(vectors[i])
-                                        * np.linalg.norm(vectors[j]))
-    return max((j for j in range(len(vectors)) if j != i), key=cos)
-
-  same = sum(nearest(fp32, i) == nearest(int8, i) for i in range(25))
-  assert figures["mean_cosine"] == pytest.approx(np.mean(cosines))
-  assert figures["p1_cosine"] == pytest.approx(p1)
-  assert figures["nn_agreement"] == pytest.approx(same / 25)
-  assert 0 < figures["nn_agreement"] < 1
-
-
-def test_the_sample_splits_into_disjoint_parts():
-  photos = _photos(12)
-  calibration, held = quantize.split_sample(photos, 4, 6)
-  assert len(calibration) == 4 and len(held) == 6
-  np.testing.assert_array_equal(calibration, np.stack(photos[:4]))
-  np.testing.assert_array_equal(held, np.stack(photos[4:10]))
-  calibration, held = quantize.split_sample(photos[:6], 32, 64)
-  assert (len(calibration), len(held)) == (2, 4)  # the same proportion
-  with pytest.raises(models_lib.ModelError, match="at least 3"):
-    quantize.split_sample(photos[:2], 32, 64)
-
-
-# --------------------------------------------------------------------------
-# The decision.
 
 
 @pytest.mark.parametrize("name", ["fungi_mobile_v1", "inaturalist_v2"])
@@ -199,7 +145,7 @@ def test_int8_figures_are_measured_on_held_out_photos(tiny_models, name,
   assert decision.fingerprint == model.decision.fingerprint
   agreement = decision.agreement
   assert (agreement.calibration, agreement.held_out) == (4, 8)
-  assert set(agreement.figures) == set(quantize.FIGURES[model.spec.kind])
+  assert set(agreement.figures) == set(agreement_lib.FIGURES[model.spec.kind])
   # The same figures, with numpy, from the two files' outputs on photos
   # 4..11 (the held-out ones, one batch, as the launcher ran them).
   held = np.stack(photos[4:12])
@@ -235,7 +181,7 @@ def test_a_copied_model_folder_reuses_the_int8_file(tiny_models, tmp_path,
   shutil.copytree(os.path.join(tiny_models, name), first / name)
   # The fp32 file staged next to the model, as natvision-stage-onnx leaves it.
   shutil.copy(_decided(tiny_models, name).decision.onnx_path,
-              first / name / onnx_lib.STAGED_ONNX)
+              first / name / onnx_store.STAGED_ONNX)
   copy = tmp_path / "copy"
   shutil.copytree(first, copy)  # cp -r: another path, the same bytes
   photos = _photos(12)
@@ -245,7 +191,7 @@ def test_a_copied_model_folder_reuses_the_int8_file(tiny_models, tmp_path,
   made = quantize.decide_int8(model, photos, _config())
   runtimes.forget()
   copied = _decided(str(copy), name)
-  assert copied.decision.onnx_path == str(copy / name / onnx_lib.STAGED_ONNX)
+  assert copied.decision.onnx_path == str(copy / name / onnx_store.STAGED_ONNX)
   again = quantize.decide_int8(copied, photos, _config())
   assert made.onnx_source == "quantized" and again.onnx_source == "cached"
   assert again.onnx_path == made.onnx_path
@@ -333,7 +279,7 @@ def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
     # 7 photos picked, one of them the unreadable broken.jpg.
     assert agreement["calibration"] == 3 and agreement["held_out"] == 3
     assert set(agreement["figures"]) == set(
-        quantize.FIGURES["classifier" if kind == "predictions"
+        agreement_lib.FIGURES["classifier" if kind == "predictions"
                          else "embedder"])
     table_dir = os.path.join(out, kind, name)
     schema = pq.read_schema(os.path.join(table_dir, sorted(

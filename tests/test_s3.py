@@ -40,7 +40,7 @@ def test_public_read_unsigned_and_private_needs_credentials(
   # Credentials in the environment are used: the private object reads.
   monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake-for-moto")
   monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-for-moto")
-  monkeypatch.setattr(fetch, "_S3_CLIENTS", {})
+  monkeypatch.setattr(fetch.s3, "_S3_CLIENTS", {})
   assert fetch.fetch_bytes(f"{private}/b.jpg", 100) == b"private bytes"
 
 

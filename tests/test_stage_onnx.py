@@ -12,7 +12,7 @@ from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     conversions, model_root, nothing_remembered, onnx_cache, resolve)
 from natvision.tools import stage_onnx
 from natvision.transforms.runtimes import chooser
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_store
 
 
 def test_staging_cli_writes_a_file_that_workers_use(model_root, tmp_path,
@@ -26,7 +26,7 @@ def test_staging_cli_writes_a_file_that_workers_use(model_root, tmp_path,
   assert "staged inaturalist_v2" in capsys.readouterr().out
   assert conversions == {"inaturalist_v2": 1, "inception_resnet_v2": 1}
   for name in ("inaturalist_v2", "inception_resnet_v2"):
-    staged = os.path.join(root, name, onnx_lib.STAGED_ONNX)
+    staged = os.path.join(root, name, onnx_store.STAGED_ONNX)
     assert os.path.exists(staged)
     decision = chooser.choose(resolve(root, name, "onnx"))
     assert decision.runtime == "onnx" and decision.onnx_source == "staged"

@@ -31,7 +31,8 @@ IMPORT_ALL = r"""
 import importlib, json, pkgutil, sys
 import importlib.metadata as md
 found = {}
-for package in ("pipelines", "transforms", "tools"):
+for package in ("natvision.pipelines", "natvision.transforms",
+                "natvision.tools"):
   module = importlib.import_module(package)
   found[package] = module.__file__
   for info in pkgutil.iter_modules(module.__path__):
@@ -65,7 +66,8 @@ def _run(cmd, cwd, env=None, timeout=300):
 
 
 def _package_files(root):
-  """Paths of every file of the packages, relative to ``root``."""
+  """Paths of every file of the packages, relative to ``root``: the
+  checkout's top-level folders, or an install's ``natvision/`` folder."""
   files = set()
   for package in PACKAGES:
     for dirpath, dirnames, filenames in os.walk(os.path.join(root, package)):
@@ -102,7 +104,8 @@ def elsewhere(tmp_path_factory, site):
 
 
 def test_wheel_holds_every_file_of_the_packages(site):
-  missing = _package_files(REPO) - _package_files(site)
+  missing = (_package_files(REPO)
+             - _package_files(os.path.join(site, "natvision")))
   assert not missing, f"setup.py leaves out {sorted(missing)}"
 
 
@@ -146,5 +149,5 @@ def test_demo_job_runs_from_the_installed_copy(site, elsewhere):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   uris = pq.read_table(out / "embeddings" / "inaturalist_v2").column(
       "uri").to_pylist()
-  photos = os.path.join(str(site), "pipelines", "sample_photos")
+  photos = os.path.join(str(site), "natvision", "pipelines", "sample_photos")
   assert uris and all(u.startswith(photos + os.sep) for u in uris), uris

@@ -27,7 +27,9 @@ from apache_beam.io.filesystems import FileSystems
 from natvision.transforms import helptext
 from natvision.transforms import models as models_lib
 from natvision.transforms.runtimes import base
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_session
+from natvision.transforms.runtimes import onnx_store
 from natvision.transforms.runtimes.tf import TFRuntime
 
 
@@ -46,16 +48,16 @@ def stage_onnx(resolved: models_lib.ResolvedModel,
     ModelError: conversion or check failed; the file exists and overwrite
       is false.
   """
-  target = onnx_lib.staged_onnx_path(resolved)
+  target = onnx_store.staged_onnx_path(resolved)
   if FileSystems.exists(target) and not overwrite:
     raise models_lib.ModelError(
         f"{target} exists; pass --overwrite to replace it")
   reference = TFRuntime(resolved)
   reference.load()
   with tempfile.TemporaryDirectory(prefix="natvision-stage-") as tmp:
-    local = os.path.join(tmp, onnx_lib.STAGED_ONNX)
-    onnx_lib.convert_to_onnx(resolved, local, reference)
-    session = onnx_lib.OnnxSession(resolved, local)
+    local = os.path.join(tmp, onnx_store.STAGED_ONNX)
+    onnx_convert.convert_to_onnx(resolved, local, reference)
+    session = onnx_session.OnnxSession(resolved, local)
     probe = base.probe_batch(resolved.spec.input_size)
     diff = base.output_difference(session.predict(probe),
                                   reference.predict(probe))
@@ -66,8 +68,7 @@ def stage_onnx(resolved: models_lib.ResolvedModel,
           f"{diff:.3g} on the probe batch, more than the tolerance "
           f"{tolerance:.0e}; nothing staged")
     del session
-    with open(local, "rb") as f:
-      onnx_lib.write_atomically(target, f.read())
+    onnx_store.copy_file(local, target, replace=True)
   return target, diff
 
 

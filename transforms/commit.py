@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from natvision.transforms import decode as decode_lib
 from natvision.transforms import models as models_lib
+from natvision.transforms import rgb
 from natvision.transforms import sinks
 from natvision.transforms import spec as spec_lib
 from natvision.transforms import storage
@@ -292,7 +292,7 @@ def plan_layout(output_dir: str, models: Sequence[models_lib.ResolvedModel],
       raise ValueError(f"colour profile {color_profile!r} differs from the "
                        f"run spec's {run.color_profile!r}")
     color_profile = run.color_profile
-  color_profile = color_profile or decode_lib.COLOR_PROFILE_IGNORE
+  color_profile = color_profile or rgb.COLOR_PROFILE_IGNORE
   staging = staging_dir(output_dir, run_id)
 
   def under(root, *parts):

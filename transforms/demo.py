@@ -78,10 +78,10 @@ def _ready(path: str) -> bool:
 
 
 def _lock(root: str):
-  # The ONNX module's flock; imported here so that a demo whose stand-ins
+  # The ONNX store's flock; imported here so that a demo whose stand-ins
   # are there already does not import the runtimes for it.
-  from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
-  return onnx_lib.file_lock(root.rstrip("/") + ".lock")
+  from natvision.transforms.runtimes import onnx_store  # pylint: disable=import-outside-toplevel
+  return onnx_store.file_lock(root.rstrip("/") + ".lock")
 
 
 def ensure(root: str, names: Sequence[str], stage_onnx: bool = True) -> bool:
@@ -124,7 +124,8 @@ def _write_job(root: str, names: Sequence[str], stage_onnx: bool) -> Dict:
   # TensorFlow's deprecation notices concern its API, not the demo (as on
   # the launcher's console, transforms/console.py).
   logging.getLogger("tensorflow").setLevel(logging.ERROR)
-  from natvision.transforms.runtimes import onnx as onnx_lib
+  from natvision.transforms.runtimes import onnx_convert
+  from natvision.transforms.runtimes import onnx_store
   tmp = f"{root.rstrip('/')}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   seconds = {}
@@ -134,8 +135,8 @@ def _write_job(root: str, names: Sequence[str], stage_onnx: bool) -> Dict:
       for resolved in models_lib.resolve_models(list(names), tmp,
                                                 requested_runtime="onnx"):
         start = time.perf_counter()
-        onnx_lib.convert_to_onnx(resolved,
-                                 onnx_lib.staged_onnx_path(resolved))
+        onnx_convert.convert_to_onnx(resolved,
+                                     onnx_store.staged_onnx_path(resolved))
         seconds[resolved.name] = time.perf_counter() - start
     os.makedirs(root, exist_ok=True)
     for name in names:

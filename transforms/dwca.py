@@ -1,5 +1,8 @@
 """Darwin Core input: GBIF downloads and IPT archives as photo references.
 
+Decides what an archive holds (meta.xml, the columns carried), which rows
+are photos, their stable ids, and the graph that joins them to the core.
+
 ``--input`` may be a Darwin Core Archive (a ``.zip``, or a folder holding
 ``meta.xml``) or a bare GBIF ``multimedia.txt``.  The photo's URL is
 ``identifier`` (GBIF Simple Multimedia) or ``accessURI`` (Audubon Core,
@@ -25,11 +28,12 @@ multimedia field already takes (``license``, ``rightsHolder``, ``type``)
 is carried as ``occurrence_<name>``.
 
 Reading.  python-dwca-reader parses ``meta.xml`` (field indices, terms,
-defaults, delimiters, declared encoding); the data files are read here,
-streaming, by Python's ``csv`` module over a strictly decoded text stream,
-because python-dwca-reader fails the whole archive on one short line,
-reads only the first ``<location>``, splits lines on the declared
-terminator only and decodes bad bytes as U+FFFD.  So:
+defaults, delimiters, declared encoding); the data files are read by
+transforms/dwca_files.py, streaming, by Python's ``csv`` module over a
+strictly decoded text stream, because python-dwca-reader fails the whole
+archive on one short line, reads only the first ``<location>``, splits
+lines on the declared terminator only and decodes bad bytes as U+FFFD.
+So:
 
 - every ``<location>`` of the core and of the multimedia extension is read;
 - ``\\n``, ``\\r\\n`` and ``\\r`` all end a line, whatever
@@ -39,22 +43,22 @@ terminator only and decodes bad bytes as U+FFFD.  So:
 - a line with fewer fields than meta.xml's highest index needs, or with
   another number of fields than the file's header, or that the csv module
   cannot parse, is a counted skip (``skipped_bad_lines``), its first
-  ``BAD_LINE_EXAMPLES`` named as ``file:line: why`` in run.json
+  ``summary.EXAMPLES`` named as ``file:line: why`` in run.json
   (``bad_lines``).  A bad line is a skip, not an error row, because its
   fields are shifted or missing: no trustworthy photo URL or core id to
   name a photo by.  The rest of the archive goes on.  A line with no
   characters at all is not a record and is ignored, as in manifests;
 - bytes that are not valid in the declared encoding (or
   ``--archive_encoding``) refuse the input before the job runs
-  (``ArchiveEncodingError``, exit 2), naming the file, line, byte offset
-  and encoding, as manifests do (transforms/sources.py): a replaced byte
-  would corrupt the creator and rightsHolder a CC BY licence requires in
-  every table, and a skip would lose photos that a rerun with the right
-  encoding reads whole.  The launcher decodes the first ``CHECK_BYTES``
-  (16 MiB) of every data file (``check_data_files``), so a wrong encoding
-  fails in seconds whatever the archive's size; the workers decode every
-  byte strictly again, so a bad byte further on fails the job (nothing is
-  committed) with the same message.
+  (``dwca_files.ArchiveEncodingError``, exit 2), naming the file, line,
+  byte offset and encoding, as manifests do (transforms/sources.py): a
+  replaced byte would corrupt the creator and rightsHolder a CC BY licence
+  requires in every table, and a skip would lose photos that a rerun with
+  the right encoding reads whole.  The launcher decodes the first
+  ``CHECK_BYTES`` (16 MiB) of every data file (``check_data_files``), so
+  a wrong encoding fails in seconds whatever the archive's size; the
+  workers decode every byte strictly again, so a bad byte further on fails
+  the job (nothing is committed) with the same message.
 
 An archive on gs:// or s3:// is copied to a local temporary folder first;
 of a local zip, the data files are read straight from the zip.
@@ -63,18 +67,13 @@ of a local zip, the data files are read straight from the zip.
 from __future__ import annotations
 
 import codecs
-import contextlib
-import csv
 import dataclasses
 import hashlib
 import logging
 import os
 import re
-import shutil
-import tempfile
 import zipfile
-from typing import (BinaryIO, Callable, Dict, Iterator, List, Optional,
-                    Sequence, Tuple, Union)
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -83,6 +82,9 @@ from apache_beam.io.filesystems import FileSystems
 from natvision.transforms import sources
 from natvision.transforms import storage
 from natvision.transforms import uris
+from natvision.transforms.dwca_files import (BadLine, DataFile, archive_kind,
+                                   check_data_files, open_files, read_lines,
+                                   read_records)
 
 MULTIMEDIA_TYPES = ("http://rs.gbif.org/terms/1.0/Multimedia",
                     "http://rs.tdwg.org/ac/terms/Multimedia")
@@ -103,13 +105,9 @@ SKIPPED_OTHER_TYPE = "skipped_other_type"
 SKIPPED_BAD_LINES = "skipped_bad_lines"
 SKIP_REASONS = (SKIPPED_SOUND, SKIPPED_VIDEO, SKIPPED_NO_IMAGE_FORMAT,
                 SKIPPED_OTHER_TYPE, SKIPPED_BAD_LINES)
-# How many bad lines run.json names (the first ones, by file and line).
-BAD_LINE_EXAMPLES = 10
 CORE_PREFIX = "occurrence_"
 MEDIA_PREFIX = "media_"
 GBIF_ID = "gbifID"
-# Bytes decoded at a time when a data file is read.
-_CHUNK = 1 << 20
 
 # Core fields carried into the tables when the core file has them.
 CORE_FIELDS = (
@@ -125,55 +123,9 @@ CORE_FIELDS = (
 _log = logging.getLogger("natvision")
 
 
-class ArchiveEncodingError(sources.InputError):
-  """A data file holds bytes that are not valid in its encoding (exit 2)."""
-
-
 def short(term: str) -> str:
   """The column name of a term URI (its last path segment)."""
   return term.rstrip("/").split("/")[-1].split("#")[-1]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataFile:
-  """How to read the data files of the core or of one extension.
-
-  Attributes:
-    locations: the files, relative to the archive root, in meta.xml's order
-      (every ``<location>``).
-    encoding: the Python codec (meta.xml's ``encoding`` or
-      ``--archive_encoding``).
-    declared_encoding: the encoding as meta.xml or the flag writes it.
-    delimiter: one character (``fieldsTerminatedBy``).
-    quote: ``fieldsEnclosedBy``; empty for unquoted files.
-    header_lines: ``ignoreHeaderLines``.
-    key_index: the column of the core id (``<id>`` of the core,
-      ``<coreid>`` of an extension); None when there is none.
-    fields: (column index or None, term, default) per ``<field>``.
-    declared_ending: ``linesTerminatedBy``; None when nothing declares one.
-  """
-
-  locations: Tuple[str, ...]
-  encoding: str
-  declared_encoding: str
-  delimiter: str
-  quote: str
-  header_lines: int
-  key_index: Optional[int]
-  fields: Tuple[Tuple[Optional[int], str, Optional[str]], ...]
-  declared_ending: Optional[str] = None
-
-  @property
-  def terms(self) -> List[str]:
-    return [term for _, term, _ in self.fields]
-
-  @property
-  def needed(self) -> int:
-    """The fewest fields a line may have: the highest index used, plus one."""
-    indexes = [i for i, _, _ in self.fields if i is not None]
-    if self.key_index is not None:
-      indexes.append(self.key_index)
-    return max(indexes) + 1 if indexes else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,203 +178,6 @@ def is_archive_input(path: str) -> bool:
   return storage.exists(FileSystems.join(path.rstrip("/"), "meta.xml"))
 
 
-def _zip_member(z: zipfile.ZipFile, path: str, name: str) -> str:
-  """The member holding ``name``, at its path or by its base name."""
-  if name in z.namelist():
-    return name
-  members = {os.path.basename(m.filename): m.filename
-             for m in z.infolist() if not m.is_dir()}
-  member = members.get(os.path.basename(name))
-  if member is None:
-    raise sources.InputError(f"{path} has no {name}")
-  return member
-
-
-@contextlib.contextmanager
-def _local(path: str, kind: str, names: Sequence[str]) -> Iterator[str]:
-  """A local folder holding ``names`` of a remote archive (copied).
-
-  Yields:
-    The folder, removed afterwards.
-  """
-  tmp = tempfile.mkdtemp(prefix="natvision-dwca-")
-  try:
-    if kind == "zip":
-      local_zip = os.path.join(tmp, "_archive.zip")
-      with FileSystems.open(path) as f, open(local_zip, "wb") as out:
-        shutil.copyfileobj(f, out, 1 << 20)
-      with zipfile.ZipFile(local_zip) as z:
-        for name in names:
-          _copy(z.open(_zip_member(z, path, name)), tmp, name)
-    else:  # a remote folder, or a bare multimedia.txt anywhere
-      for name in names:
-        _copy(FileSystems.open(path if kind == "multimedia" else
-                               FileSystems.join(path.rstrip("/"), name)),
-              tmp, name)
-    yield tmp
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _copy(src: BinaryIO, folder: str, name: str) -> None:
-  dst = os.path.join(folder, name)
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
-  with src, open(dst, "wb") as out:
-    shutil.copyfileobj(src, out, 1 << 20)
-
-
-Opener = Callable[[str], BinaryIO]
-
-
-@contextlib.contextmanager
-def _files(path: str, kind: str, names: Sequence[str]) -> Iterator[Opener]:
-  """A function that opens a file of the archive by its location, binary.
-
-  A local zip is read in place (its members stream); a remote archive is
-  copied to a temporary folder first (``names`` only, of a zip).
-  """
-  if "://" in path:
-    with _local(path, kind, names) as folder:
-      yield lambda name: open(os.path.join(folder, name), "rb")
-  elif kind == "zip":
-    with zipfile.ZipFile(path) as z:
-      yield lambda name: z.open(_zip_member(z, path, name))
-  elif kind == "multimedia":
-    yield lambda name: open(path, "rb")
-  else:
-    yield lambda name: open(os.path.join(path, name), "rb")
-
-
-_BREAK = re.compile(r"\r\n|\r|\n")
-
-
-def _encoding_error(path: str, name: str, data: DataFile, line_no: int,
-                    offset: int, error: UnicodeDecodeError
-                    ) -> ArchiveEncodingError:
-  bad = bytes(error.object[error.start:error.end])
-  return ArchiveEncodingError(
-      f"{path}: {name} line {line_no} (byte {offset}): bytes {bad!r} are not "
-      f"valid {data.declared_encoding}, the encoding it declares; pass "
-      f"--archive_encoding with the encoding it was written in (e.g. cp1252 "
-      f"or latin-1), or save it as {data.declared_encoding}")
-
-
-def _lines(stream: BinaryIO, path: str, name: str,
-           data: DataFile, limit: Optional[int] = None) -> Iterator[str]:
-  """Decodes a data file strictly into lines, each with its ending.
-
-  ``\\n``, ``\\r\\n`` and ``\\r`` all end a line; the last line may have no
-  ending.  A UTF-8 byte order mark is dropped.  Memory holds one chunk.
-  With ``limit``, only about the first ``limit`` bytes are read (whole
-  chunks; a character or line cut at the end is not an error).
-
-  Raises:
-    ArchiveEncodingError: bytes not valid in ``data.encoding``, naming the
-      file, the line (from 1) and the byte offset (from 0).
-  """
-  decoder = codecs.getincrementaldecoder(data.encoding)("strict")
-  pending, lines_done, fed, final, first = "", 0, 0, False, True
-  while not final:
-    if limit is not None and fed >= limit:
-      return  # the rest is decoded (strictly) by the workers
-    chunk = stream.read(_CHUNK)
-    final = not chunk
-    try:
-      text = pending + decoder.decode(chunk, final=final)
-    except UnicodeDecodeError as e:
-      held = len(e.object) - len(chunk)  # bytes kept from the last chunk
-      before = pending + bytes(e.object[:e.start]).decode(data.encoding,
-                                                          "replace")
-      raise _encoding_error(path, name, data,
-                            lines_done + len(_BREAK.findall(before)) + 1,
-                            fed - held + e.start, e) from e
-    fed += len(chunk)
-    if first and text:
-      first = False
-      if data.encoding.startswith("utf"):
-        text = text.removeprefix("\ufeff")
-    start = 0
-    for m in _BREAK.finditer(text):
-      if not final and m.end() == len(text) and m.group() == "\r":
-        break  # perhaps the first half of a "\r\n" split across chunks
-      yield text[start:m.end()]
-      start = m.end()
-      lines_done += 1
-    pending = text[start:]
-    if final and pending:
-      yield pending
-
-
-@dataclasses.dataclass(frozen=True)
-class BadLine:
-  """A data line that was not read: where, and why (a counted skip)."""
-
-  file: str
-  line: int
-  why: str
-
-  def __str__(self) -> str:
-    return f"{self.file}:{self.line}: {self.why}"
-
-
-def _records(path: str, name: str, data: DataFile
-             ) -> Iterator[Union[Tuple[str, Dict[str, Optional[str]]],
-                                 BadLine]]:
-  """(core id, {term: value}) per record of one data file, or a BadLine.
-
-  Raises:
-    ArchiveEncodingError: see ``_lines``.
-  """
-  quoting = dict(quotechar=data.quote, doublequote=True) if data.quote else (
-      dict(quoting=csv.QUOTE_NONE))
-  with _files(path, _kind(path), [name]) as open_file, open_file(name) as f:
-    reader = csv.reader(_lines(f, path, name, data),
-                        delimiter=data.delimiter, **quoting)
-    header_width, headers_left = None, data.header_lines
-    while True:
-      line_no = reader.line_num + 1
-      try:
-        record = next(reader)
-      except StopIteration:
-        return
-      except csv.Error as e:
-        yield BadLine(name, line_no, f"cannot be parsed ({e})")
-        continue
-      if not record:
-        continue  # a line with no characters is not a record
-      if headers_left:
-        headers_left -= 1
-        header_width = header_width or len(record)
-        continue
-      why = _width_problem(len(record), data, header_width)
-      if why:
-        yield BadLine(name, line_no, why)
-        continue
-      values = {}
-      for index, term, default in data.fields:
-        value = record[index] if index is not None else None
-        values[term] = value if value not in (None, "") else default
-      key = record[data.key_index] if data.key_index is not None else ""
-      yield key, values
-
-
-def _width_problem(width: int, data: DataFile,
-                   header_width: Optional[int]) -> Optional[str]:
-  if width < data.needed:
-    return (f"{width} field(s), but meta.xml needs {data.needed} (it names "
-            f"column {data.needed - 1})")
-  if header_width is not None and width != header_width:
-    return f"{width} field(s), but the header has {header_width}"
-  return None
-
-
-def _kind(path: str) -> str:
-  lower = path.rstrip("/").lower()
-  return ("zip" if lower.endswith(".zip") else
-          "multimedia" if os.path.basename(lower) == "multimedia.txt"
-          else "folder")
-
-
 def _codec(encoding: str, where: str) -> str:
   try:
     return codecs.lookup(encoding).name
@@ -433,7 +188,7 @@ def _codec(encoding: str, where: str) -> str:
 
 
 def _data_file(path: str, descriptor, encoding: Optional[str]) -> DataFile:
-  """A DataFile from python-dwca-reader's descriptor of one meta.xml part."""
+  """A ``DataFile`` from python-dwca-reader's descriptor of a meta.xml part."""
   element = descriptor.raw_element
   locations = tuple(loc.text.strip()
                     for loc in element.findall("./{*}files/{*}location")
@@ -470,8 +225,10 @@ def _bare_data_file(path: str, encoding: Optional[str]) -> DataFile:
   probe = DataFile(locations=(name,), encoding=_codec(declared, path),
                    declared_encoding=declared, delimiter="\t", quote="",
                    header_lines=1, key_index=None, fields=())
-  with _files(path, "multimedia", [name]) as open_file, open_file(name) as f:
-    header = next(_lines(f, path, name, probe), "").rstrip("\r\n").split("\t")
+  with open_files(path, "multimedia", [name]) as open_file:
+    with open_file(name) as f:
+      header = next(read_lines(f, path, name, probe), "")
+  header = header.rstrip("\r\n").split("\t")
   header = [c.strip() for c in header]
   return dataclasses.replace(
       probe, key_index=header.index(GBIF_ID) if GBIF_ID in header else None,
@@ -513,51 +270,6 @@ def _pick(terms: Sequence[str], wanted: Sequence[str]) -> Optional[str]:
   return next((t for t in wanted if t in terms), None)
 
 
-_ENDING_NAMES = {"\n": "\\n", "\r\n": "\\r\\n", "\r": "\\r"}
-
-
-# Bytes of each data file the launcher decodes (``check_data_files``);
-# the workers decode every byte strictly, so a bad byte further on fails
-# the job with the same message.
-CHECK_BYTES = 16 << 20
-
-
-def check_data_files(path: str, kind: str,
-                     parts: Sequence[DataFile]) -> List[str]:
-  """Decodes the first ``CHECK_BYTES`` of every data file; returns warnings.
-
-  The launcher's time does not grow with the archive past that; a byte
-  invalid in the file's encoding further on is found by the workers
-  (``_records``), which fail the job with the same ``ArchiveEncodingError``.
-
-  Returns:
-    One warning per file whose first line ends otherwise than meta.xml's
-    ``linesTerminatedBy`` says (it is read as written).
-
-  Raises:
-    ArchiveEncodingError: bytes not valid in the file's encoding.
-    InputError: a data file the archive does not hold.
-  """
-  warnings = []
-  names = [n for part in parts for n in part.locations]
-  with _files(path, kind, names) as open_file:
-    for part in parts:
-      for name in part.locations:
-        ending = None
-        with open_file(name) as f:
-          for line in _lines(f, path, name, part, limit=CHECK_BYTES):
-            if ending is None:
-              found = _BREAK.search(line)
-              ending = found.group() if found else ""
-        declared = part.declared_ending
-        if ending and declared is not None and ending != declared:
-          warnings.append(
-              f"{name}: meta.xml declares linesTerminatedBy "
-              f"\"{_ENDING_NAMES.get(declared, repr(declared))}\" but its "
-              f"lines end with \"{_ENDING_NAMES[ending]}\"; read as written")
-  return warnings
-
-
 def open_archive(path: str, encoding: Optional[str] = None) -> Archive:
   """Reads and checks a Darwin Core input before the job runs.
 
@@ -575,12 +287,12 @@ def open_archive(path: str, encoding: Optional[str] = None) -> Archive:
     InputError: no multimedia extension, no URL column, or an unreadable
       archive, naming the file.
   """
-  kind = _kind(path)
+  kind = archive_kind(path)
   try:
     if kind == "multimedia":
       media, core = _bare_data_file(path, encoding), None
     else:
-      with _files(path, kind, ["meta.xml"]) as open_file:
+      with open_files(path, kind, ["meta.xml"]) as open_file:
         with open_file("meta.xml") as f:
           meta = f.read().decode("utf-8-sig")
       from dwca.descriptors import ArchiveDescriptor  # pylint: disable=import-outside-toplevel
@@ -691,7 +403,7 @@ class _RowsFn(beam.DoFn):
     if self._which == "media":
       wanted += [t for t in (archive.url_term, archive.type_term,
                              archive.format_term) if t]
-    for item in _records(archive.path, name, data):
+    for item in read_records(archive.path, name, data):
       if isinstance(item, BadLine):
         yield beam.pvalue.TaggedOutput(
             BAD_LINES_TAG, (item.file, item.line, item.why))

@@ -44,9 +44,12 @@ would race on that state).  Where it comes from, per runner:
   stateful processing; e.g. apache/beam#28543 for Prism: "no other bundle
   processing that transform may execute with the same key").
 
-What is not job-wide: the 429 / ``Retry-After`` pause of a host and its
-circuit breaker (``transforms.fetch``) stay per worker process, and a
-redirect to another host is capped by the first host's keys only.  A
+The circuit breaker and the 429 / ``Retry-After`` pause are kept per key in
+the same DoFn's state (``transforms/fetch/breaker.py``), so they too hold
+for the whole job, per slot: a dead host gets at most N requests per slot
+(K x N in all) before its photos fail at once, and during a Retry-After a
+host gets at most one request per slot.  What is not job-wide: a redirect
+to another host is capped by the first host's keys only.  A
 bundle that fails while fetches are in flight may be retried elsewhere
 while those fetches end: for that moment a key may have two requests out.
 """

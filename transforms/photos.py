@@ -29,7 +29,6 @@ import uuid
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam import coders
 from apache_beam.transforms import userstate
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -38,9 +37,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 from natvision.transforms import config
 from natvision.transforms import decode as decode_lib
 from natvision.transforms import fetch as fetch_lib
+from natvision.transforms.fetch import breaker as breaker_lib
 from natvision.transforms import hosts
 from natvision.transforms import preprocess
 from natvision.transforms import progress
+from natvision.transforms import rgb
 from natvision.transforms import uris
 from natvision.transforms.records import (ERRORS_TAG, STAGE_DECODE, STAGE_PREPARE,
                                 STAGE_READ, ErrorRecord, ImageRef,
@@ -50,14 +51,13 @@ DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_PREFETCH = 32
-DEFAULT_COLOR_PROFILE = decode_lib.COLOR_PROFILE_IGNORE
-COLOR_PROFILES = decode_lib.COLOR_PROFILES
+DEFAULT_COLOR_PROFILE = rgb.COLOR_PROFILE_IGNORE
+COLOR_PROFILES = rgb.COLOR_PROFILES
 
 
 # How bytes are fetched (and which failures are retried) is decided by
-# transforms.fetch; these names are its, kept here for callers.
+# transforms.fetch; its error, by the name the stages here use.
 ReadError = fetch_lib.FetchError
-is_transient = fetch_lib.is_transient
 
 
 def read_bytes(uri: str, max_bytes: int,
@@ -76,7 +76,9 @@ def read_with_retries(uri: str, max_bytes: int, attempts: int = 4,
                       opener: Optional[Callable] = None,
                       sleep: Callable[[float], None] = time.sleep,
                       on_retry: Optional[Callable[[], None]] = None,
-                      fetch: Optional[fetch_lib.FetchConfig] = None) -> bytes:
+                      fetch: Optional[fetch_lib.FetchConfig] = None,
+                      guard: Optional[breaker_lib.SlotBreaker] = None
+                      ) -> bytes:
   """A photo's bytes, with retries where its scheme needs them.
 
   See ``transforms.fetch.fetch_bytes``: http(s) and local reads are retried
@@ -89,13 +91,16 @@ def read_with_retries(uri: str, max_bytes: int, attempts: int = 4,
     opener, sleep: injectable for tests.
     on_retry: called before each retry (to count them).
     fetch: the fetch flags (http(s) client, timeouts, per-host cap).
+    guard: the breaker of the photo's host slot; None: the host's breaker
+      in this worker process.
 
   Raises:
     ReadError: the reason the photo could not be read.
   """
   return fetch_lib.fetch_bytes(uri, max_bytes, fetch, attempts=attempts,
                                base_delay=base_delay, sleep=sleep,
-                               on_retry=on_retry, opener=opener)
+                               on_retry=on_retry, opener=opener,
+                               guard=guard)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +151,7 @@ class PhotoConfig:
       raise config.ConfigError("--decode_threads must be 0 (no pool) or more")
     if self.prefetch < 1:
       raise config.ConfigError("--prefetch must be at least 1")
-    decode_lib.check_color_profile(self.color_profile)
+    rgb.check_color_profile(self.color_profile)
 
   @staticmethod
   def add_flags(parser) -> None:
@@ -198,8 +203,12 @@ class PhotoConfig:
 
 
 def fetch_step(ref: ImageRef, config: PhotoConfig,
-               opener: Optional[Callable] = None):
+               opener: Optional[Callable] = None,
+               guard: Optional[breaker_lib.SlotBreaker] = None):
   """Fetches one photo's bytes; never raises.
+
+  Args:
+    guard: the breaker of the photo's host slot (see ``read_with_retries``).
 
   Returns:
     (bytes or ErrorRecord of stage read, number of retries it took).
@@ -209,7 +218,7 @@ def fetch_step(ref: ImageRef, config: PhotoConfig,
     data = read_with_retries(
         ref.location, config.max_file_bytes, attempts=config.read_attempts,
         base_delay=config.retry_base_delay, opener=opener,
-        on_retry=lambda: retries.append(1), fetch=config.fetch)
+        on_retry=lambda: retries.append(1), fetch=config.fetch, guard=guard)
   except Exception as e:  # noqa: BLE001 - one bad photo never stops a job
     return ErrorRecord(ref=ref, stage=STAGE_READ, error=_reason(e)), len(
         retries)
@@ -309,12 +318,12 @@ class ReadDecodePrepareFn(beam.DoFn):
   def _work(self, ref: ImageRef):
     return decode_step(ref, self._fetch(ref), self._config, self._min_side)
 
-  def _fetch(self, ref: ImageRef):
+  def _fetch(self, ref: ImageRef, guard=None):
     """``fetch_step``, with the photo in the progress counter's in-flight
     list meanwhile (so that a slow host shows in the progress lines)."""
     token = self._progress.started(ref.uri)
     try:
-      return fetch_step(ref, self._config, self._opener)
+      return fetch_step(ref, self._config, self._opener, guard)
     finally:
       self._progress.finished(token)
 
@@ -331,8 +340,9 @@ class ReadDecodePrepareFn(beam.DoFn):
     the future of the photo's outcome."""
     return self._submit_both(ref)[1]
 
-  def _submit_both(self, ref: ImageRef) -> Tuple[concurrent.futures.Future,
-                                                  concurrent.futures.Future]:
+  def _submit_both(self, ref: ImageRef, guard=None
+                   ) -> Tuple[concurrent.futures.Future,
+                              concurrent.futures.Future]:
     """As ``_submit``; also the future of the fetch alone (done when the
     bytes are in, before they are decoded).  With no decode pool, the
     photo is decoded on the fetch thread."""
@@ -355,7 +365,7 @@ class ReadDecodePrepareFn(beam.DoFn):
       except BaseException as e:  # noqa: BLE001 - e.g. pool shut down
         done.set_exception(e)
 
-    fetching = self._fetch_pool.submit(self._fetch, ref)
+    fetching = self._fetch_pool.submit(self._fetch, ref, guard)
     fetching.add_done_callback(decode)
     return fetching, done
 
@@ -395,9 +405,12 @@ class ReadDecodePrepareFn(beam.DoFn):
 # many keys of a bundle fetch at once.
 MAX_WAITING_PER_BUNDLE = 10_000
 
-# Declared, never read or written: a DoFn with state is what runners process
-# key by key, one bundle at a time per key (see transforms/hosts.py).
-_KEYED = userstate.ReadModifyWriteStateSpec("keyed", coders.BooleanCoder())
+# The breaker and pause of a key's slot (fetch/breaker.py), kept per key so
+# that they follow the slot from bundle to bundle and worker to worker.
+# Being stateful is also what makes runners process a key in one bundle at
+# a time (see transforms/hosts.py).
+_SLOT = userstate.ReadModifyWriteStateSpec("slot",
+                                           breaker_lib.SLOT_STATE_CODER)
 
 
 class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
@@ -411,10 +424,33 @@ class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
   queue.  All the bookkeeping is done on the bundle's thread (``process``
   and ``finish_bundle``); pool threads only fetch and decode.
 
+  The job-wide breaker and pause (fetch/breaker.py): each key's
+  ``SlotState`` is read from its Beam state when the key first comes in a
+  bundle, guards every request of the key's photos (``SlotBreaker``), and
+  is written back in ``finish_bundle``, once every fetch is over.  Beam's
+  Python SDK keeps one state handle per key and window for the whole
+  bundle and commits them after ``finish_bundle``
+  (``bundle_processor.FnApiUserStateContext``,
+  ``operations.DoOperation.finish``), so the next bundle of the key, on
+  any worker, starts from what this one learnt.  Before a key's next photo
+  starts: while the slot's breaker is open its photo is an error row at
+  once (stage read, "host unavailable after N consecutive failures ...");
+  while the slot is paused (429, Retry-After) the photo waits, its
+  deadline not started, with no thread held; a pause longer than
+  ``fetch.MAX_RETRY_AFTER_S`` fails the slot's photos at once instead.
+
   At most max(``prefetch``, ``fetch_concurrency``) photos are fetched or
   decoded ahead of what has been emitted; results are emitted as they are
   done, not in input order.
+
+  Args:
+    now: wall-clock seconds (tests).
   """
+
+  def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None,
+               now: Callable[[], float] = time.time):
+    super().__init__(config, opener)
+    self._now = now
 
   def setup(self):
     super().setup()
@@ -425,15 +461,23 @@ class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
     self._waiting = collections.defaultdict(collections.deque)  # key -> refs
     self._ready = collections.deque()  # keys with photos waiting, none out
     self._fetching = {}  # key -> the future of its one fetch in flight
+    self._paused = {}  # key -> wall-clock time its slot may send again
     self._results = []  # futures of started photos not yet emitted
     self._waiting_count = 0
+    self._states = {}  # key -> its state handle, as given to process
+    self._breakers = {}  # key -> (SlotBreaker, the state it started from)
 
-  def process(self, element, unused_keyed=beam.DoFn.StateParam(_KEYED)):
+  def process(self, element, slot_state=beam.DoFn.StateParam(_SLOT)):
     key, ref = element
+    if key not in self._breakers:
+      self._states[key] = slot_state
+      start = breaker_lib.SlotState.from_tuple(slot_state.read())
+      self._breakers[key] = (self._breaker(key, start), start)
     queue = self._waiting[key]
     queue.append(ref)
     self._waiting_count += 1
-    if len(queue) == 1 and key not in self._fetching:
+    if (len(queue) == 1 and key not in self._fetching
+        and key not in self._paused):
       self._ready.append(key)
     yield from self._advance()
     while self._waiting_count > MAX_WAITING_PER_BUNDLE:
@@ -445,16 +489,30 @@ class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
     while self._results or self._waiting_count:
       self._wait()
       yield from self._advance(windowed=True)
+    for key, (breaker, start) in self._breakers.items():
+      state = breaker.state
+      if state != start:
+        self._states[key].write(state.as_tuple())
+
+  def _breaker(self, key: str, state) -> breaker_lib.SlotBreaker:
+    host, _, slot = key.rpartition("#")
+    fetch = self._config.fetch
+    return breaker_lib.SlotBreaker(
+        host, fetch.host_failure_limit, fetch.host_quiet_s,
+        slot=int(slot), slots=fetch.per_host_concurrency, state=state,
+        now=self._now)
 
   def _advance(self, windowed: bool = False) -> Iterator:
-    """Frees the keys whose fetch is over, emits the photos that are done,
-    and starts the next photo of ready keys while there is room."""
+    """Frees the keys whose fetch is over or whose pause has ended, emits
+    the photos that are done, fails the photos of open slots, and starts
+    the next photo of ready keys while there is room."""
     for key in [k for k, f in self._fetching.items() if f.done()]:
       del self._fetching[key]
-      if self._waiting[key]:
-        self._ready.append(key)
-      else:
-        del self._waiting[key]
+      self._requeue(key)
+    now = self._now()
+    for key in [k for k, until in self._paused.items() if until <= now]:
+      del self._paused[key]
+      self._requeue(key)
     done, pending = [], []
     for future in self._results:  # one look at each: it may end meanwhile
       (done if future.done() else pending).append(future)
@@ -463,19 +521,44 @@ class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
       yield self._emit(future.result(), windowed=windowed)
     while self._ready and len(self._results) < self._window:
       key = self._ready.popleft()
+      breaker = self._breakers[key][0]
+      reason = breaker.blocked() or breaker.long_pause()
+      wait = breaker.wait_s()
+      if reason is None and wait > 0:
+        self._paused[key] = self._now() + wait
+        continue
       ref = self._waiting[key].popleft()
       self._waiting_count -= 1
-      self._fetching[key], result = self._submit_both(ref)
+      if reason is not None:  # no request: an error row now
+        yield self._emit((ErrorRecord(ref=ref, stage=STAGE_READ,
+                                      error=uris.readable(reason)), 0),
+                         windowed=windowed)
+        self._requeue(key)
+        continue
+      self._fetching[key], result = self._submit_both(ref, breaker)
       self._results.append(result)
 
+  def _requeue(self, key: str) -> None:
+    if self._waiting[key]:
+      self._ready.append(key)
+    else:
+      del self._waiting[key]
+
   def _wait(self) -> None:
-    """Until a fetch or a photo is done, with a progress line every
-    interval (naming slow photos) meanwhile."""
+    """Until a fetch or a photo is done or a pause ends, with a progress
+    line every interval (naming slow photos) meanwhile."""
     pending = set(self._results) | set(self._fetching.values())
+    timeout = progress.DEFAULT_INTERVAL_S
+    if self._paused:
+      timeout = min(timeout, max(0.0, min(self._paused.values())
+                                 - self._now()) + 0.01)
+    if not pending:
+      time.sleep(timeout)
+      return
     _, not_done = concurrent.futures.wait(
-        pending, timeout=progress.DEFAULT_INTERVAL_S,
+        pending, timeout=timeout,
         return_when=concurrent.futures.FIRST_COMPLETED)
-    if len(not_done) == len(pending):
+    if len(not_done) == len(pending) and not self._paused:
       self._progress.tick(0)
 
 

@@ -49,8 +49,8 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from natvision import transforms
-from natvision.transforms import decode as decode_lib
 from natvision.transforms import models as models_lib
+from natvision.transforms import rgb
 from natvision.transforms import spec as spec_lib
 from natvision.transforms import storage
 from natvision.transforms import taxonomy
@@ -91,7 +91,7 @@ def _size_fields() -> List[pa.Field]:
 
 
 def table_metadata(model: Optional[models_lib.ResolvedModel],
-                   color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                   color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                    run: Optional[spec_lib.RunSpec] = None,
                    **extra) -> dict:
   """The JSON stored under ``natvision`` in every file's metadata.
@@ -142,7 +142,7 @@ def recorded_spec(schema: pa.Schema) -> Optional[spec_lib.RunSpec]:
 
 def embeddings_schema(model: models_lib.ResolvedModel,
                       carried: Carried = (),
-                      color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                      color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                       run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("embedding",
@@ -170,7 +170,7 @@ def _taxon_fields() -> List[pa.Field]:
 
 def predictions_schema(model: models_lib.ResolvedModel,
                        carried: Carried = (),
-                       color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                       color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                        run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("label_id", pa.int32(), nullable=False),
@@ -187,7 +187,7 @@ def predictions_schema(model: models_lib.ResolvedModel,
 
 def errors_schema(carried: Carried = (),
                   models: Sequence[models_lib.ResolvedModel] = (),
-                  color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+                  color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                   run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   fields = _base_fields() + [
       pa.field("stage", pa.string(), nullable=False),
@@ -199,7 +199,7 @@ def errors_schema(carried: Carried = (),
 
 
 def schema_for(model: models_lib.ResolvedModel, carried: Carried = (),
-               color_profile: str = decode_lib.COLOR_PROFILE_IGNORE,
+               color_profile: str = rgb.COLOR_PROFILE_IGNORE,
                run: Optional[spec_lib.RunSpec] = None) -> pa.Schema:
   """The embeddings or predictions schema of a model, by its kind."""
   if model.spec.kind == models_lib.EMBEDDER:

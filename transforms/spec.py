@@ -11,7 +11,7 @@ it is then
   ``natvision``, field ``spec``) and into run.json (field ``spec``);
 * read back by resume (``transforms.resume``: a dead attempt's shard is
   reused only when its recorded spec equals this run's) and by search
-  (``tools.search``: a query photo is embedded as the table's spec says,
+  (``tools.query``: a query photo is embedded as the table's spec says,
   int8 included).
 
 Equality is by value (frozen dataclasses), and ``to_json`` is deterministic

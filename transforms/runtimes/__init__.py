@@ -4,13 +4,22 @@
                 RuntimeDecision a model carries, the probe batch, the
                 tolerances, and the runtimes this process has loaded
     tf.py       TFRuntime, the reference
-    onnx.py     OnnxRuntime: conversion with tf2onnx in a child process,
-                staged and cached files that record their check, the check
-                against TensorFlow
+    onnx.py     OnnxRuntime: which ONNX file a model opens (decided,
+                staged, cached or converted) and its check against
+                TensorFlow (recorded in the file, or live)
+    onnx_session.py  an ONNX file opened by ONNX Runtime; what its
+                metadata records (RecordedCheck, precision, fingerprint)
+    onnx_store.py    where files lie: staged and cached paths, content
+                keys, one maker per machine, atomic writes and copies
+    onnx_convert.py  tf2onnx conversion, checked and timed when made
+    child.py    a memory-heavy step in a spawned child process
     chooser.py  the launcher's choice of runtime per model (auto|tf|onnx ->
                 a RuntimeDecision); workers never call it
-    quantize.py --precision int8: static quantization with ONNX Runtime,
-                calibrated and checked against fp32 on the job's photos
+    quantize.py --precision int8: the flags and the decision on the job's
+                photos
+    int8_file.py     static quantization with ONNX Runtime, cached by
+                content
+    agreement.py     int8-vs-fp32 figures and their minimums (pure numpy)
     sample.py   the job's photos the launcher reads for int8
 
 A worker builds its model's runtime with ``for_model``, from the decision
@@ -24,7 +33,7 @@ from typing import Optional
 
 from natvision.transforms import models as models_lib
 from natvision.transforms.runtimes.base import (DECIDED, FP32, INT8, PRECISIONS,
-                                      PROBE_SIZE, REQUESTS, RUNTIME_AUTO,
+                                      PROBE_SIZE, RUNTIME_AUTO,
                                       RUNTIME_ONNX, RUNTIME_TF, TOLERANCES,
                                       Runtime, RuntimeDecision, forget,
                                       output_difference, probe_batch)
@@ -32,7 +41,7 @@ from natvision.transforms.runtimes.onnx import OnnxRuntime
 from natvision.transforms.runtimes.tf import TFRuntime
 
 __all__ = [
-    "DECIDED", "FP32", "INT8", "PRECISIONS", "PROBE_SIZE", "REQUESTS",
+    "DECIDED", "FP32", "INT8", "PRECISIONS", "PROBE_SIZE",
     "RUNTIME_AUTO", "RUNTIME_ONNX", "RUNTIME_TF", "TOLERANCES", "OnnxRuntime",
     "Runtime", "RuntimeDecision", "TFRuntime", "for_model", "forget",
     "output_difference", "probe_batch",

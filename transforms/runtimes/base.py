@@ -39,9 +39,7 @@ RUNTIME_TF = "tf"
 RUNTIME_ONNX = "onnx"
 
 # What --runtime may ask for, and what a decision may hold.
-Requested = Literal["auto", "tf", "onnx"]
 Decided = Literal["tf", "onnx"]
-REQUESTS = models_lib.RUNTIME_REQUESTS
 DECIDED = (RUNTIME_TF, RUNTIME_ONNX)
 
 # --precision: fp32 (the models' own arithmetic, the default) or int8 (ONNX
@@ -132,7 +130,7 @@ class RuntimeDecision:
     onnx_source: where that file came from: ``staged``, ``cached`` or
       ``converted``.
     fingerprint: the fingerprint of the model files that file was checked
-      against (``transforms.runtimes.onnx.model_fingerprint``).
+      against (``model_fingerprint``).
     tf_seconds, onnx_seconds: best time of one probe batch per runtime;
       None when not timed.
     fallback: why ``auto`` did not pick ONNX; None when it did, or when
@@ -149,7 +147,7 @@ class RuntimeDecision:
       quantized file and ``max_diff`` its difference from the fp32 ONNX
       model on the probe batch (not bound by ``tolerance``).
     agreement: for ``int8``, the figures measured against fp32 on the
-      job's held-out photos (``quantize.Agreement``); None for fp32.
+      job's held-out photos (``agreement.Agreement``); None for fp32.
   """
 
   runtime: Decided

@@ -56,7 +56,6 @@ from natvision.transforms.runtimes.tf import TFRuntime
 DEFAULT_TIMING_RUNS = base.DEFAULT_TIMING_RUNS
 
 Clock = base.Clock
-best_time = base.best_time
 
 
 def choose(resolved: models_lib.ResolvedModel,

@@ -1,10 +1,10 @@
 """Which cached int8 file a ``--precision int8`` job may reuse.
 
 A quantized file is cached under a key that includes its calibration photos
-(``quantize.quantized_path``), so another job, with other photos, would
+(``int8_file.quantized_path``), so another job, with other photos, would
 otherwise calibrate again: minutes for a full-size model.  What makes an
 int8 file good enough for a job is not its calibration but its agreement
-with fp32 on that job's held-out photos (``quantize.measure_agreement``),
+with fp32 on that job's held-out photos (``agreement.measure_agreement``),
 so a job first tries the cached int8 files of the same model (same
 fingerprint): the agreement of each on this job's held-out photos is read
 from its record when that job's photos were measured before, else measured
@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_store as store
 
 RECORD_SUFFIX = ".agreement.json"
 
@@ -62,8 +62,8 @@ def record(int8_path: str, fingerprint: str, held_out_digest: str,
   data["fingerprint"] = fingerprint
   data.setdefault("samples", {})[held_out_digest] = {
       "figures": dict(figures), "held_out": held_out}
-  onnx_lib.write_atomically(record_path(int8_path),
-                            json.dumps(data, sort_keys=True).encode())
+  store.write_atomically(record_path(int8_path),
+                         json.dumps(data, sort_keys=True).encode())
 
 
 def candidates(name: str, fingerprint: str,
@@ -73,7 +73,7 @@ def candidates(name: str, fingerprint: str,
   Only files with a record count: a file is recorded when it is first
   checked, so one without (a copy, a crash before the check) is left alone.
   """
-  folder = folder or onnx_lib.cache_dir()
+  folder = folder or store.cache_dir()
   found = []
   for path in glob.glob(os.path.join(glob.escape(folder),
                                      f"{glob.escape(name)}-*.int8.onnx")):

@@ -1,5 +1,12 @@
 """ONNX Runtime: the same model, converted with tf2onnx and checked against TF.
 
+This module decides which ONNX file a model opens (``find_or_convert``)
+and whether it may run it (``OnnxRuntime.load``'s check against
+TensorFlow, recorded or live).  The parts it builds on: ``onnx_session``
+(opening a file, what its metadata records), ``onnx_store`` (where files
+lie, cache keys, atomic writes and copies), ``onnx_convert`` (tf2onnx, in a
+child process).
+
 Why: on CPU workers, ONNX Runtime runs MobileNetV2 (the fungi classifier)
 about 1.5x faster per core than TensorFlow, and the Inception models a few
 percent faster (see benchmarks/RESULTS.md), so a job costs fewer
@@ -20,11 +27,14 @@ How a model gets its ONNX file, first found wins:
    process of a machine converts (under a file lock) and the others of
    that machine wait and reuse the file.
 
-A conversion runs in a child process (``convert_in_child``, multiprocessing
-``spawn``): it imports TensorFlow and tf2onnx, loads the model, converts it,
-checks the result on the probe batch, times both runtimes on it and writes
-the file; its peak memory (several GB for the Inceptions) leaves with it,
-and the job's process stays as small as ONNX Runtime needs.
+A conversion runs in a child process (``onnx_convert.convert_in_child``,
+multiprocessing ``spawn``): it imports TensorFlow and tf2onnx, loads the
+model, converts it, checks the result on the probe batch, times both
+runtimes on it and writes the file; its peak memory (several GB for the
+Inceptions) leaves with it, and the job's process stays as small as ONNX
+Runtime needs.  Before it decides the runtimes, the launcher converts
+every model of the run that has no file in one child process
+(``convert_missing``), so TensorFlow and tf2onnx start once per run.
 
 What a file records (its ONNX metadata): the fingerprint of the model files
 it was made from, and the check made when it was made: TensorFlow's
@@ -52,189 +62,24 @@ against TensorFlow runs in this process.
 
 from __future__ import annotations
 
-import base64
-import concurrent.futures
-import contextlib
-import dataclasses
-import gc
-import hashlib
-import importlib.metadata
 import importlib.util
-import json
 import logging
-import multiprocessing
 import os
-import tempfile
-import threading
-import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from natvision.transforms import models as models_lib
 from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import onnx_convert
+from natvision.transforms.runtimes import onnx_store as store
+from natvision.transforms.runtimes.onnx_session import (OnnxSession, RecordedCheck,
+                                              process_cores, require_identity)
 from natvision.transforms.runtimes.tf import TFRuntime
-
-STAGED_ONNX = "natvision.onnx"
-ONNX_OPSET = 17
-ONNX_INPUT = "images"
-ONNX_OUTPUT = "output"
-
-METADATA_FINGERPRINT = "natvision_fingerprint"
-METADATA_MODEL = "natvision_model"
-METADATA_PRECISION = "natvision_precision"
-METADATA_CHECK = "natvision_check"
-_CACHE_ENV = "NATVISION_ONNX_CACHE"
-# Part of every cache key: files made before the check was recorded in them
-# are not reused (they are converted again, once).
-CACHE_FORMAT = "2"
 
 CHECKED_AGAINST_TF = "tf"
 CHECKED_AGAINST_RECORDED = "recorded"
-
-
-class OnnxSession:
-  """One ONNX file opened by ONNX Runtime: uint8 or float batch in, numpy out.
-
-  ``predict`` takes a ``[n, size, size, 3]`` uint8 batch (or a float batch
-  already in [0, 1]) and returns a float32 ``[n, width]`` array.  uint8 is
-  scaled to float32/255 straight into a buffer kept per thread and per
-  shape, so a batch costs no extra float copy; one session serves all the
-  threads of a process (``InferenceSession.run`` is thread-safe).
-
-  Args:
-    resolved: the model the file was made from.
-    onnx_path: a local .onnx file (with ``model_bytes``: only a name for
-      messages).
-    intra_op_threads: ONNX Runtime threads; all cores of the process by
-      default.
-    providers: execution providers; CUDA when available, else CPU.
-    model_bytes: a serialized model to open instead of the file.
-
-  Raises:
-    ModelError: the file cannot be loaded or does not take one ``images``
-      input.
-  """
-
-  def __init__(self, resolved: models_lib.ResolvedModel, onnx_path: str,
-               intra_op_threads: Optional[int] = None,
-               providers: Optional[Sequence[str]] = None,
-               model_bytes: Optional[bytes] = None):
-    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-
-    self.resolved = resolved
-    self.path = onnx_path
-    self.threads = intra_op_threads or _process_cores()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    options.intra_op_num_threads = self.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if providers is None:
-      available = ort.get_available_providers()
-      providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                   if p in available]
-    try:
-      self._session = ort.InferenceSession(
-          onnx_path if model_bytes is None else model_bytes, options,
-          providers=list(providers))
-    except Exception as e:  # noqa: BLE001 - ORT raises its own kinds
-      raise models_lib.ModelError(
-          f"model {resolved.name}: ONNX file {onnx_path} cannot be loaded: "
-          f"{e}") from e
-    self.providers = self._session.get_providers()
-    inputs = self._session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != ONNX_INPUT:
-      raise models_lib.ModelError(
-          f"model {resolved.name}: ONNX file {onnx_path} takes "
-          f"{[i.name for i in inputs]}, expected one input {ONNX_INPUT!r}")
-    self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
-    self._buffers = threading.local()
-
-  def _scaled(self, batch: np.ndarray) -> np.ndarray:
-    if batch.dtype != np.uint8:
-      return np.ascontiguousarray(batch, dtype=np.float32)
-    buffers = getattr(self._buffers, "by_shape", None)
-    if buffers is None:
-      buffers = self._buffers.by_shape = {}
-    buffer = buffers.get(batch.shape)
-    if buffer is None:
-      if len(buffers) >= 4:  # a few shapes (full and last batches) at most
-        buffers.clear()
-      buffer = buffers[batch.shape] = np.empty(batch.shape, np.float32)
-    np.multiply(batch, np.float32(1.0 / 255.0), out=buffer, dtype=np.float32)
-    return buffer
-
-  def predict(self, batch: np.ndarray) -> np.ndarray:
-    batch = np.asarray(batch)
-    (out,) = self._session.run(None, {ONNX_INPUT: self._scaled(batch)})
-    return np.asarray(out, dtype=np.float32)
-
-
-def _process_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    return os.cpu_count() or 1
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordedCheck:
-  """The check made when an ONNX file was made, kept in the file's metadata.
-
-  Attributes:
-    reference: TensorFlow's float32 outputs ``[n, width]`` on
-      ``base.probe_batch(size, n)``.
-    max_diff: ``base.output_difference`` of ONNX Runtime's outputs from
-      ``reference`` then.
-    tolerance: the model kind's tolerance then.
-    tf_seconds, onnx_seconds: best time of one probe batch per runtime,
-      on the machine that made the file; None when not timed.
-    onnxruntime_version: the ONNX Runtime that ran the check.
-  """
-
-  reference: np.ndarray
-  max_diff: float
-  tolerance: float
-  tf_seconds: Optional[float] = None
-  onnx_seconds: Optional[float] = None
-  onnxruntime_version: str = ""
-
-  def to_metadata(self) -> Dict[str, str]:
-    """The check as ``{METADATA_CHECK: json}``; the reference in base64."""
-    reference = np.ascontiguousarray(self.reference, dtype="<f4")
-    record = {
-        "reference_shape": list(reference.shape),
-        "reference_f32le_b64": base64.b64encode(reference.tobytes()).decode(),
-        "max_diff": self.max_diff, "tolerance": self.tolerance,
-        "tf_seconds": self.tf_seconds, "onnx_seconds": self.onnx_seconds,
-        "onnxruntime_version": self.onnxruntime_version,
-    }
-    return {METADATA_CHECK: json.dumps(record, sort_keys=True)}
-
-  @classmethod
-  def from_metadata(cls, metadata: Dict[str, str]
-                    ) -> Optional["RecordedCheck"]:
-    """The check a file's metadata records; None when it records none."""
-    text = metadata.get(METADATA_CHECK)
-    if not text:
-      return None
-    try:
-      record = json.loads(text)
-      shape = tuple(int(v) for v in record["reference_shape"])
-      reference = np.frombuffer(
-          base64.b64decode(record["reference_f32le_b64"]),
-          dtype="<f4").reshape(shape).astype(np.float32)
-      return cls(reference=reference, max_diff=float(record["max_diff"]),
-                 tolerance=float(record["tolerance"]),
-                 tf_seconds=record.get("tf_seconds"),
-                 onnx_seconds=record.get("onnx_seconds"),
-                 onnxruntime_version=record.get("onnxruntime_version", ""))
-    except (KeyError, TypeError, ValueError) as e:
-      logging.warning("ignoring an unreadable recorded check (%s)", e)
-      return None
 
 
 class OnnxRuntime:
@@ -279,7 +124,7 @@ class OnnxRuntime:
     self.resolved = resolved
     self._reference = reference
     self._probe = probe
-    self._threads = intra_op_threads or _process_cores()
+    self._threads = intra_op_threads or process_cores()
     self._timing_runs = timing_runs
     self._session: Optional[OnnxSession] = None
     decision = resolved.decision
@@ -367,7 +212,7 @@ class OnnxRuntime:
     recorded = None
     if batch is None:
       batch = base.probe_batch(spec.input_size)
-      if session.metadata.get(METADATA_FINGERPRINT) == self.fingerprint:
+      if session.fingerprint == self.fingerprint:
         recorded = RecordedCheck.from_metadata(session.metadata)
       if recorded is not None and recorded.reference.shape != (
           len(batch), spec.output_width):
@@ -382,12 +227,7 @@ class OnnxRuntime:
       self._reference.load()
       expected = self._reference.predict(batch)
       self.checked_against = CHECKED_AGAINST_TF
-    try:
-      got = session.predict(batch)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own kinds
-      raise models_lib.ModelError(
-          f"model {spec.name}: ONNX Runtime failed on the probe batch "
-          f"({session.path}): {e}") from e
+    got = session.predict_probe(batch)
     self.max_diff = base.output_difference(got, expected)
     if got.shape != expected.shape:
       raise models_lib.ModelError(
@@ -408,12 +248,8 @@ class OnnxRuntime:
     """Opens the quantized file the launcher checked, and only that one."""
     spec = self.resolved.spec
     path = decision.onnx_path
-    if path and "://" in path:  # published by the launcher for this worker
-      local = os.path.join(cache_dir(), os.path.basename(path))
-      if not os.path.exists(local) and FileSystems.exists(path):
-        with FileSystems.open(path) as f:
-          write_atomically(local, f.read())
-      path = local
+    if path:  # a bucket path: published by the launcher for this worker
+      path = store.local_copy(path, os.path.basename(path))
     if not path or not os.path.exists(path):
       raise models_lib.ModelError(
           f"model {spec.name}: the int8 file the launcher checked "
@@ -421,13 +257,8 @@ class OnnxRuntime:
           f"--precision int8 the output must be on a bucket (the file is "
           f"published under it) or on the launcher's machine")
     session = OnnxSession(self.resolved, path, self._threads)
-    found = (session.metadata.get(METADATA_PRECISION),
-             session.metadata.get(METADATA_FINGERPRINT))
-    if found != (base.INT8, decision.fingerprint):
-      raise models_lib.ModelError(
-          f"model {spec.name}: {path} is not the int8 file the launcher "
-          f"checked (precision, fingerprint {found}, expected int8, "
-          f"{decision.fingerprint})")
+    require_identity(session, base.INT8, decision.fingerprint,
+                     "the int8 file the launcher checked")
     self._session = session
     self.path, self.source = decision.onnx_path, decision.onnx_source
     self.fingerprint, self.max_diff = decision.fingerprint, decision.max_diff
@@ -467,422 +298,7 @@ def file_key(name: str, path: Optional[str], fingerprint: Optional[str],
 
 
 # --------------------------------------------------------------------------
-# Conversion.
-
-
-model_fingerprint = base.model_fingerprint
-
-
-def installed_version(dist: str) -> str:
-  """An installed distribution's version, without importing it."""
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return "none"
-
-
-def convert_to_onnx(resolved: models_lib.ResolvedModel, target_path: str,
-                    reference: Optional[TFRuntime] = None,
-                    opset: int = ONNX_OPSET,
-                    timing_runs: int = base.DEFAULT_TIMING_RUNS,
-                    clock: base.Clock = time.perf_counter) -> str:
-  """Converts a model to ONNX, checks and times it, and writes the file.
-
-  The converted function is the one the TF runtime calls
-  (``TFRuntime.float_function``): the ``default`` signature of a TF1 Hub
-  module (empty tag set), or ``obj(images, training=False)`` of a TF2
-  SavedModel (which needs no ``serving_default`` signature).  The ONNX graph
-  takes float32 ``images`` ``[batch, size, size, 3]`` in [0, 1] with a
-  dynamic batch and returns ``output`` ``[batch, width]``.  Before it is
-  written, the converted model runs the probe batch on ONNX Runtime; its
-  metadata records the model's fingerprint and that check
-  (``RecordedCheck``: TensorFlow's outputs, the difference, the probe
-  timings of both runtimes), whatever the difference: a file that failed
-  its check fails it again wherever it is loaded.  The file is written to
-  a temporary name and renamed into place, so a reader never sees half a
-  file (a remote target is written in one object upload).
-
-  This runs in the calling process, which then holds TensorFlow, the model
-  and the converter's copies of it; ``convert_in_child`` runs it in a child
-  process instead.
-
-  Args:
-    resolved: the model.
-    target_path: where the .onnx goes; a local path or a bucket path.
-    reference: the model already loaded on TF, to avoid loading its weights
-      a second time.
-    opset: ONNX opset; 17 runs on onnxruntime 1.14 and later.
-    timing_runs: timed probe runs per runtime to record; 0 records none.
-    clock: the clock of the timings.
-
-  Returns:
-    target_path.
-
-  Raises:
-    ModelError: the model cannot be loaded or converted, or ONNX Runtime
-      cannot run the result.
-  """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import tf2onnx  # pylint: disable=import-outside-toplevel
-
-  spec = resolved.spec
-  if reference is None:
-    reference = TFRuntime(resolved)
-  reference.load()
-  call = reference.float_function()
-  size = spec.input_size
-  signature = (tf.TensorSpec([None, size, size, 3], tf.float32,
-                             name=ONNX_INPUT),)
-
-  @tf.function(autograph=False)  # plain calls: nothing for AutoGraph to do
-  def function(images):
-    return {ONNX_OUTPUT: call(images)}
-
-  start = time.perf_counter()
-  try:
-    try:
-      with _tf2onnx_catch_errors(False):
-        proto, _ = tf2onnx.convert.from_function(
-            function, input_signature=signature, opset=opset)
-    except Exception as e:  # noqa: BLE001 - tf2onnx raises many kinds
-      logging.warning(
-          "model %s: fast ONNX conversion failed (%s: %s); retrying with "
-          "tf2onnx skipping the optimizers that fail", spec.name,
-          type(e).__name__, e)
-      with _tf2onnx_catch_errors(True):
-        proto, _ = tf2onnx.convert.from_function(
-            function, input_signature=signature, opset=opset)
-  except Exception as e:  # noqa: BLE001
-    raise models_lib.ModelError(
-        f"model {spec.name} at {resolved.path}: conversion to ONNX failed: "
-        f"{type(e).__name__}: {e}") from e
-  finally:
-    _release_memory()
-  metadata = {
-      METADATA_MODEL: spec.name,
-      METADATA_FINGERPRINT: model_fingerprint(
-          models_lib.stage_locally(resolved.path)),
-      METADATA_PRECISION: base.FP32,
-      "natvision_source": resolved.path,
-      "tf2onnx_version": tf2onnx.__version__,
-      "tensorflow_version": tf.__version__,
-  }
-  check = _check_converted(resolved, proto.SerializeToString(), reference,
-                           timing_runs, clock)
-  metadata.update(check.to_metadata())
-  for key, value in metadata.items():
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = key, value
-  data = proto.SerializeToString()
-  del proto
-  write_atomically(target_path, data)
-  logging.info("converted %s to ONNX (opset %d, %.1f MB) in %.1f s, max "
-               "difference from TF on the probe batch %.2g: %s", spec.name,
-               opset, len(data) / 1e6, time.perf_counter() - start,
-               check.max_diff, target_path)
-  return target_path
-
-
-def _check_converted(resolved: models_lib.ResolvedModel, model_bytes: bytes,
-                     reference: TFRuntime, timing_runs: int,
-                     clock: base.Clock) -> RecordedCheck:
-  """Runs the probe batch through a converted model and TF, and times both.
-
-  Raises:
-    ModelError: ONNX Runtime cannot open or run the converted model.
-  """
-  spec = resolved.spec
-  session = OnnxSession(resolved, f"(converted {spec.name})",
-                        model_bytes=model_bytes)
-  probe = base.probe_batch(spec.input_size)
-  expected = reference.predict(probe)
-  try:
-    got = session.predict(probe)
-  except Exception as e:  # noqa: BLE001 - ORT raises its own kinds
-    raise models_lib.ModelError(
-        f"model {spec.name}: ONNX Runtime failed on the probe batch of the "
-        f"converted model: {e}") from e
-  tf_seconds = onnx_seconds = None
-  if timing_runs > 0:
-    tf_seconds, onnx_seconds = base.best_times(
-        [reference.predict, session.predict], probe,
-        max(timing_runs, base.RECORDED_TIMING_RUNS), clock)
-  return RecordedCheck(
-      reference=expected, max_diff=base.output_difference(got, expected),
-      tolerance=base.TOLERANCES[spec.kind], tf_seconds=tf_seconds,
-      onnx_seconds=onnx_seconds,
-      onnxruntime_version=installed_version("onnxruntime"))
-
-
-def _convert_job(resolved: models_lib.ResolvedModel, target_path: str,
-                 timing_runs: int) -> dict:
-  """What the conversion child process runs; returns its own figures."""
-  import resource  # pylint: disable=import-outside-toplevel
-  logging.basicConfig(level=logging.WARNING)
-  start = time.perf_counter()
-  convert_to_onnx(resolved, target_path, timing_runs=timing_runs)
-  return {"seconds": time.perf_counter() - start,
-          "peak_rss_mb": resource.getrusage(
-              resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-
-
-def convert_in_child(resolved: models_lib.ResolvedModel, target_path: str,
-                     timing_runs: int = base.DEFAULT_TIMING_RUNS) -> str:
-  """``convert_to_onnx`` in a child process, so its memory leaves with it.
-
-  The child is started with ``spawn`` (a fresh interpreter: nothing of this
-  process's threads or TensorFlow state is copied).  A daemonic process,
-  which may not start children, converts in-process instead.
-
-  Args:
-    resolved: the model.
-    target_path: where the .onnx goes.
-    timing_runs: timed probe runs per runtime to record.
-
-  Returns:
-    target_path.
-
-  Raises:
-    ModelError: the conversion failed, or the child died (killed for
-      memory, for instance).
-  """
-  base.announce(
-      f"converting model {resolved.name} to ONNX, once per machine (cached "
-      f"in {os.path.dirname(target_path)})",
-      conversion_seconds(models_lib.stage_locally(resolved.path)))
-  if multiprocessing.current_process().daemon:
-    return convert_to_onnx(resolved, target_path, timing_runs=timing_runs)
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-    future = pool.submit(_convert_job, resolved, target_path, timing_runs)
-    try:
-      figures = future.result()
-    except concurrent.futures.process.BrokenProcessPool as e:
-      raise models_lib.ModelError(
-          f"model {resolved.name}: the process converting it to ONNX died "
-          f"({e}); it may have run out of memory: stage the file with "
-          f"natvision-stage-onnx on a larger machine, or pass --runtime tf"
-      ) from e
-  logging.info("model %s converted to ONNX in a child process in %.1f s "
-               "(its peak memory %.0f MiB): %s", resolved.name,
-               figures["seconds"], figures["peak_rss_mb"], target_path)
-  return target_path
-
-
-def _convert_many_job(pairs, timing_runs: int) -> dict:
-  """The child converting several models: each one's seconds."""
-  logging.basicConfig(level=logging.WARNING)
-  logging.getLogger("tensorflow").setLevel(logging.ERROR)
-  seconds = {}
-  for resolved, target in pairs:
-    if os.path.exists(target):  # another process made it meanwhile
-      continue
-    start = time.perf_counter()
-    try:
-      convert_to_onnx(resolved, target, timing_runs=timing_runs)
-    except models_lib.ModelError:
-      continue  # converted alone later by find_or_convert, which says why
-    finally:
-      _release_memory()
-    seconds[resolved.name] = time.perf_counter() - start
-  return seconds
-
-
-def convert_missing(models: Sequence[models_lib.ResolvedModel],
-                    timing_runs: int = base.DEFAULT_TIMING_RUNS) -> List[str]:
-  """Converts, in one child process, every model that has no ONNX file.
-
-  The launcher calls this before it decides the runtimes, so that a run
-  whose models all need converting starts TensorFlow and tf2onnx once
-  rather than once per model.  Models asking for ``--runtime tf``, with a
-  staged file, or with a cached one are left alone (``find_or_convert``
-  opens theirs); so is everything when tf2onnx is missing (the chooser
-  then says so, per model).  One console line says what is converted and
-  about how long it takes.
-
-  Returns:
-    The names of the models converted.
-
-  Raises:
-    ModelError: the child failed or died.
-  """
-  if importlib.util.find_spec("tf2onnx") is None:
-    return []
-  pairs, seconds = [], 0.0
-  for resolved in models:
-    if resolved.requested_runtime == base.RUNTIME_TF:
-      continue
-    staged, fingerprint = _local_staged(resolved, None)
-    path = cached_onnx_path(resolved, fingerprint)
-    if staged is None and not os.path.exists(path):
-      pairs.append((resolved, path))
-      seconds += conversion_seconds(models_lib.stage_locally(resolved.path))
-  if not pairs:
-    return []
-  names = [r.name for r, _ in pairs]
-  folder = os.path.dirname(pairs[0][1])
-  base.announce(
-      f"converting {len(pairs)} model(s) to ONNX in one child process, once "
-      f"per machine (cached in {folder}): {', '.join(names)}",
-      seconds - CONVERSION_START_SECONDS * (len(pairs) - 1))
-  with file_lock(os.path.join(folder, ".convert.lock")):
-    pairs = [(r, p) for r, p in pairs if not os.path.exists(p)]
-    if not pairs:
-      return []
-    if multiprocessing.current_process().daemon:
-      done = _convert_many_job(pairs, timing_runs)
-    else:
-      context = multiprocessing.get_context("spawn")
-      with concurrent.futures.ProcessPoolExecutor(
-          1, mp_context=context) as pool:
-        try:
-          done = pool.submit(_convert_many_job, pairs, timing_runs).result()
-        except concurrent.futures.process.BrokenProcessPool as e:
-          raise models_lib.ModelError(
-              f"models {', '.join(names)}: the process converting them to "
-              f"ONNX died ({e}); it may have run out of memory: stage the "
-              f"files with natvision-stage-onnx on a larger machine, or pass "
-              f"--runtime tf") from e
-  logging.info("converted %s to ONNX in one child process: %s",
-               ", ".join(done), ", ".join(f"{s:.1f} s" for s in done.values()))
-  return list(done)
-
-
-# What a conversion in a child costs on a 2-core machine: the child's start
-# (TensorFlow and tf2onnx imported), then about 0.2 s per MB of weights
-# (tiny stand-ins: 8 s in all; Inception-ResNet-V2, 220 MB: about 50 s).
-CONVERSION_START_SECONDS = 8.0
-CONVERSION_SECONDS_PER_MB = 0.2
-
-
-def conversion_seconds(local_dir: str) -> float:
-  """About how long converting the model in ``local_dir`` takes, in s."""
-  return (CONVERSION_START_SECONDS
-          + CONVERSION_SECONDS_PER_MB * base.folder_megabytes(local_dir))
-
-
-def _release_memory() -> None:
-  """Frees what a conversion left behind and returns it to the system.
-
-  The converter's graphs hold copies of the weights in reference cycles, and
-  glibc keeps freed memory in its arenas; without this, a worker that
-  converted Inception-ResNet-V2 stays 0.8 GB larger.
-  """
-  gc.collect()
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc
-    pass
-
-
-@contextlib.contextmanager
-def _tf2onnx_catch_errors(catch: bool) -> Iterator[None]:
-  """Sets whether tf2onnx's optimizers may fail without failing the whole.
-
-  By default tf2onnx deep-copies the whole graph, weights included, before
-  each of its dozen optimizer passes, so that a failing pass can be undone:
-  for Inception-V4 that took 30 s and 14 GB.  Without the copies the
-  conversion takes half the time and half the memory; the default (catching)
-  mode is kept as the retry when a pass fails.  tf2onnx reads
-  ``$TF2ONNX_CATCH_ERRORS`` at each conversion, and (tf2onnx 1.17) any value
-  of it turns catching off, so catching is turned on by removing it.
-  """
-  key = "TF2ONNX_CATCH_ERRORS"
-  saved = os.environ.get(key)
-  if catch:
-    os.environ.pop(key, None)
-  else:
-    os.environ[key] = "FALSE"
-  try:
-    yield
-  finally:
-    if saved is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = saved
-
-
-def write_atomically(path: str, data: bytes) -> None:
-  """Writes ``data`` at ``path`` so that no reader sees half of it.
-
-  A local file is written under a temporary name and renamed into place; a
-  bucket object appears whole when its upload closes.
-  """
-  if "://" in path:
-    with FileSystems.create(path) as f:
-      f.write(data)
-    return
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                             suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users' workers read it
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
-# --------------------------------------------------------------------------
 # Finding the file: the decided one, staged, cached, or converted here.
-
-
-def cache_dir() -> str:
-  """Where converted models are kept on this machine.
-
-  ``$NATVISION_ONNX_CACHE``, else ``onnx/`` under ``$NATVISION_MODEL_CACHE``
-  (where remote models are copied), else ``natvision-onnx`` in the temp dir.
-  """
-  explicit = os.environ.get(_CACHE_ENV)
-  if explicit:
-    return explicit
-  models_cache = os.environ.get("NATVISION_MODEL_CACHE")
-  if models_cache:
-    return os.path.join(models_cache, "onnx")
-  return os.path.join(tempfile.gettempdir(), "natvision-onnx")
-
-
-def cached_onnx_path(resolved: models_lib.ResolvedModel,
-                     fingerprint: str) -> str:
-  """The cache file of a model, keyed by content only.
-
-  The key is the fingerprint of the model files, tf2onnx's version, the
-  opset and ``CACHE_FORMAT``; the model's path is left out on purpose, so
-  that a model folder moved or copied (``cp -r``) reuses the file converted
-  for the original (a conversion takes 20-50 s and several GB for a
-  full-size model).
-  """
-  key = hashlib.sha256("\0".join(
-      (fingerprint, installed_version("tf2onnx"), str(ONNX_OPSET),
-       CACHE_FORMAT)).encode()).hexdigest()[:16]
-  return os.path.join(cache_dir(), f"{resolved.name}-{key}.onnx")
-
-
-def staged_onnx_path(resolved: models_lib.ResolvedModel) -> str:
-  """Where ``natvision-stage-onnx`` puts a model's file: next to the model."""
-  return FileSystems.join(resolved.path.rstrip("/"), STAGED_ONNX)
-
-
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-  """An exclusive lock between the processes of one machine (flock)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a+b") as f:
-    try:
-      import fcntl  # pylint: disable=import-outside-toplevel
-    except ImportError:  # Windows: no lock; the rename keeps files whole
-      yield
-      return
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _local_staged(resolved: models_lib.ResolvedModel,
@@ -896,20 +312,15 @@ def _local_staged(resolved: models_lib.ResolvedModel,
   """
   if fingerprint is None:
     local = models_lib.stage_locally(resolved.path)
-    fingerprint = model_fingerprint(local)
-    staged = os.path.join(local, STAGED_ONNX)
+    fingerprint = base.model_fingerprint(local)
+    staged = os.path.join(local, store.STAGED_ONNX)
     return (staged if os.path.exists(staged) else None), fingerprint
-  staged = staged_onnx_path(resolved)
-  if "://" not in staged:
-    return (staged if os.path.exists(staged) else None), fingerprint
-  if not FileSystems.exists(staged):
+  staged = store.staged_onnx_path(resolved)
+  if "://" in staged and not FileSystems.exists(staged):
     return None, fingerprint
-  local = os.path.join(cache_dir(),
-                       f"{resolved.name}-staged-{fingerprint[:16]}.onnx")
-  if not os.path.exists(local):
-    with FileSystems.open(staged) as f:
-      write_atomically(local, f.read())
-  return local, fingerprint
+  local = store.local_copy(staged,
+                           f"{resolved.name}-staged-{fingerprint[:16]}.onnx")
+  return (local if os.path.exists(local) else None), fingerprint
 
 
 def find_or_convert(resolved: models_lib.ResolvedModel,
@@ -946,34 +357,77 @@ def find_or_convert(resolved: models_lib.ResolvedModel,
   if (decided_path and fingerprint and "://" not in decided_path
       and os.path.exists(decided_path)):
     session = OnnxSession(resolved, decided_path, intra_op_threads)
-    if session.metadata.get(METADATA_FINGERPRINT) == fingerprint:
+    if session.fingerprint == fingerprint:
       return session, decided_source or "cached", fingerprint
     del session
   staged, fingerprint = _local_staged(resolved, fingerprint)
   if staged is not None:
     session = OnnxSession(resolved, staged, intra_op_threads)
-    if session.metadata.get(METADATA_FINGERPRINT) == fingerprint:
+    if session.fingerprint == fingerprint:
       return session, "staged", fingerprint
     logging.warning(
         "model %s: ignoring %s, which was made from other model files than "
         "the ones next to it (fingerprint %s, model %s); restage it with "
-        "natvision-stage-onnx", resolved.name, staged_onnx_path(resolved),
-        session.metadata.get(METADATA_FINGERPRINT), fingerprint)
+        "natvision-stage-onnx", resolved.name, store.staged_onnx_path(resolved),
+        session.fingerprint, fingerprint)
     del session
-  path = cached_onnx_path(resolved, fingerprint)
-  source = "cached"
-  if not os.path.exists(path):
-    # One conversion at a time per machine: a conversion briefly takes
-    # several times the model's memory, and the processes that wait for the
-    # same model then find its file.
-    with file_lock(os.path.join(os.path.dirname(path), ".convert.lock")):
-      if not os.path.exists(path):
-        if importlib.util.find_spec("tf2onnx") is None:
-          raise models_lib.ModelError(
-              f"model {resolved.name}: no ONNX file staged or cached, and "
-              f"converting one needs the tf2onnx package; pip install "
-              f"tf2onnx, stage the file with natvision-stage-onnx, or pass "
-              f"--runtime tf")
-        convert_in_child(resolved, path, timing_runs)
-        source = "converted"
+  path = store.cached_onnx_path(resolved, fingerprint)
+
+  def convert(target: str) -> None:
+    if importlib.util.find_spec("tf2onnx") is None:
+      raise models_lib.ModelError(
+          f"model {resolved.name}: no ONNX file staged or cached, and "
+          f"converting one needs the tf2onnx package; pip install tf2onnx, "
+          f"stage the file with natvision-stage-onnx, or pass --runtime tf")
+    onnx_convert.convert_in_child(resolved, target, timing_runs)
+
+  source = "converted" if store.make_once(path, convert) else "cached"
   return OnnxSession(resolved, path, intra_op_threads), source, fingerprint
+
+
+def convert_missing(models: Sequence[models_lib.ResolvedModel],
+                    timing_runs: int = base.DEFAULT_TIMING_RUNS) -> List[str]:
+  """Converts, in one child process, every model that has no ONNX file.
+
+  The launcher calls this before it decides the runtimes, so that a run
+  whose models all need converting starts TensorFlow and tf2onnx once
+  rather than once per model (``onnx_convert.convert_many``).  Models
+  asking for ``--runtime tf``, with a staged file, or with a cached one are
+  left alone (``find_or_convert`` opens theirs); so is everything when
+  tf2onnx is missing (the chooser then says so, per model).  One console
+  line says what is converted and about how long it takes.
+
+  Returns:
+    The names of the models converted.
+
+  Raises:
+    ModelError: the child failed or died.
+  """
+  if importlib.util.find_spec("tf2onnx") is None:
+    return []
+  pairs, seconds = [], 0.0
+  for resolved in models:
+    if resolved.requested_runtime == base.RUNTIME_TF:
+      continue
+    staged, fingerprint = _local_staged(resolved, None)
+    path = store.cached_onnx_path(resolved, fingerprint)
+    if staged is None and not os.path.exists(path):
+      pairs.append((resolved, path))
+      seconds += onnx_convert.conversion_seconds(
+          models_lib.stage_locally(resolved.path))
+  if not pairs:
+    return []
+  names = [r.name for r, _ in pairs]
+  folder = os.path.dirname(pairs[0][1])
+  base.announce(
+      f"converting {len(pairs)} model(s) to ONNX in one child process, once "
+      f"per machine (cached in {folder}): {', '.join(names)}",
+      seconds - onnx_convert.CONVERSION_START_SECONDS * (len(pairs) - 1))
+  with store.folder_lock(folder):
+    pairs = [(r, p) for r, p in pairs if not os.path.exists(p)]
+    if not pairs:
+      return []
+    done = onnx_convert.convert_many(pairs, timing_runs)
+  logging.info("converted %s to ONNX in one child process: %s",
+               ", ".join(done), ", ".join(f"{s:.1f} s" for s in done.values()))
+  return list(done)
