@@ -14,9 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
-import numpy as np
 import pytest
 
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
