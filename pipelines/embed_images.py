@@ -31,6 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from natvision.pipelines import launch
 from natvision.transforms import commit
+from natvision.transforms import demo
 from natvision.transforms import dwca
 from natvision.transforms import embed
 from natvision.transforms import fetch
@@ -171,7 +172,8 @@ def _configure(args: argparse.Namespace) -> "JobConfig":
     ids_relative_to = SAMPLE_PHOTOS_DIR
   if args.demo:
     output_dir = output_dir or DEFAULT_DEMO_OUTPUT
-    model_root = model_root or FileSystems.join(output_dir, "_standin_models")
+    # The machine's stand-ins, written once (transforms/demo.py).
+    model_root = model_root or demo.standins_root()
   if not inputs:
     raise ConfigError("--input is required (a glob pattern or a manifest)")
   inputs = [fetch.local_path(i) for i in inputs]
@@ -484,16 +486,10 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None,
 
 
 def _ensure_demo_models(config: JobConfig) -> None:
-  """Writes tiny stand-in models for --demo unless they are there already."""
-  from natvision.transforms import standins  # pylint: disable=import-outside-toplevel
+  """Writes tiny stand-in models (and their ONNX files) for --demo unless
+  they are there already (transforms/demo.py)."""
   root = os.path.dirname(config.models[0].path.rstrip("/"))
-  missing = [m.name for m in config.models
-             if not FileSystems.exists(FileSystems.join(m.path,
-                                                        "saved_model.pb"))]
-  if missing:
-    logging.getLogger("natvision").info(
-        "writing tiny stand-in models to %s", root)
-    standins.write_standins(root, tiny=True, models=missing)
+  demo.ensure(root, [m.name for m in config.models])
 
 
 def main(argv: Optional[Sequence[str]] = None,

@@ -29,6 +29,7 @@ import argparse
 import difflib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -240,11 +241,23 @@ def check_models(models: Sequence[models_lib.ResolvedModel], choose=None,
   from natvision.transforms.runtimes import quantize  # pylint: disable=import-outside-toplevel
   choose = choose or chooser.choose
   quantization = quantization or quantize.QuantizationConfig()
-  decided = []
   for model in models:
     if model.spec.kind == models_lib.CLASSIFIER:
       models_lib.read_labelmap(model.labelmap_path,
                                expected=model.spec.output_width)
+  if choose is chooser.choose:
+    # Every conversion of the run in one child process (TensorFlow and
+    # tf2onnx start once); the chooser then finds the files cached.
+    from natvision.transforms.runtimes import onnx as onnx_lib  # pylint: disable=import-outside-toplevel
+    try:
+      onnx_lib.convert_missing(
+          [quantize.fp32_request(m, quantization) for m in models])
+    except models_lib.ModelError as e:
+      # Each model is then converted alone, and one that fails says so.
+      logging.info("converting the models together failed (%s); "
+                   "converting them one at a time", e)
+  decided = []
+  for model in models:
     decided.append(model.with_decision(
         choose(quantize.fp32_request(model, quantization))))
   return quantize.with_int8(decided, quantization, read_photos, output_dir)

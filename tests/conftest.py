@@ -98,6 +98,19 @@ def tiny_models(tmp_path_factory, session_caches):
   return root
 
 
+@pytest.fixture(scope="session")
+def demo_standins(session_caches):
+  """The demo's stand-ins in the session's model cache (transforms/demo.py),
+  written in this process rather than in the demo's child, which would
+  import TensorFlow again.  Returns their root."""
+  # pylint: disable=import-outside-toplevel
+  from natvision.transforms import demo
+  root = demo.standins_root()
+  if not os.path.isdir(root):
+    demo._write_job(root, list(TINY_NAMES), True)  # pylint: disable=protected-access
+  return root
+
+
 def copy_session_onnx_files(folder) -> str:
   """Fills ``folder`` (made if needed) with the session cache's fp32 ONNX
   files of the tiny stand-ins and no int8 file: a cache of a test's own

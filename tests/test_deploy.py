@@ -47,6 +47,9 @@ PIPELINES = {
 NOT_IN_TEMPLATE = {
     "demo": "local only: bundled photos and stand-ins written to local disk",
     "verbose": "console only: Dataflow workers keep full logs",
+    "retime_runtimes": "a switch, which template parameters (flags with a "
+    "value) cannot be; a template's launch decides from the recorded "
+    "timings of its staged ONNX files",
 }
 # Flags one template does not offer, with the reason.
 NOT_IN_TEMPLATE_OF = {

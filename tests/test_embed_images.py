@@ -18,7 +18,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from natvision.pipelines import embed_images
 from natvision.tools import report as html_report
-from natvision.transforms import commit, decode, models, preprocess, sinks
+from natvision.transforms import commit, decode, demo, models, preprocess, sinks
 from natvision.transforms import config as config_lib
 
 ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
@@ -212,7 +212,8 @@ def test_bad_model_fails_before_pipeline(tiny_models, photo_dir, tmp_path):
   assert not os.path.exists(tmp_path / "o")
 
 
-def test_demo_command_as_readme_gives_it(tmp_path, capsys, monkeypatch):
+def test_demo_command_as_readme_gives_it(demo_standins, tmp_path, capsys,
+                                        monkeypatch):
   # README's quickstart: a relative --output_dir in the current folder,
   # through natvision-embed's entry point (setup.py).
   monkeypatch.chdir(tmp_path)
@@ -237,9 +238,8 @@ def test_demo_command_as_readme_gives_it(tmp_path, capsys, monkeypatch):
   assert report["error_rate"] == pytest.approx(0.2)
   with open(os.path.join(out, "report.html"), encoding="utf-8") as f:
     assert f.read().startswith("<!DOCTYPE html>")
-  # The relative --output_dir's models, recorded where they really are.
-  models_dir = os.path.join(os.path.realpath(tmp_path), "natvision_demo",
-                            "_standin_models")
+  # The machine's stand-ins (transforms/demo.py), recorded where they are.
+  models_dir = os.path.realpath(demo.standins_root())
   assert [m["path"] for m in report["models"]] == [
       os.path.join(models_dir, name) for name in ALL.split(",")]
   meta = json.loads(pq.read_schema(next(
@@ -247,6 +247,32 @@ def test_demo_command_as_readme_gives_it(tmp_path, capsys, monkeypatch):
       for f in os.listdir(os.path.join(out, "embeddings", "inaturalist_v2"))
       if f.endswith(".parquet"))).metadata[sinks.METADATA_KEY])
   assert meta["model"]["path"] == os.path.join(models_dir, "inaturalist_v2")
+
+
+@pytest.mark.slow  # two demos, the first one writing the stand-ins
+def test_a_second_demo_elsewhere_writes_converts_and_loads_nothing(
+    demo_standins, tmp_path, capsys, monkeypatch):
+  # pylint: disable=import-outside-toplevel
+  from natvision.transforms.runtimes import onnx as onnx_lib
+  from natvision.transforms.runtimes import tf as tf_runtime
+  assert html_report.embed_main(["--demo", "--output_dir",
+                                 str(tmp_path / "first")]) == 0
+  capsys.readouterr()
+  done = []
+  for module, name in ((demo, "write_in_child"),
+                       (onnx_lib, "convert_to_onnx"),
+                       (onnx_lib, "convert_in_child"),
+                       (tf_runtime, "load_model")):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name,
+                        lambda *a, _n=name, _f=real, **k: (done.append(_n),
+                                                           _f(*a, **k))[1])
+  assert html_report.embed_main(["--demo", "--output_dir",
+                                 str(tmp_path / "second")]) == 0
+  assert done == []  # no stand-in written, no conversion, no TF load
+  printed = capsys.readouterr()
+  assert "stand-in models were used" in printed.out
+  assert len(os.listdir(tmp_path / "second" / "embeddings")) == 2
 
 
 def test_exit_status_follows_max_error_rate():

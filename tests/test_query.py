@@ -111,7 +111,8 @@ def test_a_missing_or_other_int8_file_is_refused_naming_it(int8_out,
     # Another file in its place (the fp32 one): not the file recorded.
     fp32_file = next(os.path.join(os.path.dirname(decided.int8_file), n)
                      for n in os.listdir(os.path.dirname(decided.int8_file))
-                     if n.startswith(MODEL) and not n.endswith(".int8.onnx"))
+                     if n.startswith(MODEL) and n.endswith(".onnx")
+                     and not n.endswith(".int8.onnx"))
     shutil.copy(fp32_file, decided.int8_file)
     with pytest.raises(index.SearchError, match="not the int8 file") as other:
       query_lib.embed_photo(uri, table)

@@ -9,8 +9,11 @@ ways.  Also here: the launcher attaching the decisions
 (``launch.check_models``).
 """
 
+import dataclasses
 import functools
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -70,8 +73,18 @@ def test_auto_picks_onnx_when_it_passes_and_workers_run_it(model_root, photos,
                                     tf_out) <= decision.tolerance
 
 
+RECORDED_NOTE = (" (timed when the ONNX file was made; --retime_runtimes "
+                 "times them again here)")
+
+
+def _reason_lines(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.name == "natvision" and " runs on " in r.getMessage()]
+
+
 def test_auto_keeps_onnx_when_the_recorded_timings_say_it_is_faster(
-    staged_root, tmp_path, tf_loads):
+    staged_root, tmp_path, tf_loads, caplog):
+  caplog.set_level("INFO", logger="natvision")
   root = staged_copy(staged_root, tmp_path, tf_seconds=0.2,
                      onnx_seconds=0.05)
   decision = chooser.choose(resolve(root, "inaturalist_v2"), timing_runs=3)
@@ -80,20 +93,48 @@ def test_auto_keeps_onnx_when_the_recorded_timings_say_it_is_faster(
   assert decision.onnx_seconds == pytest.approx(0.05)
   assert decision.timed == "recorded" and decision.onnx_source == "staged"
   assert decision.checked_against == "recorded"
-  assert decision.note.endswith("probe batch 0.050 s vs TensorFlow 0.200 s "
-                                "(timed when the file was made)")
+  assert decision.note.endswith("probe batch 0.050 s vs TensorFlow 0.200 s"
+                                + RECORDED_NOTE)
   assert tf_loads == []  # checked and timed without TensorFlow
+  (line,) = _reason_lines(caplog)
+  assert line.startswith("model inaturalist_v2 runs on ONNX Runtime "
+                         "(--runtime auto): ONNX Runtime matched "
+                         "TensorFlow's outputs recorded in the file within ")
+  assert line.endswith("probe batch 0.050 s vs TensorFlow 0.200 s"
+                       + RECORDED_NOTE)
+
+
+def test_recorded_timings_that_favour_tf_decide_without_timing_again(
+    staged_root, tmp_path, monkeypatch, tf_loads, caplog):
+  caplog.set_level("INFO", logger="natvision")
+  root = staged_copy(staged_root, tmp_path, tf_seconds=0.1, onnx_seconds=0.3)
+  clock = FakeClock()
+  # Timed here, ONNX Runtime would win: the record decides instead.
+  slowed(monkeypatch, clock, tf_seconds=0.3, onnx_seconds=0.1)
+  decision = chooser.choose(resolve(root, "inaturalist_v2"), clock=clock)
+  assert decision.runtime == "tf" and decision.timed == "recorded"
+  assert (decision.tf_seconds, decision.onnx_seconds) == pytest.approx(
+      (0.1, 0.3))
+  assert clock.now == 0.0  # nothing was timed
+  assert tf_loads == ["inaturalist_v2"]  # once, to run on it
+  assert decision.fallback == ("TF ran the probe batch in 0.100 s, ONNX "
+                               "Runtime in 0.300 s" + RECORDED_NOTE)
+  (line,) = _reason_lines(caplog)
+  assert line == ("model inaturalist_v2 runs on TensorFlow (--runtime auto): "
+                  "faster than ONNX Runtime: " + decision.fallback)
 
 
 @pytest.mark.parametrize("live_tf,live_onnx,runtime",
                          [(0.1, 0.3, "tf"), (0.3, 0.1, "onnx")])
-def test_recorded_timings_that_favour_tf_are_timed_again(
+def test_retime_runtimes_times_both_again(
     staged_root, tmp_path, monkeypatch, tf_loads, live_tf, live_onnx,
     runtime):
   root = staged_copy(staged_root, tmp_path, tf_seconds=0.1, onnx_seconds=0.3)
   clock = FakeClock()
   slowed(monkeypatch, clock, tf_seconds=live_tf, onnx_seconds=live_onnx)
-  decision = chooser.choose(resolve(root, "inaturalist_v2"), clock=clock)
+  resolved = dataclasses.replace(resolve(root, "inaturalist_v2"),
+                                 retime_runtimes=True)
+  decision = chooser.choose(resolved, clock=clock)
   assert decision.runtime == runtime and decision.timed == "here"
   assert (decision.tf_seconds, decision.onnx_seconds) == pytest.approx(
       (live_tf, live_onnx))
@@ -102,7 +143,7 @@ def test_recorded_timings_that_favour_tf_are_timed_again(
   if runtime == "tf":
     assert decision.max_diff == 0.0
     assert decision.fallback == ("TF ran the probe batch in 0.100 s, ONNX "
-                                 "Runtime in 0.300 s")
+                                 "Runtime in 0.300 s (timed here)")
     assert decision.note == ("TensorFlow; ONNX Runtime not used: "
                              + decision.fallback)
     # The check still ran and is recorded.
@@ -180,3 +221,42 @@ def test_auto_falls_back_to_tf_when_the_check_fails(model_root, other_root):
   assert decision.tf_seconds is None  # not timed once the check failed
   assert isinstance(runtimes.for_model(resolved.with_decision(decision)),
                     runtimes.TFRuntime)
+
+
+# The child decides and then reports whether TensorFlow was imported; the
+# console is the commands' own (transforms/console.py), on its stderr.
+_DECIDE_IN_CHILD = """
+import sys
+from natvision.transforms import console
+from natvision.transforms import models as models_lib
+from natvision.transforms.runtimes import chooser
+console.configure_logging()
+(resolved,) = models_lib.resolve_models(["inaturalist_v2"], sys.argv[1])
+decision = chooser.choose(resolved)
+print(decision.runtime, decision.timed, "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.slow  # a child process (~10 s); the default tier's cheaper
+# test_auto_keeps_onnx_when_the_recorded_timings_say_it_is_faster counts TF
+# loads and reads the same line in this process.
+def test_auto_with_recorded_timings_imports_no_tensorflow(staged_root,
+                                                          tmp_path):
+  root = staged_copy(staged_root, tmp_path, tf_seconds=0.2,
+                     onnx_seconds=0.05)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [repo] + ([os.environ["PYTHONPATH"]] if "PYTHONPATH" in os.environ
+                else [])),
+             NATVISION_ONNX_CACHE=str(tmp_path / "child_cache"))
+  done = subprocess.run([sys.executable, "-c", _DECIDE_IN_CHILD, root],
+                        capture_output=True, text=True, env=env, timeout=120,
+                        check=False)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.split() == ["onnx", "recorded", "False"]
+  reasons = [line for line in done.stderr.splitlines()
+             if "model inaturalist_v2 runs on ONNX Runtime (--runtime auto)"
+             in line]
+  assert len(reasons) == 1, done.stderr
+  assert reasons[0].endswith("probe batch 0.050 s vs TensorFlow 0.200 s"
+                             + RECORDED_NOTE)

@@ -14,20 +14,19 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
-import numpy as np
 import pytest
 
 from tests.runtime_helpers import (  # noqa: F401  (fixtures)
     NAMES, REPO, conversions, loaded_tf, model_root, noise,
     nothing_remembered, onnx_cache, other_root, photos, plant_wrong_onnx,
-    resolve)
+    resolve, staged_root)
 from natvision.transforms import standins as standin_models
 from natvision.transforms import models as models_lib
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import chooser
 from natvision.transforms.runtimes import base as runtimes_base
+from natvision.transforms.runtimes import onnx as onnx_lib
 from natvision.transforms.runtimes import onnx_convert
 from natvision.transforms.runtimes import onnx_session
 from natvision.transforms.runtimes import onnx_store
@@ -136,3 +135,62 @@ def test_full_size_standins_pass_the_check(tmp_path, photos, name):
   assert runtimes.output_difference(
       worker.predict(photos),
       loaded_tf(resolved).predict(photos)) <= decision.tolerance
+
+
+# --------------------------------------------------------------------------
+# convert_missing: every conversion of a run in one child process.
+
+
+def test_convert_missing_leaves_tf_staged_and_cached_models_alone(
+    model_root, staged_root, onnx_cache, session_caches, monkeypatch):
+  # The session's conversions of the tiny stand-ins (conftest), cached here.
+  session_cache = str(session_caches / "onnx")
+  os.makedirs(onnx_cache, exist_ok=True)
+  for name in os.listdir(session_cache):
+    if name.endswith(".onnx"):
+      shutil.copy(os.path.join(session_cache, name), onnx_cache)
+  started = []
+  monkeypatch.setattr(onnx_convert, "_convert_many_job",
+                      lambda *a: started.append(a) or {})
+  models = [resolve(model_root, "fungi_mobile_v1"),  # cached
+            resolve(staged_root, "inaturalist_v2"),  # staged
+            resolve(model_root, "inception_resnet_v2", requested="tf")]
+  assert onnx_lib.convert_missing(models) == []
+  assert started == []
+
+
+@pytest.mark.slow  # a child converts two models (TensorFlow starts once)
+def test_convert_missing_converts_a_runs_models_in_one_child(
+    model_root, onnx_cache, monkeypatch, caplog):
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  pools = []
+  real_pool = concurrent.futures.ProcessPoolExecutor
+
+  def counting_pool(*args, **kwargs):
+    pools.append(1)
+    return real_pool(*args, **kwargs)
+
+  monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor",
+                      counting_pool)
+  caplog.set_level("INFO", logger="natvision")
+  models = [resolve(model_root, "inaturalist_v2"),
+            resolve(model_root, "fungi_mobile_v1")]
+  assert onnx_lib.convert_missing(models) == ["inaturalist_v2",
+                                              "fungi_mobile_v1"]
+  assert pools == [1]
+  announced = [r.getMessage() for r in caplog.records
+               if r.name == "natvision"]
+  assert len(announced) == 1
+  assert announced[0].startswith("converting 2 model(s) to ONNX in one "
+                                 "child process")
+  assert announced[0].endswith("s)")  # "(about N s)"
+  for resolved in models:
+    path = onnx_store.cached_onnx_path(
+        resolved, runtimes_base.model_fingerprint(resolved.path))
+    session = onnx_session.OnnxSession(resolved, path)
+    assert onnx_session.RecordedCheck.from_metadata(
+        session.metadata) is not None
+  # The chooser then finds them: nothing is converted again.
+  assert onnx_lib.convert_missing(models) == []
+  decision = chooser.choose(models[0], timing_runs=0)
+  assert decision.onnx_source == "cached"

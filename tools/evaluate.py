@@ -52,6 +52,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from natvision import transforms
 from natvision.transforms import console
+from natvision.transforms import extras
 from natvision.transforms import helptext
 from natvision.transforms import models as models_lib
 from natvision.transforms import taxonomy
@@ -297,6 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   console.configure_logging()  # the jobs' quiet console
   try:
     config = parse_args(argv)
+    status = extras.check_command("tools", "natvision-evaluate")
+    if status is not None:
+      return status
     evaluation = evaluate(config)
   except (EvaluationError, tables_lib.TableError) as e:
     print(f"natvision-evaluate: error: {e}", file=sys.stderr)

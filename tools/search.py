@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from natvision.transforms import console
+from natvision.transforms import extras
 from natvision.transforms import helptext
 from natvision.tools import tables as tables_lib
 from natvision.tools.index import (EXACT_BELOW_FLOATS, TARGET_RECALL, SearchError,
@@ -182,6 +183,9 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
   """natvision-index: builds OUT/embeddings/<model>/_index/."""
   args = index_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
+  status = extras.check_command("tools", "natvision-index")
+  if status is not None:
+    return status
   try:
     meta = build_index(args.output_dir, args.model, args.exact_below,
                        args.target_recall)
@@ -250,6 +254,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.error("--k must be at least 1")
   if args.duplicates and args.threshold is None:
     p.error("--duplicates needs --threshold (a cosine similarity, e.g. 0.98)")
+  status = extras.check_command("tools", "natvision-search")
+  if status is not None:
+    return status
   try:
     searcher = open_searcher(args.output_dir, args.model)
     if args.duplicates:

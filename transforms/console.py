@@ -6,6 +6,16 @@ notices, which no logging setting reaches, are filtered out of the
 process's stderr.  ``--verbose`` (``verbose_requested``) brings the INFO
 lines back.
 
+The DirectRunner's worker processes (``--direct_running_mode
+multi_processing``) send their log lines to the launcher, where Beam logs
+each as one long ``Worker: severity: ... message: "..." log_location:
+...`` line (``local_job_service``).  ``WorkerLogFilter`` turns them into
+what the same run prints in one process: natvision's lines as natvision's
+(``natvision.worker``: the report written, progress, warnings), Beam's own
+start-up warnings from its worker (no ``semi_persistent_directory``, the
+launcher's flags it does not parse) dropped like TensorFlow's notices,
+anything else from WARNING up kept as it was.
+
 It lives in transforms/ so that the jobs (pipelines/launch.py) and the
 tools/ commands set up the same console without the tools importing the
 jobs.
@@ -14,14 +24,43 @@ jobs.
 from __future__ import annotations
 
 import atexit
+import codecs
 import logging
 import os
 import re
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import FrozenSet, Optional, Sequence, Tuple
 
 VERBOSE_FLAG = "--verbose"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Notices logged on the root logger while a library is imported, before any
+# command has set up its console: Beam's, on an install without the gcp
+# extra (``pip install .``), which reads gs:// and BigQuery not at all.
+IMPORT_NOTICES = (
+    "apitools not found, and bigquery client libraries are not available",
+)
+
+
+class ImportNoticeFilter(logging.Filter):
+  """Drops ``IMPORT_NOTICES`` (on the root logger)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(notice in message for notice in IMPORT_NOTICES)
+
+
+def drop_import_notices() -> None:
+  """Installs ``ImportNoticeFilter`` on the root logger, once.
+
+  Called by the packages' ``__init__`` (pipelines/, tools/), so that it is
+  in place before their modules import Beam; ``--verbose`` does not bring
+  these back (they are printed before the flags are read).
+  """
+  root = logging.getLogger()
+  if not any(isinstance(f, ImportNoticeFilter) for f in root.filters):
+    root.addFilter(ImportNoticeFilter())
 
 
 def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
@@ -44,8 +83,15 @@ def configure_logging(verbose: bool = False) -> None:
   if not verbose:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _filter_native_stderr()
-  logging.basicConfig(level=logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.basicConfig(level=logging.INFO, format=FORMAT)
+  # A handler that a library's import-time ``logging.warning`` made with
+  # basicConfig's defaults (Beam without the gcp extra) gets the format.
+  for handler in logging.getLogger().handlers:
+    formatter = handler.formatter
+    if (type(handler) is logging.StreamHandler  # pylint: disable=unidiomatic-typecheck
+        and formatter is not None
+        and getattr(formatter, "_fmt", None) == logging.BASIC_FORMAT):
+      handler.setFormatter(logging.Formatter(FORMAT))
   if not verbose:
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("natvision").setLevel(logging.INFO)
@@ -53,6 +99,102 @@ def configure_logging(verbose: bool = False) -> None:
       logging.getLogger(noisy).setLevel(logging.WARNING)
     # TensorFlow's deprecation notices concern its API, not the user's run.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    worker = logging.getLogger(BEAM_WORKER_LOGGER)
+    if not any(isinstance(f, WorkerLogFilter) for f in worker.filters):
+      worker.addFilter(WorkerLogFilter())
+    worker.setLevel(logging.INFO)
+
+
+# Where Beam logs its worker processes' lines (multi_processing).
+BEAM_WORKER_LOGGER = "apache_beam.runners.portability.local_job_service"
+_WORKER_FIELD = re.compile(r'(\w+): "((?:[^"\\]|\\.)*)"')
+_WORKER_SEVERITY = re.compile(r"severity: (\w+)")
+_SEVERITIES = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG,
+               "INFO": logging.INFO, "NOTICE": logging.INFO,
+               "WARN": logging.WARNING, "ERROR": logging.ERROR,
+               "CRITICAL": logging.CRITICAL}
+
+
+def _unescape(text: str) -> str:
+  """A protobuf text-format string's content (octal-escaped UTF-8)."""
+  try:
+    raw = codecs.escape_decode(text.encode("utf-8"))[0]
+    return raw.decode("utf-8", "replace")
+  except ValueError:
+    return text
+
+
+def _source_roots() -> Tuple[str, ...]:
+  """The folders of natvision's packages, wherever they are installed."""
+  here = os.path.dirname(os.path.abspath(__file__))  # transforms/
+  parent = os.path.dirname(here)
+  return tuple(os.path.join(parent, p) + os.sep
+               for p in ("transforms", "pipelines", "tools"))
+
+
+def natvision_logging_files(roots: Sequence[str]) -> FrozenSet[str]:
+  """The source files under ``roots`` that log through a ``natvision``
+  logger: the INFO lines of a worker that one process would show too.
+
+  A forwarded worker line names its file and line, not its logger, so the
+  file stands for the logger (read once, when the console is set up).
+  """
+  found = set()
+  for root in roots:
+    for folder, _, names in os.walk(root):
+      for name in names:
+        if not name.endswith(".py"):
+          continue
+        path = os.path.join(folder, name)
+        try:
+          with open(path, encoding="utf-8") as f:
+            if 'getLogger("natvision' in f.read():
+              found.add(path)
+        except OSError:
+          pass
+  return frozenset(found)
+
+
+class WorkerLogFilter(logging.Filter):
+  """Beam's forwarded worker lines, as the quiet console shows them.
+
+  Installed on ``BEAM_WORKER_LOGGER`` (set to INFO, so that natvision's INFO
+  lines from workers reach it): a line logged by natvision's code on a
+  worker (told by its ``log_location``, a path under natvision's packages)
+  is rewritten as a ``natvision.worker`` record of the worker's own
+  severity and message, and kept from WARNING up, or from INFO up when its
+  file logs through a ``natvision`` logger (``natvision_logging_files``:
+  what one process shows); any other worker line below WARNING, and
+  Beam's own below ERROR (its start-up notices), is dropped.  Lines that
+  are not forwarded worker lines keep the quiet console's WARNING
+  threshold.
+  """
+
+  def __init__(self, roots: Optional[Sequence[str]] = None):
+    super().__init__()
+    self._roots = tuple(roots) if roots is not None else _source_roots()
+    self._info_files = natvision_logging_files(self._roots)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.msg != "Worker: %s" or not record.args:
+      return record.levelno >= logging.WARNING
+    entry = str(record.args[0])
+    fields = dict(_WORKER_FIELD.findall(entry))
+    severity = _WORKER_SEVERITY.search(entry)
+    level = _SEVERITIES.get(severity.group(1) if severity else "",
+                            record.levelno)
+    message = _unescape(fields.get("message", ""))
+    location = _unescape(fields.get("log_location", ""))
+    if location.startswith(self._roots):
+      record.name = "natvision.worker"
+      record.levelno, record.levelname = level, logging.getLevelName(level)
+      record.msg, record.args = message, ()
+      path = location.rpartition(":")[0]
+      return level >= (logging.INFO if path in self._info_files
+                       else logging.WARNING)
+    if f"{os.sep}apache_beam{os.sep}" in location:
+      return level >= logging.ERROR
+    return level >= logging.WARNING
 
 
 # TensorFlow's C++ start-up notices (absl's format), written before absl is

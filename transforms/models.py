@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -168,6 +169,8 @@ class ResolvedModel:
       runtime it names and refuse a model without one.
     model_root: the ``--model_root`` the folder was found under; None for a
       ``--model_handle``.  Only for messages: which flag to fix.
+    retime_runtimes: ``--retime_runtimes``: for ``auto``, time both
+      runtimes here even when the ONNX file records its timings.
     label_taxa: a classifier's labels as taxa (a
       ``transforms.taxonomy.LabelTaxa``, attached by the launcher with
       ``--taxa``); None without a taxonomy.
@@ -183,6 +186,7 @@ class ResolvedModel:
   requested_runtime: str = "auto"
   decision: Optional[Any] = None  # a transforms.runtimes.RuntimeDecision
   model_root: Optional[str] = None
+  retime_runtimes: bool = False
   label_taxa: Optional[Any] = None  # a transforms.taxonomy.LabelTaxa
   prior: Optional[Any] = None  # a transforms.prior.PriorSettings
 
@@ -425,6 +429,19 @@ def read_labelmap(path: str, expected: Optional[int] = None) -> List[str]:
 _LOCAL_CACHE_ENV = "NATVISION_MODEL_CACHE"
 
 
+# The rate a model copy's announced duration assumes.
+COPY_MB_PER_SECOND = 50
+
+
+def local_cache_root() -> str:
+  """This machine's model cache: ``$NATVISION_MODEL_CACHE``, else
+  ``natvision-models`` in the temp dir (remote models' copies, the demo's
+  stand-ins)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  return os.environ.get(_LOCAL_CACHE_ENV) or os.path.join(
+      tempfile.gettempdir(), "natvision-models")
+
+
 def stage_locally(path: str) -> str:
   """Returns a local folder holding the model at ``path``.
 
@@ -441,7 +458,6 @@ def stage_locally(path: str) -> str:
   if "://" not in path:
     return path
   import hashlib  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
 
   prefix = path.rstrip("/") + "/"
   listing = [(p[len(prefix):], size, mtime) for p, size, mtime in
@@ -450,14 +466,18 @@ def stage_locally(path: str) -> str:
              if entry[0] and not entry[0].endswith("/")]
   if not listing:
     raise ModelError(f"{path} holds no files")
-  cache_root = os.environ.get(_LOCAL_CACHE_ENV) or os.path.join(
-      tempfile.gettempdir(), "natvision-models")
+  cache_root = local_cache_root()
   key = hashlib.sha256(repr((path, listing)).encode()).hexdigest()[:16]
   target = os.path.join(cache_root, key)
   done = os.path.join(target, ".complete")
   if os.path.exists(done):
     return target
   tmp = f"{target}.tmp{os.getpid()}"
+  megabytes = sum(size for _, size, _ in listing) / 1e6
+  logging.getLogger("natvision").info(
+      "copying model %s (%.0f MB) to this machine's cache %s (about %.0f s "
+      "at %d MB/s)", path, megabytes, target,
+      max(1.0, megabytes / COPY_MB_PER_SECOND), COPY_MB_PER_SECOND)
   for rel, _, _ in listing:
     dest = os.path.join(tmp, rel)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -509,6 +529,11 @@ def add_flags(parser) -> None:
       help="auto: ONNX Runtime where it passes the check against "
       "TensorFlow and is faster, else TensorFlow; tf; onnx (fail if the "
       "check fails)")
+  parser.add_argument(
+      "--retime_runtimes", action="store_true",
+      help="with --runtime auto, time TensorFlow and ONNX Runtime again on "
+      "this machine instead of deciding from the timings recorded in the "
+      "ONNX file when it was made (loads TensorFlow)")
 
 
 def from_args(args, model_root: Optional[str]) -> Tuple["ResolvedModel", ...]:
@@ -529,8 +554,11 @@ def from_args(args, model_root: Optional[str]) -> Tuple["ResolvedModel", ...]:
                      f"{', '.join(REGISTRY)}")
   if len(set(names)) != len(names):
     raise ModelError(f"--models names a model twice: {args.models}")
-  return tuple(resolve_models(
+  resolved = resolve_models(
       names, model_root,
       handles=config.key_values(args.model_handle, "--model_handle"),
       labelmaps=config.key_values(args.labelmap, "--labelmap"),
-      resize=args.resize, requested_runtime=args.runtime))
+      resize=args.resize, requested_runtime=args.runtime)
+  retime = bool(getattr(args, "retime_runtimes", False))
+  return tuple(dataclasses.replace(m, retime_runtimes=retime)
+               for m in resolved)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -304,6 +305,29 @@ def model_fingerprint(local_dir: str) -> str:
       size = os.path.getsize(os.path.join(variables, name))
       digest.update(f"{name}:{size}\0".encode())
   return digest.hexdigest()[:32]
+
+
+def folder_megabytes(local_dir: str) -> float:
+  """The size of the files under a local folder, in MB (1e6 bytes)."""
+  total = 0
+  for folder, _, names in os.walk(local_dir):
+    for name in names:
+      try:
+        total += os.path.getsize(os.path.join(folder, name))
+      except OSError:
+        pass
+  return total / 1e6
+
+
+def announce(what: str, seconds: float) -> None:
+  """The console line of a step that may take over 5 s (a conversion, a
+  quantization, a model copy): what it does and about how long it takes.
+
+  Printed by the ``natvision`` logger, which the quiet console shows
+  (transforms/console.py).
+  """
+  logging.getLogger("natvision").info("%s (about %.0f s)", what,
+                                      max(1.0, seconds))
 
 
 # --------------------------------------------------------------------------

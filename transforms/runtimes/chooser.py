@@ -14,13 +14,18 @@
 The check of a file that recorded it when it was made
 (transforms/runtimes/onnx.py) needs no TensorFlow: ONNX Runtime's outputs
 on the probe batch are compared with TensorFlow's recorded ones.  Its
-recorded probe timings decide ``auto`` when they favour ONNX Runtime; when
-they favour TensorFlow, TensorFlow is loaded and both are timed again here
-(a file made while the machine was busy would otherwise decide every later
-job), and TensorFlow is chosen only if it is faster again.  So the launcher
-loads the model on TensorFlow only when TensorFlow may be what it decides
-on, or for a file without a recorded check, which is checked and timed
+recorded probe timings decide ``auto`` either way, without importing
+TensorFlow to time it again; both runtimes are timed here only when the
+file records no timings, or when ``--retime_runtimes`` asks
+(``ResolvedModel.retime_runtimes``: the file was made while the machine
+was busy, or on another machine).  So the launcher loads the model on
+TensorFlow only when TensorFlow is what it decides on, when asked to time
+again, or for a file without a recorded check, which is checked and timed
 against TensorFlow here as before.
+
+Each decision prints one line on the console (the ``natvision`` logger,
+which the quiet console shows): the runtime chosen and why, with the
+figures and where the timings come from.
 
 The runtime decided on stays loaded (``base.remember``): when the pipeline
 runs in this process (the DirectRunner), its worker takes it over instead
@@ -86,6 +91,7 @@ def choose(resolved: models_lib.ResolvedModel,
   if requested == base.RUNTIME_TF:
     tf_runtime.load()
     tf_runtime.remember()
+    _say(resolved, base.RUNTIME_TF, "as asked")
     return base.RuntimeDecision(base.RUNTIME_TF,
                                 note="TensorFlow, as --runtime tf asked")
 
@@ -102,14 +108,14 @@ def choose(resolved: models_lib.ResolvedModel,
   tf_seconds = onnx_seconds = timed = None
   if requested == base.RUNTIME_AUTO and timing_runs > 0:
     recorded = onnx_runtime.recorded
-    if (not tf_runtime.is_loaded and recorded is not None
-        and recorded.tf_seconds and recorded.onnx_seconds):
+    if (not resolved.retime_runtimes and not tf_runtime.is_loaded
+        and recorded is not None and recorded.tf_seconds
+        and recorded.onnx_seconds):
       tf_seconds, onnx_seconds = recorded.tf_seconds, recorded.onnx_seconds
       timed = "recorded"
-    if timed is None or onnx_seconds >= tf_seconds:
-      # TensorFlow is loaded here only to be timed (or it was, for the
-      # check): falling back to it costs its load in every worker, so
-      # recorded timings that favour it are confirmed now.
+    if timed is None:
+      # No recorded timings, --retime_runtimes, or TensorFlow loaded for
+      # the check already: both are timed on this machine.
       tf_runtime.load()
       batch = probe if probe is not None else base.probe_batch(
           resolved.spec.input_size)
@@ -121,14 +127,12 @@ def choose(resolved: models_lib.ResolvedModel,
       return _fall_back(
           resolved, tf_runtime, onnx_runtime,
           f"TF ran the probe batch in {tf_seconds:.3f} s, ONNX Runtime in "
-          f"{onnx_seconds:.3f} s", tf_seconds, onnx_seconds, timed,
-          level=logging.INFO)
+          f"{onnx_seconds:.3f} s{_timed_where(timed)}", tf_seconds,
+          onnx_seconds, timed, level=logging.INFO)
   timing = ""
   if tf_seconds and onnx_seconds:
     timing = (f"; probe batch {onnx_seconds:.3f} s vs TensorFlow "
-              f"{tf_seconds:.3f} s")
-    if timed == "recorded":
-      timing += " (timed when the file was made)"
+              f"{tf_seconds:.3f} s{_timed_where(timed)}")
   from_file = (onnx_runtime.checked_against
                == onnx_lib.CHECKED_AGAINST_RECORDED)
   against = ("TensorFlow's outputs recorded in the file" if from_file
@@ -140,6 +144,9 @@ def choose(resolved: models_lib.ResolvedModel,
       onnx_runtime.path, against, onnx_runtime.max_diff,
       onnx_runtime.tolerance, timing)
   onnx_runtime.remember()
+  _say(resolved, base.RUNTIME_ONNX,
+       f"ONNX Runtime matched {against} within {onnx_runtime.max_diff:.2g} "
+       f"(tolerance {onnx_runtime.tolerance:.0e}){timing}")
   return base.RuntimeDecision(
       base.RUNTIME_ONNX,
       note=(f"ONNX Runtime; max difference from TensorFlow on the probe "
@@ -147,6 +154,24 @@ def choose(resolved: models_lib.ResolvedModel,
             f"{onnx_runtime.tolerance:.0e}){timing}"),
       max_diff=onnx_runtime.max_diff, **_onnx_fields(onnx_runtime),
       tf_seconds=tf_seconds, onnx_seconds=onnx_seconds, timed=timed)
+
+
+def _timed_where(timed: Optional[str]) -> str:
+  if timed == "recorded":
+    return (" (timed when the ONNX file was made; --retime_runtimes times "
+            "them again here)")
+  if timed == "here":
+    return " (timed here)"
+  return ""
+
+
+def _say(resolved: models_lib.ResolvedModel, runtime: str,
+         why: str) -> None:
+  """The one console line of a decision: which runtime, and why."""
+  logging.getLogger("natvision").info(
+      "model %s runs on %s (--runtime %s): %s", resolved.name,
+      "ONNX Runtime" if runtime == base.RUNTIME_ONNX else "TensorFlow",
+      resolved.requested_runtime, why)
 
 
 def decided(resolved: models_lib.ResolvedModel,
@@ -177,8 +202,11 @@ def _fall_back(resolved: models_lib.ResolvedModel, tf_runtime: TFRuntime,
   """
   tf_runtime.load()
   tf_runtime.remember()
-  logging.log(level, "model %s runs on TensorFlow, not ONNX Runtime: %s",
-              resolved.name, reason)
+  if level >= logging.WARNING:
+    logging.log(level, "model %s runs on TensorFlow, not ONNX Runtime: %s",
+                resolved.name, reason)
+  else:
+    _say(resolved, base.RUNTIME_TF, f"faster than ONNX Runtime: {reason}")
   return base.RuntimeDecision(
       base.RUNTIME_TF, note=f"TensorFlow; ONNX Runtime not used: {reason}",
       max_diff=0.0, **_onnx_fields(onnx_runtime), tf_seconds=tf_seconds,

@@ -190,6 +190,16 @@ def quantize_in_child(resolved: models_lib.ResolvedModel, fp32_path: str,
   Raises:
     ModelError: the quantization failed or its process died.
   """
+  base.announce(
+      f"quantizing model {resolved.name} to int8 on {len(calibration)} of "
+      f"the job's photos", QUANTIZE_START_SECONDS
+      + QUANTIZE_SECONDS_PER_MB * os.path.getsize(fp32_path) / 1e6)
   return child.run_in_child(
       quantize_file, (resolved, fp32_path, target_path, calibration,
                       fingerprint), resolved.name, "quantizing it to int8")
+
+
+# About what a quantization in a child costs: its start, then per MB of
+# the fp32 file (calibration runs the photos through it).
+QUANTIZE_START_SECONDS = 5.0
+QUANTIZE_SECONDS_PER_MB = 0.3

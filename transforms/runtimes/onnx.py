@@ -32,7 +32,9 @@ multiprocessing ``spawn``): it imports TensorFlow and tf2onnx, loads the
 model, converts it, checks the result on the probe batch, times both
 runtimes on it and writes the file; its peak memory (several GB for the
 Inceptions) leaves with it, and the job's process stays as small as ONNX
-Runtime needs.
+Runtime needs.  Before it decides the runtimes, the launcher converts
+every model of the run that has no file in one child process
+(``convert_missing``), so TensorFlow and tf2onnx start once per run.
 
 What a file records (its ONNX metadata): the fingerprint of the model files
 it was made from, and the check made when it was made: TensorFlow's
@@ -63,7 +65,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -381,3 +383,51 @@ def find_or_convert(resolved: models_lib.ResolvedModel,
 
   source = "converted" if store.make_once(path, convert) else "cached"
   return OnnxSession(resolved, path, intra_op_threads), source, fingerprint
+
+
+def convert_missing(models: Sequence[models_lib.ResolvedModel],
+                    timing_runs: int = base.DEFAULT_TIMING_RUNS) -> List[str]:
+  """Converts, in one child process, every model that has no ONNX file.
+
+  The launcher calls this before it decides the runtimes, so that a run
+  whose models all need converting starts TensorFlow and tf2onnx once
+  rather than once per model (``onnx_convert.convert_many``).  Models
+  asking for ``--runtime tf``, with a staged file, or with a cached one are
+  left alone (``find_or_convert`` opens theirs); so is everything when
+  tf2onnx is missing (the chooser then says so, per model).  One console
+  line says what is converted and about how long it takes.
+
+  Returns:
+    The names of the models converted.
+
+  Raises:
+    ModelError: the child failed or died.
+  """
+  if importlib.util.find_spec("tf2onnx") is None:
+    return []
+  pairs, seconds = [], 0.0
+  for resolved in models:
+    if resolved.requested_runtime == base.RUNTIME_TF:
+      continue
+    staged, fingerprint = _local_staged(resolved, None)
+    path = store.cached_onnx_path(resolved, fingerprint)
+    if staged is None and not os.path.exists(path):
+      pairs.append((resolved, path))
+      seconds += onnx_convert.conversion_seconds(
+          models_lib.stage_locally(resolved.path))
+  if not pairs:
+    return []
+  names = [r.name for r, _ in pairs]
+  folder = os.path.dirname(pairs[0][1])
+  base.announce(
+      f"converting {len(pairs)} model(s) to ONNX in one child process, once "
+      f"per machine (cached in {folder}): {', '.join(names)}",
+      seconds - onnx_convert.CONVERSION_START_SECONDS * (len(pairs) - 1))
+  with store.folder_lock(folder):
+    pairs = [(r, p) for r, p in pairs if not os.path.exists(p)]
+    if not pairs:
+      return []
+    done = onnx_convert.convert_many(pairs, timing_runs)
+  logging.info("converted %s to ONNX in one child process: %s",
+               ", ".join(done), ", ".join(f"{s:.1f} s" for s in done.values()))
+  return list(done)

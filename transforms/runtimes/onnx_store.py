@@ -109,6 +109,11 @@ def file_lock(path: str) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def folder_lock(folder: str):
+  """The lock under which one file of ``folder`` is made at a time."""
+  return file_lock(os.path.join(folder, _LOCK))
+
+
 def make_once(path: str, make: Callable[[str], object]) -> bool:
   """Makes the local file ``path`` with ``make(path)`` unless it exists.
 
@@ -121,7 +126,7 @@ def make_once(path: str, make: Callable[[str], object]) -> bool:
   """
   if os.path.exists(path):
     return False
-  with file_lock(os.path.join(os.path.dirname(path), _LOCK)):
+  with folder_lock(os.path.dirname(path)):
     if os.path.exists(path):
       return False
     make(path)

@@ -12,7 +12,10 @@ This module owns the flags (``QuantizationConfig``) and the decision
 
 1. the model's fp32 ONNX file (checked against TensorFlow as usual) is
    quantized on ``--calibration_photos`` of the job's own prepared photos
-   (``int8_file``: how, and the cache keyed by content);
+   (``int8_file``: how, and the cache keyed by content), unless a cached
+   int8 file of the same model, calibrated on another job's photos, passes
+   the minimums on this job's held-out photos (``int8_cache``), which is
+   then reused;
 2. ``--agreement_photos`` other photos of the job (held out from the
    calibration) go through the fp32 and the int8 model, and the agreement
    is measured (``agreement``: the figures per kind of model, and the
@@ -43,6 +46,7 @@ from apache_beam.io.filesystems import FileSystems
 from natvision.transforms import config as config_lib
 from natvision.transforms import models as models_lib
 from natvision.transforms.runtimes import base
+from natvision.transforms.runtimes import int8_cache
 from natvision.transforms.runtimes import int8_file
 from natvision.transforms.runtimes import onnx_store as store
 from natvision.transforms.runtimes.agreement import (DEFAULT_MINIMUMS, Agreement,
@@ -258,14 +262,29 @@ def decide_int8(resolved: models_lib.ResolvedModel,
   fp32.load()  # the launcher's, taken over
   path = int8_file.quantized_path(resolved, fp32.path, decision.fingerprint,
                                   int8_file.array_digest(calibration))
+  held_out_digest = int8_file.array_digest(held_out)
+  figures = None
+  if not os.path.exists(path):
+    # Another job's int8 file, if it agrees well enough on this job's
+    # held-out photos (transforms/runtimes/int8_cache.py).
+    reused = _reuse_cached_int8(resolved, fp32, held_out, quantization,
+                                intra_op_threads)
+    if reused is not None:
+      path, figures = reused
   made = store.make_once(path, lambda target: int8_file.quantize_in_child(
       resolved, fp32.path, target, calibration, decision.fingerprint))
   source = QUANTIZED_SOURCE if made else "cached"
   session = OnnxSession(resolved, path, intra_op_threads)
   require_identity(session, base.INT8, decision.fingerprint,
                    "an int8 file of this model")
-  figures = measure_agreement(resolved.spec.kind, _predict_all(fp32, held_out),
-                              _predict_all(session, held_out))
+  if figures is None:
+    figures = int8_cache.recorded(path, held_out_digest)
+  if figures is None:
+    figures = measure_agreement(resolved.spec.kind,
+                                _predict_all(fp32, held_out),
+                                _predict_all(session, held_out))
+    int8_cache.record(path, decision.fingerprint, held_out_digest, figures,
+                      len(held_out))
   minimums = quantization.minimums
   agreement = Agreement(
       figures=figures,
@@ -302,6 +321,35 @@ def decide_int8(resolved: models_lib.ResolvedModel,
       max_diff=max_diff, onnx_path=path, onnx_source=source,
       checked_against=CHECKED_AGAINST_FP32, precision=base.INT8,
       agreement=agreement)
+
+
+def _reuse_cached_int8(resolved: models_lib.ResolvedModel,
+                       fp32: OnnxRuntime, held_out: np.ndarray,
+                       quantization: QuantizationConfig,
+                       intra_op_threads: Optional[int]
+                       ) -> Optional[Tuple[str, Dict[str, float]]]:
+  """A cached int8 file of this model that passes the minimums on this
+  job's held-out photos, and its figures; None when none does."""
+  fp32_out: List[np.ndarray] = []
+
+  def measure(path: str) -> Dict[str, float]:
+    if not fp32_out:
+      fp32_out.append(_predict_all(fp32, held_out))
+    session = OnnxSession(resolved, path, intra_op_threads)
+    return measure_agreement(resolved.spec.kind, fp32_out[0],
+                             _predict_all(session, held_out))
+
+  found = int8_cache.find_passing(
+      resolved.name, resolved.require_decision().fingerprint,
+      int8_file.array_digest(held_out), quantization.minimums, len(held_out),
+      measure)
+  if found is not None:
+    logging.getLogger("natvision").info(
+        "model %s: reusing the cached int8 file %s, whose agreement with "
+        "fp32 on this job's %d held-out photos passes the minimums (%s)",
+        resolved.name, found[0], len(held_out),
+        ", ".join(f"{k} {v:.4f}" for k, v in found[1].items()))
+  return found
 
 
 # The job's photos for a sample size: preparation policy -> uint8 arrays
