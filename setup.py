@@ -76,6 +76,12 @@ setuptools.setup(
             "apache-beam[aws]>=2.70,<2.78",
             "boto3>=1.34,<2",
         ],
+        # The plots of the report.html each run writes (tools/report_plots.py);
+        # the Dataflow image installs it (deploy/Dockerfile), since the
+        # report is written by the job's last step, on a worker.
+        "report": [
+            "matplotlib>=3.9,<3.12",
+        ],
         # natvision-evaluate, -index, -search and -report (and the plots
         # of the report.html each run writes).
         "tools": [
