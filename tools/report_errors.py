@@ -33,7 +33,7 @@ from natvision.transforms import summary as summary_lib
 from natvision.tools import report_summary
 from natvision.tools import tables as tables_lib
 
-BATCH_ROWS = 65_536
+BATCH_ROWS = 8192
 EXAMPLES_PER_REASON = 3
 REASONS_SHOWN = 12
 # Distinct reasons counted by a scan without a summary; rows of further
