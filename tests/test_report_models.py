@@ -1,5 +1,5 @@
 """The report's model sections (tools/report_models.py): PCA, a classifier
-whose every top-1 label differs has no top-labels plot, few points named."""
+whose top-1 labels all count the same has no top-labels plot, few points named."""
 
 import os
 
@@ -37,7 +37,7 @@ def test_top_labels_plot_only_when_a_label_repeats(tmp_path):
   distinct = report_models.section_classifier(
       _classifier(str(tmp_path / "a"), ["x", "y", "z"]), plots)
   assert "plot-m-top-labels" not in distinct
-  assert "Every photo has a different top-1 label" in distinct
+  assert "is the top-1 of 1 photo(s), so there is no plot" in distinct
   assert "top-1 score of each photo" in distinct  # few: one dot each
   repeated = report_models.section_classifier(
       _classifier(str(tmp_path / "b"), ["x", "x", "z"]), plots)

@@ -42,18 +42,18 @@ def section_classifier(table: tables_lib.ModelTable,
     out.append("</section>")
     return "".join(out)
   counts = collections.Counter(labels).most_common(TOP_LABELS)
-  if counts[0][1] > 1:
+  if len({c for _, c in counts}) > 1:
     fig = report_plots.bars(plots, {str(n): c for n, c in counts},
                             "photos with this top-1 label", "#9bbb59")
     out.append(plots.html(fig, f"{table.name}-top-labels",
                           f"{table.name}: most frequent top-1 labels"))
   else:
-    out.append("<p class='note'>Every photo has a different top-1 label "
-               "(no plot).</p>")
+    out.append("<p class='note'>Each of these top-1 labels is the top-1 of "
+               f"{counts[0][1]} photo(s), so there is no plot.</p>")
   out.append(report_html.table(("top-1 label", "photos", "share"),
                                [(n, c, f"{c / len(labels):.1%}")
                                 for n, c in counts]))
-  few = len(labels) <= report_plots.FEW
+  few = len(labels) <= report_plots.SCORE_DOTS
   names = [f"{report_plots.short_name(u, 18)}: {str(l)[:22]}"
            for u, l in zip(data.column("uri").to_pylist(), labels)]
   fig = report_plots.scores(plots, scores, names)
@@ -221,17 +221,20 @@ def section_evaluation(evaluation: dict, plots: report_plots.Plots) -> str:
       rows.append([name, m.get("kind"), rank, block.get("photos"),
                    m.get("skipped") if rank == "label" else
                    block.get("not_evaluated", 0)]
-                  + [report_html.fmt(v) for v in micro] + [report_html.fmt(v) for v in macro])
-      figures.append((f"{name} ({rank})", micro, macro))
+                  + [report_html.fmt(v) for v in micro]
+                  + [report_html.fmt(v) for v in macro])
+      if block.get("photos"):  # a model with nothing evaluated: no bars
+        figures.append((f"{name} ({rank})", micro, macro))
   out.append(report_html.table(
       ["model", "kind", "rank", "photos", "skipped"]
       + [f"Recall@{k}" for k in ks] + [f"macro Recall@{k}" for k in ks], rows))
-  fig = plots.new(6.4, 0.8 + 0.3 * max(1, len(rows)) * max(1, len(ks)))
-  if fig is not None and rows:
+  fig = (plots.new(6.4, 0.8 + 0.3 * len(figures) * max(1, len(ks)))
+         if figures else None)
+  if fig is not None:
     ax = fig.add_subplot()
     labels = [f[0] for f in figures]
     height = 0.8 / (2 * len(ks))
-    y = np.arange(len(rows))
+    y = np.arange(len(figures))
     for i, k in enumerate(ks):
       micro = [f[1][i] or 0.0 for f in figures]
       macro = [f[2][i] or 0.0 for f in figures]
@@ -244,8 +247,9 @@ def section_evaluation(evaluation: dict, plots: report_plots.Plots) -> str:
     ax.set_xlabel("recall")
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
               borderaxespad=0.0)
-  out.append(plots.html(fig, "evaluation", "Recall@k and macro Recall@k per "
-                        "model"))
+  if figures:
+    out.append(plots.html(fig, "evaluation", "Recall@k and macro Recall@k "
+                          "per model (models with photos evaluated)"))
   for name, m in evaluation.get("models", {}).items():
     per_label = m.get("per_label", [])[:20]
     if per_label:

@@ -23,8 +23,11 @@ import numpy as np
 from natvision.tools import report_html
 
 DPI = 100
-# At most this many points (photos) are labelled one by one.
-FEW = 20
+# At most this many points (photos) are labelled one by one in a scatter
+# plot; more labels overlap.
+FEW = 12
+# At most this many photos get a row each in the scores plot.
+SCORE_DOTS = 20
 PHASE_COLOURS = {"launch": "#9bbb59", "model_checks": "#4f81bd",
                  "pipeline": "#f79646", "commit": "#8064a2"}
 
@@ -79,8 +82,15 @@ def short_name(uri: str, limit: int = 24) -> str:
 
 def label_points(ax, xs: Sequence[float], ys: Sequence[float],
                  labels: Sequence[str]) -> None:
-  """Writes each label beside its point (for at most ``FEW`` points)."""
+  """Writes each label beside its point (for at most ``FEW`` points);
+  points at the same place get one label naming up to three of them."""
+  groups = {}
   for x, y, text in zip(xs, ys, labels):
+    groups.setdefault((round(float(x), 6), round(float(y), 6)), []).append(
+        text)
+  for (x, y), texts in groups.items():
+    text = ", ".join(texts[:3]) + (f" +{len(texts) - 3}" if len(texts) > 3
+                                   else "")
     ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points",
                 fontsize="x-small", color="#333")
 
@@ -128,8 +138,8 @@ def bars(plots: Plots, counts: Dict[str, int], xlabel: str,
 
 def sizes(plots: Plots, w: np.ndarray, h: np.ndarray,
           labels: Sequence[str]):
-  """Width against height (labelled when few) and, for many photos, a
-  histogram of megapixels."""
+  """Width against height (labelled when at most ``FEW``) and, for more
+  photos, a histogram of megapixels."""
   few = len(w) <= FEW
   fig = plots.new(6.4, 3.0)
   if fig is None:
@@ -147,14 +157,17 @@ def sizes(plots: Plots, w: np.ndarray, h: np.ndarray,
   if few:
     label_points(ax2, w, h, labels)
     ax2.margins(0.25)
+  ax2.set_xlim(left=max(ax2.get_xlim()[0], 0))
+  ax2.set_ylim(bottom=max(ax2.get_ylim()[0], 0))
   ax2.set_xlabel("width (px)")
   ax2.set_ylabel("height (px)")
   return fig
 
 
 def scores(plots: Plots, values: np.ndarray, labels: Sequence[str]):
-  """Top-1 scores: a labelled dot per photo when few, else a histogram."""
-  few = len(values) <= FEW
+  """Top-1 scores: a labelled dot per photo when at most ``SCORE_DOTS``,
+  else a histogram."""
+  few = len(values) <= SCORE_DOTS
   fig = plots.new(6.4, 0.8 + 0.22 * len(values) if few else 2.6)
   if fig is None:
     return None

@@ -47,7 +47,7 @@ def section_run(run: report_summary.RunSummary) -> str:
     rows.append(("error rows", f"{run.errors.total} for "
                  f"{report_html.fmt(run.errors.photos)} photo(s)"))
   out = ["<section id='run'><h2>The run</h2>",
-         report_html.table(("", ""), rows, "kv")]
+         report_html.table(None, rows, "kv")]
   if run.photos_per_second is None:
     out.append("<p class='note'>An ingestion summary counts photos per "
                "model (new), not the run's photos, so it has no photos per "
@@ -60,7 +60,9 @@ def section_run(run: report_summary.RunSummary) -> str:
   header = ["model", "kind", "runtime", "preparation", "width", "rows"]
   if ingest:
     header += ["new", "done before", "failed"]
-  header.append("note")
+  notes = any(m.standin for m in run.models)
+  if notes:
+    header.append("note")
   model_rows = []
   for m in run.models:
     row = [m.name, m.kind, m.runtime, m.preparation,
@@ -68,7 +70,8 @@ def section_run(run: report_summary.RunSummary) -> str:
     if ingest:
       row += [report_html.fmt(m.new), report_html.fmt(m.done_before),
               report_html.fmt(m.failed)]
-    row.append("stand-in (outputs mean nothing)" if m.standin else "")
+    if notes:
+      row.append("stand-in (outputs mean nothing)" if m.standin else "")
     model_rows.append(row)
   if model_rows:
     out.append(report_html.table(header, model_rows))
