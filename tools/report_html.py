@@ -15,7 +15,8 @@ margin:2em auto;max-width:60em;padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
 margin-top:2em}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;
-vertical-align:top}th{background:#f3f3f3}table.wide td{overflow-wrap:anywhere}
+vertical-align:top}th{background:#f3f3f3}table.wide td{overflow-wrap:break-word}
+table.wide td:last-child{overflow-wrap:anywhere}
 figure.plot{margin:1em 0}figure.plot img{max-width:100%;height:auto;
 border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 .note{color:#555;font-size:.9em}.warning{background:#fff3cd;padding:.5em}
