@@ -112,7 +112,7 @@ def pca_2d(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   Returns:
     (points ``[n, 2]``, share of the variance of each component ``[2]``).
   """
-  x = np.asarray(vectors, np.float64)
+  x = np.asarray(vectors, np.float32)  # for a plot: half the copies
   norms = np.linalg.norm(x, axis=1, keepdims=True)
   x = x / np.where(norms > 0, norms, 1.0)
   x = x - x.mean(axis=0)
@@ -135,8 +135,9 @@ def section_embedder(table: tables_lib.ModelTable, plots: report_plots.Plots,
       else [])
   carried = [n for n in names if n not in tables_lib.MODEL_COLUMNS]
   data = _read_sample(table, ["embedding", "uri"] + carried, PROJECTION_ROWS)
-  out = [f"<section class='model' id='embedder-{report_html.e(table.name)}'>"
-         f"<h2>Embedder {report_html.e(table.name)}</h2>"]
+  e = report_html.e
+  out = [f"<section class='model' id='embedder-{e(table.name)}'>"
+         f"<h2>Embedder {e(table.name)}</h2>"]
   if data.num_rows == 0:
     out.append("<p>No rows.</p></section>")
     return "".join(out)
@@ -146,8 +147,8 @@ def section_embedder(table: tables_lib.ModelTable, plots: report_plots.Plots,
   points, share = pca_2d(vectors)
   colour = _choose_color_column(names, data, color_column)
   if color_column and colour is None:
-    out.append(f"<p class='note'>No column {report_html.e(color_column)} in this table; "
-               f"the projection is not coloured.</p>")
+    out.append(f"<p class='note'>No column {report_html.e(color_column)} "
+               "in this table; the projection is not coloured.</p>")
   # Values that differ only in case or spacing are one category (as
   # natvision-evaluate matches labels); each is shown as first written.
   raw = data.column(colour).to_pylist() if colour else [None] * data.num_rows
@@ -163,7 +164,7 @@ def section_embedder(table: tables_lib.ModelTable, plots: report_plots.Plots,
   out.append(f"<p>{data.num_rows} photo(s) projected on the first two "
              f"principal components of their unit-scaled embeddings "
              f"({share[0]:.0%} and {share[1]:.0%} of the variance)"
-             + (f", coloured by <code>{report_html.e(colour)}</code>" if colour else "")
+             + (f", coloured by <code>{e(colour)}</code>" if colour else "")
              + ".</p>")
   fig = plots.new(6.4, 4.4)
   if fig is not None:
@@ -205,12 +206,13 @@ def section_embedder(table: tables_lib.ModelTable, plots: report_plots.Plots,
 
 
 def section_evaluation(evaluation: dict, plots: report_plots.Plots) -> str:
+  e = report_html.e
   ks = evaluation.get("k", [])
   out = ["<section id='evaluation'><h2>Evaluation</h2>",
-         f"<p>From {report_html.e(EVALUATION_FILE)} ({report_html.e(evaluation.get('created', ''))})"
-         f", against the column <code>{report_html.e(evaluation.get('label_column'))}"
+         f"<p>From {e(EVALUATION_FILE)} ({e(evaluation.get('created', ''))})"
+         f", against the column <code>{e(evaluation.get('label_column'))}"
          f"</code>"
-         + (f" with taxa {report_html.e(evaluation['taxa'])}" if evaluation.get("taxa")
+         + (f" with taxa {e(evaluation['taxa'])}" if evaluation.get("taxa")
             else "") + ". It covers the whole output folder.</p>"]
   rows, figures = [], []
   for name, m in evaluation.get("models", {}).items():
@@ -253,7 +255,7 @@ def section_evaluation(evaluation: dict, plots: report_plots.Plots) -> str:
   for name, m in evaluation.get("models", {}).items():
     per_label = m.get("per_label", [])[:20]
     if per_label:
-      out.append(f"<h3>{report_html.e(name)}: per label (largest first)</h3>")
+      out.append(f"<h3>{e(name)}: per label (largest first)</h3>")
       out.append(report_html.table(
           ["label", "photos"] + [f"Recall@{k}" for k in ks],
           [[r["label"], r["photos"]]
@@ -261,7 +263,7 @@ def section_evaluation(evaluation: dict, plots: report_plots.Plots) -> str:
            for r in per_label]))
     if m.get("skipped_labels"):
       shown = list(m["skipped_labels"].items())[:10]
-      out.append(f"<p>{report_html.e(name)}: skipped {m.get('skipped')} photo(s): "
-                 + report_html.e(", ".join(f"{k} ({v})" for k, v in shown)) + "</p>")
+      out.append(f"<p>{e(name)}: skipped {m.get('skipped')} photo(s): "
+                 + e(", ".join(f"{k} ({v})" for k, v in shown)) + "</p>")
   out.append("</section>")
   return "".join(out)
