@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from natvision.tools import report_plots
 from natvision.tools import report_sections
 from natvision.tools import report_summary
-from tests.test_report_summary import _embed, _ingest
+from tests.report_helpers import embed_summary as _embed
+from tests.report_helpers import ingest_summary as _ingest
 
 
 def test_run_section_gives_one_rate_and_both_jobs_model_rows():
