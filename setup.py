@@ -109,13 +109,6 @@ setuptools.setup(
         "setuptools>=65,<81",
     ],
     extras_require={
-        "gcp": GCP,
-        "aws": AWS,
-        "tools": TOOLS,
-        "all": ALL,
-        # For contributors: everything, plus the test runner and the
-        # loopback servers and readers the tests use (docs/tests.md).
-        "test": ALL + TEST,
     },
     entry_points={
         "console_scripts": [

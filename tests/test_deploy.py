@@ -8,6 +8,9 @@
   deploy/constraints.txt pins and the tests ran with; every pin lies inside
   setup.py's ranges (Beam and TensorFlow equal the installed versions); the
   image's Python is the launcher's and inside setup.py's python_requires.
+* The image installs every distribution the run report imports (its
+  plots' matplotlib included): the report is written by the job's last
+  step, on a worker.
 * Every file the Dockerfile copies exists; every Cloud Build target is a
   Dockerfile stage; the scheduled launch body names only template
   parameters, all the required ones, with values that pass the regexes and
@@ -15,6 +18,9 @@
 """
 
 import argparse
+import ast
+import glob
+import sys
 import importlib.metadata
 import importlib.util
 import json
@@ -327,6 +333,56 @@ def test_constraints_pin_the_tested_versions_inside_setup_ranges():
           f"{installed}; update the pin (and the Dockerfile) and rebuild")
     for spec in ranges.get(name, []):
       assert Version(version) in spec, f"{name}=={version} outside {spec}"
+
+
+def _image_extras():
+  """The extras of the package that the Dockerfile's pip install names."""
+  extras = set()
+  for line in _dockerfile_lines():
+    for match in re.finditer(r'"/build\[([^\]]*)\]"', line):
+      extras |= {e.strip() for e in match.group(1).split(",")}
+  assert extras, "the Dockerfile installs /build[...]"
+  return extras
+
+
+def _imported_distributions(paths):
+  """Distributions (lower case) of the third-party modules ``paths`` import,
+  lazy imports included."""
+  owners = importlib.metadata.packages_distributions()
+  found = set()
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module]
+      else:
+        continue
+      for name in names:
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top in ("natvision", "__future__"):
+          continue
+        assert top in owners, f"{path}: no distribution provides {top}"
+        found |= {d.lower() for d in owners[top]}
+  return found
+
+
+def test_the_image_installs_what_the_run_report_imports():
+  import distutils.core  # pylint: disable=import-outside-toplevel,deprecated-module
+  dist = distutils.core.run_setup(os.path.join(REPO, "setup.py"),
+                                  stop_after="init")
+  installed = {Requirement(r).name.lower() for r in dist.install_requires}
+  for extra in _image_extras():
+    installed |= {Requirement(r).name.lower()
+                  for r in dist.extras_require[extra]}
+  report = sorted(glob.glob(os.path.join(REPO, "tools", "report*.py")))
+  needed = _imported_distributions(report)
+  assert "matplotlib" in needed
+  assert needed <= installed, (
+      f"the image lacks {sorted(needed - installed)}: add the extra that "
+      f"holds them to deploy/Dockerfile's pip install")
 
 
 def _copies():

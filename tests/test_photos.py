@@ -8,6 +8,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from natvision.transforms import photos
+from natvision.transforms import photos_keyed
 from natvision.transforms.records import ErrorRecord, ImageRef
 
 
@@ -84,7 +85,7 @@ def test_stage_of_each_failure_in_a_pipeline(tmp_path):
   config = photos.PhotoConfig(policies=("center_crop", "squash"),
                               max_pixels=1_000_000, retry_base_delay=0.0)
   with TestPipeline() as p:
-    out = p | beam.Create(refs) | photos.ReadAndPrepare(config)
+    out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config)
     ok = out.prepared | beam.Map(lambda x: (x.ref.image_id, sorted(x.arrays),
                                             x.arrays["squash"].shape,
                                             x.arrays["squash"].dtype.name))
@@ -109,7 +110,7 @@ def test_prefetching_pool_keeps_every_photo_and_counts(tmp_path, threads):
   config = photos.PhotoConfig(policies=("squash",), decode_threads=threads,
                               prefetch=4)
   p = TestPipeline()
-  out = p | beam.Create(refs) | photos.ReadAndPrepare(config)
+  out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config)
   ok = out.prepared | beam.Map(lambda x: (x.ref.image_id,
                                           int(x.arrays["squash"][0, 0, 1])))
   errs = out.errors | beam.Map(lambda e: e.ref.image_id)
@@ -148,7 +149,7 @@ def test_injected_transient_failures_cost_no_photo(tmp_path):
   config = photos.PhotoConfig(policies=("squash",), retry_base_delay=0.001,
                               read_attempts=3)
   p = TestPipeline()
-  out = p | beam.Create(refs) | photos.ReadAndPrepare(config, _FlakyStorage())
+  out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config, _FlakyStorage())
   assert_that(out.prepared | beam.Map(lambda x: x.ref.image_id),
               equal_to([str(i) for i in range(6)]), label="ok")
   assert_that(out.errors, equal_to([]), label="errors")
@@ -162,7 +163,7 @@ def test_injected_transient_failures_cost_no_photo(tmp_path):
   config = photos.PhotoConfig(policies=("squash",), retry_base_delay=0.001,
                               read_attempts=2)
   with TestPipeline() as p:
-    out = p | beam.Create(refs) | photos.ReadAndPrepare(config, _FlakyStorage())
+    out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config, _FlakyStorage())
     assert_that(out.errors | beam.Map(lambda e: (e.stage, "gave up" in e.error)),
                 equal_to([("read", True)] * 6))
 

@@ -6,7 +6,7 @@ manifests, Darwin Core archives, snapshots) and:
 1. leaves out the photos a dead attempt already finished and copies their
    rows instead (``resume.LeaveOutReused``: a join with the dead attempts'
    shards, in the graph);
-2. reads, decodes and prepares each photo once (``photos.ReadAndPrepare``);
+2. reads, decodes and prepares each photo once (``photos_keyed.ReadAndPrepare``);
 3. runs each model on the photos routed to it, in batches
    (``inference.RunModel``), on the runtime the launcher decided;
 4. writes one table per model and the errors table as closed shards in the
@@ -34,7 +34,7 @@ from natvision.transforms import config
 from natvision.transforms import inference
 from natvision.transforms import models as models_lib
 from natvision.transforms import photos
-from natvision.transforms import prior as prior_lib
+from natvision.transforms import photos_keyed
 from natvision.transforms import resume as resume_lib
 from natvision.transforms import sinks
 from natvision.transforms import taxonomy as taxonomy_lib
@@ -179,7 +179,7 @@ class EmbedAndWrite(beam.PTransform):
       tallies.append(reused[resume_lib.TALLIES])
     else:
       tallies.append(refs.pipeline | "NoReused" >> beam.Create([]))
-    prepped = refs | "ReadAndPrepare" >> photos.ReadAndPrepare(
+    prepped = refs | "ReadAndPrepare" >> photos_keyed.ReadAndPrepare(
         cfg.photo_config(self._expected_total, layout.run_id))
     error_streams, loads = [prepped.errors], []
     for model in cfg.models:

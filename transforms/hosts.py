@@ -11,7 +11,7 @@ limit is built from Beam's own guarantee about keyed state:
    any attempt).  Photos on local files, ``file://``, ``gs://`` and
    ``s3://`` are not web hosts: they leave on the ``unkeyed`` output and are
    fetched as before, on the process's fetch pool, with no cap of this kind.
-2. ``photos.HostKeyedReadDecodePrepareFn``, a stateful DoFn over those keys,
+2. ``photos_keyed.HostKeyedReadDecodePrepareFn``, a stateful DoFn over those keys,
    fetches one photo of a key at a time: within a bundle a key's photos wait
    in a queue while one of them is fetched (on the process's fetch pool, so
    that many keys, hence many hosts, are in flight at once), and

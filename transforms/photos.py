@@ -11,12 +11,13 @@ a pooled HTTP client), on a pool of fetch threads shared by the worker
 process (``--fetch_concurrency``) and apart from the decode threads, so that
 many slow requests can be in flight while a few threads decode.
 
-http(s) photos are keyed by host and slot first (transforms/hosts.py) and
-go through ``HostKeyedReadDecodePrepareFn``, a stateful DoFn that fetches
-one photo of a key at a time, so that ``--per_host_concurrency`` holds for
-the whole job; local, gs:// and s3:// photos go through
-``ReadDecodePrepareFn`` as they are.  Both decode and prepare the same way,
-once per photo for all models.
+Local, gs:// and s3:// photos go through ``ReadDecodePrepareFn`` here as
+they are; http(s) photos are keyed by host and slot first
+(transforms/hosts.py) and go through transforms/photos_keyed.py's
+``HostKeyedReadDecodePrepareFn``, a stateful DoFn built on this one that
+fetches one photo of a key at a time, so that ``--per_host_concurrency``
+holds for the whole job.  Both decode and prepare the same way, once per
+photo for all models; ``photos_keyed.ReadAndPrepare`` wires the two.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import concurrent.futures
 import dataclasses
 import time
 import uuid
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.transforms import userstate
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
@@ -38,7 +38,6 @@ from natvision.transforms import config
 from natvision.transforms import decode as decode_lib
 from natvision.transforms import fetch as fetch_lib
 from natvision.transforms.fetch import breaker as breaker_lib
-from natvision.transforms import hosts
 from natvision.transforms import preprocess
 from natvision.transforms import progress
 from natvision.transforms import rgb
@@ -398,212 +397,12 @@ class ReadDecodePrepareFn(beam.DoFn):
                        windowed=True)
 
 
-# Photos of a bundle read ahead, waiting for their key, before the bundle
-# stops taking more: an ImageRef is small (under a kilobyte), and a runner
-# may hand a bundle its keys one after another (Dataflow batch groups a
-# stateful DoFn's input by key), so reading this far ahead is what lets
-# many keys of a bundle fetch at once.
-MAX_WAITING_PER_BUNDLE = 10_000
-
-# The breaker and pause of a key's slot (fetch/breaker.py), kept per key so
-# that they follow the slot from bundle to bundle and worker to worker.
-# Being stateful is also what makes runners process a key in one bundle at
-# a time (see transforms/hosts.py).
-_SLOT = userstate.ReadModifyWriteStateSpec("slot",
-                                           breaker_lib.SLOT_STATE_CODER)
-
-
-class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
-  """(host#slot, ImageRef) -> as ``ReadDecodePrepareFn``, one fetch per key.
-
-  The job-wide per-host cap (transforms/hosts.py): at most one photo of a
-  key is being fetched at a time in this bundle, and ``finish_bundle``
-  returns only when every fetch of the bundle is over, so no key is
-  fetching in two bundles (two workers) at once.  Fetches of different keys
-  run together on the process's fetch pool; a key's other photos wait in a
-  queue.  All the bookkeeping is done on the bundle's thread (``process``
-  and ``finish_bundle``); pool threads only fetch and decode.
-
-  The job-wide breaker and pause (fetch/breaker.py): each key's
-  ``SlotState`` is read from its Beam state when the key first comes in a
-  bundle, guards every request of the key's photos (``SlotBreaker``), and
-  is written back in ``finish_bundle``, once every fetch is over.  Beam's
-  Python SDK keeps one state handle per key and window for the whole
-  bundle and commits them after ``finish_bundle``
-  (``bundle_processor.FnApiUserStateContext``,
-  ``operations.DoOperation.finish``), so the next bundle of the key, on
-  any worker, starts from what this one learnt.  Before a key's next photo
-  starts: while the slot's breaker is open its photo is an error row at
-  once (stage read, "host unavailable after N consecutive failures ...");
-  while the slot is paused (429, Retry-After) the photo waits, its
-  deadline not started, with no thread held; a pause longer than
-  ``fetch.MAX_RETRY_AFTER_S`` fails the slot's photos at once instead.
-
-  At most max(``prefetch``, ``fetch_concurrency``) photos are fetched or
-  decoded ahead of what has been emitted; results are emitted as they are
-  done, not in input order.
-
-  Args:
-    now: wall-clock seconds (tests).
-  """
-
-  def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None,
-               now: Callable[[], float] = time.time):
-    super().__init__(config, opener)
-    self._now = now
-
-  def setup(self):
-    super().setup()
-    self._fetch_pool = fetch_lib.fetch_pool(
-        self._config.fetch.fetch_concurrency)
-
-  def start_bundle(self):
-    self._waiting = collections.defaultdict(collections.deque)  # key -> refs
-    self._ready = collections.deque()  # keys with photos waiting, none out
-    self._fetching = {}  # key -> the future of its one fetch in flight
-    self._paused = {}  # key -> wall-clock time its slot may send again
-    self._results = []  # futures of started photos not yet emitted
-    self._waiting_count = 0
-    self._states = {}  # key -> its state handle, as given to process
-    self._breakers = {}  # key -> (SlotBreaker, the state it started from)
-
-  def process(self, element, slot_state=beam.DoFn.StateParam(_SLOT)):
-    key, ref = element
-    if key not in self._breakers:
-      self._states[key] = slot_state
-      start = breaker_lib.SlotState.from_tuple(slot_state.read())
-      self._breakers[key] = (self._breaker(key, start), start)
-    queue = self._waiting[key]
-    queue.append(ref)
-    self._waiting_count += 1
-    if (len(queue) == 1 and key not in self._fetching
-        and key not in self._paused):
-      self._ready.append(key)
-    yield from self._advance()
-    while self._waiting_count > MAX_WAITING_PER_BUNDLE:
-      self._wait()
-      yield from self._advance()
-
-  def finish_bundle(self):
-    yield from self._advance(windowed=True)
-    while self._results or self._waiting_count:
-      self._wait()
-      yield from self._advance(windowed=True)
-    for key, (breaker, start) in self._breakers.items():
-      state = breaker.state
-      if state != start:
-        self._states[key].write(state.as_tuple())
-
-  def _breaker(self, key: str, state) -> breaker_lib.SlotBreaker:
-    host, _, slot = key.rpartition("#")
-    fetch = self._config.fetch
-    return breaker_lib.SlotBreaker(
-        host, fetch.host_failure_limit, fetch.host_quiet_s,
-        slot=int(slot), slots=fetch.per_host_concurrency, state=state,
-        now=self._now)
-
-  def _advance(self, windowed: bool = False) -> Iterator:
-    """Frees the keys whose fetch is over or whose pause has ended, emits
-    the photos that are done, fails the photos of open slots, and starts
-    the next photo of ready keys while there is room."""
-    for key in [k for k, f in self._fetching.items() if f.done()]:
-      del self._fetching[key]
-      self._requeue(key)
-    now = self._now()
-    for key in [k for k, until in self._paused.items() if until <= now]:
-      del self._paused[key]
-      self._requeue(key)
-    done, pending = [], []
-    for future in self._results:  # one look at each: it may end meanwhile
-      (done if future.done() else pending).append(future)
-    self._results = pending
-    for future in done:
-      yield self._emit(future.result(), windowed=windowed)
-    while self._ready and len(self._results) < self._window:
-      key = self._ready.popleft()
-      breaker = self._breakers[key][0]
-      reason = breaker.blocked() or breaker.long_pause()
-      wait = breaker.wait_s()
-      if reason is None and wait > 0:
-        self._paused[key] = self._now() + wait
-        continue
-      ref = self._waiting[key].popleft()
-      self._waiting_count -= 1
-      if reason is not None:  # no request: an error row now
-        yield self._emit((ErrorRecord(ref=ref, stage=STAGE_READ,
-                                      error=uris.readable(reason)), 0),
-                         windowed=windowed)
-        self._requeue(key)
-        continue
-      self._fetching[key], result = self._submit_both(ref, breaker)
-      self._results.append(result)
-
-  def _requeue(self, key: str) -> None:
-    if self._waiting[key]:
-      self._ready.append(key)
-    else:
-      del self._waiting[key]
-
-  def _wait(self) -> None:
-    """Until a fetch or a photo is done or a pause ends, with a progress
-    line every interval (naming slow photos) meanwhile."""
-    pending = set(self._results) | set(self._fetching.values())
-    timeout = progress.DEFAULT_INTERVAL_S
-    if self._paused:
-      timeout = min(timeout, max(0.0, min(self._paused.values())
-                                 - self._now()) + 0.01)
-    if not pending:
-      time.sleep(timeout)
-      return
-    _, not_done = concurrent.futures.wait(
-        pending, timeout=timeout,
-        return_when=concurrent.futures.FIRST_COMPLETED)
-    if len(not_done) == len(pending) and not self._paused:
-      self._progress.tick(0)
-
-
 def _reason(e: BaseException) -> str:
   # A file name that is not UTF-8 may be quoted in the message: keep the
   # message valid text for the errors table.
   if isinstance(e, (ReadError, decode_lib.DecodeError)):
     return uris.readable(str(e))
   return uris.readable(f"{type(e).__name__}: {e}")
-
-
-class PhotoOutputs(NamedTuple):
-  """What ``ReadAndPrepare`` gives: PreparedImage and ErrorRecord values."""
-
-  prepared: beam.PCollection
-  errors: beam.PCollection
-
-
-class ReadAndPrepare(beam.PTransform):
-  """PCollection[ImageRef] -> ``PhotoOutputs`` (prepared, errors).
-
-  http(s) photos are keyed by host and slot and fetched by
-  ``HostKeyedReadDecodePrepareFn`` (the job-wide per-host cap,
-  transforms/hosts.py); other photos by ``ReadDecodePrepareFn``.
-  ``opener`` replaces FileSystems.open for non-http photos (tests).
-  """
-
-  def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None):
-    super().__init__()
-    self._config = config
-    self._opener = opener
-
-  def expand(self, refs):
-    keyed, unkeyed = hosts.key_by_host(
-        refs, self._config.fetch.per_host_concurrency)
-    files = unkeyed | "ReadDecodePrepare" >> beam.ParDo(
-        ReadDecodePrepareFn(self._config, self._opener)).with_outputs(
-            ERRORS_TAG, main="prepared")
-    web = keyed | "ReadDecodePrepareByHost" >> beam.ParDo(
-        HostKeyedReadDecodePrepareFn(self._config, self._opener)).with_outputs(
-            ERRORS_TAG, main="prepared")
-    return PhotoOutputs(
-        prepared=(files.prepared, web.prepared) | "Prepared" >> beam.Flatten(),
-        errors=(files[ERRORS_TAG], web[ERRORS_TAG])
-        | "PhotoErrors" >> beam.Flatten())
 
 
 def needed_policies(resize_policies: Sequence[str]) -> Tuple[str, ...]:

@@ -22,7 +22,10 @@ EXAMPLES = 10
 BEFORE_ANY_MODEL = "(before any model)"
 
 
-def _reason(stage: str, error: str, uri: str) -> str:
+def reason_of(stage: str, error: str, uri: str) -> str:
+  """An error row's reason: ``"<stage>: <error>"``, the photo's URI in the
+  message replaced by ``<uri>`` (the keys of ``by_reason``; tools/report
+  counts the errors table's rows by the same key)."""
   text = error.replace(uri, "<uri>") if uri else error
   return f"{stage}: {text}"
 
@@ -47,7 +50,7 @@ class ErrorBreakdownFn(beam.CombineFn):
                                         columns["model"], columns["error"]):
       by_stage[stage] += 1
       by_model[model or BEFORE_ANY_MODEL] += 1
-      by_reason[_reason(stage, error, uri)] += 1
+      by_reason[reason_of(stage, error, uri)] += 1
     return acc
 
   def merge_accumulators(self, accs):

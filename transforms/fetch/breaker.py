@@ -15,7 +15,7 @@ slot keeps, in a ``SlotState``:
   ``Retry-After`` seen by the slot: no request of the slot starts before
   then.
 
-The host-keyed stateful DoFn (``photos.HostKeyedReadDecodePrepareFn``)
+The host-keyed stateful DoFn (``photos_keyed.HostKeyedReadDecodePrepareFn``)
 keeps one ``SlotState`` per key in Beam state, so a slot's breaker and
 pause follow the slot from bundle to bundle and worker to worker: they
 hold for the whole job, not per worker process.  What "job-wide" means
