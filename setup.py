@@ -109,6 +109,17 @@ setuptools.setup(
         "setuptools>=65,<81",
     ],
     extras_require={
+        "gcp": GCP,
+        "aws": AWS,
+        # The plots of the report.html each run writes (tools/report_plots.py);
+        # the Dataflow image installs it (deploy/Dockerfile), since the
+        # report is written by the job's last step, on a worker.
+        "report": ["matplotlib>=3.9,<3.12"],
+        "tools": TOOLS,
+        "all": ALL,
+        # For contributors: everything, plus the test runner and the
+        # loopback servers and readers the tests use (docs/tests.md).
+        "test": ALL + TEST,
     },
     entry_points={
         "console_scripts": [

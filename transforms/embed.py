@@ -35,6 +35,7 @@ from natvision.transforms import inference
 from natvision.transforms import models as models_lib
 from natvision.transforms import photos
 from natvision.transforms import photos_keyed
+from natvision.transforms import prior as prior_lib
 from natvision.transforms import resume as resume_lib
 from natvision.transforms import sinks
 from natvision.transforms import taxonomy as taxonomy_lib
