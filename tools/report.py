@@ -41,6 +41,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from apache_beam.io.filesystems import FileSystems
 
 from natvision.transforms import console
+from natvision.transforms import extras
 from natvision.transforms import helptext
 from natvision.transforms import models as models_lib
 from natvision.transforms import storage
@@ -250,6 +251,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   console.configure_logging()  # the jobs' quiet console
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
+  status = extras.check_command("tools", "natvision-report")
+  if status is not None:
+    return status
   date = args.snapshot_date
   if date is None and not storage.exists(
       FileSystems.join(args.output_dir, RUN_FILE)):
