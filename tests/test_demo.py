@@ -15,6 +15,8 @@ from natvision.pipelines import embed_images
 from natvision.transforms import demo
 from natvision.transforms.runtimes import base
 from natvision.transforms.runtimes import onnx as onnx_lib
+from natvision.transforms.runtimes import onnx_session
+from natvision.transforms.runtimes import onnx_store
 
 
 @pytest.fixture
@@ -83,12 +85,12 @@ def test_the_child_writes_standins_with_staged_checked_onnx_files(
   for name in names:
     folder = os.path.join(root, name)
     (resolved,) = demo.models_lib.resolve_models([name], root)
-    session = onnx_lib.OnnxSession(resolved, onnx_lib.staged_onnx_path(
+    session = onnx_lib.OnnxSession(resolved, onnx_store.staged_onnx_path(
         resolved))
     meta = session.metadata
-    assert meta[onnx_lib.METADATA_FINGERPRINT] == base.model_fingerprint(
+    assert meta[onnx_session.METADATA_FINGERPRINT] == base.model_fingerprint(
         folder)
-    check = json.loads(meta[onnx_lib.METADATA_CHECK])
+    check = json.loads(meta[onnx_session.METADATA_CHECK])
     assert 0 <= check["max_diff"] <= check["tolerance"]
     assert check["tf_seconds"] > 0 and check["onnx_seconds"] > 0
   assert demo.ensure(root, names) is False

@@ -253,15 +253,16 @@ def test_demo_command_as_readme_gives_it(demo_standins, tmp_path, capsys,
 def test_a_second_demo_elsewhere_writes_converts_and_loads_nothing(
     demo_standins, tmp_path, capsys, monkeypatch):
   # pylint: disable=import-outside-toplevel
-  from natvision.transforms.runtimes import onnx as onnx_lib
+  from natvision.transforms.runtimes import onnx_convert
   from natvision.transforms.runtimes import tf as tf_runtime
   assert html_report.embed_main(["--demo", "--output_dir",
                                  str(tmp_path / "first")]) == 0
   capsys.readouterr()
   done = []
   for module, name in ((demo, "write_in_child"),
-                       (onnx_lib, "convert_to_onnx"),
-                       (onnx_lib, "convert_in_child"),
+                       (onnx_convert, "convert_to_onnx"),
+                       (onnx_convert, "convert_in_child"),
+                       (onnx_convert, "convert_many"),
                        (tf_runtime, "load_model")):
     real = getattr(module, name)
     monkeypatch.setattr(module, name,

@@ -17,6 +17,7 @@ from tests.test_runtimes_quantize import (  # noqa: F401  (fixtures)
     _config, _decided, _photos, onnx_cache, quantizations)
 from natvision.transforms import runtimes
 from natvision.transforms.runtimes import int8_cache
+from natvision.transforms.runtimes import int8_file
 from natvision.transforms.runtimes import quantize
 
 
@@ -111,7 +112,7 @@ def test_a_recorded_agreement_below_the_minimums_calibrates_again(
                               _config())
   other = _other_photos()
   _, held_out = quantize.split_sample(other, 4, 8)
-  digest = quantize._digest(held_out)  # pylint: disable=protected-access
+  digest = int8_file.array_digest(held_out)
   int8_cache.record(made.onnx_path, made.fingerprint, digest,
                     {k: -1.0 for k in made.agreement.figures}, 8)
   runtimes.forget()
