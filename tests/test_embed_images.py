@@ -508,6 +508,20 @@ def test_too_many_unmatched_labels_exit_2_before_the_pipeline(
   assert not out.exists() or not any(out.iterdir())
 
 
+def _assert_image_only_columns_equal(plain, rows, added):
+  """``rows`` (a run with ``added`` columns) holds ``plain``'s columns, in
+  order, with equal values (scores within 1e-6: the same model, another
+  run)."""
+  assert [n for n in rows.column_names if n not in added] == plain.column_names
+  for name in plain.column_names:
+    if name == "top_k_scores":
+      np.testing.assert_allclose(
+          np.array(rows.column(name).to_pylist()),
+          np.array(plain.column(name).to_pylist()), rtol=0, atol=1e-6)
+    else:
+      assert rows.column(name).to_pylist() == plain.column(name).to_pylist()
+
+
 @pytest.mark.slow
 def test_taxa_columns_and_rollup_end_to_end(tiny_models, photo_dir,
                                             tmp_path):
@@ -532,15 +546,7 @@ def test_taxa_columns_and_rollup_end_to_end(tiny_models, photo_dir,
   plain = _read(os.path.join(plain_out, table)).sort_by("image_id")
   rows = _read(os.path.join(taxa_out, table)).sort_by("image_id")
   # The image-only columns are the same with and without --taxa.
-  assert [n for n in rows.column_names if n not in sinks.TAXON_COLUMNS] == (
-      plain.column_names)
-  for name in plain.column_names:
-    if name == "top_k_scores":
-      np.testing.assert_allclose(
-          np.array(rows.column(name).to_pylist()),
-          np.array(plain.column(name).to_pylist()), rtol=0, atol=1e-6)
-    else:
-      assert rows.column(name).to_pylist() == plain.column(name).to_pylist()
+  _assert_image_only_columns_equal(plain, rows, sinks.TAXON_COLUMNS)
   # run.json names the unmatched labels.
   entry = report["taxonomy"]["fungi_mobile_v1"]
   assert entry["unmatched"] == labels[:10] and entry["labels"] == 4128
@@ -642,15 +648,7 @@ def test_prior_columns_end_to_end(tiny_models, photo_dir, tmp_path):
   table = "predictions/fungi_mobile_v1"
   plain = _read(os.path.join(plain_out, table)).sort_by("image_id")
   rows = _read(os.path.join(prior_out, table)).sort_by("image_id")
-  assert [n for n in rows.column_names if n not in sinks.PRIOR_COLUMNS] == (
-      plain.column_names)
-  for name in plain.column_names:
-    if name == "top_k_scores":
-      np.testing.assert_allclose(
-          np.array(rows.column(name).to_pylist()),
-          np.array(plain.column(name).to_pylist()), rtol=0, atol=1e-6)
-    else:
-      assert rows.column(name).to_pylist() == plain.column(name).to_pylist()
+  _assert_image_only_columns_equal(plain, rows, sinks.PRIOR_COLUMNS)
   entry = report["prior"]["fungi_mobile_v1"]
   assert entry["resolution"] == prior.DEFAULT_RESOLUTION
   spec = report["spec"]["models"][0]
