@@ -354,6 +354,7 @@ def run(job: Job, argv: Optional[Sequence[str]] = None,
     print(job.pending(plan, str(state)), flush=True)
     return dict(plan.base, state=str(state))
   report = json.loads(storage.read_bytes(job.summary_path(plan)))
+  console.sync_stderr()  # the last progress line before the summary
   print(job.summary(report), flush=True)
   return report
 

@@ -193,3 +193,29 @@ def test_a_handler_made_at_import_time_gets_the_console_format(monkeypatch):
   monkeypatch.setattr(root, "handlers", [handler])
   console.configure_logging()
   assert handler.formatter._fmt == console.FORMAT  # pylint: disable=protected-access
+
+
+_LOG_THEN_PRINT = """
+import logging, sys
+from natvision.transforms import console
+console.configure_logging()
+log = logging.getLogger("natvision.progress")
+for i in range(2000):
+  log.info("progress line %d", i)
+console.sync_stderr()
+print("SUMMARY", flush=True)
+"""
+
+
+def test_stderr_lines_written_before_the_summary_come_out_before_it():
+  """The console filter copies stderr through a thread; the launcher waits
+  for it (``sync_stderr``) before printing the summary, so a `2>&1` log
+  keeps the order (the last progress line used to follow the summary)."""
+  done = subprocess.run([sys.executable, "-c", _LOG_THEN_PRINT],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stdout
+  lines = done.stdout.splitlines()
+  assert lines[-1] == "SUMMARY", lines[-3:]
+  assert lines[-2].endswith("progress line 1999")
+  assert not any("natvision-stderr-sync" in line for line in lines)

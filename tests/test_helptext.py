@@ -144,3 +144,28 @@ def test_formatter_marks_and_defaults():
   assert blocks["--c"] == "--c C sea (required unless --d)"
   assert blocks["--d"] == "--d dee"
   assert blocks["--e"] == "--e E half (default: 50%)"
+
+
+def test_tools_refuse_an_unknown_flag_first_with_the_nearest_known_one():
+  """A typo in a required flag's name is named as a typo, not as the
+  required flag missing (plain argparse reports the latter first)."""
+  p = helptext.ArgumentParser(prog="t", formatter_class=helptext.HelpFormatter)
+  p.add_argument("--output_dir", required=True)
+  p.add_argument("--image_id")
+  with pytest.raises(SystemExit) as info:
+    p.parse_args(["--outptu_dir", "x", "--image_id", "a"])
+  assert info.value.code == 2
+  with pytest.raises(SystemExit):
+    p.parse_args(["--output_dir", "x", "--colour", "y"])
+  # An abbreviation argparse accepts, and a value after "--", are not typos.
+  assert p.parse_args(["--output", "x"]).output_dir == "x"
+  assert "--zzz" in p.parse_known_args(["--output_dir", "x", "--", "--zzz"])[1]
+
+
+def test_a_typo_gets_did_you_mean(capsys):
+  p = helptext.ArgumentParser(prog="t")
+  p.add_argument("--output_dir", required=True)
+  with pytest.raises(SystemExit):
+    p.parse_args(["--outdir", "x"])
+  assert "unknown flag --outdir; did you mean --output_dir?" in (
+      capsys.readouterr().err)

@@ -6,6 +6,7 @@ as from a public bucket such as inaturalist-open-data."""
 import csv
 import io
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -118,3 +119,30 @@ def test_ingest_straight_from_an_open_data_bucket(anonymous_aws, tiny_models,
     assert sorted(r["image_id"] for r in rows) == expected, name
     assert all(r["uri"].startswith(template.split("{")[0]) for r in rows)
     assert report["models"][EMB]["failed"] == 0, name
+
+
+def test_embed_writes_its_tables_and_run_json_to_s3(anonymous_aws, tiny_models,
+                                                     tmp_path, monkeypatch):
+  """--output_dir s3://: the job commits its shards and run.json there,
+  with no staging left behind, one row per photo."""
+  monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake-for-moto")
+  monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-for-moto")
+  monkeypatch.setattr(fetch.s3, "_S3_CLIENTS", {})
+  photos = [p for p in real_photo_paths() if p.endswith(".jpg")][:2]
+  local = tmp_path / "p"
+  local.mkdir()
+  for path in photos:
+    shutil.copy(path, local)
+  bucket = anonymous_aws.bucket("my-results", public=False)
+  argv = ["--input", str(local / "*.jpg"),
+          "--output_dir", f"{bucket}/run1", "--model_root", tiny_models,
+          "--models", EMB, "--runtime", "tf"]
+  report = embed_images.run(argv)
+  keys = anonymous_aws.keys("my-results", "run1/")
+  shards = [k for k in keys if k.startswith(f"run1/embeddings/{EMB}/")
+            and k.endswith(".parquet")]
+  assert shards and "run1/run.json" in keys
+  assert not [k for k in keys if "_staging/" in k], keys
+  rows = sum(pq.read_table(io.BytesIO(fetch.fetch_bytes(
+      f"{bucket}/{k}", 10**8))).num_rows for k in shards)
+  assert rows == report["inputs"] == len(photos)

@@ -257,7 +257,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluateConfig:
 
 def parser() -> argparse.ArgumentParser:
   """natvision-evaluate's flags."""
-  p = argparse.ArgumentParser(
+  p = helptext.ArgumentParser(
       prog="natvision-evaluate",
       formatter_class=helptext.HelpFormatter,
       description="Recall@k of each model's table against a label column "

@@ -12,6 +12,7 @@ file's metadata) is not searched by photo.
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional
 
 import numpy as np
@@ -135,7 +136,16 @@ def embed_photo(uri: str, table: tables_lib.ModelTable,
             runtimes.RUNTIME_TF, note="TensorFlow, as the table's spec "
             "records", fingerprint=found))
       else:
-        resolved = chooser.decided(resolved, timing_runs=0)
+        # The table decided the runtime: the job's "model X runs on ...
+        # (--runtime ...)" line would name a flag nobody gave; warnings
+        # (a fall-back to TensorFlow) still show.
+        natvision_log = logging.getLogger("natvision")
+        level = natvision_log.level
+        natvision_log.setLevel(max(level, logging.WARNING))
+        try:
+          resolved = chooser.decided(resolved, timing_runs=0)
+        finally:
+          natvision_log.setLevel(level)
     model = inference.load_shared(resolved).model
   except models_lib.ModelError as e:
     if int8:

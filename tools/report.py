@@ -167,7 +167,8 @@ def write_report(output_dir: str, snapshot_date: Optional[str] = None,
   Called by the jobs' last step, after the tables are committed and the run
   summary is written.  There it must not fail the run: unless
   ``raise_errors``, any failure is logged as an error, with how to rebuild
-  the report, and None is returned.
+  the report, and None is returned; success is logged too.  The command
+  (``raise_errors``) raises instead and prints its own line.
 
   Returns:
     The report's path, or None when it could not be written.
@@ -186,7 +187,8 @@ def write_report(output_dir: str, snapshot_date: Optional[str] = None,
         "--output_dir %s%s", path, output_dir,
         f" --snapshot_date {snapshot_date}" if snapshot_date else "")
     return None
-  LOGGER.info("run report written to %s", path)
+  if not raise_errors:  # the command prints its own line
+    LOGGER.info("run report written to %s", path)
   return path
 
 
@@ -221,7 +223,7 @@ def _latest_partition(output_dir: str) -> Optional[str]:
 
 def parser() -> argparse.ArgumentParser:
   """natvision-report's flags."""
-  p = argparse.ArgumentParser(
+  p = helptext.ArgumentParser(
       prog="natvision-report",
       formatter_class=helptext.HelpFormatter,
       description="Rebuild the HTML run report of an output folder "

@@ -159,7 +159,7 @@ OUTPUT_DIR_HELP = ("the --output_dir of the natvision-embed or natvision-ingest 
 
 def index_parser() -> argparse.ArgumentParser:
   """natvision-index's flags."""
-  p = argparse.ArgumentParser(
+  p = helptext.ArgumentParser(
       prog="natvision-index",
       formatter_class=helptext.HelpFormatter,
       description="Build a nearest-neighbour index of one model's embeddings "
@@ -203,7 +203,7 @@ def index_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def parser() -> argparse.ArgumentParser:
   """natvision-search's flags."""
-  p = argparse.ArgumentParser(
+  p = helptext.ArgumentParser(
       prog="natvision-search",
       formatter_class=helptext.HelpFormatter,
       description="Print the k rows of an embeddings table nearest to a "

@@ -73,7 +73,7 @@ def stage_onnx(resolved: models_lib.ResolvedModel,
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = helptext.ArgumentParser(
       prog="natvision-stage-onnx",
       formatter_class=helptext.HelpFormatter,
       description=(

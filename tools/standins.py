@@ -26,7 +26,7 @@ __all__ = ["build_network", "main", "write_standin", "write_standins"]
 
 def parser() -> argparse.ArgumentParser:
   """natvision-standins's flags."""
-  p = argparse.ArgumentParser(
+  p = helptext.ArgumentParser(
       prog="natvision-standins",
       formatter_class=helptext.HelpFormatter,
       description=(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Dict, List, Optional, Sequence
 
 import pyarrow as pa
@@ -203,6 +204,9 @@ def open_model_table(output_dir: str, name: str,
                         metadata=file_metadata(files[0].path))
   there = ", ".join(find_models(output_dir)) or "none"
   where = f" partition {PARTITION_KEY}={partition}" if partition else ""
+  if "://" not in output_dir and not os.path.isdir(output_dir):
+    raise TableError(f"--output_dir {output_dir} is not a folder: give the "
+                     f"--output_dir of a natvision run")
   raise TableError(f"no table of model {name!r} under {output_dir}{where} "
                    f"(models found: {there})")
 

@@ -236,7 +236,9 @@ def _filter_native_stderr() -> None:
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
-          if not _NATIVE_NOTICE.match(line.decode("utf-8", "replace")):
+          if line == _SYNC_MARK:
+            _SYNCED.set()
+          elif not _NATIVE_NOTICE.match(line.decode("utf-8", "replace")):
             dst.write(line + b"\n")
       if pending and not _NATIVE_NOTICE.match(
           pending.decode("utf-8", "replace")):
@@ -256,3 +258,31 @@ def _filter_native_stderr() -> None:
 
   atexit.register(drain)
   _filter_native_stderr.installed = True
+
+
+# A line the stderr filter's thread swallows, telling ``sync_stderr`` that
+# everything written to fd 2 before it has been copied out.
+_SYNC_MARK = b"\x00natvision-stderr-sync"
+_SYNCED = threading.Event()
+
+
+def sync_stderr(timeout_s: float = 2.0) -> None:
+  """Waits until what was written to stderr has reached the real stderr.
+
+  With the console filter installed (``configure_logging``), stderr lines
+  pass through a thread; without this wait, a log line written just before
+  the summary is printed on stdout can come out after it (a `2>&1` log).
+  Without the filter this only flushes.
+  """
+  try:
+    sys.stderr.flush()
+  except (OSError, ValueError):
+    return
+  if not getattr(_filter_native_stderr, "installed", False):
+    return
+  _SYNCED.clear()
+  try:
+    os.write(2, _SYNC_MARK + b"\n")
+  except OSError:
+    return
+  _SYNCED.wait(timeout_s)

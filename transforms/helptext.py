@@ -21,8 +21,10 @@ as written.
 from __future__ import annotations
 
 import argparse
+import difflib
+import sys
 import textwrap
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 BEAM_OPTIONS = (
     "Beam pipeline options such as --runner, --direct_num_workers or "
@@ -93,3 +95,33 @@ def epilog(examples: Sequence[str], beam: bool = False) -> str:
   if beam:
     paragraphs.append(BEAM_OPTIONS)
   return "\n\n".join(paragraphs)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """The tools' parser: an unknown flag is refused first, with the nearest
+  known flag suggested (``--imag_id`` -> "did you mean --image_id?").
+
+  Plain argparse reports a missing required flag before an unknown one, so
+  a typo in a required flag's name read as "--image_id is required".  The
+  pipelines refuse unknown flags the same way, after Beam has had its own
+  (pipelines/launch.py ``split_beam_args``).  Tokens after a bare ``--``
+  are left alone; an unambiguous prefix of a flag (argparse's
+  abbreviations) counts as known.
+  """
+
+  def parse_known_args(self, args=None, namespace=None
+                       ) -> Tuple[argparse.Namespace, List[str]]:
+    tokens = list(sys.argv[1:] if args is None else args)
+    known = [o for a in self._actions for o in a.option_strings]
+    for token in tokens:
+      if token == "--":
+        break
+      if not token.startswith("--"):
+        continue
+      name = token.split("=", 1)[0]
+      if name in known or any(k.startswith(name) for k in known):
+        continue
+      close = difflib.get_close_matches(name, known, n=1)
+      self.error(f"unknown flag {name}; "
+                 + (f"did you mean {close[0]}?" if close else "see --help"))
+    return super().parse_known_args(tokens, namespace)
