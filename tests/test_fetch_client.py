@@ -242,3 +242,68 @@ def test_retry_after_seconds_and_dates():
                               lambda: 1445412470.0) == pytest.approx(10.0)
   assert client.retry_after_s("soon", time.time) is None
   assert client.retry_after_s(None, time.time) is None
+
+
+@pytest.fixture()
+def names(monkeypatch):
+  """A resolver for names under .natvision.test (the table: name ->
+  loopback address, or "" for a name that does not exist; a name not in
+  it gets no answer); other names resolve as usual.  A stuck lookup is released at teardown."""
+  real = socket.getaddrinfo
+  table, release, asked = {}, threading.Event(), []
+
+  def getaddrinfo(host, port, *args, **kwargs):
+    if isinstance(host, str) and host.endswith(".natvision.test"):
+      asked.append(host)
+      address = table.get(host)
+      if address == "":
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+      if address is None:
+        release.wait(60)
+        raise socket.gaierror(socket.EAI_AGAIN, "resolver never answered")
+      return real(address, port, *args, **kwargs)
+    return real(host, port, *args, **kwargs)
+
+  monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+  yield table, asked
+  release.set()
+
+
+def test_a_name_lookup_that_never_answers_is_under_the_photo_deadline(names):
+  """socket.getaddrinfo takes no timeout: a resolver that does not answer
+  used to hold the photo for the system's whole retry schedule, past
+  --photo_timeout; the lookup is now waited for until the deadline."""
+  _, asked = names
+  config = fetch.FetchConfig(photo_timeout=1.0, connect_timeout=30,
+                             host_failure_limit=0)
+  start = time.monotonic()
+  with pytest.raises(fetch.FetchError) as info:
+    fetch.fetch_bytes("http://stuck.natvision.test:9/a.jpg", 10**6, config,
+                      attempts=3, sleep=lambda s: None)
+  elapsed = time.monotonic() - start
+  assert elapsed < 3.0, elapsed  # the fake resolver answers after 60 s
+  assert asked and set(asked) == {"stuck.natvision.test"}
+  assert "photo_timeout" in str(info.value) or "DNS" in str(info.value), (
+      str(info.value))
+
+
+def test_a_name_looked_up_under_the_deadline_connects_and_sends_its_host(
+    names):
+  """The connection made to the looked-up address still speaks to the
+  name: the Host header names it (and TLS would verify it)."""
+  table, asked = names
+  table["photos.natvision.test"] = "127.0.0.35"
+  with PhotoServer({"/a.jpg": JPEG}, hosts=("127.0.0.35",)) as s:
+    port = s.url("/a.jpg").rsplit(":", 1)[1].split("/")[0]
+    url = f"http://photos.natvision.test:{port}/a.jpg"
+    fetcher = client.HttpFetcher(fetch.FetchConfig(photo_timeout=5))
+    assert fetcher.fetch(url, 10**6,
+                         deadline=time.monotonic() + 5) == JPEG
+    assert s.requests["/a.jpg"] == 1
+    assert list(s.peak) == [f"photos.natvision.test:{port}"]  # Host header
+  assert asked == ["photos.natvision.test"]
+  table["nowhere.natvision.test"] = ""
+  with pytest.raises(fetch.FetchError, match="NameResolution|resolve|DNS"):
+    client.HttpFetcher(fetch.FetchConfig(photo_timeout=5)).fetch(
+        "http://nowhere.natvision.test/a.jpg", 10**6,
+        deadline=time.monotonic() + 0.5)

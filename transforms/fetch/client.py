@@ -3,7 +3,7 @@
 Connect and read timeouts, a bounded number of redirects, a ``User-Agent``
 naming natvision (``--user_agent`` adds a contact), a cap on requests in
 flight per host per process, and a deadline per photo
-(``--photo_timeout``).  ``Retry-After`` on 429 and 503 pauses the host for
+(``--photo_timeout``) from the DNS lookup to the last byte.  ``Retry-After`` on 429 and 503 pauses the host for
 the process's other photos; 404 and 410 mean "not found".
 """
 
@@ -58,8 +58,9 @@ class _Watch:
   """One request's deadline: its socket is shut down if it is still running
   then, which ends any read blocked on it (status line, headers or body)."""
 
-  def __init__(self, deadline: float):
+  def __init__(self, deadline: float, clock: Callable[[], float]):
     self.deadline = deadline
+    self.clock = clock
     self._lock = threading.Lock()
     self._conn = None
     self._done = False
@@ -111,7 +112,7 @@ class _Deadlines:
     self._thread = None
 
   def watch(self, deadline: float) -> _Watch:
-    watch = _Watch(deadline)
+    watch = _Watch(deadline, self._clock)
     with self._cond:
       self._count += 1
       heapq.heappush(self._heap, (deadline, self._count, watch))
@@ -136,11 +137,88 @@ class _Deadlines:
       watch.expire()
 
 
+# Name lookups run here so that a photo waits for one no longer than its
+# deadline: ``socket.getaddrinfo`` takes no timeout, and a resolver that
+# does not answer holds the calling thread for the system's whole retry
+# schedule (resolv.conf: 5 s per attempt and nameserver by default).  A
+# lookup abandoned at the deadline finishes here, holding one of these
+# threads, not a photo's.
+_RESOLVER_THREADS = 8
+_resolver = concurrent.futures.ThreadPoolExecutor(
+    _RESOLVER_THREADS, thread_name_prefix="natvision-dns")
+
+
+def _resolve(host: str, port: int, watch: "_Watch"):
+  """``getaddrinfo`` for a TCP connection, waited for until the deadline.
+
+  Raises:
+    socket.gaierror: the name does not resolve.
+    socket.timeout: no answer by the photo's deadline.
+  """
+  future = _resolver.submit(socket.getaddrinfo, host, port, 0,
+                            socket.SOCK_STREAM)
+  try:
+    return future.result(timeout=max(0.0, watch.deadline - watch.clock()))
+  except concurrent.futures.TimeoutError as e:
+    raise socket.timeout(f"no answer from DNS for {host} by the photo's "
+                         f"deadline") from e
+
+
+def _connect_resolved(conn, watch: "_Watch"):
+  """urllib3's ``_new_conn`` with the name lookup under the photo's
+  deadline (``_resolve``): the connection is made to each address found in
+  turn, as ``create_connection`` does; errors become urllib3's own."""
+  import urllib3  # pylint: disable=import-outside-toplevel
+  from urllib3.util import connection  # pylint: disable=import-outside-toplevel
+  try:
+    found = _resolve(conn._dns_host, conn.port, watch)  # pylint: disable=protected-access
+  except socket.gaierror as e:
+    raise urllib3.exceptions.NameResolutionError(conn.host, conn, e) from e
+  except socket.timeout as e:
+    raise urllib3.exceptions.ConnectTimeoutError(conn, str(e)) from e
+  last = None
+  for address in dict.fromkeys(info[4][0] for info in found):
+    try:
+      return connection.create_connection(
+          (address, conn.port), conn.timeout,
+          source_address=conn.source_address,
+          socket_options=conn.socket_options)
+    except socket.timeout as e:
+      last = urllib3.exceptions.ConnectTimeoutError(
+          conn, f"Connection to {conn.host} timed out. (connect timeout="
+          f"{conn.timeout})")
+      last.__cause__ = e
+    except OSError as e:
+      last = urllib3.exceptions.NewConnectionError(
+          conn, f"Failed to establish a new connection: {e}")
+      last.__cause__ = e
+  raise last or urllib3.exceptions.NewConnectionError(
+      conn, f"Failed to establish a new connection: no address for "
+      f"{conn.host}")
+
+
+def _is_address(host: str) -> bool:
+  try:
+    socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                     host.strip("[]"))
+    return True
+  except OSError:
+    return False
+
+
 def _watched(base):
   """``base`` (urllib3's HTTP or HTTPS connection) telling the thread's
-  watch which connection its request is on."""
+  watch which connection its request is on, and looking its host's name
+  up under the photo's deadline."""
 
   class Watched(base):
+
+    def _new_conn(self):
+      watch = getattr(_THREAD, "watch", None)
+      if (watch is None or _is_address(self._dns_host)  # pylint: disable=protected-access
+          or getattr(self, "proxy", None) is not None):
+        return super()._new_conn()
+      return _connect_resolved(self, watch)
 
     def connect(self):
       super().connect()
