@@ -4,7 +4,7 @@
         --output gs://my-bucket/priors/inat-2024-05-27-r4.parquet \\
         [--resolution 4] [--quality_grade research] [Beam flags]
 
-    natvision-prior --observations gbif-download/occurrence.txt \\
+    natvision-prior --observations 0012345-240101120000000.zip \\
         --output priors/gbif-r4.parquet --taxon_column speciesKey
 
 The graph: read the observations (an iNaturalist snapshot's observations
@@ -54,13 +54,14 @@ def _parser() -> argparse.ArgumentParser:
       epilog=helptext.epilog([
           "natvision-prior --observations inat/2024-05-27 "
           "--output priors/inat-r4.parquet",
-          "natvision-prior --observations gbif/occurrence.txt "
+          "natvision-prior --observations 0012345-240101120000000.zip "
           "--output priors/gbif-r4.parquet --taxon_column speciesKey",
       ], beam=True))
   p.add_argument("--observations",
                  help="an iNaturalist snapshot folder (its observations "
-                 "table), or a GBIF download's occurrence.txt (or the "
-                 "folder holding it, or a glob of such files)")
+                 "table), or a GBIF download: its zip as downloaded, its "
+                 "occurrence.txt, the folder holding it, or a glob of such "
+                 "files")
   p.add_argument("--output", help="the prior table to write (.parquet)")
   p.add_argument("--resolution", type=int,
                  default=prior_lib.DEFAULT_RESOLUTION,

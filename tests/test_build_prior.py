@@ -105,3 +105,52 @@ def test_bad_flags_are_config_errors(tmp_path, capsys):
   assert build_prior.main(["--observations", str(tmp_path / "none"),
                            "--output", str(tmp_path / "p.parquet")]) == 2
   assert "no iNaturalist observations table" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("member", ["occurrence.txt", "0012345.csv"])
+def test_a_zipped_gbif_download_is_read_in_place(tmp_path, member):
+  """The zip GBIF sends (a Darwin Core download's occurrence.txt, or a
+  simple download's one tab-separated .csv) counts as the same rows
+  unzipped do, without being unpacked first."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  lines = ["1\t55.68\t12.57\t111\t100\tPRESENT",
+           "2\t55.68\t12.57\t100\t100\tPRESENT",
+           "3\t55.68\t12.57\t100\t100\tABSENT",
+           "4\t59.33\t18.06\t200\t200\tPRESENT",
+           "5\t\t\t200\t200\tPRESENT"]
+  text = "\r\n".join([GBIF_HEADER] + lines) + "\r\n"
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "plain" / "occurrence.txt").write_text(text)
+  archive = tmp_path / "0012345-240101120000000.zip"
+  with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+    z.writestr("meta.xml", "<archive/>")
+    z.writestr(member, text)
+    z.writestr("multimedia.txt", "gbifID\tidentifier\n")
+  metas = {}
+  for name, source in (("zip", archive), ("plain", tmp_path / "plain")):
+    out = str(tmp_path / f"{name}.parquet")
+    metas[name] = build_prior.run(["--observations", str(source),
+                                   "--output", out,
+                                   "--taxon_column", "speciesKey"])
+  assert (pq.read_table(str(tmp_path / "zip.parquet")).to_pylist()
+          == pq.read_table(str(tmp_path / "plain.parquet")).to_pylist())
+  assert metas["zip"]["observations"] == 3
+  skipped = metas["zip"]["skipped"]
+  assert skipped == metas["plain"]["skipped"]
+  assert {k: v for k, v in skipped.items() if v} == {"absent": 1,
+                                                     "no_coordinates": 1}
+
+
+def test_a_zip_without_occurrences_is_refused_before_the_job(tmp_path):
+  import zipfile  # pylint: disable=import-outside-toplevel
+  archive = tmp_path / "photos.zip"
+  with zipfile.ZipFile(archive, "w") as z:
+    z.writestr("multimedia.txt", "gbifID\tidentifier\n")
+    z.writestr("meta.xml", "<archive/>")
+  with pytest.raises(ConfigError, match="holds no occurrence.txt"):
+    build_prior.run(["--observations", str(archive), "--output",
+                     str(tmp_path / "p.parquet")])
+  (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
+  with pytest.raises(ConfigError, match="not a zip file"):
+    build_prior.run(["--observations", str(tmp_path / "broken.zip"),
+                     "--output", str(tmp_path / "p.parquet")])

@@ -8,7 +8,8 @@ Two sources of observations (``find_observations``, at launch):
   ``latitude``, ``longitude``), kept when ``quality_grade`` is one of
   ``--quality_grade`` (default ``research``);
 * a GBIF download's occurrences (``occurrence.txt`` of a Darwin Core
-  download, unzipped, or any tab-separated occurrence file or folder holding
+  download, zipped as GBIF sends it or unzipped, a simple download's zipped
+  ``<key>.csv``, or any tab-separated occurrence file or folder holding
   one): Darwin Core ``decimalLatitude``, ``decimalLongitude`` and
   ``taxonKey``; rows whose ``occurrenceStatus`` is ``ABSENT`` are left out
   (absence records say nothing of presence).
@@ -23,9 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+import os
+import zipfile
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from natvision.transforms import config
 from natvision.transforms import prior as prior_lib
@@ -35,6 +39,8 @@ from natvision.transforms.snapshots import tables
 INATURALIST = "inaturalist"
 GBIF = "gbif"
 GBIF_FILE = "occurrence.txt"
+# A zipped download: its occurrences are read from the member in place.
+ZIP = "zip"
 # (latitude, longitude, taxon) columns of each source.
 COLUMNS = {INATURALIST: ("latitude", "longitude", "taxon_id"),
            GBIF: ("decimalLatitude", "decimalLongitude", "taxonKey")}
@@ -59,7 +65,7 @@ class Observations:
   Attributes:
     source: ``inaturalist`` or ``gbif``.
     files: the table's files, all with ``columns``.
-    fmt: ``tsv`` or ``parquet``.
+    fmt: ``tsv``, ``parquet`` or ``zip`` (one zipped download per file).
     columns: the files' columns (header order).
     taxon_column: the column read as the taxon id.
     quality_grades: iNaturalist grades kept (ignored for GBIF).
@@ -95,8 +101,9 @@ def find_observations(path: str, taxon_column: Optional[str] = None,
   """Finds the observations under ``path`` and checks their columns.
 
   Args:
-    path: a snapshot folder, a GBIF ``occurrence.txt`` (or a folder holding
-      one), or a glob of tab-separated occurrence files.
+    path: a snapshot folder, a GBIF download's zip, its ``occurrence.txt``
+      (or a folder holding one), or a glob of tab-separated occurrence
+      files.
     taxon_column: the taxon id column; default ``taxon_id`` (iNaturalist),
       ``taxonKey`` (GBIF).  GBIF's ``speciesKey`` counts subspecies under
       their species.
@@ -105,8 +112,14 @@ def find_observations(path: str, taxon_column: Optional[str] = None,
   Raises:
     config.ConfigError: nothing found, or a column missing.
   """
-  table = tables.find_table(path, tables.OBSERVATIONS)
-  if table is not None:
+  table = None if path.lower().endswith(".zip") else tables.find_table(
+      path, tables.OBSERVATIONS)
+  if path.lower().endswith(".zip"):
+    if not storage.exists(path):
+      raise config.ConfigError(f"--observations {path}: no such file")
+    source, files, fmt = GBIF, (path,), ZIP
+    columns = zip_columns(path)
+  elif table is not None:
     source, files, fmt, columns = (INATURALIST, table.files, table.fmt,
                                    table.columns)
   else:
@@ -191,8 +204,58 @@ class CountKeysFn(beam.DoFn):
       yield key
 
 
+def _occurrence_member(z: zipfile.ZipFile, path: str) -> str:
+  """The occurrences in a GBIF download's zip: ``occurrence.txt`` (a Darwin
+  Core download) or the one ``.csv`` (a simple download, tab-separated)."""
+  files = [m.filename for m in z.infolist() if not m.is_dir()]
+  by_name = {os.path.basename(f): f for f in files}
+  if GBIF_FILE in by_name:
+    return by_name[GBIF_FILE]
+  csvs = [f for f in files if f.lower().endswith(".csv")]
+  if len(csvs) == 1:
+    return csvs[0]
+  raise config.ConfigError(
+      f"--observations {path}: the zip holds no {GBIF_FILE} and not one "
+      f".csv (it holds: {', '.join(sorted(by_name)[:10])})")
+
+
+def _zip_lines(path: str) -> Iterator[str]:
+  """The occurrence lines of a zipped download, header first, streamed from
+  the member (a remote zip is read through Beam's seekable file)."""
+  with FileSystems.open(path, compression_type="uncompressed") as f:
+    with zipfile.ZipFile(f) as z:
+      member = _occurrence_member(z, path)
+      with z.open(member) as raw:
+        yield from io.TextIOWrapper(raw, encoding="utf-8-sig",
+                                    errors="replace")
+
+
+def zip_columns(path: str) -> Tuple[str, ...]:
+  """The header of a zipped download's occurrences.
+
+  Raises:
+    config.ConfigError: not a zip, or no occurrences in it.
+  """
+  try:
+    first = next(_zip_lines(path), "")
+  except zipfile.BadZipFile as e:
+    raise config.ConfigError(f"--observations {path}: not a zip file ({e})"
+                             ) from e
+  return tuple(c.strip() for c in first.rstrip("\r\n").split("\t"))
+
+
+def _data_lines(path: str) -> Iterator[str]:
+  lines = _zip_lines(path)
+  next(lines, None)  # the header
+  yield from lines
+
+
 class ReadObservations(beam.PTransform):
-  """PBegin -> rows of every file (TSV lines without header, or dicts)."""
+  """PBegin -> rows of every file (TSV lines without header, or dicts).
+
+  A zip cannot be split: one worker streams each zipped download's lines,
+  and a Reshuffle spreads them for counting.
+  """
 
   def __init__(self, observations: Observations):
     super().__init__()
@@ -201,7 +264,11 @@ class ReadObservations(beam.PTransform):
   def expand(self, pbegin):
     reads = []
     for i, path in enumerate(self._obs.files):
-      if self._obs.fmt == tables.PARQUET:
+      if self._obs.fmt == ZIP:
+        read = (f"Zip[{i}]" >> beam.Create([path])
+                | f"Unzip[{i}]" >> beam.FlatMap(_data_lines)
+                | f"Spread[{i}]" >> beam.Reshuffle())
+      elif self._obs.fmt == tables.PARQUET:
         read = beam.io.ReadFromParquet(
             path, columns=list(self._obs.used_columns))
       else:
