@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineState
 
 from natvision import transforms
 from natvision.pipelines import launch
@@ -134,7 +135,8 @@ def build(p: beam.Pipeline, observations: prior_counts.Observations,
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
-  """Runs the job; returns the table's metadata (its counts).
+  """Runs the job; returns the table's metadata (its counts), or, when the
+  job runs on without this process (a template launch), its state.
 
   Raises:
     ConfigError: bad flags or observations, before the pipeline starts.
@@ -147,7 +149,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
       args.observations, args.taxon_column, args.quality_grades)
   p = test_pipeline or beam.Pipeline(options=options)
   build(p, observations, args.output, args.resolution, args.observations)
-  p.run().wait_until_finish()
+  state = p.run().wait_until_finish()
+  if state != PipelineState.DONE:
+    # A Flex Template launch (deploy/) or an asynchronous runner: the job
+    # writes the table in its last step when it ends.
+    return {"state": str(state), "output": args.output}
   _, meta = prior_lib.read_table(args.output)
   return meta
 
@@ -163,6 +169,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except storage.StorageError as e:
     print(f"{NAME}: storage error: {e}", file=sys.stderr)
     return 1
+  if "state" in meta:
+    print(f"{NAME}: the job is {meta['state']}; it writes {meta['output']} "
+          f"when it ends", flush=True)
+    return 0
   print(f"{NAME}: {meta['observations']} observations of {meta['taxa']} "
         f"taxa in {meta['cells']} H3 cells (resolution "
         f"{meta['resolution']}); skipped {json.dumps(meta['skipped'])}",

@@ -154,3 +154,23 @@ def test_a_zip_without_occurrences_is_refused_before_the_job(tmp_path):
   with pytest.raises(ConfigError, match="not a zip file"):
     build_prior.run(["--observations", str(tmp_path / "broken.zip"),
                      "--output", str(tmp_path / "p.parquet")])
+
+
+def test_a_launch_that_does_not_wait_reports_the_state_not_a_missing_table(
+    tmp_path, monkeypatch, capsys):
+  """A Flex Template launch (deploy/) returns before the job runs: the
+  table is written by the job's last step later, so the launcher must not
+  read it back (it used to fail there)."""
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.runners.runner import PipelineState  # pylint: disable=import-outside-toplevel
+
+  class Pending:
+    def wait_until_finish(self):
+      return PipelineState.RUNNING
+
+  monkeypatch.setattr(beam.Pipeline, "run", lambda self, *a, **k: Pending())
+  (tmp_path / "occurrence.txt").write_text(GBIF_HEADER + "\n")
+  out = str(tmp_path / "later.parquet")
+  argv = ["--observations", str(tmp_path), "--output", out]
+  assert build_prior.main(argv) == 0
+  assert f"it writes {out} when it ends" in capsys.readouterr().out

@@ -35,7 +35,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from natvision.pipelines import embed_images, ingest_observations, launch
+from natvision.pipelines import build_prior, embed_images, ingest_observations
+from natvision.pipelines import launch
 from natvision.transforms.config import ConfigError
 from natvision.transforms import models as models_lib
 from natvision.transforms import snapshots
@@ -48,7 +49,10 @@ CONSTRAINTS = os.path.join(DEPLOY, "constraints.txt")
 PIPELINES = {
     "embed_images": embed_images,
     "ingest_observations": ingest_observations,
+    "build_prior": build_prior,
 }
+# The pipelines that run models, and so have a GPU image too.
+WITH_GPU = ("embed_images", "ingest_observations")
 # Flags deliberately not offered by the templates, with the reason.
 NOT_IN_TEMPLATE = {
     "demo": "local only: bundled photos and stand-ins written to local disk",
@@ -95,6 +99,10 @@ EXAMPLES = {
     "manifest_encoding": "cp1252",
     "archive_encoding": "cp1252",
     "snapshot_dir": "gs://my-bucket/inat/2024-05-27",
+    "observations": "gs://my-bucket/gbif/0012345-240101120000000.zip",
+    "output": "gs://my-bucket/priors/gbif-r4.parquet",
+    "resolution": "4",
+    "taxon_column": "speciesKey",
     "photo_uri_template":
         "gs://my-mirror/photos/{photo_id}/medium.{extension}",
     "snapshot_date": "2024-05-27",
@@ -444,13 +452,14 @@ def test_dockerfile_stages_entry_point_and_cloud_build_targets():
   launch = _launch_module()
   assert set(launch.PIPELINES) == set(PIPELINES)
   for name in PIPELINES:
-    for stage in (name, f"{name}_gpu"):
+    for stage in (name,) + ((f"{name}_gpu",) if name in WITH_GPU else ()):
       assert f"ENV NATVISION_PIPELINE={name}" in stages[stage], stage
+  assert "build_prior_gpu" not in stages
   with open(os.path.join(DEPLOY, "cloudbuild.yaml")) as f:
     build = yaml.safe_load(f)
   targets = [s["args"][s["args"].index("--target") + 1] for s in build["steps"]]
   assert sorted(targets) == sorted(
-      [n for n in PIPELINES] + [f"{n}_gpu" for n in PIPELINES])
+      [n for n in PIPELINES] + [f"{n}_gpu" for n in WITH_GPU])
   for step in build["steps"]:
     assert step["args"][step["args"].index("-f") + 1] == "deploy/Dockerfile"
     assert step["args"][-1] == "."
@@ -496,10 +505,16 @@ def test_scheduled_launch_body_matches_the_ingest_template():
   assert config.model_names == ("inaturalist_v2", "fungi_mobile_v1")
 
 
-# What each pipeline's own flag check says when given only --output_dir.
+# What each pipeline's own flag check says when given only its output.
+ONLY_OUTPUT = {
+    "embed_images": "--output_dir=gs://b/o",
+    "ingest_observations": "--output_dir=gs://b/o",
+    "build_prior": "--output=gs://b/p.parquet",
+}
 MISSING_FLAG = {
     "embed_images": "--input is required",
     "ingest_observations": "--snapshot_dir is required",
+    "build_prior": "--observations is required",
 }
 
 
@@ -511,11 +526,12 @@ def test_launch_entry_point_dispatches_and_lets_template_launches_through(
   assert "--target" in capsys.readouterr().err
   assert set(MISSING_FLAG) == set(PIPELINES)
   for name, module in sorted(PIPELINES.items()):
-    # Both commit inside the graph, so a template launch goes through.
+    # Each writes its output inside the graph, so a template launch goes
+    # through.
     monkeypatch.setenv(launch.PIPELINE_ENV, name)
     for template in ([], ["--template_location=gs://b/t/job"]):
       # Delegated: the pipeline's own flag check answers, not the guard.
-      assert launch.main(template + ["--output_dir=gs://b/o"]) == 2
+      assert launch.main(template + [ONLY_OUTPUT[name]]) == 2
       err = capsys.readouterr().err
       assert MISSING_FLAG[name] in err, (name, template, err)
       assert "Flex Template" not in err, (name, template)
