@@ -278,3 +278,48 @@ def test_cli_prints_a_table_and_refuses_unknown_columns(labelled_job, capsys):
   assert line.split()[3] == "18"
   assert evaluate.main(["--output_dir", out, "--label_column", "nope"]) == 2
   assert "no column 'nope'" in capsys.readouterr().err
+
+
+def test_a_prior_runs_figures_are_given_beside_the_image_only_ones(
+    labelled_job, labelmap, tmp_path):
+  """A --prior run's predictions carry prior_top_k_* beside top_k_*: the
+  evaluation gives Recall@k of both over the same photos.  Here the "prior"
+  puts the true label first for every other photo and leaves the rest as
+  the image scores had them, so its Recall@1 is known exactly."""
+  table = _table(labelled_job["out"], "predictions", "fungi_mobile_v1")
+  by_name = {_norm(n): i for i, n in enumerate(labelmap)}
+  rows = table.to_pylist()
+  applied, prior_top = [], []
+  for i, r in enumerate(rows):
+    truth = by_name.get(_norm(r["species"]))
+    helped = i % 2 == 0 and truth is not None
+    applied.append(helped)
+    prior_top.append([truth] + [t for t in r["top_k_label_ids"]
+                                if t != truth][:len(r["top_k_label_ids"]) - 1]
+                     if helped else r["top_k_label_ids"])
+  table = table.append_column(
+      "prior_top_k_label_ids", pa.array(prior_top, pa.list_(pa.int32())))
+  table = table.append_column("prior_applied", pa.array(applied, pa.bool_()))
+  folder = tmp_path / "predictions" / "fungi_mobile_v1"
+  folder.mkdir(parents=True)
+  pq.write_table(table, folder / "part-00000-of-00001.parquet")
+  result = evaluate.evaluate(evaluate.EvaluateConfig(
+      output_dir=str(tmp_path), label_column="species", ks=(1,),
+      labelmaps=(("fungi_mobile_v1", os.path.join(
+          labelled_job["models"], "fungi_mobile_v1", "labelmap.csv")),),
+      write=False))
+  entry = result["models"]["fungi_mobile_v1"]
+  evaluated_rows = [(i, r) for i, r in enumerate(rows)
+                    if _norm(r["species"]) in by_name]
+  image_hits = [r["top_k_label_ids"][0] == by_name[_norm(r["species"])]
+                for _, r in evaluated_rows]
+  prior_hits = [applied[i] or hit
+                for (i, _), hit in zip(evaluated_rows, image_hits)]
+  assert entry["recall_at_k"]["1"] == pytest.approx(np.mean(image_hits))
+  prior = entry["with_prior"]
+  assert prior["photos"] == entry["photos"] == len(evaluated_rows)
+  assert prior["recall_at_k"]["1"] == pytest.approx(np.mean(prior_hits))
+  assert prior["recall_at_k"]["1"] > entry["recall_at_k"]["1"]
+  assert prior["prior_applied"] == sum(applied)
+  printed = evaluate.format_table(result)
+  assert "label+prior" in printed

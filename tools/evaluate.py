@@ -160,9 +160,16 @@ def evaluate(config: EvaluateConfig) -> dict:
       columns = ["top_k_label_ids", config.label_column]
       if taxa is not None and set(rollup.COLUMNS) <= set(schema.names):
         columns += list(rollup.COLUMNS)
+      with_prior = PRIOR_TOP in schema.names
+      if with_prior:
+        columns += [PRIOR_TOP, "prior_applied"]
       rows = table.read(columns)
-      entry = evaluate_classifier(rows, config.label_column,
-                                  _labelmap_for(table, overrides), ks, taxa)
+      labelmap = _labelmap_for(table, overrides)
+      entry = evaluate_classifier(rows, config.label_column, labelmap, ks,
+                                  taxa)
+      if with_prior:
+        entry["with_prior"] = _with_prior(rows, config.label_column,
+                                          labelmap, ks, taxa)
       if taxa is not None:
         figures = rollup.evaluate_rollup(rows, config.label_column, taxa)
         if figures is not None:
@@ -190,6 +197,24 @@ def evaluate(config: EvaluateConfig) -> dict:
   return evaluation
 
 
+# A --prior run's prior-adjusted top-k, evaluated beside the image-only one.
+PRIOR_TOP = "prior_top_k_label_ids"
+
+
+def _with_prior(rows, label_column: str, labelmap: Sequence[str],
+                ks: Sequence[int], taxa: Optional[Taxa]) -> dict:
+  """The same figures from the prior-adjusted top-k (``prior_top_k_*``,
+  equal to the image-only top-k where the prior was not applied), over the
+  same photos, with how many photos the prior re-weighted."""
+  figures = evaluate_classifier(rows, label_column, labelmap, ks, taxa,
+                                top_column=PRIOR_TOP)
+  applied = rows.column("prior_applied").to_pylist()
+  keep = ("photos", "recall_at_k", "macro_recall_at_k", "ranks")
+  block = {key: figures[key] for key in keep if key in figures}
+  block["prior_applied"] = sum(1 for a in applied if a)
+  return block
+
+
 def _fmt(value) -> str:
   return "-" if value is None else f"{value:.3f}"
 
@@ -202,8 +227,13 @@ def format_table(evaluation: dict) -> str:
   lines = []
   for name, m in evaluation["models"].items():
     blocks = [("label", m)] + list(m.get("ranks", {}).items())
+    prior = m.get("with_prior")
+    if prior is not None:
+      blocks += [("label+prior", prior)] + [
+          (f"{rank}+prior", block)
+          for rank, block in prior.get("ranks", {}).items()]
     for rank, block in blocks:
-      skipped = m["skipped"] if rank == "label" else block.get(
+      skipped = m["skipped"] if rank in ("label", "label+prior") else block.get(
           "not_evaluated", 0)
       lines.append(
           [name, m["kind"], rank, str(block["photos"]), str(skipped)]

@@ -100,11 +100,12 @@ def _shown(value):
 
 def evaluate_classifier(table: pa.Table, label_column: str,
                         labelmap: Sequence[str], ks: Sequence[int],
-                        taxa: Optional[Taxa] = None) -> dict:
+                        taxa: Optional[Taxa] = None,
+                        top_column: str = "top_k_label_ids") -> dict:
   """Recall@k of stored top-k predictions against a label column.
 
   Args:
-    table: rows of a predictions table, with ``top_k_label_ids`` and the
+    table: rows of a predictions table, with ``top_column`` and the
       label column.
     label_column: the true label: labelmap names (text), labelmap ids
       (an integer column) or, with ``taxa``, taxon ids.
@@ -112,6 +113,9 @@ def evaluate_classifier(table: pa.Table, label_column: str,
     ks: the k values; those above the stored top-k are reported under
       ``k_unavailable``.
     taxa: a taxa table; the label column then holds taxon ids.
+    top_column: the stored top-k label ids evaluated: the image-only
+      ``top_k_label_ids``, or ``prior_top_k_label_ids`` of a ``--prior``
+      run.
 
   Returns:
     The model's entry of evaluation.json (without ``kind`` and
@@ -120,7 +124,7 @@ def evaluate_classifier(table: pa.Table, label_column: str,
   column = _label_column(table, label_column)
   integer = pa.types.is_integer(column.type)
   values = column.to_pylist()
-  top = table.column("top_k_label_ids").to_pylist()
+  top = table.column(top_column).to_pylist()
   stored_k = min((len(t) for t in top if t is not None), default=0)
   usable_k = [k for k in ks if k <= stored_k]
   by_name: Dict[str, Set[int]] = collections.defaultdict(set)
