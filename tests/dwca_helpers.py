@@ -9,6 +9,7 @@ data files built from term lists, a loopback photo server, and one
 
 import json
 import os
+import zipfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -57,6 +58,21 @@ def tsv(terms, rows):
   lines = ["\t".join(dwca.short(t) for t in terms)]
   lines += ["\t".join(str(v) for v in row) for row in rows]
   return ("\n".join(lines) + "\n").encode()
+
+
+def gbif_zip(path, core, media, extra=()):
+  """A GBIF download's zip: meta.xml, occurrence.txt (``CORE_TERMS`` rows)
+  and multimedia.txt (``MEDIA_TERMS`` rows), plus ``extra`` (name, bytes)
+  members."""
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("meta.xml", meta("occurrence.txt", CORE_TERMS,
+                                "multimedia.txt", GBIF + "Multimedia",
+                                MEDIA_TERMS))
+    z.writestr("occurrence.txt", tsv(CORE_TERMS, core))
+    z.writestr("multimedia.txt", tsv(MEDIA_TERMS, media))
+    for name, data in extra:
+      z.writestr(name, data)
+  return str(path)
 
 
 @pytest.fixture(scope="module")

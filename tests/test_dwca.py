@@ -12,7 +12,8 @@ from natvision.pipelines import embed_images
 from tests.dwca_helpers import (  # noqa: F401  (server: a fixture)
     AC, CORE_TERMS, DC, DWC, EMB, GBIF, MEDIA_TERMS, SMALL_CORE,
     archive_meta as _archive_meta, folder as _folder, lines_of as _lines_of,
-    meta as _meta, part as _part, run_job as _run, tsv as _tsv, server)
+    gbif_zip, meta as _meta, part as _part, run_job as _run, tsv as _tsv,
+    server)
 from natvision.transforms import config as config_lib
 from natvision.transforms import dwca
 
@@ -42,14 +43,8 @@ def _gbif_zip(path, server):
        "http://creativecommons.org/licenses/by/4.0/", "Cy"],
       [102, "MovingImage", "video/mp4", u("/img/3", 0), "", "Bo", "", ""],
   ]
-  with zipfile.ZipFile(path, "w") as z:
-    z.writestr("meta.xml", _meta("occurrence.txt", CORE_TERMS,
-                                 "multimedia.txt", GBIF + "Multimedia",
-                                 MEDIA_TERMS))
-    z.writestr("occurrence.txt", _tsv(CORE_TERMS, core))
-    z.writestr("multimedia.txt", _tsv(MEDIA_TERMS, media))
-    z.writestr("verbatim.txt", b"not read\n")
-  return str(path), media
+  return gbif_zip(path, core, media,
+                  extra=[("verbatim.txt", b"not read\n")]), media
 
 
 def test_gbif_download_zip(tmp_path, tiny_models, server):

@@ -12,7 +12,6 @@ table and that each step reads what the one before wrote.
 
 import json
 import os
-import zipfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,8 +21,7 @@ from natvision.pipelines import build_prior, embed_images
 from natvision.tools import evaluate
 from tests import taxa_helpers
 from tests.conftest import real_photo_paths
-from tests.dwca_helpers import (CORE_TERMS, GBIF, MEDIA_TERMS, meta, server,  # noqa: F401
-                                tsv)
+from tests.dwca_helpers import gbif_zip, server  # noqa: F401
 
 MODEL = "fungi_mobile_v1"
 COPENHAGEN = (55.68, 12.57)
@@ -42,12 +40,7 @@ def _download(path, server, taxon_of, labels):
     media.append([1000 + i, "StillImage", "image/jpeg",
                   server.url(f"/img/{i}", i % 2), "", "Ann",
                   "http://creativecommons.org/publicdomain/zero/1.0/", "Ann"])
-  with zipfile.ZipFile(path, "w") as z:
-    z.writestr("meta.xml", meta("occurrence.txt", CORE_TERMS,
-                                "multimedia.txt", GBIF + "Multimedia",
-                                MEDIA_TERMS))
-    z.writestr("occurrence.txt", tsv(CORE_TERMS, core))
-    z.writestr("multimedia.txt", tsv(MEDIA_TERMS, media))
+  gbif_zip(path, core, media)
   return core
 
 
