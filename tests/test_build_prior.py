@@ -75,10 +75,10 @@ def test_counts_equal_a_direct_count(tmp_path):
 
 
 def test_gbif_occurrences_by_species_key(tmp_path):
-  lines = [f"1\t55.68\t12.57\t111\t100\tPRESENT",
-           f"2\t55.68\t12.57\t100\t100\tPRESENT",   # species, subspecies
-           f"3\t55.68\t12.57\t100\t100\tABSENT",
-           f"4\t59.33\t18.06\t200\t200\tPRESENT"]
+  lines = ["1\t55.68\t12.57\t111\t100\tPRESENT",
+           "2\t55.68\t12.57\t100\t100\tPRESENT",   # species, subspecies
+           "3\t55.68\t12.57\t100\t100\tABSENT",
+           "4\t59.33\t18.06\t200\t200\tPRESENT"]
   (tmp_path / "occurrence.txt").write_text(
       "\n".join([GBIF_HEADER] + lines) + "\n")
   out = str(tmp_path / "gbif.parquet")

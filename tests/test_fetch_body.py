@@ -6,16 +6,11 @@ import os
 import pytest
 
 from tests.http_server import PhotoServer
+from tests.fetch_helpers import JPEG, server  # noqa: F401 (server: a fixture)
+from tests.fetch_helpers import fetch_recording_sleeps as _fetch
 from natvision.transforms import fetch
 
-JPEG = b"\xff\xd8\xff\xe0" + os.urandom(5000)
 
-
-def _fetch(url, sleeps=None, attempts=4, config=None, max_bytes=10**6):
-  sleeps = [] if sleeps is None else sleeps
-  return fetch.fetch_bytes(url, max_bytes, config or fetch.FetchConfig(),
-                           attempts=attempts, base_delay=1.0,
-                           sleep=sleeps.append)
 
 @pytest.mark.parametrize("content_type", ["text/plain", "text/html",
                                           "application/json"])
@@ -26,10 +21,6 @@ def test_image_bytes_are_a_photo_whatever_the_label(content_type):
     assert _fetch(s.url("/a.jpg")) == JPEG
     assert _fetch(s.url("/b.png")) == png
 
-@pytest.fixture()
-def server():
-  with PhotoServer({"/a.jpg": JPEG, "/b.jpg": JPEG[::-1]}) as s:
-    yield s
 
 def test_html_labelled_as_jpeg_is_refused_with_its_title(server):
   page = b"<!DOCTYPE html><html><head><title>Access denied</title>" + (

@@ -4,7 +4,6 @@ and pause in one process, and the photo's deadline, which bounds the status
 line and headers too (a watchdog shuts the socket)."""
 
 import concurrent.futures
-import os
 import socket
 import threading
 import time
@@ -13,22 +12,13 @@ import pytest
 
 from tests.http_server import PhotoServer
 from tests.slow_servers import SlowHeaders
+from tests.fetch_helpers import JPEG, server  # noqa: F401 (server: a fixture)
+from tests.fetch_helpers import fetch_recording_sleeps as _fetch
 from natvision.transforms import fetch
 from natvision.transforms.fetch import client
 
-JPEG = b"\xff\xd8\xff\xe0" + os.urandom(5000)
 
 
-def _fetch(url, sleeps=None, attempts=4, config=None, max_bytes=10**6):
-  sleeps = [] if sleeps is None else sleeps
-  return fetch.fetch_bytes(url, max_bytes, config or fetch.FetchConfig(),
-                           attempts=attempts, base_delay=1.0,
-                           sleep=sleeps.append)
-
-@pytest.fixture()
-def server():
-  with PhotoServer({"/a.jpg": JPEG, "/b.jpg": JPEG[::-1]}) as s:
-    yield s
 
 def test_plain_get_and_user_agent(server):
   config = fetch.FetchConfig(user_agent="mailto:me@example.org")

@@ -1,21 +1,8 @@
 """The fetch layer's errors: transient and not-found decided by type."""
 
-import io
-
 from natvision.transforms import fetch
 
 
-
-class _Flaky:
-
-  def __init__(self, error, failures):
-    self.error, self.failures, self.calls = error, failures, 0
-
-  def __call__(self, uri):
-    self.calls += 1
-    if self.calls <= self.failures:
-      raise self.error
-    return io.BytesIO(b"bytes")
 
 def test_typed_predicates():
   from apache_beam.io.aws.clients.s3 import messages  # pylint: disable=import-outside-toplevel

@@ -1,39 +1,18 @@
 """Retries: backoff and Retry-After with an injected sleep, typed
 transients, self-retrying schemes tried once, the photo's deadline."""
 
-import io
-import os
 import time
 
 import pytest
 
 from tests.http_server import PhotoServer
+from tests.fetch_helpers import JPEG, Flaky, server  # noqa: F401 (server: a fixture)
+from tests.fetch_helpers import fetch_recording_sleeps as _fetch
 from natvision.transforms import fetch
 
-JPEG = b"\xff\xd8\xff\xe0" + os.urandom(5000)
 
 
-def _fetch(url, sleeps=None, attempts=4, config=None, max_bytes=10**6):
-  sleeps = [] if sleeps is None else sleeps
-  return fetch.fetch_bytes(url, max_bytes, config or fetch.FetchConfig(),
-                           attempts=attempts, base_delay=1.0,
-                           sleep=sleeps.append)
 
-@pytest.fixture()
-def server():
-  with PhotoServer({"/a.jpg": JPEG, "/b.jpg": JPEG[::-1]}) as s:
-    yield s
-
-class _Flaky:
-
-  def __init__(self, error, failures):
-    self.error, self.failures, self.calls = error, failures, 0
-
-  def __call__(self, uri):
-    self.calls += 1
-    if self.calls <= self.failures:
-      raise self.error
-    return io.BytesIO(b"bytes")
 
 @pytest.mark.parametrize("code", [404, 410])
 def test_not_found_is_not_retried(server, code):
@@ -117,12 +96,12 @@ def test_gs_reads_are_not_retried_again():
   assert info.value.transient and len(calls) == 1
 
 def test_local_reads_retry_typed_transients_only():
-  flaky = _Flaky(TimeoutError("slow disk"), 2)
+  flaky = Flaky(TimeoutError("slow disk"), 2)
   sleeps = []
   assert fetch.fetch_bytes("/data/x.jpg", 100, attempts=4, opener=flaky,
                            sleep=sleeps.append, base_delay=1.0) == b"bytes"
   assert flaky.calls == 3 and len(sleeps) == 2
-  odd = _Flaky(RuntimeError("not found, says the message"), 9)
+  odd = Flaky(RuntimeError("not found, says the message"), 9)
   with pytest.raises(fetch.FetchError, match="RuntimeError") as info:
     fetch.fetch_bytes("/data/x.jpg", 100, opener=odd, sleep=sleeps.append)
   assert odd.calls == 1 and not info.value.not_found
