@@ -27,8 +27,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from natvision.transforms import run_summary
 from natvision.transforms import summary as summary_lib
-from natvision.tools import report_summary
 from natvision.tools import tables as tables_lib
 
 BATCH_ROWS = tables_lib.BATCH_ROWS
@@ -167,7 +167,7 @@ def _scan(files, batch_rows: int):
 
 
 def aggregate_errors(files: Sequence[tables_lib.TableFile],
-                     counts: Optional[report_summary.ErrorCounts],
+                     counts: Optional[run_summary.ErrorCounts],
                      shown: int = REASONS_SHOWN,
                      batch_rows: int = BATCH_ROWS) -> ErrorAggregate:
   """The errors section's figures for the error table's ``files``.

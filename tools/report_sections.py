@@ -1,6 +1,6 @@
 """The report's sections on the run: the run, its errors, its photos' sizes.
 
-The run section is the run summary's (tools/report_summary.py), the same
+The run section is the run summary's (tools/run_summary.py), the same
 fields for both jobs: models and runtimes, rows per model, photos and the
 one rate of the page (the summary's photos per second), and where the time
 went (the summary's ``timings``).  There is no plot over time: the tables
@@ -22,35 +22,35 @@ from typing import Dict, Optional, Tuple
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from natvision.transforms import run_summary
 from natvision.tools import report_errors
 from natvision.tools import report_html
 from natvision.tools import report_plots
 from natvision.tools import report_scan
-from natvision.tools import report_summary
 from natvision.tools import tables as tables_lib
 
 e = report_html.e
 
 
-def section_run(run: report_summary.RunSummary) -> str:
+def section_run(run: run_summary.RunSummary) -> str:
   """The run: when, how many photos, how fast, each model, the phases."""
-  rate = ("-" if run.photos_per_second is None else
-          f"{run.photos_per_second:.2f}")
+  rate = ("-" if run.images_per_second is None else
+          f"{run.images_per_second:.2f}")
   rows = [("output folder", run.output_dir), ("run id", run.run_id),
           ("started", run.started), ("ended", run.ended),
           ("elapsed (pipeline and commit)",
            "-" if run.elapsed_s is None else f"{run.elapsed_s:.1f} s")]
   if run.partition:
     rows.insert(0, ("partition", run.partition))
-  if run.photos is not None:
-    rows.append(("photos in the input", run.photos))
+  if run.inputs is not None:
+    rows.append(("photos in the input", run.inputs))
   rows.append(("photos per second", rate))
   if run.errors is not None:
     rows.append(("error rows", f"{run.errors.total} for "
                  f"{report_html.fmt(run.errors.photos)} photo(s)"))
   out = ["<section id='run'><h2>The run</h2>",
          report_html.table(None, rows, "kv")]
-  if run.photos_per_second is None:
+  if run.images_per_second is None:
     out.append("<p class='note'>An ingestion summary counts photos per "
                "model (new), not the run's photos, so it has no photos per "
                "second.</p>")
@@ -58,7 +58,7 @@ def section_run(run: report_summary.RunSummary) -> str:
     out.append("<p class='note'>Photos per second: the summary's photos in "
                "the input over the elapsed time (pipeline and commit, "
                "after the model checks); the only rate on this page.</p>")
-  ingest = run.job == report_summary.INGEST
+  ingest = run.job == run_summary.INGEST
   header = ["model", "kind", "runtime", "preparation", "width", "rows"]
   if ingest:
     header += ["new", "done before", "failed"]
@@ -67,7 +67,7 @@ def section_run(run: report_summary.RunSummary) -> str:
     header.append("note")
   model_rows = []
   for m in run.models:
-    row = [m.name, m.kind, m.runtime, m.preparation,
+    row = [m.name, m.kind, m.runtime, m.resize,
            report_html.fmt(m.output_width), report_html.fmt(m.rows)]
     if ingest:
       row += [report_html.fmt(m.new), report_html.fmt(m.done_before),
@@ -80,7 +80,7 @@ def section_run(run: report_summary.RunSummary) -> str:
   return "".join(out) + "</section>"
 
 
-def section_timings(run: report_summary.RunSummary,
+def section_timings(run: run_summary.RunSummary,
                     plots: report_plots.Plots) -> str:
   """Where the time went: the summary's phases, as a bar and as text."""
   out = ["<section id='timings'><h2>Where the time went</h2>"]
@@ -102,7 +102,7 @@ def section_timings(run: report_summary.RunSummary,
 
 
 def section_errors(output_dir: str, partition: Optional[str],
-                   run: Optional[report_summary.RunSummary],
+                   run: Optional[run_summary.RunSummary],
                    plots: report_plots.Plots) -> str:
   """Errors by stage (a plot when there are several) and by reason."""
   out = ["<section id='errors'><h2>Errors</h2>"]
