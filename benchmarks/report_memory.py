@@ -1,10 +1,11 @@
 """Peak memory of the report's size and model sections against table rows.
 
-    python -m benchmarks.report_memory [--rows 20000,400000] [--dims 256]
+    python -m benchmarks.report_memory [--rows 100000,400000,1200000] [--dims 256]
 
 For each row count it writes a classifier table (uri, label, score, source
 sizes) and an embedder table (``--dims`` floats per row) in files of
-100,000 rows, then, each in a fresh process, measures the peak RSS of
+100,000 rows (row groups of 10,000), then, each in a fresh process,
+measures the peak RSS of
 
 * ``bounded``: the sections as the report runs them
   (``report_sections.section_sizes``, ``report_models.section_classifier``
@@ -32,6 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROWS_PER_FILE = 100_000
+# Row groups of a bundle's size, as the sinks write them (a reader decodes
+# a row group's column chunks at once, whatever its batch size).
+ROW_GROUP_ROWS = 10_000
 
 CHILD = """
 import json, resource, sys
@@ -74,12 +78,14 @@ def write_tables(out: str, rows: int, dims: int) -> None:
                                  label_id=rng.integers(0, 5000, n),
                                  score=rng.random(n))),
                    os.path.join(out, "predictions", "c",
-                                f"part-{start:09d}.parquet"))
+                                f"part-{start:09d}.parquet"),
+                   row_group_size=ROW_GROUP_ROWS)
     flat = pa.array(rng.normal(size=n * dims).astype(np.float32))
     pq.write_table(pa.table(dict(common, embedding=pa.FixedSizeListArray
                                  .from_arrays(flat, dims))),
                    os.path.join(out, "embeddings", "e",
-                                f"part-{start:09d}.parquet"))
+                                f"part-{start:09d}.parquet"),
+                   row_group_size=ROW_GROUP_ROWS)
 
 
 def measure(out: str, mode: str) -> float:
@@ -92,7 +98,7 @@ def measure(out: str, mode: str) -> float:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rows", default="20000,400000",
+  parser.add_argument("--rows", default="100000,400000,1200000",
                       help="row counts, comma-separated")
   parser.add_argument("--dims", type=int, default=256,
                       help="floats per embedding")

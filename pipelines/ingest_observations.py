@@ -317,7 +317,8 @@ def report_base(base: run_summary.RunSummary, config: IngestConfig,
 
 
 def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: CheckedInput,
-                   layout: commit.Layout, base: run_summary.RunSummary,
+                   layout: commit.Layout,
+                   base: run_summary.RunSummary,
                    report_writer: Optional[launch.ReportWriter] = None):
   """Adds the job's transforms to ``p``; no side effects at build time.
 

@@ -165,3 +165,26 @@ def test_reservoir_is_uniform_and_bounded():
     small.add(batch)
   assert small.complete and small.table().column("i").to_pylist() == list(
       range(123))
+
+
+def test_iter_batches_adds_the_partition_column(tmp_path):
+  root = tmp_path / "embeddings" / "m"
+  for date, n in (("2024-01-07", 5), ("2024-01-14", 3)):
+    folder = root / f"{tables_lib.PARTITION_KEY}={date}"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": [f"{date}-{i}" for i in range(n)],
+                             "uri": ["u"] * n}),
+                   str(folder / "part-0.parquet"))
+  files = tables_lib.list_table_files(str(root))
+  batches = list(tables_lib.iter_batches(
+      files, ["image_id", tables_lib.PARTITION_KEY], batch_rows=2))
+  assert max(b.num_rows for b in batches) == 2
+  got = pa.Table.from_batches(batches)
+  assert got.column_names == ["image_id", tables_lib.PARTITION_KEY]
+  assert got.column(tables_lib.PARTITION_KEY).to_pylist() == (
+      ["2024-01-07"] * 5 + ["2024-01-14"] * 3)
+  assert got.equals(tables_lib.read_files(
+      files, ["image_id", tables_lib.PARTITION_KEY]))
+  # Without the partition column named, none is added.
+  assert [b.schema.names for b in tables_lib.iter_batches(
+      files, ["uri"])] == [["uri"], ["uri"]]
