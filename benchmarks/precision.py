@@ -216,10 +216,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       report = os.path.join(output, "run.json")
       info = None
       if os.path.exists(report):
-        with open(report) as f:
-          summary = json.load(f)
-        info = summary["models"][0]
-        m["pipeline_s"] = summary["elapsed_s"]
+        from natvision.transforms import run_summary  # pylint: disable=import-outside-toplevel
+        summary = run_summary.read(report)
+        info = summary.to_dict()["models"][model]
+        m["pipeline_s"] = summary.elapsed_s
       shutil.rmtree(output, ignore_errors=True)
       return m, info
 

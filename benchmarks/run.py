@@ -345,18 +345,17 @@ class Bench:
     """Rows written per model (and the job's own report, for natvision)."""
     info: dict = {}
     if kind == NATVISION:
-      with open(os.path.join(output, "run.json")) as f:
-        report = json.load(f)
-      info["job"] = {k: report.get(k) for k in (
-          "elapsed_s", "images_per_second", "inputs", "rows", "model_loads")}
-      info["job"]["errors"] = report.get("errors", {}).get("total")
-      info["job"]["runtimes"] = {
-          m.get("name"): m.get("runtime") for m in report.get("models", [])
-          if isinstance(m, dict) and "runtime" in m}
-      for key, value in report.items():
-        if "runtime" in key:
-          info["job"][key] = value
-      rows = list((report.get("rows") or {}).values())
+      from natvision.transforms import run_summary  # pylint: disable=import-outside-toplevel
+      report = run_summary.read(os.path.join(output, "run.json"))
+      info["job"] = {
+          "elapsed_s": report.elapsed_s,
+          "images_per_second": report.images_per_second,
+          "inputs": report.inputs,
+          "rows": {m.table: m.rows for m in report.models},
+          "model_loads": report.model_loads,
+          "errors": report.errors.total if report.errors else None,
+          "runtimes": {m.name: m.runtime for m in report.models}}
+      rows = [m.rows for m in report.models]
     else:
       from benchmarks import stock  # pylint: disable=import-outside-toplevel
       rows = [stock.count_rows(output, m) for m in models]

@@ -339,8 +339,8 @@ def run_under_load(photos: int, fail_share: float, work_dir: str,
   report = {}
   run_json = os.path.join(out, "run.json")
   if os.path.exists(run_json):
-    with open(run_json) as f:
-      report = json.load(f)
+    from natvision.transforms import run_summary  # pylint: disable=import-outside-toplevel
+    report = run_summary.read(run_json).to_dict()
   per_path = collections.Counter(requests.values())
   failing_set = set(failing)
   result = {

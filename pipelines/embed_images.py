@@ -38,6 +38,7 @@ from natvision.transforms import fetch
 from natvision.transforms import helptext
 from natvision.transforms import licenses
 from natvision.transforms import resume as resume_lib
+from natvision.transforms import run_summary
 from natvision.transforms import sinks
 from natvision.transforms import sources
 from natvision.transforms import spec as spec_lib
@@ -48,6 +49,7 @@ SAMPLE_PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                  "sample_photos")
 SAMPLE_PHOTO_EXTENSIONS = ("jpg", "png", "webp")
 DEFAULT_DEMO_OUTPUT = "natvision_demo"
+RUN_FILE = "run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,61 +315,64 @@ class RunReport:
   writes none.
   """
 
-  def __init__(self, base: dict, max_error_rate: Optional[float],
+  def __init__(self, base: run_summary.RunSummary,
+               max_error_rate: Optional[float],
                write_report: Optional[launch.ReportWriter] = None):
     self._base = base
     self._max_error_rate = max_error_rate
     self._write_report = write_report
 
   def __call__(self, layout: commit.Layout, figures: dict,
-               commit_started: Optional[float] = None) -> dict:
+               commit_started: Optional[float] = None
+               ) -> run_summary.RunSummary:
     """Args: commit_started: when the commit step began (``time.time()``).
     figures: ``summary.Summarize``'s output; its counts hold
     ``inputs`` (photos sent on, reused ones included), ``reused_photos``
     (photos whose rows resume copied), ``dwca.SKIP_REASONS`` and
     ``filtered_by_license`` (rows never fetched); its examples the first
     bad lines of an archive as (file, line, why)."""
+    base = self._base
     counts = figures["counts"]
     inputs = counts.get("inputs", 0)
     ended = time.time()
-    elapsed = max(ended - self._base["started_ts"], 1e-9)
-    errors = figures["errors"]
-    report = dict(self._base)
-    report.update({
-        "ended": commit.iso(ended),
-        "elapsed_s": round(elapsed, 3),
-        "inputs": inputs,
-        resume_lib.REUSED_PHOTOS: counts.get(resume_lib.REUSED_PHOTOS, 0),
+    elapsed = max(ended - base.started_ts, 1e-9)
+    errors = run_summary.ErrorCounts.from_dict(figures["errors"])
+    rows = {t.name: commit.count_rows(t.final) for t in layout.tables
+            if t.name != sinks.ERRORS}
+    report = dataclasses.replace(
+        base,
+        ended=commit.iso(ended),
+        elapsed_s=round(elapsed, 3),
+        inputs=inputs,
+        reused_photos=counts.get(resume_lib.REUSED_PHOTOS, 0),
         **{reason: counts.get(reason, 0) for reason in dwca.SKIP_REASONS},
-        dwca.BAD_LINES_TAG: [
-            f"{file}:{line}: {why}" for file, line, why in
-            figures.get("examples", {}).get(dwca.BAD_LINES_TAG, [])],
-        licenses.FILTERED_BY_LICENSE: counts.get(
-            licenses.FILTERED_BY_LICENSE, 0),
-        "images_per_second": round(inputs / elapsed, 3),
-        "rows": {t.name: commit.count_rows(t.final) for t in layout.tables
-                 if t.name != sinks.ERRORS},
-        "errors": errors,
-        "error_rate": round(errors["photos"] / inputs, 6) if inputs else 0.0,
-        "max_error_rate": self._max_error_rate,
-        "model_loads": figures["model_loads"],
-        "timings": commit.run_timings(self._base, commit_started, ended),
-    })
-    commit.write_json(FileSystems.join(layout.output_dir, "run.json"), report)
+        bad_lines=[f"{file}:{line}: {why}" for file, line, why in
+                   figures.get("examples", {}).get(dwca.BAD_LINES_TAG, [])],
+        filtered_by_license=counts.get(licenses.FILTERED_BY_LICENSE, 0),
+        images_per_second=round(inputs / elapsed, 3),
+        models=tuple(dataclasses.replace(m, rows=rows.get(m.table))
+                     for m in base.models),
+        errors=errors,
+        error_rate=round(errors.photos / inputs, 6) if inputs else 0.0,
+        max_error_rate=self._max_error_rate,
+        model_loads=dict(figures["model_loads"]),
+        timings=commit.run_timings(base.timings, base.started_ts,
+                                   commit_started, ended))
+    run_summary.write(FileSystems.join(layout.output_dir, RUN_FILE), report)
     if self._write_report:
       self._write_report(layout.output_dir, None)  # logs, never raises
     return report
 
 
-def _summary(report: dict) -> str:
-  lines = [f"natvision embed_images: {report['inputs']} photo(s) in "
-           f"{report['elapsed_s']:.1f}s ({report['images_per_second']:.2f} "
+def _summary(report: run_summary.RunSummary) -> str:
+  lines = [f"natvision embed_images: {report.inputs} photo(s) in "
+           f"{report.elapsed_s:.1f}s ({report.images_per_second:.2f} "
            f"photos/s)"]
-  if report.get("reused_photos"):
-    lines.append(f"  resumed: {report['reused_photos']} photo(s) reused from "
+  if report.reused_photos:
+    lines.append(f"  resumed: {report.reused_photos} photo(s) reused from "
                  f"a dead attempt")
-  for name, rows in report["rows"].items():
-    lines.append(f"  {name}: {rows} row(s)")
+  for m in report.models:
+    lines.append(f"  {m.table}: {m.rows} row(s)")
   for key, why in ((dwca.SKIPPED_SOUND, "sounds"),
                    (dwca.SKIPPED_VIDEO, "videos"),
                    (dwca.SKIPPED_NO_IMAGE_FORMAT,
@@ -375,23 +380,23 @@ def _summary(report: dict) -> str:
                    (dwca.SKIPPED_OTHER_TYPE, "of another type"),
                    (dwca.SKIPPED_BAD_LINES, "on lines that cannot be read"),
                    (licenses.FILTERED_BY_LICENSE, "left out by --license")):
-    if report.get(key):
-      lines.append(f"  not fetched: {report[key]} row(s) {why}")
-  for bad in report.get(dwca.BAD_LINES_TAG) or []:
+    if getattr(report, key):
+      lines.append(f"  not fetched: {getattr(report, key)} row(s) {why}")
+  for bad in report.bad_lines or []:
     lines.append(f"    {bad}")
-  for warning in report.get("warnings") or []:
+  for warning in report.warnings or []:
     lines.append(f"  warning: {warning}")
-  errs = report["errors"]
-  stages = ", ".join(f"{k} {v}" for k, v in sorted(errs["by_stage"].items()))
-  lines.append(f"  errors: {errs['total']} row(s)" +
+  errs = report.errors or run_summary.ErrorCounts()
+  stages = ", ".join(f"{k} {v}" for k, v in sorted(errs.by_stage.items()))
+  lines.append(f"  errors: {errs.total} row(s)" +
                (f" ({stages})" if stages else ""))
-  loads = ", ".join(f"{k} {v}" for k, v in sorted(report["model_loads"].items()))
+  loads = ", ".join(f"{k} {v}" for k, v in sorted(report.model_loads.items()))
   lines.append(f"  model loads: {loads or 'none'}")
-  if report.get("timings"):
-    lines.append(f"  timings: {commit.format_timings(report['timings'])}")
-  lines.append(f"  tables in {report['output_dir']} (run.json and "
+  if report.timings:
+    lines.append(f"  timings: {commit.format_timings(report.timings)}")
+  lines.append(f"  tables in {report.output_dir} (run.json and "
                f"report.html have the details)")
-  if any(m.get("standin") for m in report["models"]):
+  if report.standin:
     lines.append("  note: stand-in models were used; their outputs mean nothing")
   return "\n".join(lines)
 
@@ -400,6 +405,7 @@ class EmbedJob(launch.Job):
   """natvision-embed in the launch sequence (pipelines/launch.py)."""
 
   name = "natvision-embed"
+  kind = run_summary.EMBED
 
   def parser(self) -> argparse.ArgumentParser:
     return _parser()
@@ -434,16 +440,14 @@ class EmbedJob(launch.Job):
                                     layout.tables, run)
     layout = dataclasses.replace(layout, reused_from=resume.dead_runs)
     started = time.time()
-    base = dict(base, **{
-        "run_id": layout.run_id,
-        "started": commit.iso(started),
-        "started_ts": started,
-        "output_dir": config.output_dir,
-        "models": [dict(m.describe(), standin=config.demo)
-                   for m in config.models],
-        "warnings": list(prepared.archive.warnings
-                         if prepared.archive is not None else ()),
-    })
+    base = dataclasses.replace(
+        base, run_id=layout.run_id, started=commit.iso(started),
+        started_ts=started, output_dir=config.output_dir,
+        models=tuple(run_summary.ModelSummary.from_described(
+            m.describe(), commit.table_name(m), standin=config.demo)
+                     for m in config.models),
+        warnings=list(prepared.archive.warnings
+                      if prepared.archive is not None else ()))
     return launch.Plan(config=config, spec=run, checked=prepared,
                        layout=layout, resume=resume, base=base)
 
@@ -451,16 +455,16 @@ class EmbedJob(launch.Job):
     build_pipeline(p, plan)
 
   def summary_path(self, plan: launch.Plan) -> str:
-    return FileSystems.join(plan.config.output_dir, "run.json")
+    return FileSystems.join(plan.config.output_dir, RUN_FILE)
 
-  def summary(self, report: dict) -> str:
+  def summary(self, report: run_summary.RunSummary) -> str:
     return _summary(report)
 
-  def exit_status(self, report: dict) -> int:
+  def exit_status(self, report: run_summary.RunSummary) -> int:
     status = exit_status(report)
     if status == 3:
-      print(f"natvision-embed: {report['error_rate']:.3f} of the photos "
-            f"failed, more than --max_error_rate {report['max_error_rate']}",
+      print(f"natvision-embed: {report.error_rate:.3f} of the photos "
+            f"failed, more than --max_error_rate {report.max_error_rate}",
             file=sys.stderr)
     return status
 
@@ -498,13 +502,13 @@ def main(argv: Optional[Sequence[str]] = None,
   return launch.main(JOB, argv, report_writer)
 
 
-def exit_status(report: dict) -> int:
+def exit_status(report: run_summary.RunSummary) -> int:
   """3 when the share of photos with an error exceeds --max_error_rate, else 0.
 
   A run that has not ended here (a template launch) has no error rate: 0.
   """
-  limit = report.get("max_error_rate")
-  rate = report.get("error_rate")
+  limit = report.max_error_rate
+  rate = report.error_rate
   if limit is not None and rate is not None and rate > limit:
     return 3
   return 0

@@ -49,7 +49,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from natvision import transforms
 from natvision.pipelines import launch
 from natvision.transforms import commit
 from natvision.transforms import config as config_lib
@@ -57,6 +56,7 @@ from natvision.transforms import embed
 from natvision.transforms import fetch
 from natvision.transforms import helptext
 from natvision.transforms import licenses
+from natvision.transforms import run_summary
 from natvision.transforms import sinks
 from natvision.transforms import snapshots
 from natvision.transforms import spec as spec_lib
@@ -294,29 +294,31 @@ def summary_path(config: IngestConfig) -> str:
   return FileSystems.join(config.output_dir, RUNS_DIR, f"{config.date}.json")
 
 
-def report_base(config: IngestConfig, prepared: CheckedInput, run_id: str,
-                started: float, flags: Sequence[str]) -> dict:
-  """What the launcher knows of the run before it starts."""
-  return {
-      "package": {"name": "natvision", "version": transforms.__version__},
-      "run_id": run_id,
-      "snapshot_date": config.date,
-      "partition": config.partition,
-      "snapshot_dir": config.snapshot_dir,
-      "output_dir": config.output_dir,
-      "summary_path": summary_path(config),
-      "started": commit.iso(started),
-      "started_ts": started,
-      "filters": config.filters.describe(),
-      "max_attempts": config.max_attempts,
-      "earlier_partitions": list(prepared.history.partitions),
-      "model_details": [m.describe() for m in config.models],
-      "flags": list(flags),
-  }
+def report_base(base: run_summary.RunSummary, config: IngestConfig,
+                prepared: CheckedInput, run_id: str,
+                started: float) -> run_summary.RunSummary:
+  """The launcher's summary base completed with what the job knows before
+  the run starts."""
+  return dataclasses.replace(
+      base,
+      run_id=run_id,
+      snapshot_date=config.date,
+      partition=config.partition,
+      snapshot_dir=config.snapshot_dir,
+      output_dir=config.output_dir,
+      summary_path=summary_path(config),
+      started=commit.iso(started),
+      started_ts=started,
+      filters=config.filters.describe(),
+      max_attempts=config.max_attempts,
+      earlier_partitions=list(prepared.history.partitions),
+      models=tuple(run_summary.ModelSummary.from_described(
+          m.describe(), commit.table_name(m)) for m in config.models))
 
 
 def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: CheckedInput,
-                   layout: commit.Layout, base: dict,
+                   layout: commit.Layout,
+                   base: run_summary.RunSummary,
                    report_writer: Optional[launch.ReportWriter] = None):
   """Adds the job's transforms to ``p``; no side effects at build time.
 
@@ -350,23 +352,18 @@ def build_pipeline(p: beam.Pipeline, config: IngestConfig, prepared: CheckedInpu
 
 
 def _model_report(config: IngestConfig, layout: commit.Layout,
-                  stats: Dict[str, int]) -> Dict[str, dict]:
-  per_model = {}
+                  stats: Dict[str, int], model: run_summary.ModelSummary
+                  ) -> run_summary.ModelSummary:
+  """``model`` (as decided at launch) with the partition's counts."""
   routes = dict(config.filters.routes)
-  for model in config.models:
-    table = layout.model_table(model)
-    rows = commit.count_rows(table.final)
-    new = stats.get(f"new_{model.name}", 0)
-    per_model[model.name] = {
-        "table": table.name,
-        "new": new,
-        "done_before": stats.get(f"done_before_{model.name}", 0),
-        "held_back": stats.get(f"held_back_{model.name}", 0),
-        "rows": rows,
-        "failed": max(new - rows, 0),
-        "route": list(routes[model.name]) if model.name in routes else None,
-    }
-  return per_model
+  rows = commit.count_rows(layout.table(model.table).final)
+  new = stats.get(f"new_{model.name}", 0)
+  return dataclasses.replace(
+      model, new=new,
+      done_before=stats.get(f"done_before_{model.name}", 0),
+      held_back=stats.get(f"held_back_{model.name}", 0),
+      rows=rows, failed=max(new - rows, 0),
+      route=list(routes[model.name]) if model.name in routes else None)
 
 
 def _snapshot_report(config: IngestConfig, stats: Dict[str, int]) -> dict:
@@ -396,74 +393,76 @@ class FinishPartition:
   from Beam metrics.
   """
 
-  def __init__(self, config: IngestConfig, base: dict,
+  def __init__(self, config: IngestConfig, base: run_summary.RunSummary,
                write_report: Optional[launch.ReportWriter] = None):
     self._config = config
     self._base = base
     self._write_report = write_report
 
   def __call__(self, layout: commit.Layout, figures: dict,
-               commit_started: Optional[float] = None) -> dict:
-    config = self._config
+               commit_started: Optional[float] = None
+               ) -> run_summary.RunSummary:
+    config, base = self._config, self._base
     stats = figures["counts"]
     stale = commit.remove_dead_attempts(
         layout.output_dir, f"{RUN_ID_PREFIX}-{config.date}-",
         keep=layout.run_id)
     ended = time.time()
-    report = {k: v for k, v in self._base.items() if k != "started_ts"}
-    report.update({
-        "ended": commit.iso(ended),
-        "elapsed_s": round(max(ended - self._base["started_ts"], 1e-9), 3),
-        "snapshot": _snapshot_report(config, stats),
-        licenses.FILTERED_BY_LICENSE: stats.get(
-            licenses.FILTERED_BY_LICENSE, 0),
-        "models": _model_report(config, layout, stats),
-        "errors": figures["errors"],
-        "model_loads": figures["model_loads"],
-        "stale_staging_removed": stale,
-        "timings": commit.run_timings(self._base, commit_started, ended),
-    })
-    commit.write_json(self._base["summary_path"], report)
-    commit.write_markers(layout, report)
+    report = dataclasses.replace(
+        base,
+        ended=commit.iso(ended),
+        elapsed_s=round(max(ended - base.started_ts, 1e-9), 3),
+        snapshot=_snapshot_report(config, stats),
+        filtered_by_license=stats.get(licenses.FILTERED_BY_LICENSE, 0),
+        models=tuple(_model_report(config, layout, stats, m)
+                     for m in base.models),
+        errors=run_summary.ErrorCounts.from_dict(figures["errors"]),
+        model_loads=dict(figures["model_loads"]),
+        stale_staging_removed=stale,
+        timings=commit.run_timings(base.timings, base.started_ts,
+                                   commit_started, ended))
+    run_summary.write(base.summary_path, report)
+    commit.write_markers(layout, config.date, report.ended)
     if self._write_report:
       self._write_report(layout.output_dir, config.date)  # never raises
     return report
 
 
-def _summary(report: dict) -> str:
-  snap = report["snapshot"]
+def _summary(report: run_summary.RunSummary) -> str:
+  snap = report.snapshot or {}
   lines = [
-      f"natvision ingest_observations: {report['partition']} in "
-      f"{report['elapsed_s']:.1f}s",
-      f"  snapshot: {snap['photos']} photo row(s), {snap['observations']} "
-      f"observation(s); {snap['photos_passed_filters']} photo(s) passed the "
-      f"filters ({_describe_filters(report['filters'])})",
+      f"natvision ingest_observations: {report.partition} in "
+      f"{report.elapsed_s:.1f}s",
+      f"  snapshot: {snap.get('photos')} photo row(s), "
+      f"{snap.get('observations')} observation(s); "
+      f"{snap.get('photos_passed_filters')} photo(s) passed the "
+      f"filters ({_describe_filters(report.filters or {})})",
   ]
-  if report.get(licenses.FILTERED_BY_LICENSE):
-    lines.append(f"  not fetched: {report[licenses.FILTERED_BY_LICENSE]} "
+  if report.filtered_by_license:
+    lines.append(f"  not fetched: {report.filtered_by_license} "
                  f"photo(s) left out by --license")
-  for name, m in report["models"].items():
+  for m in report.models:
     lines.append(
-        f"  {name}: {m['new']} new, {m['done_before']} done in earlier runs, "
-        f"{m['rows']} row(s) added, {m['failed']} failed")
-  errs = report["errors"]
-  stages = ", ".join(f"{k} {v}" for k, v in sorted(errs["by_stage"].items()))
-  lines.append(f"  errors: {errs['total']} row(s) for {errs['photos']} "
+        f"  {m.name}: {m.new} new, {m.done_before} done in earlier runs, "
+        f"{m.rows} row(s) added, {m.failed} failed")
+  errs = report.errors or run_summary.ErrorCounts()
+  stages = ", ".join(f"{k} {v}" for k, v in sorted(errs.by_stage.items()))
+  lines.append(f"  errors: {errs.total} row(s) for {errs.photos} "
                f"photo(s)" + (f" ({stages})" if stages else ""))
-  for name, m in report["models"].items():
-    if m["held_back"]:
+  for m in report.models:
+    if m.held_back:
       lines.append(
-          f"  not retried: {m['held_back']} photo(s) had failed "
-          f"--max_attempts {report['max_attempts']} times for {name} "
-          f"(their rows are in {report['output_dir']}/errors)")
-  bad = {k: v for k, v in snap["bad_rows"].items() if v}
+          f"  not retried: {m.held_back} photo(s) had failed "
+          f"--max_attempts {report.max_attempts} times for {m.name} "
+          f"(their rows are in {report.output_dir}/errors)")
+  bad = {k: v for k, v in (snap.get("bad_rows") or {}).items() if v}
   if bad:
     lines.append("  unusable snapshot rows skipped: " + ", ".join(
         f"{k} {v}" for k, v in sorted(bad.items())))
-  if report.get("timings"):
-    lines.append(f"  timings: {commit.format_timings(report['timings'])}")
-  lines.append(f"  partition {report['partition']} committed under "
-               f"{report['output_dir']} (summary: {report['summary_path']})")
+  if report.timings:
+    lines.append(f"  timings: {commit.format_timings(report.timings)}")
+  lines.append(f"  partition {report.partition} committed under "
+               f"{report.output_dir} (summary: {report.summary_path})")
   return "\n".join(lines)
 
 
@@ -484,6 +483,7 @@ class IngestJob(launch.Job):
   """natvision-ingest in the launch sequence (pipelines/launch.py)."""
 
   name = "natvision-ingest"
+  kind = run_summary.INGEST
 
   def parser(self) -> argparse.ArgumentParser:
     return _parser()
@@ -495,13 +495,13 @@ class IngestJob(launch.Job):
     return check_input(config)
 
   def plan(self, config: IngestConfig, prepared: CheckedInput,
-           base: dict, run: spec_lib.RunSpec) -> launch.Plan:
+           base: run_summary.RunSummary, run: spec_lib.RunSpec
+           ) -> launch.Plan:
     run_id = f"{RUN_ID_PREFIX}-{config.date}-{commit.new_run_id()}"
     layout = commit.plan_layout(config.output_dir, config.models,
                                 snapshots.CARRIED, run_id,
                                 partition=config.partition, run=run)
-    base = dict(base, **report_base(config, prepared, run_id, time.time(),
-                                    base.get("flags", [])))
+    base = report_base(base, config, prepared, run_id, time.time())
     return launch.Plan(config=config, spec=run, checked=prepared,
                        layout=layout, resume=None, base=base)
 
@@ -512,7 +512,7 @@ class IngestJob(launch.Job):
   def summary_path(self, plan: launch.Plan) -> str:
     return summary_path(plan.config)
 
-  def summary(self, report: dict) -> str:
+  def summary(self, report: run_summary.RunSummary) -> str:
     return _summary(report)
 
   def pending(self, plan: launch.Plan, state: str) -> str:

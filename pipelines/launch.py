@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -48,6 +47,7 @@ from natvision.transforms import console
 from natvision.transforms import models as models_lib
 from natvision.transforms import prior as prior_lib
 from natvision.transforms import progress
+from natvision.transforms import run_summary
 from natvision.transforms import spec as spec_lib
 from natvision.transforms import taxonomy
 from natvision.transforms import storage
@@ -71,7 +71,8 @@ class Plan:
     checked: what the job's input check learned (job-specific).
     layout: where the tables are staged and committed.
     resume: what a dead attempt left that this run reuses, or None.
-    base: the summary's fields known at launch.
+    base: the summary's fields known at launch (a
+      ``run_summary.RunSummary`` the last step completes and writes).
     report_writer: the run's last step after the summary (a
       ``ReportWriter``), or None for no report.  The commands give
       tools/report.py's (``run(..., report_writer=)``); it travels pickled
@@ -83,7 +84,7 @@ class Plan:
   checked: Any
   layout: commit.Layout
   resume: Any
-  base: dict
+  base: run_summary.RunSummary
   report_writer: Optional[ReportWriter] = None
 
 
@@ -91,6 +92,7 @@ class Job:
   """What one job adds to the launch sequence; subclasses fill it in."""
 
   name = "natvision"  # the command, e.g. natvision-embed
+  kind = ""  # the summary's job: run_summary.EMBED or run_summary.INGEST
 
   def parser(self) -> argparse.ArgumentParser:
     raise NotImplementedError
@@ -111,10 +113,11 @@ class Job:
     """
     raise NotImplementedError
 
-  def plan(self, config, prepared, base: dict, run: spec_lib.RunSpec
-           ) -> Plan:
-    """Names the tables (``commit.plan_layout``, recording ``run``) and the
-    summary's base (holding ``run.to_dict()`` as ``spec``)."""
+  def plan(self, config, prepared, base: run_summary.RunSummary,
+           run: spec_lib.RunSpec) -> Plan:
+    """Names the tables (``commit.plan_layout``, recording ``run``) and
+    completes the summary's base (which holds ``run.to_dict()`` as
+    ``spec``) with what the job knows at launch."""
     raise NotImplementedError
 
   def build(self, p: beam.Pipeline, plan: Plan) -> None:
@@ -125,7 +128,7 @@ class Job:
     """Where the pipeline writes the run summary (JSON)."""
     raise NotImplementedError
 
-  def summary(self, report: dict) -> str:
+  def summary(self, report: run_summary.RunSummary) -> str:
     """The lines printed when the job has ended here."""
     raise NotImplementedError
 
@@ -135,7 +138,7 @@ class Job:
             f"{plan.config.output_dir} when it ends (summary last: "
             f"{self.summary_path(plan)})")
 
-  def exit_status(self, report: dict) -> int:
+  def exit_status(self, report: run_summary.RunSummary) -> int:
     del report
     return 0
 
@@ -303,24 +306,38 @@ def plan_job(job: Job, argv: Optional[Sequence[str]] = None
   # the job's started_ts) and "commit" (commit.run_timings).
   timings = {"launch": round(checking - launched, 3),
              "model_checks": round(time.time() - checking, 3)}
-  base = {"package": {"name": "natvision", "version": transforms.__version__},
-          "flags": list(argv) if argv is not None else sys.argv[1:],
-          "spec": run_spec.to_dict(), "timings": timings}
   taxa_reports = {m.name: m.label_taxa.report(config.embed.taxonomy.taxa)
                   for m in config.embed.models if m.label_taxa is not None}
-  if taxa_reports:
-    base["taxonomy"] = taxa_reports
   prior_reports = {m.name: m.prior.report() for m in config.embed.models
                    if m.prior is not None}
-  if prior_reports:
-    base["prior"] = prior_reports
+  base = run_summary.RunSummary(
+      job=job.kind,
+      package={"name": "natvision", "version": transforms.__version__},
+      flags=list(argv) if argv is not None else sys.argv[1:],
+      spec=run_spec.to_dict(), timings=timings,
+      taxonomy=taxa_reports or None, prior=prior_reports or None)
   return job.plan(config, prepared, base, run_spec), options
 
 
 def run(job: Job, argv: Optional[Sequence[str]] = None,
         test_pipeline=None,
         report_writer: Optional[ReportWriter] = None) -> dict:
-  """Runs a job; returns its summary (also written by the pipeline).
+  """Runs a job; returns its summary as written (``RunSummary.to_dict()``),
+  or, for a job that runs on (a template launch), the summary's launch
+  fields with ``state``.  Arguments and errors as ``execute``'s."""
+  summary, plan, state = _execute(job, argv, test_pipeline, report_writer)
+  if summary is None:
+    return dict(plan.base.to_dict(), state=state)
+  return summary.to_dict()
+
+
+def execute(job: Job, argv: Optional[Sequence[str]] = None,
+            test_pipeline=None,
+            report_writer: Optional[ReportWriter] = None
+            ) -> Optional[run_summary.RunSummary]:
+  """Runs a job; returns its summary as the pipeline wrote it, read back
+  (``run_summary.read``), or None when the job runs on (a template launch
+  or an asynchronous runner).
 
   Args:
     job: the job.
@@ -333,6 +350,11 @@ def run(job: Job, argv: Optional[Sequence[str]] = None,
     ConfigError: bad flags, input or models, before the pipeline starts.
     storage.StorageError: storage failed (the run may be resumed).
   """
+  return _execute(job, argv, test_pipeline, report_writer)[0]
+
+
+def _execute(job: Job, argv, test_pipeline, report_writer
+             ) -> Tuple[Optional[run_summary.RunSummary], Plan, str]:
   plan, options = plan_job(job, argv)
   plan = dataclasses.replace(plan, report_writer=report_writer)
   p = test_pipeline or beam.Pipeline(options=options)
@@ -352,11 +374,14 @@ def run(job: Job, argv: Optional[Sequence[str]] = None,
     # A template launch or an asynchronous runner: the job commits its own
     # tables and writes its summary when it ends.
     print(job.pending(plan, str(state)), flush=True)
-    return dict(plan.base, state=str(state))
-  report = json.loads(storage.read_bytes(job.summary_path(plan)))
+    return None, plan, str(state)
+  report = run_summary.read(job.summary_path(plan))
+  if report is None:
+    raise storage.StorageError(
+        f"{job.summary_path(plan)}: the pipeline ended but wrote no summary")
   console.sync_stderr()  # the last progress line before the summary
   print(job.summary(report), flush=True)
-  return report
+  return report, plan, str(state)
 
 
 def progress_terminal(options: PipelineOptions, test_pipeline=None
@@ -398,7 +423,7 @@ def main(job: Job, argv: Optional[Sequence[str]] = None,
   _keep_terminal()
   console.configure_logging(verbose=console.verbose_requested(argv))
   try:
-    report = run(job, argv, report_writer=report_writer)
+    report = execute(job, argv, report_writer=report_writer)
   except ConfigError as e:
     print(f"{job.name}: error: {e}", file=sys.stderr)
     return 2
@@ -406,5 +431,5 @@ def main(job: Job, argv: Optional[Sequence[str]] = None,
     print(f"{job.name}: storage error: {e}; nothing more was committed, and "
           f"running the same command again resumes", file=sys.stderr)
     return 1
-  return job.exit_status(report)
+  return 0 if report is None else job.exit_status(report)
 

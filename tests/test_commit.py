@@ -201,11 +201,11 @@ def test_the_faulty_filesystem_fails_only_the_chosen_call(tmp_path):
 
 
 def test_run_timings_adds_pipeline_and_commit_to_the_launchers_phases():
-  base = {"started_ts": 100.0,
-          "timings": {"launch": 1.5, "model_checks": 30.25}}
-  timings = commit.run_timings(base, commit_started=108.0, ended=108.5)
+  launch = {"launch": 1.5, "model_checks": 30.25}
+  timings = commit.run_timings(launch, 100.0, commit_started=108.0,
+                               ended=108.5)
   assert timings == {"launch": 1.5, "model_checks": 30.25, "pipeline": 8.0,
                      "commit": 0.5}
   assert commit.format_timings(dict(sorted(timings.items()))) == (
       "launch 1.5s, model checks 30.2s, pipeline 8.0s, commit 0.5s")
-  assert commit.run_timings(base, None, 108.5) == base["timings"]
+  assert commit.run_timings(launch, 100.0, None, 108.5) == launch

@@ -16,6 +16,7 @@ from tests.dwca_helpers import (  # noqa: F401  (server: a fixture)
     server)
 from natvision.transforms import config as config_lib
 from natvision.transforms import dwca
+from natvision.transforms import run_summary
 
 
 def _gbif_zip(path, server):
@@ -204,7 +205,8 @@ def test_photos_by_type_or_image_format(tmp_path, tiny_models, server):
       "skipped_other_type": 1, "skipped_bad_lines": 0}
   assert "skipped_not_image" not in run_json
   assert server.requests["/img/5"] == before.get("/img/5", 0)
-  assert "not fetched: 2 row(s) sounds" in embed_images.JOB.summary(report)
+  assert "not fetched: 2 row(s) sounds" in embed_images.JOB.summary(
+      run_summary.RunSummary.from_dict(report))
 
 
 @pytest.mark.parametrize("kind, fmt, expected", [

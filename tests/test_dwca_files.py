@@ -19,6 +19,7 @@ from tests.dwca_helpers import (  # noqa: F401  (server: a fixture)
     server)
 from natvision.transforms import dwca
 from natvision.transforms import dwca_files
+from natvision.transforms import run_summary
 
 
 def test_unreadable_lines_are_counted_and_named(tmp_path, tiny_models,
@@ -103,7 +104,7 @@ def test_declared_line_ending_differs_from_the_written_one(
       'multimedia.txt: meta.xml declares linesTerminatedBy "\\r\\n" but its '
       'lines end with "\\n"; read as written']
   assert "warning: multimedia.txt: meta.xml declares" in (
-      embed_images.JOB.summary(report))
+      embed_images.JOB.summary(run_summary.RunSummary.from_dict(report)))
 
 
 def test_every_location_is_read(tmp_path, tiny_models, server):

@@ -20,6 +20,8 @@ from natvision.pipelines import embed_images
 from natvision.tools import report as html_report
 from natvision.transforms import commit, decode, demo, models, preprocess, sinks
 from natvision.transforms import config as config_lib
+from natvision.transforms import run_summary
+from tests.report_helpers import table_rows
 
 ALL = "inaturalist_v2,fungi_mobile_v1,inception_resnet_v2"
 
@@ -73,7 +75,7 @@ def test_every_photo_once_per_model_or_in_errors(job, photo_dir):
     assert set(uris) | failed_all | failed_here == inputs, table
     assert not set(uris) & (failed_all | failed_here), table
   assert report["inputs"] == len(inputs)
-  assert report["rows"]["embeddings/inaturalist_v2"] == len(inputs) - 1
+  assert table_rows(report)["embeddings/inaturalist_v2"] == len(inputs) - 1
   assert report["errors"]["by_stage"] == {"decode": 1}
 
 
@@ -116,9 +118,9 @@ def test_models_load_once_and_run_json(job):
                                    "inception_resnet_v2": 1}
   with open(os.path.join(out, "run.json")) as f:
     saved = json.load(f)
-  assert saved["rows"] == report["rows"]
-  assert [m["name"] for m in saved["models"]] == ALL.split(",")
-  assert saved["models"][2]["output_width"] == 1536
+  assert saved["models"] == report["models"]
+  assert list(saved["models"]) == ALL.split(",")
+  assert list(saved["models"].values())[2]["output_width"] == 1536
   assert saved["images_per_second"] > 0
   assert not os.path.exists(os.path.join(out, "_staging"))
 
@@ -148,7 +150,7 @@ def test_onnx_job_matches_tensorflow_and_records_the_decision(
       "--input", str(photo_dir / "*"), "--output_dir", out,
       "--models", "inaturalist_v2,fungi_mobile_v1", "--model_root",
       tiny_models, "--runtime", "onnx", "--batch_size", "4", "--top_k", "3"])
-  assert [(m["name"], m["runtime"]) for m in report["models"]] == [
+  assert [(n, m["runtime"]) for n, m in report["models"].items()] == [
       ("inaturalist_v2", "onnx"), ("fungi_mobile_v1", "onnx")]
   assert report["model_loads"] == {"inaturalist_v2": 1, "fungi_mobile_v1": 1}
   table = _read(os.path.join(out, "embeddings", "inaturalist_v2"))
@@ -240,7 +242,7 @@ def test_demo_command_as_readme_gives_it(demo_standins, tmp_path, capsys,
     assert f.read().startswith("<!DOCTYPE html>")
   # The machine's stand-ins (transforms/demo.py), recorded where they are.
   models_dir = os.path.realpath(demo.standins_root())
-  assert [m["path"] for m in report["models"]] == [
+  assert [m["path"] for m in report["models"].values()] == [
       os.path.join(models_dir, name) for name in ALL.split(",")]
   meta = json.loads(pq.read_schema(next(
       os.path.join(out, "embeddings", "inaturalist_v2", f)
@@ -278,13 +280,16 @@ def test_a_second_demo_elsewhere_writes_converts_and_loads_nothing(
 
 def test_exit_status_follows_max_error_rate():
   # One photo in five failed: a 10% limit is exceeded, a 30% one is not.
-  assert embed_images.exit_status({"error_rate": 0.2,
-                                   "max_error_rate": 0.1}) == 3
-  assert embed_images.exit_status({"error_rate": 0.2,
-                                   "max_error_rate": 0.3}) == 0
-  assert embed_images.exit_status({"error_rate": 0.2,
-                                   "max_error_rate": None}) == 0
-  assert embed_images.exit_status({"max_error_rate": 0.1}) == 0  # not ended
+  def summary(**fields):
+    return run_summary.RunSummary(job=run_summary.EMBED, **fields)
+
+  assert embed_images.exit_status(summary(error_rate=0.2,
+                                          max_error_rate=0.1)) == 3
+  assert embed_images.exit_status(summary(error_rate=0.2,
+                                          max_error_rate=0.3)) == 0
+  assert embed_images.exit_status(summary(error_rate=0.2,
+                                          max_error_rate=None)) == 0
+  assert embed_images.exit_status(summary(max_error_rate=0.1)) == 0  # not ended
 
 
 def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
@@ -313,7 +318,7 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, photo_dir,
     report = json.load(f)
   assert report["run_id"] == plan.layout.run_id and report["inputs"] == n
   assert report["model_loads"] == {"inaturalist_v2": 1}  # counted in-graph
-  assert report["rows"] == {"embeddings/inaturalist_v2": rows.num_rows}
+  assert table_rows(report) == {"embeddings/inaturalist_v2": rows.num_rows}
   assert not os.path.exists(os.path.join(out, "_staging"))
 
 
@@ -410,7 +415,8 @@ def _launch_peak(tmp_path, n):
   tracemalloc.start()
   try:
     checked = embed_images.check_input(config)
-    plan = embed_images.JOB.plan(config, checked, {}, run)
+    plan = embed_images.JOB.plan(
+        config, checked, run_summary.RunSummary(job=run_summary.EMBED), run)
     peak = tracemalloc.get_traced_memory()[1]
   finally:
     tracemalloc.stop()

@@ -14,6 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from natvision.pipelines import embed_images
 from tests.gcs_server import upload_dir
+from tests.report_helpers import table_rows
 
 
 def _read_gs_table(prefix):
@@ -61,8 +62,7 @@ def test_job_reads_and_writes_gs(gcs_server, tiny_models, photo_dir, tmp_path,
   preds = _read_gs_table(root + "/out/predictions/fungi_mobile_v1")
   assert len(preds) == n - 1
   with FileSystems.open(root + "/out/run.json") as f:
-    assert json.load(f)["rows"] == report["rows"] == {
-        k: v for k, v in local["rows"].items()}
+    assert table_rows(json.load(f)) == table_rows(report) == table_rows(local)
   assert not FileSystems.match([root + "/out/_staging/**"])[0].metadata_list
   # Models were copied once into the local cache (next to the ONNX cache).
   copies = [d for d in os.listdir(tmp_path / "cache") if d != "onnx"]

@@ -29,7 +29,7 @@ from natvision.pipelines import launch
 from natvision.pipelines import ingest_observations as ingest
 from natvision.transforms.config import ConfigError
 from tests.snapshot_gen import FUNGI, SPECIES, SyntheticINat
-from natvision.transforms import commit, sinks, snapshots
+from natvision.transforms import commit, run_summary, sinks, snapshots
 
 EMB = "inaturalist_v2"
 FUN = "fungi_mobile_v1"
@@ -281,7 +281,8 @@ def test_max_attempts_stops_retries_and_summary_says_so(sequence, capsys):
   assert {m: report["models"][m]["held_back"] for m in TABLES} == {
       EMB: 1, FUN: 0, IRV: 1}
   assert all(report["models"][m]["new"] == 0 for m in TABLES)
-  summary = ingest._summary(report)  # pylint: disable=protected-access
+  summary = ingest._summary(  # pylint: disable=protected-access
+      run_summary.RunSummary.from_dict(report))
   assert "not retried: 1 photo(s) had failed --max_attempts 3 times for " \
          "inaturalist_v2" in summary
   del capsys
@@ -504,16 +505,23 @@ def test_the_pipeline_commits_without_the_launcher(tiny_models, tmp_path):
       snap, photos=5, observations=4, observations_passed_filters=3,
       photos_passed_filters=4, photos_filtered_out=1, duplicate_photo_rows=0,
       bad_rows={"photos": 1, "observations": 0, "taxa": 0})
-  assert report["models"] == {
+  counts = ("table", "new", "done_before", "held_back", "rows", "failed",
+            "route")
+  assert {n: {k: m[k] for k in counts} for n, m in report["models"].items()
+          } == {
       EMB: {"table": TABLES[EMB], "new": 4, "done_before": 0,
             "held_back": 0, "rows": 3, "failed": 1, "route": None},
       FUN: {"table": TABLES[FUN], "new": 2, "done_before": 0,
             "held_back": 0, "rows": 1, "failed": 1, "route": [FUNGI]}}
+  # One shape for both jobs: each model as decided beside its counts.
+  assert report["version"] == run_summary.SUMMARY_VERSION
+  assert report["job"] == run_summary.INGEST and report["inputs"] is None
+  assert report["models"][EMB]["kind"] == "embedder"
   assert report["errors"]["by_stage"] == {"read": 1}
   assert report["stale_staging_removed"] == [dead]
-  assert report["elapsed_s"] > 0 and "started_ts" not in report
+  assert report["elapsed_s"] > 0 and report["started_ts"] > 0
   assert "partition snapshot_date=2024-01-07 committed" in ingest._summary(
-      report)  # pylint: disable=protected-access
+      run_summary.RunSummary.from_dict(report))  # pylint: disable=protected-access
 
   for table in (TABLES[EMB], TABLES[FUN], "errors"):
     folder = os.path.join(out, table, partition)

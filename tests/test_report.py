@@ -21,6 +21,7 @@ import pytest
 from natvision.pipelines import embed_images
 from natvision.tools import evaluate
 from natvision.tools import report
+from tests import report_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium")
@@ -265,3 +266,21 @@ def test_ingestion_writes_a_report_per_partition(tiny_models, tmp_path):
   m = got["models"]["inaturalist_v2"]
   assert m["photos"] + m["skipped"] == 6
   assert m["skipped_labels"] == {str(SPECIES["bolete"]): 1}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_earlier_partitions_summary_is_read_whatever_its_version(
+    tmp_path, version):
+  # A report of an earlier partition reads the summary that run wrote,
+  # before version 2 too (models a dict of counts, model_details a list).
+  runs = tmp_path / "runs"
+  runs.mkdir()
+  raw = (report_helpers.ingest_summary_v1() if version == 1
+         else report_helpers.ingest_summary())
+  (runs / "2024-03-03.json").write_text(json.dumps(raw))
+  page = report.build_report(str(tmp_path), "2024-03-03")
+  run = _section(page, "run")
+  assert "<td>partition</td><td>snapshot_date=2024-03-03</td>" in run
+  assert ("<td>inaturalist_v2</td><td>embedder</td><td>tf</td>"
+          "<td>center_crop</td><td>64</td><td>8</td>"
+          "<td>9</td><td>3</td><td>1</td>") in run

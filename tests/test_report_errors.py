@@ -17,7 +17,7 @@ import pytest
 
 from natvision.transforms import summary as summary_lib
 from natvision.tools import report_errors
-from natvision.tools import report_summary
+from natvision.transforms import run_summary
 from natvision.tools import tables as tables_lib
 
 STAGES = ("read", "decode", "prepare", "inference")
@@ -101,7 +101,7 @@ def test_with_a_summary_the_scan_stops_once_every_reason_has_examples(
   files = _write_errors(str(tmp_path / "errors"), 3_000, rows_per_file=1_000,
                         row_group=500)
   rows, by_stage, by_reason, by_model = _naive(files)
-  counts = report_summary.ErrorCounts(
+  counts = run_summary.ErrorCounts(
       total=len(rows), photos=len({r["image_id"] for r in rows}),
       by_stage=dict(by_stage), by_model=dict(by_model),
       by_reason=dict(by_reason.most_common(summary_lib.TOP_REASONS)))
@@ -119,12 +119,13 @@ def _peak_in_child(folder, with_summary):
   code = f"""
 import json, glob, resource, tracemalloc
 import pyarrow as pa
-from natvision.tools import report_errors, report_summary
+from natvision.tools import report_errors
+from natvision.transforms import run_summary
 from natvision.tools import tables as tables_lib
 files = [tables_lib.TableFile(p) for p in sorted(glob.glob({folder!r} + "/*.parquet"))]
 counts = None
 if {with_summary!r}:
-  counts = report_summary.ErrorCounts(total=0, photos=0, by_stage={{}},
+  counts = run_summary.ErrorCounts(total=0, photos=0, by_stage={{}},
       by_model={{}}, by_reason={{"read: failure 0 of <uri>": 1,
                                 "read: the last one": 1}})
   counts = counts.__class__(**dict(counts.__dict__, total=1))

@@ -8,16 +8,16 @@ import pyarrow.parquet as pq
 
 from natvision.tools import report_plots
 from natvision.tools import report_sections
-from natvision.tools import report_summary
+from natvision.transforms import run_summary
 from tests.report_helpers import embed_summary as _embed
 from tests.report_helpers import ingest_summary as _ingest
 
 
 def test_run_section_gives_one_rate_and_both_jobs_model_rows():
   embed = report_sections.section_run(
-      report_summary.RunSummary.from_dict(_embed()))
+      run_summary.RunSummary.from_dict(_embed()))
   ingest = report_sections.section_run(
-      report_summary.RunSummary.from_dict(_ingest()))
+      run_summary.RunSummary.from_dict(_ingest()))
   assert "<td>photos per second</td><td>2.50</td>" in embed
   assert "<td>photos per second</td><td>-</td>" in ingest
   row = ("<td>inaturalist_v2</td><td>embedder</td><td>tf</td>"
@@ -28,9 +28,9 @@ def test_run_section_gives_one_rate_and_both_jobs_model_rows():
 
 def test_timings_plot_only_with_phases():
   plots = report_plots.Plots()
-  run = report_summary.RunSummary.from_dict(_embed())
+  run = run_summary.RunSummary.from_dict(_embed())
   assert 'id="plot-timings"' in report_sections.section_timings(run, plots)
-  bare = report_summary.RunSummary.from_dict(dict(_embed(), timings={}))
+  bare = run_summary.RunSummary.from_dict(dict(_embed(), timings={}))
   assert "<figure" not in report_sections.section_timings(bare, plots)
 
 

@@ -25,6 +25,7 @@ from natvision.transforms.runtimes import onnx_store
 from natvision.transforms.runtimes import agreement as agreement_lib
 from natvision.transforms.runtimes import int8_file
 from natvision.transforms.runtimes import quantize
+from tests.report_helpers import table_rows
 
 
 @pytest.fixture(autouse=True)
@@ -270,7 +271,7 @@ def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
       "--calibration_photos", "3", "--agreement_photos", "4",
       "--runtime", "onnx"])
   assert report["model_loads"] == {"fungi_mobile_v1": 1, "inaturalist_v2": 1}
-  recorded = {m["name"]: m for m in report["models"]}
+  recorded = report["models"]
   for name, kind in (("fungi_mobile_v1", "predictions"),
                      ("inaturalist_v2", "embeddings")):
     model = recorded[name]
@@ -287,7 +288,7 @@ def test_int8_job_records_the_agreement(tiny_models, photo_dir, tmp_path):
     meta = json.loads(schema.metadata[sinks.METADATA_KEY])
     assert meta["model"]["precision"] == "int8"
     assert meta["model"]["agreement"] == agreement
-    assert pq.read_table(table_dir).num_rows == report["rows"][
+    assert pq.read_table(table_dir).num_rows == table_rows(report)[
         f"{kind}/{name}"] > 0
 
 

@@ -57,6 +57,7 @@ from tests.gcs_server import upload_dir
 from tests.snapshot_gen import SPECIES, SyntheticINat
 from natvision.tools import report as html_report
 from natvision.transforms import storage
+from tests.report_helpers import table_rows
 
 EMB = "inaturalist_v2"
 EMBED_TABLES = (f"embeddings/{EMB}", "errors")
@@ -496,7 +497,7 @@ def test_failed_commit_listing_fails_the_run_and_keeps_the_rows(embed_job,
   once: the run fails naming the folder, the 7 rows stay, a rerun has 7."""
   out = f"{embed_job.root}/repro/out"
   report = embed_images.run(embed_job.argv(embed_job.photos["seven"], out))
-  assert report["rows"] == {f"embeddings/{EMB}": 7}
+  assert table_rows(report) == {f"embeddings/{EMB}": 7}
   before = table_ids(out, f"embeddings/{EMB}")
   assert sum(before[""].values()) == 7 and len(before[""]) == 7
   key = re.escape(_key(out))
@@ -513,7 +514,7 @@ def test_failed_commit_listing_fails_the_run_and_keeps_the_rows(embed_job,
   assert "403" in str(failure.value) or "Forbidden" in str(failure.value)
   assert table_ids(out, f"embeddings/{EMB}") == before
   report = embed_images.run(embed_job.argv(embed_job.photos["seven"], out))
-  assert report["rows"] == {f"embeddings/{EMB}": 7}
+  assert table_rows(report) == {f"embeddings/{EMB}": 7}
   assert table_ids(out, f"embeddings/{EMB}") == before
 
 

@@ -140,9 +140,10 @@ def test_demo_job_runs_from_the_installed_copy(site, elsewhere):
     report = json.load(f)
   assert report["package"]["version"] == transforms.__version__
   assert report["inputs"] == 5
-  assert report["rows"] == {"embeddings/inaturalist_v2": 4,
-                            "predictions/fungi_mobile_v1": 4,
-                            "embeddings/inception_resnet_v2": 4}
+  rows = {m["table"]: m["rows"] for m in report["models"].values()}
+  assert rows == {"embeddings/inaturalist_v2": 4,
+                  "predictions/fungi_mobile_v1": 4,
+                  "embeddings/inception_resnet_v2": 4}
   assert report["errors"]["by_stage"] == {"decode": 1}
   assert report["model_loads"] == {"inaturalist_v2": 1, "fungi_mobile_v1": 1,
                                    "inception_resnet_v2": 1}

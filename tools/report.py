@@ -12,7 +12,10 @@ rebuilds either from the committed tables, adding the figures of
 This module puts the page together and is where the commands start; the
 parts are one module a concern:
 
-* tools/report_summary.py: the run summary of either job, one typed reader;
+* transforms/run_summary.py: the run summary both jobs write and every
+  reader reads, one type (older summaries read into it too);
+* tools/report_scan.py: the model tables' sizes, labels, scores and a
+  sample for the projections, in bounded memory;
 * tools/report_errors.py: the errors table aggregated in bounded memory;
 * tools/report_sections.py: the run, where the time went, errors, sizes;
 * tools/report_models.py: classifiers, embedders, the evaluation;
@@ -44,11 +47,11 @@ from natvision.transforms import console
 from natvision.transforms import extras
 from natvision.transforms import helptext
 from natvision.transforms import models as models_lib
+from natvision.transforms import run_summary
 from natvision.transforms import storage
 from natvision.tools import report_html
 from natvision.tools import report_models
 from natvision.tools import report_sections
-from natvision.tools import report_summary
 from natvision.tools import tables as tables_lib
 from natvision.tools.report_plots import Plots
 
@@ -111,7 +114,7 @@ def build_report(output_dir: str, snapshot_date: Optional[str] = None,
     ReportError: no run summary and no tables.
   """
   run_path, _ = report_paths(output_dir, snapshot_date)
-  run = report_summary.read_summary(run_path)
+  run = run_summary.read(run_path)
   tables = _model_tables(output_dir, snapshot_date)
   if run is None and not tables:
     raise ReportError(f"nothing to report under {output_dir}: no "

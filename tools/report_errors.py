@@ -26,14 +26,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
+from natvision.transforms import run_summary
 from natvision.transforms import summary as summary_lib
-from natvision.tools import report_summary
 from natvision.tools import tables as tables_lib
 
-BATCH_ROWS = 8192
+BATCH_ROWS = tables_lib.BATCH_ROWS
 EXAMPLES_PER_REASON = 3
 REASONS_SHOWN = 12
 # Distinct reasons counted by a scan without a summary; rows of further
@@ -92,16 +90,13 @@ class ErrorAggregate:
 def iter_batches(files: Sequence[tables_lib.TableFile],
                  columns: Sequence[str] = COLUMNS,
                  batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-  """Record batches of at most ``batch_rows`` rows of ``files``, in order.
+  """Record batches of at most ``batch_rows`` rows of ``files``, in order
+  (``tables.iter_batches``).
 
   Raises:
     OSError: a file cannot be opened or read.
   """
-  for table_file in files:
-    with FileSystems.open(table_file.path) as f:
-      parquet = pq.ParquetFile(f)
-      wanted = [c for c in columns if c in parquet.schema_arrow.names]
-      yield from parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+  return tables_lib.iter_batches(files, columns, batch_rows)
 
 
 def _split(key: str) -> Tuple[str, str]:
@@ -172,7 +167,7 @@ def _scan(files, batch_rows: int):
 
 
 def aggregate_errors(files: Sequence[tables_lib.TableFile],
-                     counts: Optional[report_summary.ErrorCounts],
+                     counts: Optional[run_summary.ErrorCounts],
                      shown: int = REASONS_SHOWN,
                      batch_rows: int = BATCH_ROWS) -> ErrorAggregate:
   """The errors section's figures for the error table's ``files``.

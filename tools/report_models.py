@@ -2,9 +2,11 @@
 
 Per classifier, its most frequent top-1 labels and the distribution of
 top-1 scores; per embedder, a 2-D projection (PCA) of the unit-scaled
-embeddings of up to ``PROJECTION_ROWS`` photos, coloured by a column; and
+embeddings of up to ``PROJECTION_ROWS`` photos (a uniform sample),
+coloured by a column; and
 the figures of ``OUT/evaluation.json`` when natvision-evaluate wrote one.
-With at most ``report_plots.FEW`` photos, each point is labelled.
+With at most ``report_plots.FEW`` photos, each point is labelled.  Tables
+are read a record batch at a time (tools/report_scan.py), never whole.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import collections
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 
 from natvision.tools import report_html
 from natvision.tools import report_plots
+from natvision.tools import report_scan
 from natvision.tools import tables as tables_lib
 
 EVALUATION_FILE = "evaluation.json"
@@ -30,20 +34,24 @@ COLOR_HINTS = ("label", "species", "taxon_id", "taxon", "class", "category",
 def section_classifier(table: tables_lib.ModelTable,
                        plots: report_plots.Plots) -> str:
   """Top-1 labels (a bar chart when some label is the top-1 of several
-  photos) and top-1 scores (labelled dots when few, else a histogram)."""
+  photos) and top-1 scores (labelled dots when few, else a histogram).
+
+  Read a record batch at a time (``report_scan.classifier_figures``):
+  label counts, the score histogram, min and max count every row; the
+  quartiles are those of a sample of ``report_scan.SCORE_SAMPLE_ROWS``
+  rows (every row when the table has no more)."""
   e = report_html.e
-  data = table.read(["uri", "label", "score"])
-  labels = data.column("label").to_pylist()
-  scores = np.array(data.column("score").to_pylist(), float)
+  figures = report_scan.classifier_figures(table.files)
+  n = figures.photos
   out = [f"<section class='model' id='classifier-{e(table.name)}'>"
          f"<h2>Classifier {e(table.name)}</h2>"
-         f"<p>{len(labels)} photo(s).</p>"]
-  if not labels:
+         f"<p>{n} photo(s).</p>"]
+  if not n:
     out.append("</section>")
     return "".join(out)
-  counts = collections.Counter(labels).most_common(TOP_LABELS)
+  counts = collections.Counter(figures.labels).most_common(TOP_LABELS)
   if len({c for _, c in counts}) > 1:
-    fig = report_plots.bars(plots, {str(n): c for n, c in counts},
+    fig = report_plots.bars(plots, {str(k): c for k, c in counts},
                             "photos with this top-1 label", "#9bbb59")
     out.append(plots.html(fig, f"{table.name}-top-labels",
                           f"{table.name}: most frequent top-1 labels"))
@@ -51,20 +59,24 @@ def section_classifier(table: tables_lib.ModelTable,
     out.append("<p class='note'>Each of these top-1 labels is the top-1 of "
                f"{counts[0][1]} photo(s), so there is no plot.</p>")
   out.append(report_html.table(("top-1 label", "photos", "share"),
-                               [(n, c, f"{c / len(labels):.1%}")
-                                for n, c in counts]))
-  few = len(labels) <= report_plots.SCORE_DOTS
+                               [(k, c, f"{c / n:.1%}") for k, c in counts]))
+  few = n <= report_plots.SCORE_DOTS
   names = [f"{report_plots.short_name(u, 18)}: {str(l)[:22]}"
-           for u, l in zip(data.column("uri").to_pylist(), labels)]
-  fig = report_plots.scores(plots, scores, names)
+           for u, l in zip(figures.sample_uris, figures.sample_labels)]
+  fig = report_plots.scores(plots, figures.sample_scores, names,
+                            (figures.score_counts, report_scan.SCORE_EDGES))
   out.append(plots.html(fig, f"{table.name}-scores",
                         f"{table.name}: top-1 score of each photo "
                         "(photo: label)" if few else
                         f"{table.name}: distribution of top-1 scores"))
-  quantiles = np.quantile(scores, [0.0, 0.25, 0.5, 0.75, 1.0])
+  quantiles = figures.quantiles([0.0, 0.25, 0.5, 0.75, 1.0])
   out.append(report_html.table(
       ("top-1 score", "min", "25%", "median", "75%", "max"),
       [["", *(f"{q:.4f}" for q in quantiles)]]))
+  if not figures.complete:
+    out.append(f"<p class='note'>The quartiles are those of a random sample "
+               f"of {len(figures.sample_scores)} of the {n} photos; the "
+               "counts, min, max and the histogram count every photo.</p>")
   out.append("</section>")
   return "".join(out)
 
@@ -85,22 +97,15 @@ def _choose_color_column(names: Sequence[str], data, requested: Optional[str]
 
 
 def _read_sample(table: tables_lib.ModelTable, columns: Sequence[str],
-                 n: int):
-  """Up to ``n`` rows, read from the first files until there are enough."""
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  parts, total = [], 0
-  for table_file in table.files:
-    part = tables_lib.read_files([table_file], columns)
-    parts.append(part)
-    total += part.num_rows
-    if total >= 4 * n:
-      break
-  data = pa.concat_tables(parts, promote_options="default")
-  if data.num_rows > n:
-    rng = np.random.default_rng(0)
-    data = data.take(pa.array(np.sort(rng.choice(data.num_rows, n,
-                                                 replace=False))))
-  return data
+                 n: int) -> pa.Table:
+  """A uniform sample of up to ``n`` rows (every row when there are no
+  more, in table order), read a record batch at a time
+  (``report_scan.sample_rows``): at most ``5 * n`` sampled rows and one
+  batch are held, whatever the table's size."""
+  sample = report_scan.sample_rows(table.files, columns, n).table()
+  if sample is None:
+    return pa.table({c: pa.array([], pa.null()) for c in columns})
+  return sample
 
 
 def pca_2d(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -137,9 +137,18 @@ def bars(plots: Plots, counts: Dict[str, int], xlabel: str,
 
 
 def sizes(plots: Plots, w: np.ndarray, h: np.ndarray,
-          labels: Sequence[str]):
+          labels: Sequence[str],
+          megapixels: Optional[Tuple[np.ndarray, np.ndarray]] = None):
   """Width against height (labelled when at most ``FEW``) and, for more
-  photos, a histogram of megapixels."""
+  photos, a histogram of megapixels.
+
+  Args:
+    w, h: pixels of the photos drawn (all of them, or a sample).
+    labels: one per point.
+    megapixels: (photos per bin, bin edges) counted over every photo; None
+      bins ``w * h / 1e6``.  Only the bins from the first to the last
+      non-empty one are drawn.
+  """
   few = len(w) <= FEW
   fig = plots.new(6.4, 3.0)
   if fig is None:
@@ -148,8 +157,15 @@ def sizes(plots: Plots, w: np.ndarray, h: np.ndarray,
     ax2 = fig.add_subplot()
   else:
     ax1, ax2 = fig.subplots(1, 2)
-    mp = w * h / 1e6
-    ax1.hist(mp, bins=min(30, max(5, len(mp) // 3)), color="#4f81bd")
+    if megapixels is None:
+      mp = w * h / 1e6
+      ax1.hist(mp, bins=min(30, max(5, len(mp) // 3)), color="#4f81bd")
+    else:
+      counts, edges = megapixels
+      used = np.flatnonzero(counts)
+      first, last = (used[0], used[-1] + 1) if len(used) else (0, 1)
+      ax1.stairs(counts[first:last], edges[first:last + 1], fill=True,
+                 color="#4f81bd")
     ax1.set_xlabel("megapixels")
     ax1.set_ylabel("photos")
   ax2.scatter(w, h, s=14 if few else 8, alpha=0.8 if few else 0.6,
@@ -164,9 +180,11 @@ def sizes(plots: Plots, w: np.ndarray, h: np.ndarray,
   return fig
 
 
-def scores(plots: Plots, values: np.ndarray, labels: Sequence[str]):
+def scores(plots: Plots, values: np.ndarray, labels: Sequence[str],
+           counts: Optional[Tuple[np.ndarray, np.ndarray]] = None):
   """Top-1 scores: a labelled dot per photo when at most ``SCORE_DOTS``,
-  else a histogram."""
+  else a histogram (of ``counts``, (photos per bin, bin edges) counted over
+  every photo, when given; else of ``values``, 20 bins over [0, 1])."""
   few = len(values) <= SCORE_DOTS
   fig = plots.new(6.4, 0.8 + 0.22 * len(values) if few else 2.6)
   if fig is None:
@@ -179,6 +197,9 @@ def scores(plots: Plots, values: np.ndarray, labels: Sequence[str]):
     ax.set_yticks(y, [labels[i] for i in order], fontsize="x-small")
     ax.set_xlim(0.0, 1.0)
     ax.grid(axis="x", alpha=0.3)
+  elif counts is not None:
+    ax.stairs(counts[0], counts[1], fill=True, color="#8064a2")
+    ax.set_ylabel("photos")
   else:
     ax.hist(values, bins=20, range=(0.0, 1.0), color="#8064a2")
     ax.set_ylabel("photos")

@@ -1,6 +1,6 @@
 """The report's sections on the run: the run, its errors, its photos' sizes.
 
-The run section is the run summary's (tools/report_summary.py), the same
+The run section is the run summary's (tools/run_summary.py), the same
 fields for both jobs: models and runtimes, rows per model, photos and the
 one rate of the page (the summary's photos per second), and where the time
 went (the summary's ``timings``).  There is no plot over time: the tables
@@ -8,47 +8,49 @@ do not record when each photo was processed, and a shard's file time is
 when it was closed or moved, which for a run under ``--shard_rows``
 photos is one step at the end.
 
-The errors section is tools/report_errors.py's aggregate (bounded memory
-whatever the table's size).  Photo sizes come from the tables'
-``source_width`` and ``source_height`` columns, or for older tables from
-the headers of up to ``size_sample`` photos.
+The errors section is tools/report_errors.py's aggregate and the sizes
+section tools/report_scan.py's (both bounded memory whatever the table's
+size).  Photo sizes come from the tables' ``source_width`` and
+``source_height`` columns, or for older tables from the headers of up to
+``size_sample`` photos drawn uniformly from the tables' rows.
 """
 
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-import numpy as np
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from natvision.transforms import run_summary
 from natvision.tools import report_errors
 from natvision.tools import report_html
 from natvision.tools import report_plots
-from natvision.tools import report_summary
+from natvision.tools import report_scan
 from natvision.tools import tables as tables_lib
 
 e = report_html.e
 
 
-def section_run(run: report_summary.RunSummary) -> str:
+def section_run(run: run_summary.RunSummary) -> str:
   """The run: when, how many photos, how fast, each model, the phases."""
-  rate = ("-" if run.photos_per_second is None else
-          f"{run.photos_per_second:.2f}")
+  rate = ("-" if run.images_per_second is None else
+          f"{run.images_per_second:.2f}")
   rows = [("output folder", run.output_dir), ("run id", run.run_id),
           ("started", run.started), ("ended", run.ended),
           ("elapsed (pipeline and commit)",
            "-" if run.elapsed_s is None else f"{run.elapsed_s:.1f} s")]
   if run.partition:
     rows.insert(0, ("partition", run.partition))
-  if run.photos is not None:
-    rows.append(("photos in the input", run.photos))
+  if run.inputs is not None:
+    rows.append(("photos in the input", run.inputs))
   rows.append(("photos per second", rate))
   if run.errors is not None:
     rows.append(("error rows", f"{run.errors.total} for "
                  f"{report_html.fmt(run.errors.photos)} photo(s)"))
   out = ["<section id='run'><h2>The run</h2>",
          report_html.table(None, rows, "kv")]
-  if run.photos_per_second is None:
+  if run.images_per_second is None:
     out.append("<p class='note'>An ingestion summary counts photos per "
                "model (new), not the run's photos, so it has no photos per "
                "second.</p>")
@@ -56,7 +58,7 @@ def section_run(run: report_summary.RunSummary) -> str:
     out.append("<p class='note'>Photos per second: the summary's photos in "
                "the input over the elapsed time (pipeline and commit, "
                "after the model checks); the only rate on this page.</p>")
-  ingest = run.job == report_summary.INGEST
+  ingest = run.job == run_summary.INGEST
   header = ["model", "kind", "runtime", "preparation", "width", "rows"]
   if ingest:
     header += ["new", "done before", "failed"]
@@ -65,7 +67,7 @@ def section_run(run: report_summary.RunSummary) -> str:
     header.append("note")
   model_rows = []
   for m in run.models:
-    row = [m.name, m.kind, m.runtime, m.preparation,
+    row = [m.name, m.kind, m.runtime, m.resize,
            report_html.fmt(m.output_width), report_html.fmt(m.rows)]
     if ingest:
       row += [report_html.fmt(m.new), report_html.fmt(m.done_before),
@@ -78,7 +80,7 @@ def section_run(run: report_summary.RunSummary) -> str:
   return "".join(out) + "</section>"
 
 
-def section_timings(run: report_summary.RunSummary,
+def section_timings(run: run_summary.RunSummary,
                     plots: report_plots.Plots) -> str:
   """Where the time went: the summary's phases, as a bar and as text."""
   out = ["<section id='timings'><h2>Where the time went</h2>"]
@@ -100,7 +102,7 @@ def section_timings(run: report_summary.RunSummary,
 
 
 def section_errors(output_dir: str, partition: Optional[str],
-                   run: Optional[report_summary.RunSummary],
+                   run: Optional[run_summary.RunSummary],
                    plots: report_plots.Plots) -> str:
   """Errors by stage (a plot when there are several) and by reason."""
   out = ["<section id='errors'><h2>Errors</h2>"]
@@ -149,60 +151,84 @@ def _header_size(uri: str) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _sizes_from_headers(tables: Dict[str, tables_lib.ModelTable],
+                        size_sample: int):
+  """(figures, note) from the headers of up to ``size_sample`` photos drawn
+  uniformly from the tables' rows (a ``report_scan.Reservoir``, so the
+  tables are read a batch at a time)."""
+  reservoir = report_scan.Reservoir(max(size_sample, 1))
+  for table in tables.values():
+    for batch in tables_lib.iter_batches(table.files, ["image_id", "uri"]):
+      reservoir.add(batch)
+  sample = reservoir.table()
+  uris: Dict[str, str] = {}
+  if sample is not None and size_sample > 0:
+    for image_id, uri in zip(sample.column("image_id").to_pylist(),
+                             sample.column("uri").to_pylist()):
+      uris.setdefault(image_id, uri)
+  read = {}
+  for image_id in sorted(uris):
+    size = _header_size(uris[image_id])
+    if size:
+      read[image_id] = (*size, uris[image_id])
+  note = ("These tables do not record photo sizes, so the headers of "
+          f"{len(uris)} photo(s) were read (a random sample of the "
+          f"{reservoir.seen} row(s) of the model tables when there are more "
+          f"than {size_sample}); sizes are as stored, before EXIF "
+          f"orientation; {len(read)} could be read.")
+  if not read:
+    return None, note
+  batch = pa.RecordBatch.from_pydict({
+      "uri": [v[2] for v in read.values()],
+      "source_width": [v[0] for v in read.values()],
+      "source_height": [v[1] for v in read.values()]})
+  return report_scan.size_figures_of_batches([batch]), note
+
+
 def section_sizes(tables: Dict[str, tables_lib.ModelTable],
                   plots: report_plots.Plots, size_sample: int) -> str:
   """Source photo sizes: width against height (each photo labelled when
-  few) and, for many photos, a histogram of megapixels."""
+  few) and, for many photos, a histogram of megapixels.
+
+  Read a record batch at a time (tools/report_scan.py): min and max and
+  the histogram are exact over every row, the medians and the scatter are
+  those of a sample of ``report_scan.SIZE_SAMPLE_ROWS`` rows (the whole
+  table when it has no more)."""
   out = ["<section id='sizes'><h2>Source photo sizes</h2>"]
-  sizes: Dict[str, Tuple[int, int, str]] = {}
-  note = ""
+  figures, note = None, ""
   for table in tables.values():
     names = table.schema().names
     if "source_width" in names and "source_height" in names:
-      data = table.read(["image_id", "uri", "source_width", "source_height"])
-      for image_id, uri, w, h in zip(*(data.column(c).to_pylist() for c in (
-          "image_id", "uri", "source_width", "source_height"))):
-        if w and h:
-          sizes.setdefault(image_id, (int(w), int(h), uri))
+      figures = report_scan.size_figures(table.files)
+      if figures is None:
+        continue
       note = ("Width and height as stored in each file (EXIF orientation "
               "applied), from the source_width and source_height columns of "
-              f"the {table.name} table: {len(sizes)} photo(s).")
+              f"the {table.name} table: {figures.photos} photo(s).")
+      if not figures.complete:
+        note += (f" Medians and the scatter plot are those of a random "
+                 f"sample of {len(figures.sample_w)} of them; min, max and "
+                 "the histogram count every photo.")
       break  # the models share their photos; one table is enough
-  if not sizes:
-    uris = {}
-    for table in tables.values():
-      data = table.read(["image_id", "uri"])
-      for image_id, uri in zip(data.column("image_id").to_pylist(),
-                               data.column("uri").to_pylist()):
-        uris.setdefault(image_id, uri)
-    chosen = sorted(uris)
-    if len(chosen) > size_sample:
-      rng = np.random.default_rng(0)
-      chosen = sorted(rng.choice(chosen, size_sample, replace=False))
-    for image_id in chosen:
-      size = _header_size(uris[image_id])
-      if size:
-        sizes[image_id] = (*size, uris[image_id])
-    note = ("These tables do not record photo sizes, so the headers of "
-            f"{len(chosen)} of {len(uris)} photo(s) were read (a random "
-            f"sample when there are more than {size_sample}); sizes are as "
-            f"stored, before EXIF orientation; {len(sizes)} could be read.")
+  if figures is None:
+    figures, note = _sizes_from_headers(tables, size_sample)
   out.append(f"<p class='note'>{e(note)}</p>")
-  if not sizes:
+  if figures is None:
     return "".join(out) + "</section>"
-  w = np.array([s[0] for s in sizes.values()], float)
-  h = np.array([s[1] for s in sizes.values()], float)
-  mp = w * h / 1e6
-  few = len(w) <= report_plots.FEW
-  fig = report_plots.sizes(plots, w, h, [report_plots.short_name(s[2], 18)
-                                         for s in sizes.values()])
+  few = figures.photos <= report_plots.FEW
+  fig = report_plots.sizes(
+      plots, figures.sample_w, figures.sample_h,
+      [report_plots.short_name(u, 18) for u in figures.sample_uris],
+      megapixels=(figures.megapixel_counts, report_scan.MEGAPIXEL_EDGES))
   out.append(plots.html(fig, "sizes", "Source photo sizes: width against "
                         "height, each photo named" if few else
                         "Source photo sizes: megapixels, and width against "
                         "height"))
-  rows = [(name, f"{np.min(v):.0f}", f"{np.median(v):.0f}", f"{np.max(v):.0f}")
-          for name, v in (("width (px)", w), ("height (px)", h))]
-  rows.append(("megapixels", f"{mp.min():.2f}", f"{np.median(mp):.2f}",
-               f"{mp.max():.2f}"))
+  rows = [(name, f"{s.low:.0f}", f"{s.median:.0f}", f"{s.high:.0f}")
+          for name, s in (("width (px)", figures.width),
+                          ("height (px)", figures.height))]
+  mp = figures.megapixels
+  rows.append(("megapixels", f"{mp.low:.2f}", f"{mp.median:.2f}",
+               f"{mp.high:.2f}"))
   out.append(report_html.table(("", "min", "median", "max"), rows))
   return "".join(out) + "</section>"

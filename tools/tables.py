@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +26,8 @@ from natvision.transforms import sinks
 from natvision.transforms import storage
 
 PARTITION_KEY = "snapshot_date"
+# Rows per record batch of ``iter_batches``.
+BATCH_ROWS = 8192
 KINDS = {sinks.EMBEDDINGS: models_lib.EMBEDDER,
          sinks.PREDICTIONS: models_lib.CLASSIFIER}
 # Columns the jobs write themselves; any other column was carried from the
@@ -139,6 +141,36 @@ def read_files(files: Sequence[TableFile],
                                   pa.string()))
     parts.append(table)
   return pa.concat_tables(parts, promote_options="default")
+
+
+def iter_batches(files: Sequence[TableFile], columns: Sequence[str],
+                 batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+  """Record batches of at most ``batch_rows`` rows of ``files``, in order.
+
+  The bounded counterpart of ``read_files``: one file open at a time, one
+  record batch of the named ``columns`` in memory at a time
+  (``pyarrow.parquet.ParquetFile.iter_batches``).  A column missing from a
+  file is missing from its batches (no null column is added); the
+  partition column, when named, is added to each batch of a partitioned
+  file.
+
+  Raises:
+    OSError: a file cannot be opened or read.
+  """
+  for table_file in files:
+    with FileSystems.open(table_file.path) as f:
+      parquet = pq.ParquetFile(f)
+      wanted = [c for c in columns if c in parquet.schema_arrow.names]
+      add_partition = (table_file.partition is not None
+                       and PARTITION_KEY in columns
+                       and PARTITION_KEY not in wanted)
+      for batch in parquet.iter_batches(batch_size=batch_rows,
+                                        columns=wanted):
+        if add_partition:
+          batch = batch.append_column(
+              PARTITION_KEY, pa.array([table_file.partition]
+                                      * batch.num_rows, pa.string()))
+        yield batch
 
 
 def carried_columns(schema: pa.Schema) -> List[str]:

@@ -374,20 +374,20 @@ def write_json(path: str, payload: dict) -> None:
 TIMING_PHASES = ("launch", "model_checks", "pipeline", "commit")
 
 
-def run_timings(base: dict, commit_started: Optional[float],
-                ended: float) -> dict:
+def run_timings(launch_timings: Dict[str, float], started_ts: float,
+                commit_started: Optional[float], ended: float
+                ) -> Dict[str, float]:
   """Seconds per phase of a run, for its summary.
 
   ``launch`` (flags, stand-ins, the input check) and ``model_checks``
   (loading, converting and checking the models) come from the launcher
-  (``base["timings"]``); ``pipeline`` runs from the job's ``started_ts``
-  (after the model checks) to the commit step, and ``commit`` from there
-  to ``ended``.
+  (``launch_timings``, the summary's base); ``pipeline`` runs from the
+  job's ``started_ts`` (after the model checks) to the commit step, and
+  ``commit`` from there to ``ended`` (seconds since the epoch).
   """
-  timings = dict(base.get("timings") or {})
+  timings = dict(launch_timings or {})
   if commit_started is not None:
-    timings["pipeline"] = round(max(commit_started - base["started_ts"], 0.0),
-                                3)
+    timings["pipeline"] = round(max(commit_started - started_ts, 0.0), 3)
     timings["commit"] = round(max(ended - commit_started, 0.0), 3)
   return timings
 
@@ -440,17 +440,23 @@ def unmark_partition(layout: Layout) -> None:
     FileSystems.delete(markers)
 
 
-def write_markers(layout: Layout, report: dict) -> None:
-  """Writes each partition's ``_SUCCESS`` (a small JSON manifest), last."""
+def write_markers(layout: Layout, snapshot_date: str, committed: str
+                  ) -> None:
+  """Writes each partition's ``_SUCCESS`` (a small JSON manifest), last.
+
+  Args:
+    snapshot_date: the partition's date, ``YYYY-MM-DD``.
+    committed: when the run ended (ISO 8601).
+  """
   for table in layout.tables:
     write_json(_marker(layout, table), {
         "run_id": layout.run_id,
-        "snapshot_date": report["snapshot_date"],
+        "snapshot_date": snapshot_date,
         "table": table.name,
         "rows": count_rows(table.final),
         "files": [FileSystems.split(p)[1]
                   for p in list_parquet(table.final)],
-        "committed": report["ended"],
+        "committed": committed,
     })
 
 
