@@ -11,8 +11,9 @@ Recall@10 against the exact search, measured on a sample of the table's
 own rows, reaches ``TARGET_RECALL``; the recall reached is recorded in
 ``index.json``.  The index remembers which files (and sizes) it was built
 from, in which order; a table rewritten since then is refused with a
-message to rebuild (``open_searcher``).  Without an index, search builds an
-exact one in memory.
+message to rebuild (``open_searcher``), which memory-maps the file
+(``_read_index``) so that an index larger than memory can be queried.
+Without an index, search builds an exact one in memory.
 
 The commands (natvision-index, natvision-search) are tools/search.py's.
 """
@@ -24,6 +25,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -256,6 +258,49 @@ class Searcher:
     return np.asarray(column[int(position - offsets[f])].as_py(), np.float32)
 
 
+COPY_CHUNK = 1 << 24
+
+
+def _read_index(path: str):
+  """The index file, memory-mapped rather than read into memory.
+
+  With FAISS's ``IO_FLAG_MMAP_IFC`` the vectors (a flat index's codes, an
+  IVF index's inverted lists) stay in the file and the operating system
+  pages in what a query touches: the process's own memory holds the
+  quantizer and bookkeeping, and the vectors cost page cache, which the
+  kernel can drop, not heap (benchmarks/label.py measures it).  A file in
+  a bucket is first copied to a local temporary file, in chunks, which is
+  unlinked once mapped.  A FAISS without the flag reads the file into
+  memory.
+
+  Raises:
+    storage.StorageError: the read or the copy failed.
+  """
+  import faiss  # pylint: disable=import-outside-toplevel
+  flag = getattr(faiss, "IO_FLAG_MMAP_IFC", None)
+  if flag is None:
+    data = storage.read_bytes(path)
+    return faiss.deserialize_index(np.frombuffer(data, np.uint8))
+  if "://" not in path:
+    try:
+      return faiss.read_index(path, flag)
+    except RuntimeError as e:
+      raise storage.StorageError(f"reading {path} failed: {e}") from e
+  import tempfile  # pylint: disable=import-outside-toplevel
+  fd, local = tempfile.mkstemp(suffix=".faiss")
+  try:
+    with os.fdopen(fd, "wb") as out, storage.failing_as("reading", path):
+      with FileSystems.open(path) as f:
+        while True:
+          chunk = f.read(COPY_CHUNK)
+          if not chunk:
+            break
+          out.write(chunk)
+    return faiss.read_index(local, flag)
+  finally:
+    os.unlink(local)  # the mapping outlives the name
+
+
 def open_searcher(output_dir: str, model: str) -> Searcher:
   """The table's index, or an exact one built in memory when there is none.
 
@@ -284,8 +329,7 @@ def open_searcher(output_dir: str, model: str) -> Searcher:
         f"the index in {folder} was built from other files than the {model} "
         f"table holds now (a later run rewrote or added to it); rebuild it: "
         f"natvision-index --output_dir {output_dir} --model {model}")
-  data = storage.read_bytes(FileSystems.join(folder, INDEX_FILE))
-  index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+  index = _read_index(FileSystems.join(folder, INDEX_FILE))
   if meta.get("nprobe"):
     index.nprobe = int(meta["nprobe"])
   return Searcher(table, index, meta, [f["rows"] for f in meta["files"]])
