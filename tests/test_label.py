@@ -106,8 +106,13 @@ def runs(tmp_path):
   extra = {f"q_beta_{i}": _axis((1, 1.0)) + 0.05 * rng.standard_normal(D)
            for i in range(7)}
   queries.update(extra)
+  # The true taxa, for natvision-evaluate: q_beta_0 is (say) a Delta that
+  # looks like a Beta, so its species answer is wrong.
+  truth = {"q_alpha": ALPHA, "q_gamma": GAMMA, "q_beta_delta": DELTA,
+           "q_opposite": GAMMA, "q_beta_0": DELTA}
   run = str(tmp_path / "run")
-  _write_table(run, list(queries), np.array(list(queries.values())), parts=3)
+  _write_table(run, list(queries), np.array(list(queries.values())),
+               {"taxon_id": [truth.get(q, BETA) for q in queries]}, parts=3)
   return {"run": run, "reference": reference,
           "taxa": _write_taxa(tmp_path / "taxa.tsv"), "queries": queries,
           "tmp": tmp_path}
@@ -271,3 +276,23 @@ def test_vote_weights_clip_negative_similarity_and_skip_untaxed_rows():
   batch = vote(["x"], ["u"], np.array([[0.9, 0.1]]), np.array([[0, 3]]))
   assert batch.column("taxon_id").to_pylist() == [2]
   assert batch.column("score").to_pylist() == [pytest.approx(0.9)]
+
+
+def test_natvision_evaluate_scores_the_label_table_per_rank(runs):
+  from natvision.tools import evaluate  # pylint: disable=import-outside-toplevel
+  config = evaluate.EvaluateConfig(output_dir=runs["run"],
+                                   label_column="taxon_id",
+                                   taxa=runs["taxa"], write=False)
+  assert "labels" not in evaluate.evaluate(config)["models"][MODEL]
+  assert label.main(["--output_dir", runs["run"], "--reference",
+                     runs["reference"], "--model", MODEL, "--taxa",
+                     runs["taxa"]]) == 0
+  figures = evaluate.evaluate(config)["models"][MODEL]["labels"]
+  assert figures["table"] == label.default_out(runs["run"], MODEL)
+  assert figures["photos"] == 12 and figures["answered"] == 11
+  assert figures["share_by_rank"] == pytest.approx(
+      {"species": 10 / 12, "genus": 1 / 12, "none": 1 / 12})
+  # Species: all right but q_beta_0; genus One is right for the Delta.
+  assert figures["accuracy_by_rank"] == pytest.approx(
+      {"species": 0.9, "genus": 1.0})
+  assert figures["accuracy"] == pytest.approx(10 / 11)
