@@ -156,6 +156,12 @@ def child(variant, workdir):
       peak["anon"] = max(peak["anon"], _status_kb("RssAnon"))
       peak["data"] = max(peak["data"], _status_kb("VmData"))
   threading.Thread(target=sample, daemon=True).start()
+  # The libraries the run imports on the way, imported first so that
+  # anon_before_mb holds them and the rest is the run's own.
+  import scipy.sparse  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import pyarrow.compute  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from natvision.transforms import taxonomy  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  tables_lib.find_models(workdir)  # Beam's filesystems, loaded
   base_anon = _status_kb("RssAnon")
   start = time.perf_counter()
   out = os.path.join(workdir, f"labels_{variant}.parquet")

@@ -296,3 +296,21 @@ def test_natvision_evaluate_scores_the_label_table_per_rank(runs):
   assert figures["accuracy_by_rank"] == pytest.approx(
       {"species": 0.9, "genus": 1.0})
   assert figures["accuracy"] == pytest.approx(10 / 11)
+
+
+def test_a_reference_in_a_bucket_is_labelled_from_its_mapped_index(
+    runs, gcs_server):
+  import uuid  # pylint: disable=import-outside-toplevel
+  from tests.gcs_server import upload_dir  # pylint: disable=import-outside-toplevel
+  index_lib.build_index(runs["reference"], MODEL)
+  remote = f"{gcs_server.bucket_url}/label-{uuid.uuid4().hex[:8]}/ref"
+  upload_dir(runs["reference"], remote)
+  searcher = index_lib.open_searcher(remote, MODEL)
+  assert searcher.meta["kind"] == "exact" and "in_memory" not in searcher.meta
+  _, local = _label(runs)
+  out = str(runs["tmp"] / "remote.parquet")
+  assert label.main(["--output_dir", runs["run"], "--reference", remote,
+                     "--model", MODEL, "--taxa", runs["taxa"],
+                     "--out", out]) == 0
+  rows = {r["image_id"]: r for r in pq.read_table(out).to_pylist()}
+  assert rows == local

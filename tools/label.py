@@ -14,9 +14,10 @@ transforms/taxonomy.py's rule).  The search uses the reference's FAISS index
 built in memory, with a warning).
 
 The query table is read one record batch at a time and the answers are
-written as they come (``pyarrow.parquet.ParquetWriter``), so memory holds
-one batch, the index, and per reference row its taxon's column (4 bytes)
-and image id.  The table is written under a temporary name and renamed
+written as they come (``pyarrow.parquet.ParquetWriter``), so the heap holds
+one batch, the index's quantizer and 4 bytes per reference row (its taxon's
+column); the index's vectors and the reference's image ids are
+memory-mapped files (tools/index.py ``_read_index``, ``_mapped_ids``).  The table is written under a temporary name and renamed
 when complete.  Every photo of the query table has exactly one row.
 
 Exit status: 0 written; 2 a flag or table that cannot be used (the message
@@ -88,6 +89,14 @@ def open_reference(reference: str, model: str, taxon_column: str,
                    taxa: taxonomy.Taxa, threshold: float):
   """The reference's searcher and its rows' taxa, in index order.
 
+  The reference is read one file at a time.  Its image ids go to a local
+  temporary Arrow file that is memory-mapped and unlinked (``_mapped_ids``),
+  so that, like the index's vectors, they cost page cache, not heap; the
+  heap holds 4 bytes per reference row (its taxon's column).
+
+  Returns:
+    (searcher, ``label_vote.Reference``, rows without a taxon id).
+
   Raises:
     LabelError: no such table, not an embedder, no taxon column, a stale
       index.
@@ -104,19 +113,52 @@ def open_reference(reference: str, model: str, taxon_column: str,
         f"no such column (it carries: {carried or 'none'}); label from a run "
         f"whose rows carry taxon ids, e.g. natvision-ingest of iNaturalist "
         f"observations, or name the column with --taxon_column")
-  data = searcher.table.read(["image_id", taxon_column])
-  if data.num_rows != searcher.index.ntotal:
+  n = searcher.index.ntotal
+  ids = np.zeros(n, np.int64)
+  has = np.zeros(n, bool)
+  done = 0
+
+  def parts():
+    nonlocal done
+    for table_file in searcher.table.files:
+      data = tables_lib.read_files([table_file], ["image_id", taxon_column])
+      m = data.num_rows
+      if done + m > n:
+        break
+      if taxon_column in data.column_names:
+        ids[done:done + m], has[done:done + m] = _taxon_ids(
+            data.column(taxon_column), taxon_column)
+      done += m
+      yield data.column("image_id")
+  image_ids = _mapped_ids(parts())
+  if done != n or len(image_ids) != n:
     raise LabelError(
-        f"--reference {reference}: the {model} table has {data.num_rows} rows "
-        f"but its index {searcher.index.ntotal}; rebuild it: natvision-index "
-        f"--output_dir {reference} --model {model}")
-  ids, has = _taxon_ids(data.column(taxon_column), taxon_column)
+        f"--reference {reference}: the {model} table's rows do not match its "
+        f"index's {n}; rebuild it: natvision-index --output_dir {reference} "
+        f"--model {model}")
   if not has.any():
     raise LabelError(f"--taxon_column {taxon_column}: every row of the "
                      f"reference's {model} table is null there")
-  ref = label_vote.Reference.from_columns(
-      data.column("image_id").combine_chunks(), ids, has, taxa, threshold)
+  ref = label_vote.Reference.from_columns(image_ids, ids, has, taxa,
+                                          threshold)
   return searcher, ref, int((~has).sum())
+
+
+def _mapped_ids(columns) -> pa.ChunkedArray:
+  """The image id columns, written to a local temporary Arrow IPC file,
+  memory-mapped (zero copy) and unlinked; the mapping outlives the name."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  fd, path = tempfile.mkstemp(suffix=".arrow", prefix="natvision-label-ids-")
+  os.close(fd)
+  try:
+    schema = pa.schema([("image_id", pa.string())])
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as out:
+      for column in columns:
+        out.write_table(pa.table({"image_id": column.cast(pa.string())}))
+    return pa.ipc.open_file(pa.memory_map(path)).read_all().column(
+        "image_id")
+  finally:
+    os.unlink(path)
 
 
 def _query_table(output_dir: str, model: str) -> tables_lib.ModelTable:
@@ -228,7 +270,7 @@ def _label_batch(batch: pa.RecordBatch, searcher: index_lib.Searcher,
   scores, rows = searcher.search(vectors, k + 1 if same else k)
   if same:
     own = pc.equal(vote.reference.image_ids.take(
-        pa.array(np.maximum(rows, 0).reshape(-1))),
+        pa.array(np.maximum(rows, 0).reshape(-1))).combine_chunks(),
         pa.array(np.repeat(image_ids, rows.shape[1]), pa.string()))
     own = own.fill_null(False).to_numpy(zero_copy_only=False).reshape(
         rows.shape) & (rows >= 0)

@@ -58,17 +58,18 @@ class Reference:
   Attributes:
     label_of_row: int32 ``[N]``, the column of each reference row's taxon
       in ``label_taxa`` (-1 for a row without a taxon id).
-    image_ids: the reference rows' image ids (Arrow, ``[N]``).
+    image_ids: the reference rows' image ids (Arrow, ``[N]``; may be
+      memory-mapped).
     label_taxa: the reference's distinct taxon ids as the labels of a
       roll-up (``taxonomy.taxa_as_labels``).
   """
 
   label_of_row: np.ndarray
-  image_ids: pa.Array
+  image_ids: object  # pa.Array or pa.ChunkedArray
   label_taxa: taxonomy.LabelTaxa
 
   @classmethod
-  def from_columns(cls, image_ids: pa.Array, taxon_ids: np.ndarray,
+  def from_columns(cls, image_ids, taxon_ids: np.ndarray,
                    has_taxon: np.ndarray, taxa: taxonomy.Taxa,
                    threshold: float) -> "Reference":
     """From the reference's image ids, taxon ids (int64 ``[N]``) and a mask
