@@ -314,3 +314,20 @@ def test_a_reference_in_a_bucket_is_labelled_from_its_mapped_index(
                      "--out", out]) == 0
   rows = {r["image_id"]: r for r in pq.read_table(out).to_pylist()}
   assert rows == local
+
+
+def test_the_reference_index_is_memory_mapped_not_read(runs, monkeypatch):
+  import faiss  # pylint: disable=import-outside-toplevel
+  index_lib.build_index(runs["reference"], MODEL)
+  calls = []
+  read_index = faiss.read_index
+
+  def spy(path, flags=0):
+    calls.append(flags)
+    return read_index(path, flags)
+  monkeypatch.setattr(faiss, "read_index", spy)
+  monkeypatch.setattr(faiss, "deserialize_index", None)  # never called
+  searcher = index_lib.open_searcher(runs["reference"], MODEL)
+  assert calls == [faiss.IO_FLAG_MMAP_IFC]
+  scores, rows = searcher.search(np.array([_axis((1, 1.0))]), 3)
+  assert scores[0][0] > 0.9 and rows[0][0] >= 0
