@@ -298,22 +298,43 @@ def test_natvision_evaluate_scores_the_label_table_per_rank(runs):
   assert figures["accuracy"] == pytest.approx(10 / 11)
 
 
+@pytest.mark.parametrize("kind,exact_below", [
+    ("exact", index_lib.EXACT_BELOW_FLOATS), ("approximate", 0)])
 def test_a_reference_in_a_bucket_is_labelled_from_its_mapped_index(
-    runs, gcs_server):
+    runs, gcs_server, kind, exact_below):
   import uuid  # pylint: disable=import-outside-toplevel
   from tests.gcs_server import upload_dir  # pylint: disable=import-outside-toplevel
-  index_lib.build_index(runs["reference"], MODEL)
+  _, exact = _label(runs)  # no index: exact, in memory
+  meta = index_lib.build_index(runs["reference"], MODEL,
+                               exact_below=exact_below)
+  assert meta["kind"] == kind
+  folder = os.path.join(runs["reference"], "embeddings", MODEL, "_index")
+  # The approximate index's lists are a file of their own, mapped.
+  assert os.path.exists(os.path.join(folder, "index.ivfdata")) == (
+      kind == "approximate")
+  _, local = _label(runs)
+  _same(local, exact)  # one inverted list here: the same neighbours
   remote = f"{gcs_server.bucket_url}/label-{uuid.uuid4().hex[:8]}/ref"
   upload_dir(runs["reference"], remote)
   searcher = index_lib.open_searcher(remote, MODEL)
-  assert searcher.meta["kind"] == "exact" and "in_memory" not in searcher.meta
-  _, local = _label(runs)
+  assert searcher.meta["kind"] == kind and "in_memory" not in searcher.meta
   out = str(runs["tmp"] / "remote.parquet")
   assert label.main(["--output_dir", runs["run"], "--reference", remote,
                      "--model", MODEL, "--taxa", runs["taxa"],
                      "--out", out]) == 0
   rows = {r["image_id"]: r for r in pq.read_table(out).to_pylist()}
-  assert rows == local
+  _same(rows, local)
+
+
+def _same(rows, others):
+  """The same answers (scores within float rounding)."""
+  assert rows.keys() == others.keys()
+  for image_id, row in rows.items():
+    other = others[image_id]
+    assert {k: v for k, v in row.items() if k != "score"} == {
+        k: v for k, v in other.items() if k != "score"}, image_id
+    assert row["score"] == pytest.approx(other["score"], nan_ok=True) or (
+        row["score"] is other["score"] is None)
 
 
 def test_the_reference_index_is_memory_mapped_not_read(runs, monkeypatch):
