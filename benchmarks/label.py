@@ -13,9 +13,13 @@ each in a fresh process:
 * ``flat_heap``: no index, the exact one built in memory (the baseline: all
   vectors in the process's heap);
 * ``flat_mmap``: an exact index written by ``build_index`` and memory-mapped;
-* ``ivf_heap``: the IVF index ``build_index`` tunes to Recall@10 0.95, read
-  into memory;
-* ``ivf_mmap``: the same file memory-mapped (what ``open_searcher`` does).
+* ``ivf_heap``: the IVF index ``build_index`` tunes to Recall@10 0.95, its
+  inverted lists copied into memory;
+* ``ivf_mmap``: the same index with its lists mapped (what ``open_searcher``
+  does).
+
+The two builds run in a fresh process too, with their peak anonymous
+memory (the IVF one is built out of core, tools/index_disk.py).
 
 Per variant: peak RSS (``VmHWM``: heap and touched file pages), the
 peak of its anonymous part (``RssAnon`` sampled every 5 ms: the memory the
@@ -110,20 +114,44 @@ def write_data(workdir, rows, dims, queries, seed=0):
 
 
 def build_indexes(workdir):
+  """Both indexes, each build's peak anon memory sampled (in this process:
+  run it in a fresh one, ``--child build``)."""
   from natvision.tools import index as index_lib  # pylint: disable=import-outside-toplevel
-  start = time.perf_counter()
-  ivf = index_lib.build_index(os.path.join(workdir, "ref_ivf"), MODEL,
-                              exact_below=0)
-  ivf_s = time.perf_counter() - start
-  flat = index_lib.build_index(os.path.join(workdir, "ref_flat"), MODEL,
-                               exact_below=2 ** 62)
-  return {"ivf": {k: ivf[k] for k in ("factory", "nlist", "nprobe",
-                                      "recall_at_10", "build_seconds")},
-          "ivf_build_s": round(ivf_s, 1), "flat_build_s": flat[
-              "build_seconds"],
-          "index_bytes": {n: os.path.getsize(os.path.join(
-              workdir, n, "embeddings", MODEL, "_index", "index.faiss"))
-                          for n in ("ref_ivf", "ref_flat")}}
+  import faiss  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  out = {}
+  for name, exact_below in (("ref_ivf", 0), ("ref_flat", 2 ** 62)):
+    with _PeakAnon() as peak:
+      meta = index_lib.build_index(os.path.join(workdir, name), MODEL,
+                                   exact_below=exact_below)
+    folder = os.path.join(workdir, name, "embeddings", MODEL, "_index")
+    out[name] = dict(
+        {k: meta.get(k) for k in ("factory", "nlist", "nprobe",
+                                  "recall_at_10", "build_seconds")},
+        peak_anon_mb=round(peak.peak / 1024, 1),
+        anon_before_mb=round(peak.before / 1024, 1),
+        index_mb=round(sum(os.path.getsize(os.path.join(folder, f))
+                           for f in os.listdir(folder)) / 2 ** 20, 1))
+  print(json.dumps(out))
+
+
+class _PeakAnon:
+  """Samples RssAnon every 5 ms in a thread while the block runs."""
+
+  def __enter__(self):
+    self.before = self.peak = _status_kb("RssAnon")
+    self._done = threading.Event()
+
+    def sample():
+      while not self._done.wait(0.005):
+        self.peak = max(self.peak, _status_kb("RssAnon"))
+    self._thread = threading.Thread(target=sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._done.set()
+    self._thread.join()
+    self.peak = max(self.peak, _status_kb("RssAnon"))
 
 
 def _status_kb(field):
@@ -140,10 +168,21 @@ def child(variant, workdir):
   from natvision.tools import index as index_lib  # pylint: disable=import-outside-toplevel
   from natvision.tools import label  # pylint: disable=import-outside-toplevel
   from natvision.tools import tables as tables_lib  # pylint: disable=import-outside-toplevel
-  if variant.endswith("_heap") and variant != "flat_heap":
-    def in_memory(path):
-      with open(path, "rb") as f:
-        return faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
+  if variant == "ivf_heap":
+    mapped = index_lib._read_index  # pylint: disable=protected-access
+
+    def in_memory(path, on_disk=None):
+      """The mapped lists copied into memory (ArrayInvertedLists)."""
+      index = mapped(path, on_disk)
+      lists = faiss.ArrayInvertedLists(index.nlist, index.code_size)
+      for i in range(index.nlist):
+        size = index.invlists.list_size(i)
+        if size:
+          lists.add_entries(i, size, index.invlists.get_ids(i),
+                            index.invlists.get_codes(i))
+      index.replace_invlists(lists, True)
+      lists.this.disown()
+      return index
     index_lib._read_index = in_memory  # pylint: disable=protected-access
   reference = os.path.join(workdir, {"flat_heap": "ref_none",
                                      "flat_mmap": "ref_flat"}.get(
@@ -203,7 +242,9 @@ def _run_child(variant, workdir, data_limit_mb=None):
       [sys.executable, "-m", "benchmarks.label", "--child", variant,
        "--workdir", workdir], capture_output=True, text=True, env=env,
       preexec_fn=pre, check=False)
-  if proc.returncode != 0:
+  if proc.returncode != 0 or variant == "build":
+    if variant == "build" and proc.returncode == 0:
+      return json.loads(proc.stdout.strip().splitlines()[-1])
     tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
     return {"variant": variant, "failed": tail[:200],
             "data_limit_mb": data_limit_mb}
@@ -256,8 +297,12 @@ def main(argv=None):
                  "(0: ivf_mmap's peak VmData plus half the vectors' size)")
   p.add_argument("--reuse", action="store_true",
                  help="keep the data and indexes of an earlier run")
-  p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+  p.add_argument("--child", choices=VARIANTS + ("build",),
+                 help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.child == "build":
+    build_indexes(args.workdir)
+    return 0
   if args.child:
     child(args.child, args.workdir)
     return 0
@@ -267,7 +312,9 @@ def main(argv=None):
     start = time.perf_counter()
     write_data(args.workdir, args.rows, args.dims, args.queries)
     print(f"data written in {time.perf_counter() - start:.0f}s", flush=True)
-    built = build_indexes(args.workdir)
+    built = _run_child("build", args.workdir)
+    if "failed" in built:
+      raise RuntimeError(f"building the indexes failed: {built['failed']}")
     with open(os.path.join(args.workdir, "built.json"), "w") as f:
       json.dump(built, f)
   with open(os.path.join(args.workdir, "built.json")) as f:

@@ -9,7 +9,8 @@ ranks by is the cosine similarity.  Below ``EXACT_BELOW_FLOATS`` floats
 an inverted file (``IVF<nlist>,Flat``) whose ``nprobe`` is raised until its
 Recall@10 against the exact search, measured on a sample of the table's
 own rows, reaches ``TARGET_RECALL``; the recall reached is recorded in
-``index.json``.  The index remembers which files (and sizes) it was built
+``index.json``.  The inverted file is built out of core and keeps its
+lists in ``index.ivfdata`` (tools/index_disk.py).  The index remembers which files (and sizes) it was built
 from, in which order; a table rewritten since then is refused with a
 message to rebuild (``open_searcher``), which memory-maps the file
 (``_read_index``) so that an index larger than memory can be queried.
