@@ -35,6 +35,7 @@ flat vectors need: the flat one fails, the mapped one runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -117,7 +118,7 @@ def build_indexes(workdir):
   """Both indexes, each build's peak anon memory sampled (in this process:
   run it in a fresh one, ``--child build``)."""
   from natvision.tools import index as index_lib  # pylint: disable=import-outside-toplevel
-  import faiss  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  importlib.import_module("faiss")  # in anon_before_mb, as in child()
   out = {}
   for name, exact_below in (("ref_ivf", 0), ("ref_flat", 2 ** 62)):
     with _PeakAnon() as peak:
@@ -197,9 +198,9 @@ def child(variant, workdir):
   threading.Thread(target=sample, daemon=True).start()
   # The libraries the run imports on the way, imported first so that
   # anon_before_mb holds them and the rest is the run's own.
-  import scipy.sparse  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  import pyarrow.compute  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  from natvision.transforms import taxonomy  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  for name in ("scipy.sparse", "pyarrow.compute",
+               "natvision.transforms.taxonomy"):
+    importlib.import_module(name)
   tables_lib.find_models(workdir)  # Beam's filesystems, loaded
   base_anon = _status_kb("RssAnon")
   start = time.perf_counter()
@@ -232,12 +233,9 @@ def child(variant, workdir):
 
 def _run_child(variant, workdir, data_limit_mb=None):
   env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="2")
-  pre = None
-  if data_limit_mb:
-    limit = int(data_limit_mb) << 20
-
-    def pre():
-      resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+  limit = int(data_limit_mb or 0) << 20
+  pre = (lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+         ) if limit else None
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.label", "--child", variant,
        "--workdir", workdir], capture_output=True, text=True, env=env,

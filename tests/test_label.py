@@ -352,3 +352,20 @@ def test_the_reference_index_is_memory_mapped_not_read(runs, monkeypatch):
   assert calls == [faiss.IO_FLAG_MMAP_IFC]
   scores, rows = searcher.search(np.array([_axis((1, 1.0))]), 3)
   assert scores[0][0] > 0.9 and rows[0][0] >= 0
+
+
+def test_a_run_that_fails_midway_leaves_no_table(runs, monkeypatch):
+  calls = []
+  vote = label_vote.Vote.__call__
+
+  def failing(self, *args):
+    calls.append(1)
+    if len(calls) == 2:
+      raise OSError("disk gone")
+    return vote(self, *args)
+  monkeypatch.setattr(label_vote.Vote, "__call__", failing)
+  out = str(runs["tmp"] / "half.parquet")
+  with pytest.raises(OSError, match="disk gone"):
+    label.label_run(runs["run"], runs["reference"], MODEL, runs["taxa"],
+                    out=out, batch_rows=2)
+  assert not os.path.exists(out) and not os.path.exists(out + ".partial")

@@ -235,27 +235,52 @@ def label_run(output_dir: str, reference: str, model: str, taxa_path: str,
   partial = out + ".partial"
   photos = answered = 0
   by_rank: dict = {}
-  with FileSystems.create(partial) as sink:
-    with pq.ParquetWriter(sink, schema) as writer:
-      for table_file in query.files:
-        with FileSystems.open(table_file.path) as f:
-          batches = pq.ParquetFile(f).iter_batches(
-              batch_size=batch_rows, columns=["image_id", "uri", "embedding"])
-          for batch in batches:
-            labelled = _label_batch(batch, searcher, vote, k, same)
-            writer.write_batch(labelled)
-            photos += labelled.num_rows
-            ranks = labelled.column("rank").drop_null()
-            answered += len(ranks)
-            for item in pc.value_counts(ranks).to_pylist():
-              key = item["values"] or "(no rank)"
-              by_rank[key] = by_rank.get(key, 0) + item["counts"]
+  try:
+    photos, answered = _write(partial, schema, query, searcher, vote, k,
+                              same, batch_rows, by_rank)
+  except BaseException:
+    if storage.exists(partial):  # a half-written table is no table
+      FileSystems.delete([partial])
+    raise
   if storage.exists(out):
     FileSystems.delete([out])
   FileSystems.rename([partial], [out])
   return dict(meta, out=out, photos=photos, answered=answered,
               by_rank=dict(sorted(by_rank.items(), key=lambda kv: -kv[1])),
               seconds=round(time.perf_counter() - start, 3))
+
+
+def _write(partial: str, schema: pa.Schema, query: tables_lib.ModelTable,
+           searcher: index_lib.Searcher, vote: label_vote.Vote, k: int,
+           same: bool, batch_rows: int, by_rank: dict) -> tuple:
+  """Labels the query table batch by batch into ``partial``; counts the
+  answers per rank into ``by_rank``; returns (photos, answered)."""
+  photos = answered = 0
+  with storage.failing_as("writing", partial):
+    sink = FileSystems.create(partial)
+  with sink, pq.ParquetWriter(sink, schema) as writer:
+    for table_file in query.files:
+      with storage.failing_as("reading", table_file.path):
+        f = FileSystems.open(table_file.path)
+      with f:
+        with storage.failing_as("reading", table_file.path):
+          batches = pq.ParquetFile(f).iter_batches(
+              batch_size=batch_rows, columns=["image_id", "uri", "embedding"])
+        while True:
+          with storage.failing_as("reading", table_file.path):
+            batch = next(batches, None)
+          if batch is None:
+            break
+          labelled = _label_batch(batch, searcher, vote, k, same)
+          with storage.failing_as("writing", partial):
+            writer.write_batch(labelled)
+          photos += labelled.num_rows
+          ranks = labelled.column("rank").drop_null()
+          answered += len(ranks)
+          for item in pc.value_counts(ranks).to_pylist():
+            key = item["values"] or "(no rank)"
+            by_rank[key] = by_rank.get(key, 0) + item["counts"]
+  return photos, answered
 
 
 def _label_batch(batch: pa.RecordBatch, searcher: index_lib.Searcher,
