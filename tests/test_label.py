@@ -369,3 +369,16 @@ def test_a_run_that_fails_midway_leaves_no_table(runs, monkeypatch):
     label.label_run(runs["run"], runs["reference"], MODEL, runs["taxa"],
                     out=out, batch_rows=2)
   assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
+def test_taxon_ids_are_read_from_integer_or_text_columns():
+  ids, has = label._taxon_ids(  # pylint: disable=protected-access
+      pa.chunked_array([pa.array([" 101", None, "7"])]), "taxon_id")
+  assert ids.tolist()[0::2] == [101, 7] and has.tolist() == [True, False,
+                                                              True]
+  ids, has = label._taxon_ids(  # pylint: disable=protected-access
+      pa.chunked_array([pa.array([5, None], pa.int32())]), "taxon_id")
+  assert ids.tolist()[0] == 5 and has.tolist() == [True, False]
+  with pytest.raises(label.LabelError, match="--taxon_column species"):
+    label._taxon_ids(  # pylint: disable=protected-access
+        pa.chunked_array([pa.array(["Amanita muscaria"])]), "species")
