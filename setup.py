@@ -130,6 +130,7 @@ setuptools.setup(
             "natvision-evaluate=natvision.tools.evaluate:main",
             "natvision-index=natvision.tools.search:index_main",
             "natvision-search=natvision.tools.search:main",
+            "natvision-label=natvision.tools.label:main",
             "natvision-report=natvision.tools.report:main",
             "natvision-stage-onnx=natvision.tools.stage_onnx:main",
         ],

@@ -212,3 +212,24 @@ def test_under_load_small_run_loses_nothing(tiny_models, tmp_path):
   assert result["accounting"]["error_rows"] == 0
   assert set(result["memory"]["quarters"]) == {"25%", "50%", "75%", "100%"}
   assert result["peak_rss_mib"] > 0
+
+
+@pytest.mark.slow
+def test_label_benchmark_runs_every_variant_on_a_small_reference(tmp_path):
+  """benchmarks/label.py end to end at 3,000 rows: every variant labels
+  every query, the mapped and in-memory indexes find the same neighbours,
+  and under the data limit the flat variant fails and the mapped one runs."""
+  import json  # pylint: disable=import-outside-toplevel
+  from benchmarks import label  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "label.json"
+  assert label.main(["--rows", "3000", "--queries", "50", "--workdir",
+                     str(tmp_path / "work"), "--out", str(out),
+                     "--data_limit_mb", "0"]) == 0
+  results = {(r["variant"], "data_limit_mb" in r): r
+             for r in json.loads(out.read_text())["results"]}
+  for variant in label.VARIANTS:
+    assert results[(variant, False)]["photos"] == 50
+  assert results[("flat_heap", False)]["recall_at_10_vs_exact"] == 1.0
+  assert (results[("ivf_mmap", False)]["recall_at_10_vs_exact"]
+          == results[("ivf_heap", False)]["recall_at_10_vs_exact"])
+  assert results[("ivf_mmap", True)]["photos"] == 50

@@ -34,9 +34,9 @@ def _read(path):
 
 
 def _parsers():
-  from natvision.tools import evaluate, report, search, stage_onnx, standins  # pylint: disable=import-outside-toplevel
+  from natvision.tools import evaluate, label, report, search, stage_onnx, standins  # pylint: disable=import-outside-toplevel
   return [embed_images._parser(), ingest_observations._parser(),  # pylint: disable=protected-access
-          evaluate.parser(), report.parser(), search.parser(),
+          evaluate.parser(), label.parser(), report.parser(), search.parser(),
           search.index_parser(), stage_onnx._parser(),  # pylint: disable=protected-access
           standins.parser(), build_prior._parser()]  # pylint: disable=protected-access
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from natvision.tools import evaluate
+from natvision.tools import label
 from natvision.tools import report
 from natvision.tools import search
 from natvision.transforms import extras
@@ -51,6 +52,9 @@ def test_missing_parent_package_counts_as_missing(monkeypatch):
      ["--output_dir", "OUT", "--model", "inaturalist_v2",
       "--image_id", "x"]),
     ("natvision-report", report.main, ["--output_dir", "OUT"]),
+    ("natvision-label", label.main,
+     ["--output_dir", "OUT", "--reference", "OUT", "--model",
+      "inaturalist_v2", "--taxa", "OUT"]),
 ])
 def test_tools_commands_fail_naming_the_extra(no_faiss, tmp_path, capsys,
                                               command, main, argv):

@@ -9,6 +9,7 @@ from natvision.pipelines import build_prior
 from natvision.pipelines import embed_images
 from natvision.pipelines import ingest_observations
 from natvision.tools import evaluate
+from natvision.tools import label
 from natvision.tools import report
 from natvision.tools import search
 from natvision.tools import stage_onnx
@@ -21,6 +22,7 @@ PARSERS = {
     "natvision-evaluate": evaluate.parser,
     "natvision-search": search.parser,
     "natvision-index": search.index_parser,
+    "natvision-label": label.parser,
     "natvision-report": report.parser,
     "natvision-standins": standins.parser,
     "natvision-stage-onnx": stage_onnx._parser,  # pylint: disable=protected-access

@@ -126,6 +126,7 @@ def test_modules_and_console_scripts_import_from_the_installed_copy(
                               "natvision-evaluate": True,
                               "natvision-index": True,
                               "natvision-search": True,
+                              "natvision-label": True,
                               "natvision-report": True,
                               "natvision-stage-onnx": True}
 

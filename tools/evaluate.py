@@ -32,7 +32,9 @@ ancestor at that rank occurs at least twice.
 
 For a predictions table made with ``--taxa`` (roll-up columns), the
 classifier's entry also has ``rollup``: the share of photos answered at each
-rank and the accuracy at the answered rank (tools/rollup.py).
+rank and the accuracy at the answered rank (tools/rollup.py).  An embedder
+whose photos natvision-label labelled (``OUT/labels/<model>.parquet``) has
+the same figures for those labels, under ``labels``.
 
 Macro figures average the per-label recalls over the labels evaluated.
 The figures are computed in tools/recall.py and tools/rollup.py; this
@@ -55,7 +57,9 @@ from natvision.transforms import console
 from natvision.transforms import extras
 from natvision.transforms import helptext
 from natvision.transforms import models as models_lib
+from natvision.transforms import storage
 from natvision.transforms import taxonomy
+from natvision.tools import label as label_lib
 from natvision.tools import rollup
 from natvision.tools import tables as tables_lib
 # The figures are tools/recall.py's and tools/rollup.py's; kept importable
@@ -178,6 +182,10 @@ def evaluate(config: EvaluateConfig) -> dict:
       rows = table.read(["embedding", config.label_column])
       entry = evaluate_embedder(rows, config.label_column, ks, taxa,
                                 config.queries, config.seed)
+      if taxa is not None:
+        labels = _label_figures(config, table, taxa)
+        if labels is not None:
+          entry["labels"] = labels
     results[name] = dict({"kind": table.kind,
                           "label_column": config.label_column}, **entry)
   evaluation = {
@@ -195,6 +203,22 @@ def evaluate(config: EvaluateConfig) -> dict:
     with FileSystems.create(path) as f:
       f.write(json.dumps(evaluation, indent=2, sort_keys=False).encode())
   return evaluation
+
+
+def _label_figures(config: EvaluateConfig, table: tables_lib.ModelTable,
+                   taxa: Taxa) -> Optional[dict]:
+  """natvision-label's table of this embedder's photos, scored per rank
+  (tools/rollup.py ``evaluate_labels``); None when there is none."""
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  path = label_lib.default_out(config.output_dir, table.name)
+  if not storage.exists(path):
+    return None
+  with storage.failing_as("reading", path), FileSystems.open(path) as f:
+    labels = pq.read_table(f, columns=["image_id", "taxon_id", "rank"])
+  figures = rollup.evaluate_labels(
+      labels, table.read(["image_id", config.label_column]),
+      config.label_column, taxa)
+  return dict({"table": path}, **figures)
 
 
 # A --prior run's prior-adjusted top-k, evaluated beside the image-only one.
@@ -348,6 +372,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for name, m in evaluation["models"].items():
     if m.get("rollup"):
       print(f"  {name}: {rollup_line(m['rollup'])}")
+    if m.get("labels"):
+      print(f"  {name}: "
+            + rollup_line(m["labels"]).replace("roll-up", "natvision-label", 1))
   print(f"written to {FileSystems.join(config.output_dir, EVALUATION_FILE)}")
   return 0
 

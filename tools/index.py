@@ -9,10 +9,12 @@ ranks by is the cosine similarity.  Below ``EXACT_BELOW_FLOATS`` floats
 an inverted file (``IVF<nlist>,Flat``) whose ``nprobe`` is raised until its
 Recall@10 against the exact search, measured on a sample of the table's
 own rows, reaches ``TARGET_RECALL``; the recall reached is recorded in
-``index.json``.  The index remembers which files (and sizes) it was built
+``index.json``.  The inverted file is built out of core and keeps its
+lists in ``index.ivfdata`` (tools/index_disk.py).  The index remembers which files (and sizes) it was built
 from, in which order; a table rewritten since then is refused with a
-message to rebuild (``open_searcher``).  Without an index, search builds an
-exact one in memory.
+message to rebuild (``open_searcher``), which memory-maps the file
+(``_read_index``) so that an index larger than memory can be queried.
+Without an index, search builds an exact one in memory.
 
 The commands (natvision-index, natvision-search) are tools/search.py's.
 """
@@ -24,8 +26,11 @@ import datetime
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from natvision import transforms
 from natvision.transforms import models as models_lib
 from natvision.transforms import storage
+from natvision.tools import index_disk
 from natvision.tools import tables as tables_lib
 
 INDEX_DIR = "_index"
@@ -107,16 +113,25 @@ def build_approximate(vectors: np.ndarray,
   exact.add(vectors)
   k = min(RECALL_K, n)
   _, truth = exact.search(q, k)
+  nprobe, recall = tune_nprobe(index, q, truth, nlist, target_recall)
+  return index, {"nlist": nlist, "nprobe": nprobe, "recall_at_10": recall,
+                 "queries": int(len(q))}
+
+
+def tune_nprobe(index, q: np.ndarray, truth: np.ndarray, nlist: int,
+                target_recall: float) -> Tuple[int, float]:
+  """nprobe doubled from 1 until Recall@k of ``index`` on queries ``q``
+  against their exact neighbours ``truth`` ``[len(q), k]`` reaches the
+  target, or every list is probed; returns (nprobe, recall)."""
+  k = truth.shape[1]
   nprobe, recall = 1, 0.0
   while True:
     index.nprobe = nprobe
     _, found = index.search(q, k)
     recall = _recall(found, truth)
     if recall >= target_recall or nprobe >= nlist:
-      break
+      return nprobe, recall
     nprobe = min(nprobe * 2, nlist)
-  return index, {"nlist": nlist, "nprobe": nprobe, "recall_at_10": recall,
-                 "queries": int(len(q))}
 
 
 def _embedder_table(output_dir: str, model: str) -> tables_lib.ModelTable:
@@ -138,17 +153,20 @@ def _file_list(table: tables_lib.ModelTable) -> List[dict]:
   return listed
 
 
-def read_vectors(table: tables_lib.ModelTable) -> Tuple[np.ndarray, List[int]]:
-  """Unit embeddings of the whole table, and the row count of each file."""
-  parts, counts = [], []
+def file_vectors(table: tables_lib.ModelTable) -> Iterator[np.ndarray]:
+  """Each file's unit embeddings, float32 ``[rows, d]``, in table order."""
   for table_file in table.files:
     column = tables_lib.read_files([table_file], ["embedding"]).column(
         "embedding").combine_chunks()
     width = column.type.list_size
-    parts.append(column.flatten().to_numpy(zero_copy_only=False).reshape(
+    yield unit_rows(column.flatten().to_numpy(zero_copy_only=False).reshape(
         -1, width))
-    counts.append(len(column))
-  return unit_rows(np.concatenate(parts)), counts
+
+
+def read_vectors(table: tables_lib.ModelTable) -> Tuple[np.ndarray, List[int]]:
+  """Unit embeddings of the whole table, and the row count of each file."""
+  parts = list(file_vectors(table))
+  return np.concatenate(parts), [len(p) for p in parts]
 
 
 def build_index(output_dir: str, model: str,
@@ -166,8 +184,8 @@ def build_index(output_dir: str, model: str,
   import faiss  # pylint: disable=import-outside-toplevel
   table = _embedder_table(output_dir, model)
   start = time.perf_counter()
-  vectors, counts = read_vectors(table)
-  n, d = vectors.shape
+  counts = [tables_lib.file_rows(f.path) for f in table.files]
+  n, d = sum(counts), table.schema().field("embedding").type.list_size
   if n == 0:
     raise SearchError(f"the {model} table has no rows to index")
   meta = {
@@ -179,22 +197,38 @@ def build_index(output_dir: str, model: str,
       "built": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
   }
-  if n * d < exact_below:
-    index = faiss.IndexFlatIP(d)
-    index.add(vectors)
-    meta.update(kind="exact", factory="Flat", recall_at_10=1.0)
-  else:
-    index, info = build_approximate(vectors, target_recall)
-    meta.update(kind="approximate", factory=f"IVF{info['nlist']},Flat",
-                nlist=info["nlist"], nprobe=info["nprobe"],
-                recall_at_10=round(info["recall_at_10"], 4),
-                recall_queries=info["queries"], target_recall=target_recall)
-  meta["build_seconds"] = round(time.perf_counter() - start, 3)
   folder = FileSystems.join(table.root, INDEX_DIR)
   if "://" not in folder and not storage.exists(folder):
     FileSystems.mkdirs(folder)  # object stores need no folders
-  with FileSystems.create(FileSystems.join(folder, INDEX_FILE)) as f:
-    f.write(faiss.serialize_index(index).tobytes())
+  if n * d < exact_below:
+    vectors, _ = read_vectors(table)
+    index = faiss.IndexFlatIP(d)
+    index.add(vectors)
+    meta.update(kind="exact", factory="Flat", recall_at_10=1.0)
+    with storage.failing_as("writing", folder):
+      with FileSystems.create(FileSystems.join(folder, INDEX_FILE)) as f:
+        f.write(faiss.serialize_index(index).tobytes())
+  else:
+    workdir = tempfile.mkdtemp(prefix="natvision-index-")
+    try:
+      index, info = index_disk.build_on_disk(
+          lambda: file_vectors(table), counts, d, workdir, target_recall,
+          RECALL_QUERIES, TRAIN_PER_LIST, RECALL_K, tune_nprobe)
+      faiss.write_index(index, os.path.join(workdir, INDEX_FILE))
+      del index  # unmaps index.ivfdata
+      for name in (INDEX_FILE, index_disk.IVFDATA_FILE):
+        with storage.failing_as("writing", folder), open(
+            os.path.join(workdir, name), "rb") as source, FileSystems.create(
+                FileSystems.join(folder, name)) as target:
+          index_disk.copy_file(source, target)
+    finally:
+      shutil.rmtree(workdir, ignore_errors=True)
+    meta.update(kind="approximate", factory=f"IVF{info['nlist']},Flat",
+                nlist=info["nlist"], nprobe=info["nprobe"],
+                recall_at_10=round(info["recall_at_10"], 4),
+                recall_queries=info["queries"], target_recall=target_recall,
+                on_disk=index_disk.IVFDATA_FILE)
+  meta["build_seconds"] = round(time.perf_counter() - start, 3)
   with FileSystems.create(FileSystems.join(folder, INDEX_META)) as f:
     f.write(json.dumps(meta, indent=2).encode())
   return meta
@@ -256,6 +290,49 @@ class Searcher:
     return np.asarray(column[int(position - offsets[f])].as_py(), np.float32)
 
 
+def _read_index(path: str, on_disk: Optional[str] = None):
+  """The index file, memory-mapped rather than read into memory.
+
+  An exact index is read with FAISS's ``IO_FLAG_MMAP_IFC``: its vectors stay
+  in the file and the operating system pages in what a query touches.  An
+  approximate one keeps its inverted lists in ``on_disk`` (``index.ivfdata``,
+  tools/index_disk.py) next to ``index.faiss``, which FAISS maps when it
+  opens the index (``IO_FLAG_ONDISK_SAME_DIR``).  Either way the process's
+  memory holds the quantizer and bookkeeping and the vectors cost page
+  cache, which the kernel can drop, not heap (benchmarks/label.py measures
+  it).  Files in a bucket are first copied to a local temporary folder, in
+  chunks, which is removed once they are mapped.  A FAISS without
+  ``IO_FLAG_MMAP_IFC`` reads an exact index into memory.
+
+  Raises:
+    storage.StorageError: the read or the copy failed.
+  """
+  import faiss  # pylint: disable=import-outside-toplevel
+  flag = (faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else
+          getattr(faiss, "IO_FLAG_MMAP_IFC", None))
+  if flag is None:
+    data = storage.read_bytes(path)
+    return faiss.deserialize_index(np.frombuffer(data, np.uint8))
+  if "://" not in path:
+    try:
+      with index_disk.quiet_stdout():  # "updating ondisk filename"
+        return faiss.read_index(path, flag)
+    except RuntimeError as e:
+      raise storage.StorageError(f"reading {path} failed: {e}") from e
+  workdir = tempfile.mkdtemp(prefix="natvision-index-")
+  try:
+    folder = path.rsplit("/", 1)[0]
+    for name in (INDEX_FILE,) + ((on_disk,) if on_disk else ()):
+      with storage.failing_as("reading", FileSystems.join(folder, name)):
+        with FileSystems.open(FileSystems.join(folder, name)) as source, open(
+            os.path.join(workdir, name), "wb") as target:
+          index_disk.copy_file(source, target)
+    with index_disk.quiet_stdout():
+      return faiss.read_index(os.path.join(workdir, INDEX_FILE), flag)
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)  # the mappings outlive names
+
+
 def open_searcher(output_dir: str, model: str) -> Searcher:
   """The table's index, or an exact one built in memory when there is none.
 
@@ -284,8 +361,8 @@ def open_searcher(output_dir: str, model: str) -> Searcher:
         f"the index in {folder} was built from other files than the {model} "
         f"table holds now (a later run rewrote or added to it); rebuild it: "
         f"natvision-index --output_dir {output_dir} --model {model}")
-  data = storage.read_bytes(FileSystems.join(folder, INDEX_FILE))
-  index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+  index = _read_index(FileSystems.join(folder, INDEX_FILE),
+                      meta.get("on_disk"))
   if meta.get("nprobe"):
     index.nprobe = int(meta["nprobe"])
   return Searcher(table, index, meta, [f["rows"] for f in meta["files"]])

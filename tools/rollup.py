@@ -14,6 +14,10 @@ photo's true taxon (a label column of taxon ids) and a taxonomy:
 Photos whose true taxon is missing or not in the taxonomy are skipped and
 counted.  This is the trade-off ``--rollup_threshold`` sets: a higher
 threshold answers at coarser ranks, and more often rightly.
+
+A natvision-label table (``taxon_id``, ``rank`` per ``image_id``) is
+scored the same way (``evaluate_labels``), against the true taxa of the
+embeddings table it labelled, joined by image id.
 """
 
 from __future__ import annotations
@@ -75,3 +79,27 @@ def evaluate_rollup(table: pa.Table, label_column: str,
       "accuracy": (sum(right.values()) / total_answered
                    if total_answered else None),
   }
+
+
+def evaluate_labels(labels: pa.Table, truth: pa.Table, label_column: str,
+                    taxa: Taxa) -> dict:
+  """The roll-up figures of a natvision-label table.
+
+  Args:
+    labels: ``image_id``, ``taxon_id``, ``rank`` (tools/label_vote.py).
+    truth: ``image_id`` and the label column (true taxon ids) of the
+      labelled embeddings table.
+    label_column: the truth's column.
+    taxa: the taxonomy.
+
+  Returns:
+    ``evaluate_rollup``'s figures over the photos in both tables, with
+    ``unmatched``: label rows whose image id the truth does not have.
+  """
+  answers = labels.select(["image_id", "taxon_id", "rank"]).rename_columns(
+      ["image_id"] + list(COLUMNS))
+  truth = truth.select(["image_id", label_column])
+  joined = answers.join(truth, "image_id", join_type="inner")
+  figures = evaluate_rollup(joined, label_column, taxa)
+  figures["unmatched"] = answers.num_rows - joined.num_rows
+  return figures

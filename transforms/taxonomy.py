@@ -375,6 +375,26 @@ def match_labels(labels: Sequence[str], taxa: Taxa,
     elif len(ids) > 1:
       ambiguous.append(label)
     label_taxon.append(ids[0] if ids else None)
+  return _label_taxa(label_taxon, taxa, threshold, unmatched, ambiguous)
+
+
+def taxa_as_labels(taxon_ids: Sequence[int], taxa: Taxa,
+                   threshold: float = DEFAULT_ROLLUP_THRESHOLD) -> LabelTaxa:
+  """Taxon ids as the "labels" of a roll-up (label ``l`` is ``taxon_ids[l]``).
+
+  For scores that are already over taxa, such as natvision-label's votes
+  of neighbours (tools/label_vote.py).  An id the taxonomy does not hold
+  is unmatched (its label's score reaches no taxon); ``unmatched`` holds
+  such ids as text.
+  """
+  label_taxon = [int(t) if int(t) in taxa.rank else None for t in taxon_ids]
+  unmatched = [str(t) for t, m in zip(taxon_ids, label_taxon) if m is None]
+  return _label_taxa(label_taxon, taxa, threshold, unmatched, [])
+
+
+def _label_taxa(label_taxon: List[Optional[int]], taxa: Taxa,
+                threshold: float, unmatched: List[str],
+                ambiguous: List[str]) -> LabelTaxa:
   chains = {t: taxa.ancestors(t) for t in label_taxon if t is not None}
   depth: Dict[int, int] = {}
   for taxon, chain in chains.items():
@@ -425,11 +445,34 @@ class RollUp:
   def __call__(self, probabilities: np.ndarray) -> RollUps:
     """The deepest node reaching the threshold, per photo (module doc)."""
     sums = self.sums(probabilities)
+    node, score = self._deepest(sums, self._depths)
+    return RollUps(node, score)
+
+  def sparse(self, probabilities) -> RollUps:
+    """Like calling it, for a scipy.sparse ``[n, T]`` matrix of scores.
+
+    Only the nodes some row reaches are looked at (a dense ``[n, A]``
+    array of every node would not fit for a large taxonomy): memory is
+    about n x (the distinct nodes the batch touches) floats.
+    """
+    sums = probabilities.tocsr().astype(np.float64).dot(
+        self._matrix).tocsc()
+    touched = np.flatnonzero(np.diff(sums.indptr))  # ascending node index
+    dense = sums[:, touched].toarray()
+    pick, score = self._deepest(dense, self._depths[touched])
+    node = np.where(pick >= 0, touched[np.maximum(pick, 0)] if len(touched)
+                    else -1, -1).astype(np.int64)
+    return RollUps(node, score)
+
+  def _deepest(self, sums: np.ndarray, depths: np.ndarray
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """(column, score) per row: the deepest column reaching the threshold,
+    ties to the higher score then the first column; -1 and NaN when none."""
     n = sums.shape[0]
     if sums.shape[1] == 0:
-      return RollUps(np.full(n, -1, np.int64), np.full(n, np.nan))
+      return np.full(n, -1, np.int64), np.full(n, np.nan)
     reach = sums >= self.label_taxa.threshold
-    depth = np.where(reach, self._depths[None, :], -1)
+    depth = np.where(reach, depths[None, :], -1)
     best = depth.max(axis=1)
     candidates = reach & (depth == best[:, None])
     # Columns ascend by taxon id, so argmax's first maximum is the lower id.
@@ -437,7 +480,7 @@ class RollUp:
     found = best >= 0
     node = np.where(found, pick, -1).astype(np.int64)
     score = np.where(found, sums[np.arange(n), pick], np.nan)
-    return RollUps(node, score)
+    return node, score
 
 
 # --------------------------------------------------------------------------
