@@ -284,8 +284,12 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
   expected = prepared.expected_total
   if plan.resume.shards:
     expected = None  # the photos reused are known in the graph only
+  # A glob never lists a web server (check_listable refuses one), so its
+  # photos need no per-host keying.
+  web = prepared.manifest is not None or prepared.archive is not None
   out = refs | "EmbedAndWrite" >> embed.EmbedAndWrite(
-      config.embed, plan.layout, prepared.carried, expected, plan.resume)
+      config.embed, plan.layout, prepared.carried, expected, plan.resume,
+      web=web)
   tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1)),
              out[embed.TALLIES]]
   for i, reasons in enumerate(skipped):
