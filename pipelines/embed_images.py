@@ -290,10 +290,15 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
   out = refs | "EmbedAndWrite" >> embed.EmbedAndWrite(
       config.embed, plan.layout, prepared.carried, expected, plan.resume,
       web=web)
-  tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1)),
-             out[embed.TALLIES]]
+  # Each stream of (name, 1) tallies is summed in its own stage before the
+  # Flatten: on the DirectRunner a Flatten of streams from several stages is
+  # a buffer of all their elements (one per photo otherwise).
+  tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1))
+             | "SumInputs" >> beam.CombinePerKey(sum),
+             out[embed.TALLIES] | "SumReused" >> beam.CombinePerKey(sum)]
   for i, reasons in enumerate(skipped):
-    tallies.append(reasons | f"CountSkipped{i}" >> beam.Map(lambda r: (r, 1)))
+    tallies.append(reasons | f"CountSkipped{i}" >> beam.Map(lambda r: (r, 1))
+                   | f"SumSkipped{i}" >> beam.CombinePerKey(sum))
   figures = {"error_tables": out[embed.ERROR_TABLES],
              "loads": out[embed.LOADS],
              "tallies": tallies | "AllTallies" >> beam.Flatten(),
