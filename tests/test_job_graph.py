@@ -43,7 +43,7 @@ def _stages(argv):
 
 def _stage_of(stages, name):
   found = [s for s in stages if any(n.endswith(name) for n in s)]
-  assert len(found) == 1, (suffix, found)
+  assert len(found) == 1, (name, found)
   return found[0]
 
 
