@@ -1,7 +1,7 @@
 """Real inputs at real scale: the launcher, the job's cost per photo, hosts.
 
     nice -n 10 python -m benchmarks.scale [--launch_sizes 10000,1000000]
-        [--job_sizes 10000,30000] [--hosts 200] [--host_counts 200,2]
+        [--job_sizes 1000,10000,100000] [--hosts 200] [--host_counts 200,2]
         [--hosts_photos 2000] [--faults_photos 2000]
         [--output benchmarks/scale.json] [--work_dir DIR]
 
@@ -22,8 +22,10 @@ Measured, each in a fresh process (its peak RSS from ``os.wait4``):
    folder, from inotify), the job being stopped there;
 2. the whole job (one tiny stand-in, ``--runtime tf``, DirectRunner) on
    globs of each of ``--job_sizes`` photos: CPU time per photo (core-ms:
-   user + system of the job and its children over photos), peak RSS, and
-   the marginal cost between sizes (start-up left out);
+   user + system of the job and its children over photos), peak RSS, the
+   marginal cost and memory between sizes (start-up left out), and their
+   ratios from ``FLAT_FROM`` photos to the largest size (``flat``: both
+   at most ``FLAT_LIMIT``);
 3. the per-host peak of requests in progress the servers saw with two
    worker processes, each host answering after 0.1 s, over 200 hosts and
    over 2 (``--direct_running_mode multi_processing
@@ -65,6 +67,10 @@ MODEL = "fungi_mobile_v1"
 PHOTO_SIZE = (128, 96)
 LINKS_PER_FILE = 60_000
 FIRST_PHOTO_TIMEOUT_S = 240.0
+# The cost part's flatness: core-ms per photo and peak RSS of the largest
+# size over those of the smallest size of at least FLAT_FROM photos.
+FLAT_FROM = 10_000
+FLAT_LIMIT = 1.1
 # Seconds a healthy host takes to answer in the in-flight measurement, so
 # that requests overlap as they do over a network.
 HOST_LATENCY_S = 0.1
@@ -385,17 +391,46 @@ def part_cost(sizes: Sequence[int], work: str, model_root: str,
     row["core_ms_per_photo"] = round(row["cpu_s"] / n * 1000, 3)
     rows[str(n)] = row
     print("cost", source, n, row, flush=True)
-  ns = sorted(sizes)
+  return cost_summary(rows)
+
+
+def cost_summary(rows: dict, flat_from: int = FLAT_FROM) -> dict:
+  """Ratios of the job's cost and memory between sizes (``rows``: size ->
+  ``run_job``'s row with ``core_ms_per_photo``).
+
+  ``ratio_largest_to_smallest`` compares core-ms per photo over the whole
+  run, start-up included, so a small size looks dearer; the ``*_from_N``
+  ratios compare the largest size with the smallest one of at least
+  ``flat_from`` photos, where start-up is a few percent, and are what "flat"
+  (at most ``FLAT_LIMIT``) is judged on.  The marginal cost between
+  neighbouring sizes leaves start-up out altogether; the marginal memory is
+  MiB per photo (0 when flat).
+  """
+  ns = sorted(int(n) for n in rows)
   small, large = rows[str(ns[0])], rows[str(ns[-1])]
   result = {"sizes": rows,
             "ratio_largest_to_smallest": round(
-                large["core_ms_per_photo"] / small["core_ms_per_photo"], 3)}
+                large["core_ms_per_photo"] / small["core_ms_per_photo"], 3),
+            "rss_ratio_largest_to_smallest": round(
+                large["peak_rss_mib"] / small["peak_rss_mib"], 3)}
+  big = [n for n in ns if n >= flat_from]
+  if len(big) > 1:
+    base = rows[str(big[0])]
+    key = f"from_{big[0]}_to_{big[-1]}"
+    cost = large["core_ms_per_photo"] / base["core_ms_per_photo"]
+    rss = large["peak_rss_mib"] / base["peak_rss_mib"]
+    result["core_ms_ratio_" + key] = round(cost, 3)
+    result["rss_ratio_" + key] = round(rss, 3)
+    result["flat"] = bool(cost <= FLAT_LIMIT and rss <= FLAT_LIMIT)
   if len(ns) > 1:
-    margins = []
+    margins, memory = [], []
     for a, b in zip(ns, ns[1:]):
       margins.append(round((rows[str(b)]["cpu_s"] - rows[str(a)]["cpu_s"])
                            / (b - a) * 1000, 3))
+      memory.append(round((rows[str(b)]["peak_rss_mib"]
+                           - rows[str(a)]["peak_rss_mib"]) / (b - a), 5))
     result["marginal_core_ms_per_photo"] = margins
+    result["marginal_rss_mib_per_photo"] = memory
     result["startup_core_s"] = round(
         small["cpu_s"] - margins[0] * ns[0] / 1000, 1)
   return result
@@ -464,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--launch_sizes", default="10000,1000000")
-  p.add_argument("--job_sizes", default="10000,30000")
+  p.add_argument("--job_sizes", default="1000,10000,100000")
   p.add_argument("--hosts", type=int, default=200)
   p.add_argument("--hosts_photos", type=int, default=2000)
   p.add_argument("--host_counts", default="200,2",

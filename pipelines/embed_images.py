@@ -286,12 +286,21 @@ def build_pipeline(p: beam.Pipeline, plan: launch.Plan) -> None:
   expected = prepared.expected_total
   if plan.resume.shards:
     expected = None  # the photos reused are known in the graph only
+  # A glob never lists a web server (check_listable refuses one), so its
+  # photos need no per-host keying.
+  web = prepared.manifest is not None or prepared.archive is not None
   out = refs | "EmbedAndWrite" >> embed.EmbedAndWrite(
-      config.embed, plan.layout, prepared.carried, expected, plan.resume)
-  tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1)),
-             out[embed.TALLIES]]
+      config.embed, plan.layout, prepared.carried, expected, plan.resume,
+      web=web)
+  # Each stream of (name, 1) tallies is summed in its own stage before the
+  # Flatten: on the DirectRunner a Flatten of streams from several stages is
+  # a buffer of all their elements (one per photo otherwise).
+  tallies = [refs | "CountInputs" >> beam.Map(lambda _: ("inputs", 1))
+             | "SumInputs" >> beam.CombinePerKey(sum),
+             out[embed.TALLIES] | "SumReused" >> beam.CombinePerKey(sum)]
   for i, reasons in enumerate(skipped):
-    tallies.append(reasons | f"CountSkipped{i}" >> beam.Map(lambda r: (r, 1)))
+    tallies.append(reasons | f"CountSkipped{i}" >> beam.Map(lambda r: (r, 1))
+                   | f"SumSkipped{i}" >> beam.CombinePerKey(sum))
   figures = {"error_tables": out[embed.ERROR_TABLES],
              "loads": out[embed.LOADS],
              "tallies": tallies | "AllTallies" >> beam.Flatten(),

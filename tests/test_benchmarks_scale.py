@@ -52,3 +52,27 @@ def test_glob_links_and_the_first_open_watch(tmp_path):
     assert watch.poll() and watch.first_ts is not None
   finally:
     watch.close()
+
+
+def _row(cpu_s, rss, n):
+  return {"cpu_s": cpu_s, "peak_rss_mib": rss,
+          "core_ms_per_photo": cpu_s / n * 1000}
+
+
+def test_cost_ratios_are_judged_from_ten_thousand_photos():
+  flat = scale.cost_summary({"1000": _row(12.0, 900, 1000),
+                             "10000": _row(45.0, 920, 10_000),
+                             "100000": _row(400.0, 930, 100_000)})
+  assert flat["core_ms_ratio_from_10000_to_100000"] == round(4.0 / 4.5, 3)
+  assert flat["rss_ratio_from_10000_to_100000"] == round(930 / 920, 3)
+  assert flat["flat"] is True
+  assert flat["ratio_largest_to_smallest"] == round(4.0 / 12.0, 3)
+  assert flat["marginal_core_ms_per_photo"] == [round(33 / 9, 3),
+                                                round(355 / 90, 3)]
+  assert flat["marginal_rss_mib_per_photo"] == [round(20 / 9000, 5),
+                                                round(10 / 90_000, 5)]
+  growing = scale.cost_summary({"10000": _row(45.0, 13_680, 10_000),
+                                "30000": _row(140.0, 40_000, 30_000)})
+  assert growing["flat"] is False
+  assert "flat" not in scale.cost_summary({"1000": _row(12.0, 900, 1000),
+                                           "10000": _row(45.0, 920, 10_000)})

@@ -12,6 +12,11 @@ from natvision.transforms import photos_keyed
 from natvision.transforms.records import ErrorRecord, ImageRef
 
 
+def _prepared(out):
+  """ReadAndPrepare's branches in one PCollection (small test inputs)."""
+  return tuple(out.branches.values()) | "AllPrepared" >> beam.Flatten()
+
+
 class _Flaky:
   """An opener that fails with a 503 a set number of times."""
 
@@ -86,7 +91,7 @@ def test_stage_of_each_failure_in_a_pipeline(tmp_path):
                               max_pixels=1_000_000, retry_base_delay=0.0)
   with TestPipeline() as p:
     out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config)
-    ok = out.prepared | beam.Map(lambda x: (x.ref.image_id, sorted(x.arrays),
+    ok = _prepared(out) | beam.Map(lambda x: (x.ref.image_id, sorted(x.arrays),
                                             x.arrays["squash"].shape,
                                             x.arrays["squash"].dtype.name))
     errs = out.errors | beam.Map(lambda e: (e.ref.image_id, e.stage))
@@ -111,7 +116,7 @@ def test_prefetching_pool_keeps_every_photo_and_counts(tmp_path, threads):
                               prefetch=4)
   p = TestPipeline()
   out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config)
-  ok = out.prepared | beam.Map(lambda x: (x.ref.image_id,
+  ok = _prepared(out) | beam.Map(lambda x: (x.ref.image_id,
                                           int(x.arrays["squash"][0, 0, 1])))
   errs = out.errors | beam.Map(lambda e: e.ref.image_id)
   assert_that(ok, equal_to([(str(i), 2 * i) for i in range(23) if i % 5]),
@@ -150,7 +155,7 @@ def test_injected_transient_failures_cost_no_photo(tmp_path):
                               read_attempts=3)
   p = TestPipeline()
   out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config, _FlakyStorage())
-  assert_that(out.prepared | beam.Map(lambda x: x.ref.image_id),
+  assert_that(_prepared(out) | beam.Map(lambda x: x.ref.image_id),
               equal_to([str(i) for i in range(6)]), label="ok")
   assert_that(out.errors, equal_to([]), label="errors")
   result = p.run()

@@ -18,6 +18,11 @@ from natvision.transforms import photos_keyed
 from natvision.transforms.records import ImageRef
 
 
+def _prepared(out):
+  """ReadAndPrepare's branches in one PCollection (small test inputs)."""
+  return tuple(out.branches.values()) | "AllPrepared" >> beam.Flatten()
+
+
 def _photo_bytes():
   return open(real_photo_paths()[0], "rb").read()
 
@@ -42,7 +47,7 @@ def test_keyed_fetch_keeps_every_photo_within_the_cap(tmp_path,
         fetch=fetch.FetchConfig(per_host_concurrency=2))
     with beam.Pipeline() as p:
       out = p | beam.Create(refs) | photos_keyed.ReadAndPrepare(config)
-      assert_that(out.prepared | beam.Map(lambda x: x.ref.image_id),
+      assert_that(_prepared(out) | beam.Map(lambda x: x.ref.image_id),
                   equal_to([r.image_id for r in refs[:-1]]), label="prepared")
       assert_that(out.errors | beam.Map(lambda e: (e.ref.image_id, e.stage)),
                   equal_to([("missing", "read")]), label="errors")

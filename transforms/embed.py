@@ -12,6 +12,14 @@ manifests, Darwin Core archives, snapshots) and:
 4. writes one table per model and the errors table as closed shards in the
    run's staging folder (``sinks.WriteTable``).
 
+Steps 3 and 4 are applied to each of ``ReadAndPrepare``'s branches (local
+and cloud files; http(s) photos keyed by host) apart, and only the shard
+paths, error rows and load counts are flattened: the prepared photos never
+pass through a Flatten or a shuffle, so every runner fuses each photo's
+read, model and write into one stage and no stage holds the run's photos
+(see ``photos_keyed.PhotoOutputs``).  Each model's two branches share one
+``shared.Shared`` handle, so a process loads it once.
+
 Its outputs feed the commit (transforms/commit.py) and the run summary:
 the shard paths, the errors as Arrow tables (counted in the graph, see
 transforms/summary.py) and the model loads per worker process.
@@ -28,6 +36,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 import apache_beam as beam
+from apache_beam.utils import shared
 
 from natvision.transforms import commit
 from natvision.transforms import config
@@ -160,13 +169,17 @@ class EmbedAndWrite(beam.PTransform):
   def __init__(self, embed_config: EmbedConfig, layout: commit.Layout,
                carried: sinks.Carried = (),
                expected_total: Optional[int] = None,
-               resume: Optional[resume_lib.ResumePlan] = None):
+               resume: Optional[resume_lib.ResumePlan] = None,
+               web: bool = True):
+    """Args: web: whether the input may hold http(s) photos (False for a
+    glob: ``ReadAndPrepare`` then builds no keyed branch)."""
     super().__init__()
     self._config = embed_config
     self._layout = layout
     self._carried = carried
     self._expected_total = expected_total
     self._resume = resume or resume_lib.ResumePlan()
+    self._web = web
 
   def expand(self, refs):
     cfg, layout, carried = self._config, self._layout, self._carried
@@ -181,21 +194,23 @@ class EmbedAndWrite(beam.PTransform):
     else:
       tallies.append(refs.pipeline | "NoReused" >> beam.Create([]))
     prepped = refs | "ReadAndPrepare" >> photos_keyed.ReadAndPrepare(
-        cfg.photo_config(self._expected_total, layout.run_id))
+        cfg.photo_config(self._expected_total, layout.run_id), web=self._web)
     error_streams, loads = [prepped.errors], []
     for model in cfg.models:
       table = layout.model_table(model)
-      outputs = (prepped.prepared
-                 | f"RunModel[{model.name}]" >> inference.RunModel(
-                     cfg.inference_config(model)))
-      written.append(
-          outputs.results
-          | f"ToArrow[{model.name}]" >> beam.Map(
-              sinks.results_to_table, table.schema, carried)
-          | f"Write[{model.name}]" >> sinks.WriteTable(
-              table.staged, table.schema, cfg.shard_rows))
-      error_streams.append(outputs.errors)
-      loads.append(outputs[inference.LOADS_TAG])
+      held = shared.Shared()  # one load per process for every branch
+      for branch, photos_in in prepped.branches.items():
+        outputs = (photos_in
+                   | f"RunModel{branch}[{model.name}]" >> inference.RunModel(
+                       cfg.inference_config(model), shared_handle=held))
+        written.append(
+            outputs.results
+            | f"ToArrow{branch}[{model.name}]" >> beam.Map(
+                sinks.results_to_table, table.schema, carried)
+            | f"Write{branch}[{model.name}]" >> sinks.WriteTable(
+                table.staged, table.schema, cfg.shard_rows))
+        error_streams.append(outputs.errors)
+        loads.append(outputs[inference.LOADS_TAG])
     errors = layout.table(sinks.ERRORS)
     new_errors = (tuple(error_streams)
                   | "AllErrors" >> beam.Flatten()

@@ -97,10 +97,10 @@ def _iter_local(pattern: str) -> Iterator[str]:
       continue  # gone since it was listed, or never there
 
 
-def iter_matches(pattern: str, limit: int) -> Iterator[str]:
+def iter_matches(pattern: str, limit: Optional[int]) -> Iterator[str]:
   """The paths ``pattern`` matches: all of them, one at a time, for a local
-  pattern; at most ``limit`` for another filesystem (Beam stops its
-  listing there, so memory holds at most ``limit`` entries).
+  pattern; at most ``limit`` (None: all) for another filesystem (Beam stops
+  its listing there, so memory holds at most ``limit`` entries).
 
   Raises:
     InputError: a listing that failed, naming the pattern.

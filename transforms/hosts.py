@@ -11,6 +11,8 @@ limit is built from Beam's own guarantee about keyed state:
    any attempt).  Photos on local files, ``file://``, ``gs://`` and
    ``s3://`` are not web hosts: they leave on the ``unkeyed`` output and are
    fetched as before, on the process's fetch pool, with no cap of this kind.
+   A glob input (which cannot list a web server) has no keying step at all
+   (``photos_keyed.ReadAndPrepare(web=False)``).
 2. ``photos_keyed.HostKeyedReadDecodePrepareFn``, a stateful DoFn over those keys,
    fetches one photo of a key at a time: within a bundle a key's photos wait
    in a queue while one of them is fetched (on the process's fetch pool, so

@@ -316,13 +316,18 @@ class RunModel(beam.PTransform):
     config: the model, with its runtime decision, and batch settings.
     make_runtime: builds the model's runtime from its decision;
       ``runtimes.for_model`` (tests pass a fake).
+    shared_handle: the ``shared.Shared`` the model is held by in each
+      process; give several RunModel of one model the same handle and a
+      process loads the model once for all of them.  None: a new one.
   """
 
   def __init__(self, config: InferenceConfig,
-               make_runtime: RuntimeFactory = runtimes.for_model):
+               make_runtime: RuntimeFactory = runtimes.for_model,
+               shared_handle: Optional[shared.Shared] = None):
     super().__init__()
     self._config = config
     self._make_runtime = make_runtime
+    self._shared_handle = shared_handle or shared.Shared()
 
   def expand(self, prepared):
     size = self._config.batch_size
@@ -332,6 +337,7 @@ class RunModel(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=size,
                                             max_batch_size=size)
             | "Infer" >> beam.ParDo(
-                RunModelFn(self._config, shared.Shared(), self._make_runtime)
+                RunModelFn(self._config, self._shared_handle,
+                           self._make_runtime)
             ).with_outputs(ERRORS_TAG, LOADS_TAG, main="results"))
 

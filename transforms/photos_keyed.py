@@ -6,7 +6,9 @@ thread pools) made stateful over ``host#slot`` keys (transforms/hosts.py):
 one fetch per key in flight, every fetch of a bundle over before the bundle
 ends, and each key's breaker and pause (fetch/breaker.py's ``SlotState``)
 kept in Beam state.  ``ReadAndPrepare`` is the per-photo stage the jobs use:
-it keys the http(s) photos and sends the others through the plain DoFn.
+it keys the http(s) photos and sends the others through the plain DoFn,
+and gives the two branches' prepared photos apart, never flattened (see
+``PhotoOutputs``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Dict, Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.transforms import userstate
@@ -191,28 +193,59 @@ class HostKeyedReadDecodePrepareFn(ReadDecodePrepareFn):
       self._progress.tick(0)
 
 
-class PhotoOutputs(NamedTuple):
-  """What ``ReadAndPrepare`` gives: PreparedImage and ErrorRecord values."""
+# Names of ReadAndPrepare's branches, as PhotoOutputs.branches keys: the
+# plain one ("", so that its consumers keep their labels) and the keyed one.
+FILES_BRANCH = ""
+WEB_BRANCH = "ByHost"
 
-  prepared: beam.PCollection
+
+class PhotoOutputs(NamedTuple):
+  """What ``ReadAndPrepare`` gives.
+
+  Attributes:
+    branches: branch name (``FILES_BRANCH``, ``WEB_BRANCH``) -> its
+      PCollection of PreparedImage.  Each consumer of the photos is to be
+      applied to each branch: a Flatten of prepared photos (~270 KB each)
+      is, on the DirectRunner, a buffer of every photo of the run (Beam's
+      FnApiRunner materialises a Flatten whose inputs come from two stages,
+      ``translations.sink_flattens``, and the keyed branch is a stage of its
+      own), so results are flattened after the models, not photos before.
+    errors: ErrorRecord values of both branches (few, small: flattened).
+  """
+
+  branches: Dict[str, beam.PCollection]
   errors: beam.PCollection
 
 
 class ReadAndPrepare(beam.PTransform):
-  """PCollection[ImageRef] -> ``PhotoOutputs`` (prepared, errors).
+  """PCollection[ImageRef] -> ``PhotoOutputs`` (prepared per branch, errors).
 
   http(s) photos are keyed by host and slot and fetched by
   ``HostKeyedReadDecodePrepareFn`` (the job-wide per-host cap,
   transforms/hosts.py); other photos by ``ReadDecodePrepareFn``.
-  ``opener`` replaces FileSystems.open for non-http photos (tests).
+
+  Args:
+    config: the photo settings.
+    opener: replaces FileSystems.open for non-http photos (tests).
+    web: whether the input may hold http(s) photos.  False (a glob: globs
+      cannot list a web server) builds the plain branch alone, with no
+      keying step; an http(s) photo then gets no per-host cap.
   """
 
-  def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None):
+  def __init__(self, config: PhotoConfig, opener: Optional[Callable] = None,
+               web: bool = True):
     super().__init__()
     self._config = config
     self._opener = opener
+    self._web = web
 
   def expand(self, refs):
+    if not self._web:
+      files = refs | "ReadDecodePrepare" >> beam.ParDo(
+          ReadDecodePrepareFn(self._config, self._opener)).with_outputs(
+              ERRORS_TAG, main="prepared")
+      return PhotoOutputs(branches={FILES_BRANCH: files.prepared},
+                          errors=files[ERRORS_TAG])
     keyed, unkeyed = hosts.key_by_host(
         refs, self._config.fetch.per_host_concurrency)
     files = unkeyed | "ReadDecodePrepare" >> beam.ParDo(
@@ -222,6 +255,7 @@ class ReadAndPrepare(beam.PTransform):
         HostKeyedReadDecodePrepareFn(self._config, self._opener)).with_outputs(
             ERRORS_TAG, main="prepared")
     return PhotoOutputs(
-        prepared=(files.prepared, web.prepared) | "Prepared" >> beam.Flatten(),
+        branches={FILES_BRANCH: files.prepared, WEB_BRANCH: web.prepared},
         errors=(files[ERRORS_TAG], web[ERRORS_TAG])
         | "PhotoErrors" >> beam.Flatten())
+
