@@ -148,7 +148,8 @@ def test_formatter_marks_and_defaults():
   assert blocks["--e"] == "--e E half (default: 50%)"
 
 
-def test_tools_refuse_an_unknown_flag_first_with_the_nearest_known_one():
+def test_tools_refuse_an_unknown_flag_first_with_the_nearest_known_one(
+    capsys):
   """A typo in a required flag's name is named as a typo, not as the
   required flag missing (plain argparse reports the latter first)."""
   p = helptext.ArgumentParser(prog="t", formatter_class=helptext.HelpFormatter)
@@ -157,8 +158,11 @@ def test_tools_refuse_an_unknown_flag_first_with_the_nearest_known_one():
   with pytest.raises(SystemExit) as info:
     p.parse_args(["--outptu_dir", "x", "--image_id", "a"])
   assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert "unknown flag --outptu_dir" in err and "required" not in err
   with pytest.raises(SystemExit):
     p.parse_args(["--output_dir", "x", "--colour", "y"])
+  assert "unknown flag --colour; see --help" in capsys.readouterr().err
   # An abbreviation argparse accepts, and a value after "--", are not typos.
   assert p.parse_args(["--output", "x"]).output_dir == "x"
   assert "--zzz" in p.parse_known_args(["--output_dir", "x", "--", "--zzz"])[1]

@@ -240,17 +240,16 @@ class ReadAndPrepare(beam.PTransform):
     self._web = web
 
   def expand(self, refs):
-    if not self._web:
-      files = refs | "ReadDecodePrepare" >> beam.ParDo(
-          ReadDecodePrepareFn(self._config, self._opener)).with_outputs(
-              ERRORS_TAG, main="prepared")
-      return PhotoOutputs(branches={FILES_BRANCH: files.prepared},
-                          errors=files[ERRORS_TAG])
-    keyed, unkeyed = hosts.key_by_host(
-        refs, self._config.fetch.per_host_concurrency)
-    files = unkeyed | "ReadDecodePrepare" >> beam.ParDo(
+    plain = refs
+    if self._web:
+      keyed, plain = hosts.key_by_host(
+          refs, self._config.fetch.per_host_concurrency)
+    files = plain | "ReadDecodePrepare" >> beam.ParDo(
         ReadDecodePrepareFn(self._config, self._opener)).with_outputs(
             ERRORS_TAG, main="prepared")
+    if not self._web:
+      return PhotoOutputs(branches={FILES_BRANCH: files.prepared},
+                          errors=files[ERRORS_TAG])
     web = keyed | "ReadDecodePrepareByHost" >> beam.ParDo(
         HostKeyedReadDecodePrepareFn(self._config, self._opener)).with_outputs(
             ERRORS_TAG, main="prepared")

@@ -22,6 +22,7 @@ observations read = counted + skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -33,6 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from natvision.transforms import config
 from natvision.transforms import prior as prior_lib
+from natvision.transforms import sources
 from natvision.transforms import storage
 from natvision.transforms.snapshots import tables
 
@@ -112,9 +114,9 @@ def find_observations(path: str, taxon_column: Optional[str] = None,
   Raises:
     config.ConfigError: nothing found, or a column missing.
   """
-  table = None if path.lower().endswith(".zip") else tables.find_table(
-      path, tables.OBSERVATIONS)
-  if path.lower().endswith(".zip"):
+  zipped = path.lower().endswith(".zip")
+  table = None if zipped else tables.find_table(path, tables.OBSERVATIONS)
+  if zipped:
     if not storage.exists(path):
       raise config.ConfigError(f"--observations {path}: no such file")
     source, files, fmt = GBIF, (path,), ZIP
@@ -237,7 +239,8 @@ def zip_columns(path: str) -> Tuple[str, ...]:
     config.ConfigError: not a zip, or no occurrences in it.
   """
   try:
-    first = next(_zip_lines(path), "")
+    with contextlib.closing(_zip_lines(path)) as lines:
+      first = next(lines, "")
   except zipfile.BadZipFile as e:
     raise config.ConfigError(f"--observations {path}: not a zip file ({e})"
                              ) from e
@@ -254,7 +257,9 @@ class ReadObservations(beam.PTransform):
   """PBegin -> rows of every file (TSV lines without header, or dicts).
 
   A zip cannot be split: one worker streams each zipped download's lines,
-  and a Reshuffle spreads them for counting.
+  and a Reshuffle spreads them for counting where that lets more than one
+  worker count (``sources.spreads_work``: not on the one-worker
+  DirectRunner, where it would only hold every line in memory).
   """
 
   def __init__(self, observations: Observations):
@@ -266,8 +271,9 @@ class ReadObservations(beam.PTransform):
     for i, path in enumerate(self._obs.files):
       if self._obs.fmt == ZIP:
         read = (f"Zip[{i}]" >> beam.Create([path])
-                | f"Unzip[{i}]" >> beam.FlatMap(_data_lines)
-                | f"Spread[{i}]" >> beam.Reshuffle())
+                | f"Unzip[{i}]" >> beam.FlatMap(_data_lines))
+        if sources.spreads_work(pbegin.pipeline.options):
+          read = read | f"Spread[{i}]" >> beam.Reshuffle()
       elif self._obs.fmt == tables.PARQUET:
         read = beam.io.ReadFromParquet(
             path, columns=list(self._obs.used_columns))

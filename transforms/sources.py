@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import apache_beam as beam
-
 from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.options.pipeline_options import StandardOptions
 

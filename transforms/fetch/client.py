@@ -197,15 +197,6 @@ def _connect_resolved(conn, watch: "_Watch"):
       f"{conn.host}")
 
 
-def _is_address(host: str) -> bool:
-  try:
-    socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                     host.strip("[]"))
-    return True
-  except OSError:
-    return False
-
-
 def _watched(base):
   """``base`` (urllib3's HTTP or HTTPS connection) telling the thread's
   watch which connection its request is on, and looking its host's name
@@ -215,7 +206,8 @@ def _watched(base):
 
     def _new_conn(self):
       watch = getattr(_THREAD, "watch", None)
-      if (watch is None or _is_address(self._dns_host)  # pylint: disable=protected-access
+      from urllib3.util.ssl_ import is_ipaddress  # pylint: disable=import-outside-toplevel
+      if (watch is None or is_ipaddress(self._dns_host.strip("[]"))  # pylint: disable=protected-access
           or getattr(self, "proxy", None) is not None):
         return super()._new_conn()
       return _connect_resolved(self, watch)
