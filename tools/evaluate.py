@@ -270,14 +270,15 @@ def format_table(evaluation: dict) -> str:
   return "\n".join(line.rstrip() for line in out)
 
 
-def rollup_line(figures: dict) -> str:
-  """One line of roll-up figures: the share and accuracy per rank."""
+def rollup_line(figures: dict, what: str = "roll-up") -> str:
+  """One line of roll-up figures (of ``what``): the share and accuracy per
+  rank."""
   parts = []
   for rank, share in figures["share_by_rank"].items():
     accuracy = figures["accuracy_by_rank"].get(rank)
     parts.append(f"{rank} {share:.3f}" + (
         f" (accuracy {accuracy:.3f})" if accuracy is not None else ""))
-  return (f"roll-up answered {figures['answered']} of {figures['photos']} "
+  return (f"{what} answered {figures['answered']} of {figures['photos']} "
           f"photo(s): " + ", ".join(parts))
 
 
@@ -374,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f"  {name}: {rollup_line(m['rollup'])}")
     if m.get("labels"):
       print(f"  {name}: "
-            + rollup_line(m["labels"]).replace("roll-up", "natvision-label", 1))
+            + rollup_line(m["labels"], "natvision-label"))
   print(f"written to {FileSystems.join(config.output_dir, EVALUATION_FILE)}")
   return 0
 

@@ -205,9 +205,8 @@ def build_index(output_dir: str, model: str,
     index = faiss.IndexFlatIP(d)
     index.add(vectors)
     meta.update(kind="exact", factory="Flat", recall_at_10=1.0)
-    with storage.failing_as("writing", folder):
-      with FileSystems.create(FileSystems.join(folder, INDEX_FILE)) as f:
-        f.write(faiss.serialize_index(index).tobytes())
+    storage.write_bytes(FileSystems.join(folder, INDEX_FILE),
+                        faiss.serialize_index(index).tobytes())
   else:
     workdir = tempfile.mkdtemp(prefix="natvision-index-")
     try:

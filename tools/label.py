@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -353,7 +352,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   console.configure_logging()
   p = parser()
   args = p.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING)
   if args.k < 1:
     p.error(f"--k must be at least 1, not {args.k}")
   if not 0.0 < args.rollup_threshold <= 1.0:

@@ -87,6 +87,11 @@ class Vote:
   def __init__(self, reference: Reference):
     self.reference = reference
     self._rollup = taxonomy.RollUp(reference.label_taxa)
+    # The roll-up's nodes as arrays, indexed by RollUp's node numbers.
+    taxa = reference.label_taxa
+    self._node_ids = np.asarray(taxa.node_ids or (0,), np.int64)
+    self._names = np.asarray(taxa.node_names or ("",), object)
+    self._ranks = np.asarray(taxa.node_ranks or ("",), object)
 
   def weights(self, scores: np.ndarray, rows: np.ndarray
               ) -> tuple:
@@ -124,12 +129,9 @@ class Vote:
         (share[r, c], (r, labels[r, c])),
         shape=(n, len(self.reference.label_taxa.label_taxon)))
     rolled = self._rollup.sparse(distribution)
-    label_taxa = self.reference.label_taxa
     found = rolled.node >= 0
     node = np.maximum(rolled.node, 0)
-    node_ids = np.asarray(label_taxa.node_ids or (0,), np.int64)
-    names = np.asarray(label_taxa.node_names or ("",), object)
-    ranks = np.asarray(label_taxa.node_ranks or ("",), object)
+    node_ids, names, ranks = self._node_ids, self._names, self._ranks
     # The most similar neighbour that voted (scores come best first).
     first = np.argmax(positive, axis=1)
     top_rows = np.asarray(rows, np.int64)[np.arange(n), first]
